@@ -1,0 +1,58 @@
+"""Request and result types of the SIE SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NotRequired, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+@dataclass(slots=True)
+class Item:
+    """One input: its text and an optional caller-chosen id echoed back in the result."""
+
+    text: str
+    id: str | None = None
+
+
+class EncodeOptions(TypedDict, total=False):
+    """Per-request options of `/v1/encode` (see docs/API.md)."""
+
+    truncate: bool
+    is_query: bool
+    instruction: str | None
+    lora_id: str | None
+
+
+class SparseVector(TypedDict):
+    """Sparse output: token ids (int32) and their weights (float32), same length."""
+
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float32]
+
+
+class EncodeResult(TypedDict):
+    """One encoded item; only the requested output types are present."""
+
+    id: str | None
+    token_count: int
+    truncated: bool
+    dense: NotRequired[npt.NDArray[np.float32]]  # (dim,)
+    sparse: NotRequired[SparseVector]
+    multivector: NotRequired[npt.NDArray[np.float32]]  # (tokens, dim)
+
+
+class ScoreEntry(TypedDict):
+    """Score of one item against the query; rank 0 is the best."""
+
+    item_id: str | None
+    score: float
+    rank: int
+
+
+class ScoreResult(TypedDict):
+    """Response of `/v1/score/{model}`."""
+
+    model: str
+    scores: list[ScoreEntry]

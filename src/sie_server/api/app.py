@@ -1,0 +1,148 @@
+"""The Starlette application: routes, body limits, error mapping, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..engine import Engine
+from ..errors import BodyTooLarge, InternalError, SIEError
+from .validate import parse_encode
+from .wire import JSON, MSGPACK, decode_body, encode_body, item_to_wire, wants_msgpack
+
+log = logging.getLogger(__name__)
+
+# Results bigger than this many floats are serialized in a worker thread, off the event loop.
+_OFFLOAD_FLOATS = 1 << 16
+
+
+def respond(request: Request, payload: Any, status: int = 200,
+            headers: dict[str, str] | None = None) -> Response:
+    binary = wants_msgpack(request.headers.get("accept", ""))
+    return Response(encode_body(payload, binary), status,
+                    media_type=MSGPACK if binary else JSON, headers=headers)
+
+
+def error_response(request: Request, err: SIEError) -> Response:
+    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
+    return respond(request, {"error": {"code": err.code, "message": err.message}}, err.status,
+                   headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it grows past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
+    """The HTTP app over an engine; default models load in the background at start-up."""
+    settings = engine.settings
+    ready = threading.Event()
+    load_errors: list[str] = []
+
+    def load_defaults_in_background() -> None:
+        for name in engine.registry.defaults:
+            try:
+                engine.registry.get(name)
+            except SIEError as err:
+                load_errors.append(err.message)
+        ready.set()
+
+    async def encode(request: Request) -> Response:
+        model = request.path_params["model"]
+        body = decode_body(await read_body(request, settings.max_body_bytes),
+                           request.headers.get("content-type", ""))
+        call = parse_encode(body, settings.max_items_per_request)
+        # model lookup/loading and tokenization run in a thread: never on the event loop
+        future = await anyio.to_thread.run_sync(
+            engine.submit, model, call.texts, call.output_types, call.options)
+        try:
+            results = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the client went away: drop queued work
+            raise
+        binary = wants_msgpack(request.headers.get("accept", ""))
+
+        def build() -> bytes:
+            items = [item_to_wire(i, r, binary) for i, r in zip(call.ids, results)]
+            return encode_body({"model": model, "items": items}, binary)
+
+        floats = sum(r.multivector.size for r in results if r.multivector is not None)
+        content = await anyio.to_thread.run_sync(build) if floats > _OFFLOAD_FLOATS else build()
+        return Response(content, media_type=MSGPACK if binary else JSON)
+
+    async def models(request: Request) -> Response:
+        out = []
+        for h in engine.registry.handles():
+            entry: dict[str, Any] = {"id": h.spec.name, "family": h.spec.family, "state": h.state}
+            if h.model is not None:
+                info = h.model.info
+                entry.update(output_types=list(info.output_types), dims=info.dims,
+                             max_input_tokens=info.max_input_tokens)
+            if h.error is not None:
+                entry["error"] = h.error.message
+            out.append(entry)
+        return respond(request, {"models": out})
+
+    async def healthz(request: Request) -> Response:
+        dead = [h.spec.name for h in engine.registry.handles()
+                if h.scheduler is not None and not h.scheduler.alive]
+        if dead:
+            return respond(request, {"status": "unhealthy", "dead_workers": dead}, 503)
+        return respond(request, {"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not ready.is_set():
+            return respond(request, {"status": "loading"}, 503)
+        if load_errors:
+            return respond(request, {"status": "failed", "errors": load_errors}, 503)
+        return respond(request, {"status": "ready"})
+
+    async def on_sie_error(request: Request, exc: SIEError) -> Response:
+        return error_response(request, exc)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(request, {"error": {"code": code, "message": str(exc.detail)}},
+                       exc.status_code)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if load_defaults:
+            threading.Thread(target=load_defaults_in_background, daemon=True).start()
+        else:
+            ready.set()
+        yield
+        await anyio.to_thread.run_sync(engine.close)
+
+    routes = [
+        Route("/v1/encode/{model:path}", encode, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        SIEError: on_sie_error, HTTPException: on_http_error, Exception: on_unexpected})

@@ -1,0 +1,72 @@
+"""`sie-server serve`: the command line, filling Settings and starting the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .config import Settings
+
+
+def _model_flag(value: str) -> tuple[str, str]:
+    name, sep, source = value.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError("expected NAME=PATH_OR_HUB_ID")
+    return name, source
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sie-server", description="Embedding inference server")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the HTTP API")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    s.add_argument("--model", action="append", type=_model_flag, default=[], metavar="NAME=PATH",
+                   help="serve NAME from a folder or hub id (repeatable)")
+    s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
+                   help="load NAME at start (repeatable; default: the catalog's defaults)")
+    s.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
+                   help="extra catalog YAML (repeatable)")
+    s.add_argument("--allow-download", action="store_true", default=None,
+                   help="fetch missing weights and adapters from the Hugging Face hub")
+    s.add_argument("--max-batch-tokens", type=int, help="tokens per batch (default 16384)")
+    s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
+    s.add_argument("--max-items-per-request", type=int, help="default 1024")
+    s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
+    s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
+    s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
+                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
+    s.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(
+        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        models=dict(args.model), default_models=args.default_models,
+        catalog_files=args.catalog, allow_download=args.allow_download,
+        max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
+        max_items_per_request=args.max_items_per_request, max_body_bytes=args.max_body_bytes,
+        max_queued_tokens=args.max_queued_tokens, adapter_roots=args.adapter_roots,
+        api_keys=args.api_keys)
+    import uvicorn
+
+    from .api import create_app
+    from .engine import Engine
+
+    app = create_app(Engine(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=60)
+
+
+if __name__ == "__main__":
+    main()

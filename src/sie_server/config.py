@@ -1,0 +1,53 @@
+"""Settings: one typed object filled from CLI flags and environment, passed down whole."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    """Everything the engine and the server can be configured with (defaults in brackets)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    # Models: NAME -> folder or hub id, on top of the catalog. `default_models` are loaded at start.
+    models: dict[str, str] = field(default_factory=dict)
+    default_models: list[str] | None = None  # None: the catalog's defaults
+    catalog_files: list[Path] = field(default_factory=list)
+    allow_download: bool = False  # fetch missing weights/adapters from the hub
+    # Batching: a batch holds at most this many real tokens / items.
+    max_batch_tokens: int = 16384
+    max_batch_items: int = 1024
+    # Limits and backpressure.
+    max_items_per_request: int = 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_queued_tokens: int = 2_000_000  # per model; beyond it requests get 429
+    # LoRA adapters.
+    adapter_roots: list[Path] = field(default_factory=list)
+    max_adapters: int = 32
+    max_adapter_bytes: int = 2 * 1024**3
+    adapter_load_timeout_s: float = 60.0
+    api_keys: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Settings":
+        """Defaults, then SIE_* environment variables, then explicit overrides (CLI flags)."""
+        s = cls()
+        env = os.environ
+        if "SIE_API_KEYS" in env:
+            s.api_keys = [k for k in env["SIE_API_KEYS"].split(",") if k]
+        if "SIE_ADAPTER_ROOTS" in env:
+            s.adapter_roots = [Path(p) for p in env["SIE_ADAPTER_ROOTS"].split(os.pathsep) if p]
+        if env.get("SIE_ALLOW_DOWNLOAD", "") in ("1", "true", "yes"):
+            s.allow_download = True
+        if "SIE_MAX_BATCH_TOKENS" in env:
+            s.max_batch_tokens = int(env["SIE_MAX_BATCH_TOKENS"])
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        return s

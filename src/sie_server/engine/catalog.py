@@ -1,0 +1,56 @@
+"""The model catalog: the repo's catalog.yaml, then operator files, then --model flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from ..models.base import ModelSpec
+from .sources import package_folder
+
+BUILTIN = Path(__file__).resolve().parent.parent / "catalog.yaml"
+_SPEC_FIELDS = {f.name for f in fields(ModelSpec)} - {"name"}
+
+
+def load_catalog(files: list[Path]) -> tuple[dict[str, ModelSpec], list[str]]:
+    """Specs by name and the default model list; later files override earlier ones."""
+    specs: dict[str, ModelSpec] = {}
+    defaults: list[str] = []
+    for path in [BUILTIN, *files]:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        defaults = doc.get("default_models", defaults)
+        for name, entry in (doc.get("models") or {}).items():
+            unknown = set(entry) - _SPEC_FIELDS
+            if unknown:
+                raise ValueError(f"{path}: model {name} has unknown keys {sorted(unknown)}")
+            if "output_types" in entry:
+                entry = {**entry, "output_types": tuple(entry["output_types"])}
+            specs[name] = ModelSpec(name=name, **entry)
+    return specs, defaults
+
+
+def spec_for_source(name: str, source: str, known: ModelSpec | None) -> ModelSpec:
+    """A --model NAME=SOURCE flag: keep the catalog's settings for NAME, or detect the family."""
+    if known is not None:
+        return ModelSpec(**{**known.__dict__, "source": source})
+    return ModelSpec(name=name, family=detect_family(source), source=source)
+
+
+def detect_family(source: str) -> str:
+    """Guess a local folder's family from its files."""
+    folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
+    if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
+        return "bge-m3"
+    if (folder / "modules.json").exists():
+        return "sentence-transformers"
+    config = folder / "config.json"
+    if config.exists():
+        arch = " ".join(json.loads(config.read_text()).get("architectures") or [])
+        if "ForSequenceClassification" in arch:
+            return "cross-encoder"
+        if "ForMaskedLM" in arch:
+            return "splade"
+    return "sentence-transformers"

@@ -1,0 +1,66 @@
+"""Request bookkeeping shared by the engine and the scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ItemResult:
+    """One item's outputs; only the requested output types are set."""
+
+    token_count: int
+    truncated: bool
+    dense: np.ndarray | None = None
+    sparse: tuple[np.ndarray, np.ndarray] | None = None  # (indices int32, values float32)
+    multivector: np.ndarray | None = None  # (tokens, dim)
+
+
+@dataclass(eq=False)
+class Request:
+    """Tokenized items waiting for compute; resolves `future` once every item is done."""
+
+    tokens: list[np.ndarray]
+    original_lengths: list[int]
+    output_types: frozenset[str]
+    adapter_slot: int = -1
+    deadline: float | None = None  # time.monotonic() value
+    future: Future = field(default_factory=Future)
+    results: list[ItemResult | None] = field(init=False)
+    remaining: int = field(init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.tokens)
+        self.remaining = len(self.tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) > self.deadline
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock, contextlib.suppress(InvalidStateError):  # already cancelled
+            self.future.set_exception(exc)
+
+    def complete(self, index: int, result: ItemResult) -> None:
+        """Store one item's result; the last one resolves the future."""
+        with self._lock:
+            if self.future.done():
+                return
+            self.results[index] = result
+            self.remaining -= 1
+            if self.remaining == 0:
+                with contextlib.suppress(InvalidStateError):
+                    self.future.set_result(self.results)

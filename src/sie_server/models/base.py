@@ -1,0 +1,147 @@
+"""What every model family provides, and the table of families.
+
+A family is one module in this package that subclasses `EncoderModel` and registers itself
+with `@family("name")`; nothing else needs to change to add one.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequest
+from ..runtime.attention import make_attention
+from ..runtime.batch import PackedBatch, positions
+from ..runtime.device import Placement
+from ..runtime.encoder import Encoder, LinearHook
+from ..runtime.tokenizer import TextTokenizer, Tokenized
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A catalog entry: where a model comes from and how requests address it."""
+
+    name: str
+    family: str
+    source: str  # local folder, hub id, or "package:<python package>/<subfolder>"
+    max_input_tokens: int | None = None  # None: the model's own limit
+    query_prefix: str = ""
+    document_prefix: str = ""
+    instruction_template: str = "{instruction}{text}"
+    output_types: tuple[str, ...] | None = None  # None: the family's own
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    family: str
+    output_types: tuple[str, ...]
+    dims: dict[str, int]
+    max_input_tokens: int
+
+
+@dataclass
+class BatchOutputs:
+    """Per-sequence results of one batch, as host arrays; rows follow the batch order."""
+
+    dense: np.ndarray | None = None  # (B, D)
+    sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # indices, values, counts
+    multivector: tuple[np.ndarray, np.ndarray] | None = None  # rows (N, D), counts (B,)
+    scores: np.ndarray | None = None  # (B,) for scoring models
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class EncoderModel(abc.ABC):
+    """A transformer encoder plus heads; sees only PackedBatches."""
+
+    output_types: tuple[str, ...] = ("dense",)
+
+    def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
+        self.spec = spec
+        self.folder = folder
+        self.placement = placement
+        encoder, self.extra_weights = Encoder.from_folder(folder)
+        self.encoder = encoder.to(placement.device, placement.dtype)
+        limit = self.encoder.cfg.max_tokens
+        self.max_tokens = min(spec.max_input_tokens or limit, limit)
+        self.tokenizer = TextTokenizer(folder / "tokenizer.json", self.max_tokens)
+        self.adapter_hook: Callable[[PackedBatch], LinearHook | None] = lambda batch: None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.spec.name, self.spec.family, self.output_types, self.dims(),
+                         self.max_tokens)
+
+    @abc.abstractmethod
+    def dims(self) -> dict[str, int]:
+        """Vector size of each output type."""
+
+    @abc.abstractmethod
+    def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
+        """Turn the packed last hidden state into the outputs the batch asked for."""
+
+    def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
+        """Apply the model's prefixes/instruction, then tokenize."""
+        if instruction is not None:
+            texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
+                     for t in texts]
+        prefix = self.spec.query_prefix if is_query else self.spec.document_prefix
+        if prefix:
+            texts = [prefix + t for t in texts]
+        return self.tokenizer.encode(texts)
+
+    def check_output_types(self, output_types: list[str]) -> None:
+        bad = [t for t in output_types if t not in self.output_types]
+        if bad:
+            raise InvalidRequest(
+                f"params.output_types: {bad[0]!r} is not served by {self.spec.name} "
+                f"(it serves {', '.join(self.output_types)})")
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> BatchOutputs:
+        """Run the encoder on a packed batch and the heads on its output."""
+        dev = self.placement.device
+        ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
+        pos = torch.from_numpy(positions(batch.cu_seqlens, self.encoder.cfg.position_offset))
+        types = None
+        if batch.token_type_ids is not None:
+            types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
+        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype)
+        hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
+                              self.adapter_hook(batch))
+        return self.heads(batch, hidden, ids)
+
+    def seq_index(self, batch: PackedBatch) -> torch.Tensor:
+        """For every packed token, the index of its sequence in the batch."""
+        lengths = torch.from_numpy(batch.lengths)
+        return torch.repeat_interleave(torch.arange(batch.num_seqs), lengths).to(
+            self.placement.device)
+
+    def first_tokens(self, batch: PackedBatch) -> torch.Tensor:
+        return torch.from_numpy(batch.cu_seqlens[:-1]).to(self.placement.device)
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """float32 (or integer) numpy copy of a device tensor."""
+    if t.is_floating_point():
+        t = t.float()
+    return t.cpu().numpy()
+
+
+FAMILIES: dict[str, type[EncoderModel]] = {}
+
+
+def family(name: str):
+    """Class decorator registering a model family under `name`."""
+
+    def register(cls: type[EncoderModel]) -> type[EncoderModel]:
+        FAMILIES[name] = cls
+        return cls
+
+    return register

@@ -1,0 +1,85 @@
+"""BGE-M3: XLM-RoBERTa + a sparse head and a ColBERT head; all three outputs from one forward.
+
+Semantics follow FlagEmbedding's BGEM3FlagModel:
+- dense: the `<s>` (CLS) hidden state, L2-normalised;
+- sparse: relu(sparse_linear(h)) per token, max over repeated ids, `<s> </s> <pad> <unk>`
+  and weights <= 0 dropped;
+- multivector: colbert_linear(h) on every token but `<s>` (`</s>` kept), each L2-normalised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.batch import PackedBatch
+from ..runtime.device import Placement
+from ..runtime.weights import load_torch_file
+from .base import BatchOutputs, EncoderModel, ModelSpec, family, to_host
+
+HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+
+
+def load_heads(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Both head files of a BGE-M3 folder; refuses a folder missing either one."""
+    missing = [f for f in HEAD_FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} has no {' or '.join(missing)}: BGE-M3 needs both head files beside the "
+            "weights (FlagEmbedding would silently use random heads; we refuse)")
+    return {f.removesuffix(".pt"): load_torch_file(folder / f) for f in HEAD_FILES}
+
+
+@family("bge-m3")
+class BgeM3(EncoderModel):
+    output_types = ("dense", "sparse", "multivector")
+
+    def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
+        heads = load_heads(folder)
+        super().__init__(spec, folder, placement)
+        dev, dt = placement.device, placement.dtype
+        self.colbert_w = heads["colbert_linear"]["weight"].to(dev, dt)
+        self.colbert_b = heads["colbert_linear"]["bias"].to(dev, dt)
+        self.sparse_w = heads["sparse_linear"]["weight"].to(dev, dt)
+        self.sparse_b = heads["sparse_linear"]["bias"].to(dev, dt)
+        specials = {self.tokenizer.token_id(t) for t in ("<s>", "</s>", "<pad>", "<unk>")}
+        self.special_ids = torch.tensor(sorted(i for i in specials if i is not None), device=dev)
+
+    def dims(self) -> dict[str, int]:
+        return {"dense": self.encoder.cfg.hidden_size, "sparse": self.encoder.cfg.vocab_size,
+                "multivector": self.colbert_w.shape[0]}
+
+    def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
+        out = BatchOutputs()
+        want = batch.output_types
+        first = self.first_tokens(batch)
+        if "dense" in want:
+            out.dense = to_host(F.normalize(hidden[first].float(), dim=-1))
+        if "sparse" in want:
+            out.sparse = self.sparse(batch, hidden, ids, self.sparse_w, self.sparse_b)
+        if "multivector" in want:
+            out.multivector = self.multivector(batch, hidden, first, self.colbert_w, self.colbert_b)
+        return out
+
+    def sparse(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor,
+               w: torch.Tensor, b: torch.Tensor):
+        """Per sequence: unique token ids (ascending) and their max relu weight."""
+        weights = torch.relu(F.linear(hidden, w, b)).squeeze(-1).float()
+        keep = (weights > 0) & ~torch.isin(ids, self.special_ids)
+        seq = self.seq_index(batch)[keep]
+        vocab = self.encoder.cfg.vocab_size
+        keys, inverse = torch.unique(seq * vocab + ids[keep], return_inverse=True)
+        values = torch.zeros(len(keys), device=hidden.device).scatter_reduce_(
+            0, inverse, weights[keep], reduce="amax", include_self=False)
+        counts = torch.bincount(keys // vocab, minlength=batch.num_seqs)
+        return (to_host(keys % vocab).astype("int32"), to_host(values), to_host(counts))
+
+    def multivector(self, batch: PackedBatch, hidden: torch.Tensor, first: torch.Tensor,
+                    w: torch.Tensor, b: torch.Tensor):
+        """ColBERT vectors of every token but the first of each sequence, L2-normalised."""
+        keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        keep[first] = False
+        vecs = F.normalize(F.linear(hidden[keep], w, b).float(), dim=-1)
+        return to_host(vecs), batch.lengths - 1

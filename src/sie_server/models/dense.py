@@ -1,0 +1,72 @@
+"""Sentence-transformers dense models (BERT / XLM-R): Transformer -> Pooling -> Normalize,
+configured from modules.json, 1_Pooling/config.json and sentence_bert_config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.batch import PackedBatch
+from ..runtime.device import Placement
+from .base import BatchOutputs, EncoderModel, ModelSpec, family, to_host
+
+_KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
+_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "lasttoken")
+
+
+def read_pipeline(folder: Path) -> tuple[str, bool, int | None]:
+    """(pooling mode, normalize, max_seq_length) from the sentence-transformers config files."""
+    modules = json.loads((folder / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    unknown = [k for k in kinds if k not in _KNOWN_MODULES]
+    if unknown:
+        raise ValueError(f"{folder}/modules.json uses modules not supported yet: {unknown}")
+    pooling = "cls_token"
+    pool_entry = next((m for m in modules if m["type"].endswith("Pooling")), None)
+    if pool_entry is not None:
+        cfg = json.loads((folder / pool_entry["path"] / "config.json").read_text())
+        modes = [m for m in _POOLING_MODES if cfg.get(f"pooling_mode_{m}")]
+        if len(modes) != 1:
+            raise ValueError(f"{folder}: exactly one pooling mode is supported, found {modes}")
+        pooling = modes[0]
+    sbert = folder / "sentence_bert_config.json"
+    max_len = json.loads(sbert.read_text()).get("max_seq_length") if sbert.exists() else None
+    return pooling, "Normalize" in kinds, max_len
+
+
+@family("sentence-transformers")
+class SentenceTransformer(EncoderModel):
+    output_types = ("dense",)
+
+    def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
+        self.pooling, self.normalize, max_len = read_pipeline(folder)
+        if spec.max_input_tokens is None and max_len:
+            spec = replace(spec, max_input_tokens=max_len)
+        super().__init__(spec, folder, placement)
+
+    def dims(self) -> dict[str, int]:
+        return {"dense": self.encoder.cfg.hidden_size}
+
+    def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
+        cu = torch.from_numpy(batch.cu_seqlens).to(hidden.device)
+        hidden = hidden.float()
+        if self.pooling == "cls_token":
+            pooled = hidden[cu[:-1]]
+        elif self.pooling == "lasttoken":
+            pooled = hidden[cu[1:] - 1]
+        else:
+            seq = self.seq_index(batch)
+            shape = (batch.num_seqs, hidden.shape[1])
+            if self.pooling == "mean_tokens":
+                sums = torch.zeros(shape, device=hidden.device).index_add_(0, seq, hidden)
+                pooled = sums / (cu[1:] - cu[:-1]).unsqueeze(1)
+            else:
+                pooled = torch.full(shape, float("-inf"), device=hidden.device).index_reduce_(
+                    0, seq, hidden, "amax")
+        if self.normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        return BatchOutputs(dense=to_host(pooled))

@@ -1,0 +1,1 @@
+"""Model runtime: tokenization, packing, the encoder forward, heads and adapters."""

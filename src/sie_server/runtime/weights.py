@@ -1,0 +1,27 @@
+"""Reading weight files: safetensors first, PyTorch pickles only in weights-only mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder (model.safetensors, sharded or not, or .bin)."""
+    files = sorted(folder.glob("model*.safetensors"))
+    if files:
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    binary = folder / "pytorch_model.bin"
+    if binary.exists():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A small .pt state dict (BGE-M3 heads), loaded without executing pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
