@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from typing import Callable
 
 import numpy as np
 
-from ..errors import InternalError, ModelUnavailable, Overloaded, DeadlineExceeded
+from ..errors import DeadlineExceeded, InternalError, ModelUnavailable, Overloaded
 from ..models.base import BatchOutputs, EncoderModel
 from ..runtime.batch import pack, split_rows
 from .request import ItemResult, Request
@@ -28,10 +29,13 @@ Entry = tuple[Request, int]  # (request, item index)
 
 
 class Scheduler:
-    """Owns one model's queue and the thread that runs its batches."""
+    """Owns one model's queue and two threads: `compute` forms batches and launches the
+    forward, `deliver` waits for each batch's outputs on the host and resolves requests.
+    The bounded hand-off between them lets batch N+1 launch while batch N is copied out."""
 
     def __init__(self, model: EncoderModel, *, max_batch_tokens: int, max_batch_items: int,
-                 max_queued_tokens: int, on_batch: Callable[[int, int, float], None] | None = None) -> None:
+                 max_queued_tokens: int, on_batch: Callable[[int, int, float], None] | None = None,
+                 ) -> None:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
@@ -39,16 +43,19 @@ class Scheduler:
         self.on_batch = on_batch
         self._queue: collections.deque[Entry] = collections.deque()
         self._queued_tokens = 0
-        self._in_flight = 0  # items taken by the worker and not yet delivered
+        self._in_flight = 0  # items taken from the queue and not yet resolved
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"sched-{model.spec.name}",
-                                        daemon=True)
-        self._thread.start()
+        self._handoff: queue.Queue[tuple[list[Entry], BatchOutputs, float] | None] = queue.Queue(2)
+        name = model.spec.name
+        self._threads = [threading.Thread(target=self._compute_loop, name=f"compute-{name}", daemon=True),
+                         threading.Thread(target=self._deliver_loop, name=f"deliver-{name}", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(t.is_alive() for t in self._threads)
 
     @property
     def queued_tokens(self) -> int:
@@ -74,7 +81,7 @@ class Scheduler:
             self._cond.notify()
 
     def close(self, drain: bool = True) -> None:
-        """Stop the worker; with drain, after everything queued has run."""
+        """Stop the threads; with drain, after everything queued has run."""
         with self._cond:
             self._closing = True
             if not drain:
@@ -82,7 +89,8 @@ class Scheduler:
                     req.fail(ModelUnavailable(f"{self.model.spec.name} was unloaded"))
                 self._queue.clear()
             self._cond.notify_all()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
     def _take(self) -> list[Entry] | None:
         """Block until work is queued; pop items up to the token and item budgets."""
@@ -108,42 +116,60 @@ class Scheduler:
                     continue
                 batch.append((req, i))
                 tokens += n
-            self._in_flight = len(batch)
+            self._in_flight += len(batch)
             return batch
 
-    def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch:
-                self._execute(batch)
-            with self._cond:
-                self._in_flight = 0
+    def _finished(self, batch: list[Entry]) -> None:
+        with self._cond:
+            self._in_flight -= len(batch)
 
-    def _execute(self, batch: list[Entry]) -> None:
-        """Run one batch; on OOM split it in halves and retry; never lose a request."""
+    def _compute_loop(self) -> None:
+        try:
+            while (batch := self._take()) is not None:
+                if batch:
+                    self._launch(batch)
+        finally:
+            self._handoff.put(None)
+
+    def _launch(self, batch: list[Entry]) -> None:
+        """Start one batch's forward; on OOM split it in halves and retry; never lose a request."""
         started = time.perf_counter()
         try:
             outputs = self.model.forward(self._pack(batch))
         except Exception as exc:  # noqa: BLE001 - every failure must resolve its requests
-            if self.model.placement.is_oom(exc) and len(batch) > 1:
+            oom = self.model.placement.is_oom(exc)
+            if oom and len(batch) > 1:
                 log.warning("OOM on a batch of %d items; splitting", len(batch))
                 self.model.placement.release_memory()
                 half = len(batch) // 2
-                self._execute(batch[:half])
-                self._execute(batch[half:])
+                self._launch(batch[:half])
+                self._launch(batch[half:])
                 return
             log.exception("batch of %d items failed", len(batch))
-            err = (ModelUnavailable("the input does not fit in device memory")
-                   if self.model.placement.is_oom(exc) else InternalError(f"inference failed: {exc}"))
-            for req, _ in batch:
-                req.fail(err)
+            self._fail(batch, ModelUnavailable("the input does not fit in device memory") if oom
+                       else InternalError(f"inference failed: {type(exc).__name__}: {exc}"))
             return
-        if self.on_batch:
-            self.on_batch(len(batch), sum(len(r.tokens[i]) for r, i in batch),
-                          time.perf_counter() - started)
-        self._deliver(batch, outputs)
+        self._handoff.put((batch, outputs, started))
+
+    def _deliver_loop(self) -> None:
+        while (item := self._handoff.get()) is not None:
+            batch, outputs, started = item
+            try:
+                host = outputs.to_host()
+                if self.on_batch:
+                    self.on_batch(len(batch), sum(len(r.tokens[i]) for r, i in batch),
+                                  time.perf_counter() - started)
+                self._deliver(batch, host)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("delivering a batch of %d items failed", len(batch))
+                self._fail(batch, InternalError(f"inference failed: {type(exc).__name__}: {exc}"))
+                continue
+            self._finished(batch)
+
+    def _fail(self, batch: list[Entry], err: Exception) -> None:
+        for req, _ in batch:
+            req.fail(err)
+        self._finished(batch)
 
     @staticmethod
     def _pack(batch: list[Entry]):

@@ -7,11 +7,10 @@ with `@family("name")`; nothing else needs to change to add one.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..errors import InvalidRequest
@@ -48,13 +47,29 @@ class ModelInfo:
 
 @dataclass
 class BatchOutputs:
-    """Per-sequence results of one batch, as host arrays; rows follow the batch order."""
+    """Per-sequence results of one batch; rows follow the batch order.
 
-    dense: np.ndarray | None = None  # (B, D)
-    sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # indices, values, counts
-    multivector: tuple[np.ndarray, np.ndarray] | None = None  # rows (N, D), counts (B,)
-    scores: np.ndarray | None = None  # (B,) for scoring models
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    Models fill it with device tensors (the forward stays asynchronous on CUDA);
+    `to_host()` waits for the device and gives the same structure as float32/int numpy arrays.
+    """
+
+    dense: Any = None  # (B, D)
+    sparse: tuple[Any, Any, Any] | None = None  # indices, values, counts (B,)
+    multivector: tuple[Any, Any] | None = None  # rows (N, D), counts (B,)
+    scores: Any = None  # (B,) for scoring models
+
+    def to_host(self) -> "BatchOutputs":
+        def host(t: Any) -> Any:
+            if isinstance(t, torch.Tensor):
+                return (t.float() if t.is_floating_point() else t).cpu().numpy()
+            return t
+
+        return BatchOutputs(
+            dense=host(self.dense),
+            sparse=None if self.sparse is None else tuple(host(t) for t in self.sparse),
+            multivector=None if self.multivector is None else tuple(host(t) for t in self.multivector),
+            scores=host(self.scores),
+        )
 
 
 class EncoderModel(abc.ABC):
@@ -125,13 +140,6 @@ class EncoderModel(abc.ABC):
 
     def first_tokens(self, batch: PackedBatch) -> torch.Tensor:
         return torch.from_numpy(batch.cu_seqlens[:-1]).to(self.placement.device)
-
-
-def to_host(t: torch.Tensor) -> np.ndarray:
-    """float32 (or integer) numpy copy of a device tensor."""
-    if t.is_floating_point():
-        t = t.float()
-    return t.cpu().numpy()
 
 
 FAMILIES: dict[str, type[EncoderModel]] = {}

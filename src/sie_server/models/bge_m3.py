@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
 from ..runtime.weights import load_torch_file
-from .base import BatchOutputs, EncoderModel, ModelSpec, family, to_host
+from .base import BatchOutputs, EncoderModel, ModelSpec, family
 
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 
@@ -56,7 +56,7 @@ class BgeM3(EncoderModel):
         want = batch.output_types
         first = self.first_tokens(batch)
         if "dense" in want:
-            out.dense = to_host(F.normalize(hidden[first].float(), dim=-1))
+            out.dense = F.normalize(hidden[first].float(), dim=-1)
         if "sparse" in want:
             out.sparse = self.sparse(batch, hidden, ids, self.sparse_w, self.sparse_b)
         if "multivector" in want:
@@ -74,7 +74,7 @@ class BgeM3(EncoderModel):
         values = torch.zeros(len(keys), device=hidden.device).scatter_reduce_(
             0, inverse, weights[keep], reduce="amax", include_self=False)
         counts = torch.bincount(keys // vocab, minlength=batch.num_seqs)
-        return (to_host(keys % vocab).astype("int32"), to_host(values), to_host(counts))
+        return (keys % vocab).int(), values, counts
 
     def multivector(self, batch: PackedBatch, hidden: torch.Tensor, first: torch.Tensor,
                     w: torch.Tensor, b: torch.Tensor):
@@ -82,4 +82,4 @@ class BgeM3(EncoderModel):
         keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         keep[first] = False
         vecs = F.normalize(F.linear(hidden[keep], w, b).float(), dim=-1)
-        return to_host(vecs), batch.lengths - 1
+        return vecs, batch.lengths - 1

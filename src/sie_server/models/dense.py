@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
-from .base import BatchOutputs, EncoderModel, ModelSpec, family, to_host
+from .base import BatchOutputs, EncoderModel, ModelSpec, family
 
 _KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "lasttoken")
@@ -69,4 +69,4 @@ class SentenceTransformer(EncoderModel):
                     0, seq, hidden, "amax")
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
-        return BatchOutputs(dense=to_host(pooled))
+        return BatchOutputs(dense=pooled)
