@@ -46,9 +46,10 @@ class EncodeResult(TypedDict):
 class ScoreEntry(TypedDict):
     """Score of one item against the query; rank 0 is the best."""
 
-    item_id: str | None
+    item_id: str | int | None  # the item's id, or its position in the request when it had none
     score: float
     rank: int
+    components: NotRequired[dict[str, float]]  # BGE-M3: dense, sparse, multivector, hybrid
 
 
 class ScoreResult(TypedDict):
@@ -56,3 +57,6 @@ class ScoreResult(TypedDict):
 
     model: str
     scores: list[ScoreEntry]
+    score_type: NotRequired[str]  # which score ranks ("relevance", "hybrid", "dense", ...)
+    weights: NotRequired[dict[str, float]]  # the hybrid weights used
+    activation: NotRequired[str]  # cross-encoders: "sigmoid" or "none"

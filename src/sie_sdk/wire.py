@@ -108,11 +108,16 @@ def decode_encode_response(payload: Mapping[str, Any]) -> list[EncodeResult]:
 
 
 def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
-    """`{"model", "scores": [{"item_id", "score", "rank"}]}` -> ScoreResult."""
-    return {
-        "model": payload["model"],
-        "scores": [
-            {"item_id": s.get("item_id"), "score": float(s["score"]), "rank": int(s["rank"])}
-            for s in payload["scores"]
-        ],
-    }
+    """`{"model", "scores": [{"item_id", "score", "rank", "components"?}], "score_type"?, ...}`
+    -> ScoreResult (optional keys are kept when the server sends them)."""
+    scores = []
+    for s in payload["scores"]:
+        entry = {"item_id": s.get("item_id"), "score": float(s["score"]), "rank": int(s["rank"])}
+        if "components" in s:
+            entry["components"] = {k: float(v) for k, v in s["components"].items()}
+        scores.append(entry)
+    result: ScoreResult = {"model": payload["model"], "scores": scores}  # type: ignore[typeddict-item]
+    for key in ("score_type", "weights", "activation"):
+        if key in payload:
+            result[key] = payload[key]  # type: ignore[literal-required]
+    return result

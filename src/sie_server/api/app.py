@@ -17,8 +17,9 @@ from starlette.routing import Route
 
 from ..engine import Engine
 from ..errors import BodyTooLarge, InternalError, SIEError
-from .validate import parse_encode
-from .wire import JSON, MSGPACK, decode_body, encode_body, item_to_wire, wants_msgpack
+from .validate import parse_encode, parse_score
+from .wire import (JSON, MSGPACK, decode_body, encode_body, item_to_wire, score_to_wire,
+                   wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,20 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         content = await anyio.to_thread.run_sync(build) if floats > _OFFLOAD_FLOATS else build()
         return Response(content, media_type=MSGPACK if binary else JSON)
 
+    async def score(request: Request) -> Response:
+        model = request.path_params["model"]
+        body = decode_body(await read_body(request, settings.max_body_bytes),
+                           request.headers.get("content-type", ""))
+        call = parse_score(body, settings.max_items_per_request)
+        future = await anyio.to_thread.run_sync(
+            engine.submit_score, model, call.query, call.texts, call.options, call.top_k)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the client went away: drop queued work
+            raise
+        return respond(request, score_to_wire(model, call.ids, result))
+
     async def models(request: Request) -> Response:
         out = []
         for h in engine.registry.handles():
@@ -97,7 +112,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             if h.model is not None:
                 info = h.model.info
                 entry.update(output_types=list(info.output_types), dims=info.dims,
-                             max_input_tokens=info.max_input_tokens)
+                             max_input_tokens=info.max_input_tokens,
+                             score_types=list(h.model.score_types))
             if h.error is not None:
                 entry["error"] = h.error.message
             out.append(entry)
@@ -140,6 +156,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     routes = [
         Route("/v1/encode/{model:path}", encode, methods=["POST"]),
+        Route("/v1/score/{model:path}", score, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -74,3 +74,31 @@ def parse_encode(body: Any, max_items: int) -> EncodeCall:
     options = params.get("options") or {}
     _obj(options, "params.options")
     return EncodeCall(texts, ids, list(dict.fromkeys(types)), options)
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    query: str
+    texts: list[str]
+    ids: list[Any]
+    options: dict[str, Any]
+    top_k: int | None
+
+
+def parse_score(body: Any, max_items: int) -> ScoreCall:
+    """`{"query": Item, "items": [Item], "options"?, "top_k"?}`."""
+    body = _obj(body, "body")
+    unknown = set(body) - {"query", "items", "options", "top_k"}
+    if unknown:
+        raise InvalidRequest(f"body.{sorted(unknown)[0]} is not a known field")
+    if body.get("query") is None:
+        raise InvalidRequest("query is missing")
+    query, _ = parse_item(body["query"], "query")
+    if "items" not in body:
+        raise InvalidRequest("items is missing")
+    texts, ids = parse_items(body["items"], "items", max_items)
+    options = _obj(body.get("options") or {}, "options")
+    top_k = body.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InvalidRequest("top_k must be a positive integer")
+    return ScoreCall(query, texts, ids, options, top_k)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import InvalidRequest
 from ..engine.request import ItemResult
+from ..engine.scoring import ScoreResult
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -55,3 +56,23 @@ def encode_body(payload: Any, binary: bool) -> bytes:
     if binary:
         return msgpack.packb(payload, use_bin_type=True)
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def score_to_wire(model: str, ids: list[Any], result: ScoreResult) -> dict[str, Any]:
+    """A ScoreResult in wire form: best first; `item_id` is the item's id or its position."""
+    payload: dict[str, Any] = {"model": model, "score_type": result.score_type}
+    if result.weights is not None:
+        payload["weights"] = result.weights
+    if result.activation is not None:
+        payload["activation"] = result.activation
+    comps = {k: v.tolist() for k, v in result.components.items()}
+    scores = result.scores.tolist()
+    entries = []
+    for rank, i in enumerate(result.order.tolist()):
+        entry: dict[str, Any] = {"item_id": i if ids[i] is None else ids[i],
+                                 "score": scores[i], "rank": rank}
+        if comps:
+            entry["components"] = {k: v[i] for k, v in comps.items()}
+        entries.append(entry)
+    payload["scores"] = entries
+    return payload

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..config import Settings
 from ..errors import InputTooLong, InvalidRequest
 from ..runtime.device import Placement
 from .registry import ModelRegistry
 from .request import ItemResult, Request
+from .scoring import COMPONENTS, ScoreOptions, ScoreResult, embedding_scores, pair_scores
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Engine:
         self.settings = settings or Settings()
         self.placement = Placement.resolve(self.settings.device, self.settings.dtype)
         self.registry = ModelRegistry(self.settings, self.placement)
+        # turns finished score requests into scores, off the schedulers' worker threads
+        self._post = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sie-post")
 
     def start(self) -> None:
         """Load the default models (blocking)."""
@@ -59,6 +63,7 @@ class Engine:
     def close(self) -> None:
         """Finish everything queued, then stop the workers."""
         self.registry.close()
+        self._post.shutdown(wait=True)
 
     def submit(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
                options: dict[str, Any] | EncodeOptions | None = None) -> Future:
@@ -86,6 +91,106 @@ class Engine:
                options: dict[str, Any] | EncodeOptions | None = None) -> list[ItemResult]:
         """Blocking encode."""
         return self.submit(model, texts, output_types, options).result()
+
+    def submit_score(self, model: str, query: str, texts: Sequence[str],
+                     options: dict[str, Any] | ScoreOptions | None = None,
+                     top_k: int | None = None) -> Future:
+        """Queue the scoring of `texts` against `query`; the future resolves to a ScoreResult.
+
+        A cross-encoder runs one (query, item) pair per item; BGE-M3 encodes the query once and
+        every item, and compares them. Either way the sequences are scheduled like encode items
+        (token-budget batches, shared with other requests)."""
+        opts = options if isinstance(options, ScoreOptions) else ScoreOptions.parse(options)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise InvalidRequest("top_k must be a positive integer")
+        if not isinstance(query, str):
+            raise InvalidRequest("query.text must be a string")
+        if not texts:
+            raise InvalidRequest("items must hold at least one item")
+        handle = self.registry.get(model)
+        m = handle.model
+        if not m.score_types:
+            raise InvalidRequest(
+                f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
+                f"model with its own scores (BGE-M3); use /v1/encode for {model}")
+        score_type = opts.check(model, m.score_types, m.pair_scoring)
+        slot = self._adapter_slot(handle, opts.lora_id)
+        deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+        finish: Callable[[list[ItemResult]], ScoreResult]
+        if m.pair_scoring:
+            fixed, tok = m.prepare_pairs(query, list(texts))
+            if fixed >= m.max_tokens:
+                raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
+                                   f"tokens; {model} takes at most {m.max_tokens} per pair, "
+                                   "which leaves no room for the item")
+            self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+            request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
+                              deadline, token_types=tok.type_ids)
+            activation = opts.activation or m.default_activation
+            finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
+        else:
+            components = tuple(c for c in COMPONENTS if c in m.output_types)
+            q = m.prepare([query], True, None)
+            d = m.prepare(list(texts), False, None)
+            self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
+                                "query.text")
+            self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
+            request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
+                              frozenset(components), slot, deadline)
+            finish = lambda results: embedding_scores(  # noqa: E731
+                results[0], results[1:], score_type, components, opts.weights, top_k)
+        handle.scheduler.submit(request)
+        return self._then(request.future, finish)
+
+    def score(self, model: str, query: str, texts: Sequence[str],
+              options: dict[str, Any] | ScoreOptions | None = None,
+              top_k: int | None = None) -> ScoreResult:
+        """Blocking score."""
+        return self.submit_score(model, query, texts, options, top_k).result()
+
+    @staticmethod
+    def _check_lengths(model: str, limit: int, lengths: list[int], truncate: bool,
+                       field: str = "items[{i}].text") -> None:
+        if truncate:
+            return
+        for i, n in enumerate(lengths):
+            if n > limit:
+                raise InputTooLong(f"{field.format(i=i)} has {n} tokens; {model} takes at most "
+                                   f"{limit} (set options.truncate to true to cut it)")
+
+    def _then(self, inner: Future, fn: Callable[[Any], Any]) -> Future:
+        """A future for fn(inner's result), computed on the post-processing pool; cancelling
+        it cancels `inner` (queued work is then dropped before compute)."""
+        outer: Future = Future()
+
+        def run(value: Any) -> None:
+            if outer.done():
+                return
+            try:
+                result = fn(value)
+            except Exception as exc:  # noqa: BLE001 - reported through the future
+                with contextlib.suppress(InvalidStateError):
+                    outer.set_exception(exc)
+                return
+            with contextlib.suppress(InvalidStateError):
+                outer.set_result(result)
+
+        def relay(f: Future) -> None:
+            if f.cancelled():
+                outer.cancel()
+            elif f.exception() is not None:
+                with contextlib.suppress(InvalidStateError):
+                    outer.set_exception(f.exception())
+            else:
+                try:
+                    self._post.submit(run, f.result())
+                except RuntimeError:  # pool shut down: finish here
+                    run(f.result())
+
+        outer.add_done_callback(lambda f: f.cancelled() and inner.cancel())
+        inner.add_done_callback(relay)
+        return outer
 
     def _adapter_slot(self, handle, lora_id: str | None) -> int:
         if lora_id is None:

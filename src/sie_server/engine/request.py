@@ -20,6 +20,7 @@ class ItemResult:
     dense: np.ndarray | None = None
     sparse: tuple[np.ndarray, np.ndarray] | None = None  # (indices int32, values float32)
     multivector: np.ndarray | None = None  # (tokens, dim)
+    score: float | None = None  # pair scoring models (cross-encoders): the raw score
 
 
 @dataclass(eq=False)
@@ -31,6 +32,7 @@ class Request:
     output_types: frozenset[str]
     adapter_slot: int = -1
     deadline: float | None = None  # time.monotonic() value
+    token_types: list[np.ndarray] | None = None  # per item, for sentence pairs
     future: Future = field(default_factory=Future)
     results: list[ItemResult | None] = field(init=False)
     remaining: int = field(init=False)

@@ -175,7 +175,11 @@ class Scheduler:
     def _pack(batch: list[Entry]):
         types = frozenset().union(*{req.output_types for req, _ in batch})
         slots = np.fromiter((req.adapter_slot for req, _ in batch), dtype=np.int64, count=len(batch))
-        return pack([req.tokens[i] for req, i in batch], types, slots)
+        token_types = None
+        if any(req.token_types is not None for req, _ in batch):
+            token_types = [req.token_types[i] if req.token_types is not None
+                           else np.zeros(len(req.tokens[i]), dtype=np.int64) for req, i in batch]
+        return pack([req.tokens[i] for req, i in batch], types, slots, token_types)
 
     @staticmethod
     def _deliver(batch: list[Entry], out: BatchOutputs) -> None:
@@ -192,4 +196,5 @@ class Scheduler:
                 dense=out.dense[row] if out.dense is not None and "dense" in want else None,
                 sparse=sparse[row] if sparse is not None and "sparse" in want else None,
                 multivector=multi[row] if multi is not None and "multivector" in want else None,
+                score=float(out.scores[row]) if out.scores is not None and "score" in want else None,
             ))

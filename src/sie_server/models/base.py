@@ -34,6 +34,7 @@ class ModelSpec:
     instruction_template: str = "{instruction}{text}"
     output_types: tuple[str, ...] | None = None  # None: the family's own
     pinned: bool = False
+    score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class EncoderModel(abc.ABC):
     """A transformer encoder plus heads; sees only PackedBatches."""
 
     output_types: tuple[str, ...] = ("dense",)
+    # What /v1/score can rank by, the default first; () = this model cannot score.
+    score_types: tuple[str, ...] = ()
+    # True: query and item go through the model together as one pair (cross-encoder), and the
+    # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
+    pair_scoring: bool = False
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec
@@ -112,6 +118,9 @@ class EncoderModel(abc.ABC):
         return self.tokenizer.encode(texts)
 
     def check_output_types(self, output_types: list[str]) -> None:
+        if not self.output_types:
+            raise InvalidRequest(f"{self.spec.name} ({self.spec.family}) does not encode; "
+                                 f"it scores query/item pairs: use /v1/score")
         bad = [t for t in output_types if t not in self.output_types]
         if bad:
             raise InvalidRequest(

@@ -35,6 +35,7 @@ def load_heads(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 @family("bge-m3")
 class BgeM3(EncoderModel):
     output_types = ("dense", "sparse", "multivector")
+    score_types = ("hybrid", "dense", "sparse", "multivector")  # computed by engine/scoring.py
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         heads = load_heads(folder)

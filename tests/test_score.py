@@ -1,0 +1,374 @@
+"""Scoring: cross-encoders against transformers, BGE-M3 scores against FlagEmbedding, the
+scheduler path (query encoded once, token-budget batches), the 400s, and the HTTP route through
+a real server process with the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import reference
+from sie_sdk import InvalidRequestError, Item, SIEAsyncClient, SIEClient
+from sie_server.config import Settings
+from sie_server.engine import Engine
+from sie_server.errors import InputTooLong, InvalidRequest
+from sie_server.models.cross_encoder import config_activation
+from texts import LONG_TEXTS, SHORT_TEXTS
+
+CE_MAX = 64  # both test cross-encoders take 64 tokens per pair (tiny position tables)
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+QUERIES = ["What is the capital of France?",
+           "the cat sat on the mat",
+           "Москва столица России"]
+DOCS = [*SHORT_TEXTS[:10],
+        "the cat sat on the mat with the other cat and the dog",
+        "Paris is the capital of France and the cat of Paris sat on a mat.",
+        "Москва — столица России. Moscow is the capital of Russia.",
+        "",
+        LONG_TEXTS[0]]  # ~0.7k tokens: truncated by the cross-encoders, whole for BGE-M3
+
+
+# ---------------------------------------------------------------- test models
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that logits differ clearly between pairs (HF's N(0, 0.02) init
+    gives nearly equal logits, which would make rank comparisons meaningless)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + torch.randn(p.shape, generator=g) * 0.05)
+            elif p.dim() == 2:
+                std = 0.5 if "embeddings" in name else 1.0 / p.shape[1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+@pytest.fixture(scope="module")
+def ce_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BertForSequenceClassification, num_labels=1, all-MiniLM-L6-v2's tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("ce-bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=CE_MAX, type_vocab_size=2,
+                     num_labels=1)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).eval()
+    _randomize(model, 1)
+    model.save_pretrained(out, safe_serialization=True)
+    src = reference.minilm_dir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(src / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ce_xlmr_dir(tmp_path_factory: pytest.TempPathFactory, bge_m3_dir: Path) -> Path:
+    """XLMRobertaForSequenceClassification, num_labels=1, the real XLM-R tokenizer (as the
+    BGE-M3 test model carries it, with its tokenizer_config.json)."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("ce-xlmr")
+    cfg = XLMRobertaConfig(vocab_size=250002, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=CE_MAX + 2, type_vocab_size=1, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, num_labels=1)
+    torch.manual_seed(0)
+    model = XLMRobertaForSequenceClassification(cfg).eval()
+    _randomize(model, 2)
+    model.save_pretrained(out, safe_serialization=True)
+    assert reference.xlmr_tokenizer_json().is_file()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bge_m3_dir / f, out / f)
+    return out
+
+
+@lru_cache(maxsize=8)
+def hf_logits(folder: str, query: str, docs: tuple[str, ...]) -> np.ndarray:
+    """transformers' AutoTokenizer + AutoModelForSequenceClassification, truncation only_second."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    enc = tok([query] * len(docs), list(docs), truncation="only_second", max_length=CE_MAX,
+              padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**enc).logits[:, 0].numpy()
+
+
+@lru_cache(maxsize=8)
+def flag_scores(folder: str, query: str, docs: tuple[str, ...],
+                weights: tuple[float, float, float]) -> dict[str, np.ndarray]:
+    ref = reference.flag_compute_score(folder, [(query, d) for d in docs], weights=weights)
+    return {"dense": np.asarray(ref["dense"]), "sparse": np.asarray(ref["sparse"]),
+            "multivector": np.asarray(ref["colbert"]),
+            "hybrid": np.asarray(ref["colbert+sparse+dense"])}
+
+
+@pytest.fixture(scope="module")
+def engine(bge_m3_dir: Path, ce_bert_dir: Path, ce_xlmr_dir: Path):
+    # a small token budget: every request below is split over several batches
+    eng = Engine(Settings(device="cpu", max_batch_tokens=256, default_models=[], models={
+        "m3": str(bge_m3_dir), "ce-bert": str(ce_bert_dir), "ce-xlmr": str(ce_xlmr_dir)}))
+    yield eng
+    eng.close()
+
+
+def spy_batches(monkeypatch: pytest.MonkeyPatch, engine: Engine, model: str) -> list:
+    """Record every PackedBatch the model runs."""
+    m = engine.registry.get(model).model
+    seen: list = []
+    forward = m.forward
+
+    def recording(batch):
+        seen.append(batch)
+        return forward(batch)
+
+    monkeypatch.setattr(m, "forward", recording)
+    return seen
+
+
+# ---------------------------------------------------------------- cross-encoders
+
+@pytest.mark.parametrize("name", ["ce-bert", "ce-xlmr"])
+def test_cross_encoder_pairs_tokenized_like_transformers(engine, name, ce_bert_dir, ce_xlmr_dir):
+    from transformers import AutoTokenizer
+
+    folder = ce_bert_dir if name == "ce-bert" else ce_xlmr_dir
+    m = engine.registry.get(name).model
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    for q in QUERIES:
+        _, tok = m.prepare_pairs(q, DOCS)
+        enc = hf([q] * len(DOCS), DOCS, truncation="only_second", max_length=CE_MAX)
+        assert [t.tolist() for t in tok.ids] == enc["input_ids"]
+        if name == "ce-bert":
+            assert [t.tolist() for t in tok.type_ids] == enc["token_type_ids"]
+            assert {1} <= set(np.concatenate(tok.type_ids).tolist())
+        else:
+            assert tok.type_ids is None  # one token type: all zeros, as HF's XLM-R tokenizer
+
+
+@pytest.mark.parametrize("name", ["ce-bert", "ce-xlmr"])
+def test_cross_encoder_logits_match_transformers(engine, monkeypatch, name, ce_bert_dir,
+                                                 ce_xlmr_dir):
+    folder = str(ce_bert_dir if name == "ce-bert" else ce_xlmr_dir)
+    batches = spy_batches(monkeypatch, engine, name)
+    for q in QUERIES:
+        res = engine.score(name, q, DOCS, {"activation": "none"})
+        ref = hf_logits(folder, q, tuple(DOCS))
+        assert res.score_type == "relevance" and res.activation == "none"
+        np.testing.assert_allclose(res.scores, ref, atol=1e-4, rtol=0)
+        assert res.order.tolist() == np.argsort(-ref, kind="stable").tolist()
+        assert np.ptp(ref) > 0.1  # the logits really differ between pairs
+    m = engine.registry.get(name).model
+    _, tok = m.prepare_pairs(QUERIES[0], DOCS)
+    assert max(tok.original_lengths) > CE_MAX  # some pairs were truncated (cut in the item)
+    # pairs were scheduled one per sequence and split by the 256-token budget
+    assert sum(b.num_seqs for b in batches) == len(QUERIES) * len(DOCS)
+    assert len(batches) >= 2 * len(QUERIES) and all(b.num_tokens <= 256 for b in batches)
+
+
+def test_cross_encoder_activation_and_top_k(engine):
+    q = QUERIES[0]
+    raw = engine.score("ce-bert", q, DOCS)  # no ST config, no catalog setting: the raw logit
+    assert raw.activation == "none"
+    sig = engine.score("ce-bert", q, DOCS, {"activation": "sigmoid"}, top_k=3)
+    np.testing.assert_allclose(sig.scores, 1 / (1 + np.exp(-raw.scores.astype(np.float64))),
+                               atol=1e-6)
+    assert sig.order.tolist() == raw.order[:3].tolist()
+
+
+def test_config_activation():
+    assert config_activation({}) == "none"
+    assert config_activation({"sbert_ce_default_activation_function":
+                              "torch.nn.modules.activation.Sigmoid"}) == "sigmoid"
+    assert config_activation({"sbert_ce_default_activation_function":
+                              "torch.nn.modules.linear.Identity"}) == "none"
+    assert config_activation({"sentence_transformers":
+                              {"activation_fn": "torch.nn.modules.activation.Sigmoid"}}) == "sigmoid"
+
+
+def test_cross_encoder_sigmoid_from_config(tmp_path, ce_bert_dir):
+    folder = tmp_path / "ce"
+    shutil.copytree(ce_bert_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sbert_ce_default_activation_function"] = "torch.nn.modules.activation.Sigmoid"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    eng = Engine(Settings(device="cpu", default_models=[], models={"ce": str(folder)}))
+    try:
+        res = eng.score("ce", QUERIES[0], DOCS[:4])
+        assert res.activation == "sigmoid" and ((res.scores > 0) & (res.scores < 1)).all()
+        assert eng.score("ce", QUERIES[0], DOCS[:4], {"activation": "none"}).activation == "none"
+    finally:
+        eng.close()
+
+
+# ---------------------------------------------------------------- BGE-M3
+
+@pytest.mark.parametrize("weights", [(0.4, 0.2, 0.4), (1.0, 0.5, 0.25)])
+def test_bge_m3_scores_match_flagembedding(engine, bge_m3_dir, weights):
+    opts = {"weights": dict(zip(("dense", "sparse", "multivector"), weights))}
+    for q in QUERIES:
+        ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), weights)
+        res = engine.score("m3", q, DOCS, opts)
+        assert res.score_type == "hybrid"
+        assert res.weights == opts["weights"]
+        for key in ("dense", "sparse", "multivector", "hybrid"):
+            np.testing.assert_allclose(res.components[key], ref[key], atol=1e-4, rtol=0,
+                                       err_msg=key)
+        np.testing.assert_array_equal(res.scores, res.components["hybrid"])
+        assert res.order.tolist() == np.argsort(-res.scores, kind="stable").tolist()
+    # the sparse score is really exercised (shared tokens with positive weights)
+    sparse = flag_scores(str(bge_m3_dir), QUERIES[1], tuple(DOCS), weights)["sparse"]
+    assert (sparse > 0).sum() >= 2
+
+
+@pytest.mark.parametrize("score_type", ["dense", "sparse", "multivector", "hybrid"])
+def test_bge_m3_score_type_ranks(engine, bge_m3_dir, score_type):
+    q = QUERIES[1]
+    ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), (0.4, 0.2, 0.4))
+    res = engine.score("m3", q, DOCS, {"score_type": score_type}, top_k=5)
+    assert res.score_type == score_type
+    assert set(res.components) == {"dense", "sparse", "multivector", "hybrid"}
+    np.testing.assert_allclose(res.scores, ref[score_type], atol=1e-4, rtol=0)
+    top = res.scores[res.order]
+    assert len(res.order) == 5 and (np.diff(top) <= 0).all()
+    assert top[0] == res.scores.max()
+
+
+def test_bge_m3_query_encoded_once_per_request(engine, monkeypatch):
+    batches = spy_batches(monkeypatch, engine, "m3")
+    assert QUERIES[1] not in DOCS
+    engine.score("m3", QUERIES[1], DOCS)
+    m = engine.registry.get("m3").model
+    q_ids = m.prepare([QUERIES[1]], True, None).ids[0]
+    seqs = [b.input_ids[b.cu_seqlens[i]:b.cu_seqlens[i + 1]]
+            for b in batches for i in range(b.num_seqs)]
+    assert len(seqs) == 1 + len(DOCS)
+    assert sum(np.array_equal(s, q_ids) for s in seqs) == 1
+    assert len(batches) >= 2  # the 0.7k-token item alone overflows the 256-token budget
+
+
+def test_score_errors(engine, minilm_dir):
+    eng = Engine(Settings(device="cpu", default_models=[], models={MINILM: str(minilm_dir)}))
+    try:
+        with pytest.raises(InvalidRequest, match="cannot score"):
+            eng.score(MINILM, "q", ["a"])
+    finally:
+        eng.close()
+    cases = [
+        ("m3", "q", [], {}, "items"),
+        ("m3", "q", ["a"], {"score_type": "relevance"}, "options.score_type"),
+        ("m3", "q", ["a"], {"activation": "sigmoid"}, "options.activation"),
+        ("m3", "q", ["a"], {"weights": {"dense": -1}}, "options.weights.dense"),
+        ("m3", "q", ["a"], {"weights": {"colbert": 1}}, "options.weights.colbert"),
+        ("m3", "q", ["a"], {"weights": {"dense": 0}}, "options.weights"),
+        ("m3", "q", ["a"], {"bogus": 1}, "options.bogus"),
+        ("ce-bert", "q", ["a"], {"weights": {"dense": 1}}, "options.weights"),
+        ("ce-bert", "q", ["a"], {"score_type": "hybrid"}, "options.score_type"),
+        ("ce-bert", "q", ["a"], {"activation": "softmax"}, "options.activation"),
+    ]
+    for model, q, items, opts, field in cases:
+        with pytest.raises(InvalidRequest, match=field.replace(".", r"\.")):
+            engine.score(model, q, items, opts)
+    with pytest.raises(InvalidRequest, match="top_k"):
+        engine.score("m3", "q", ["a"], top_k=0)
+    with pytest.raises(InvalidRequest, match="does not encode"):
+        engine.encode("ce-bert", ["a"])
+    with pytest.raises(InputTooLong, match=r"query\.text"):
+        engine.score("ce-bert", "word " * 80, ["a"])
+    with pytest.raises(InputTooLong, match=r"items\[1\]\.text"):
+        engine.score("ce-bert", "q", ["a", LONG_TEXTS[0]], {"truncate": False})
+
+
+# ---------------------------------------------------------------- HTTP, real server, SDK
+
+@pytest.fixture(scope="module")
+def score_server(start_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir, minilm_dir):
+    return start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+                         "--model", f"test/ce-bert={ce_bert_dir}",
+                         "--model", f"test/ce-xlmr={ce_xlmr_dir}",
+                         "--model", f"{MINILM}={minilm_dir}",
+                         "--default-model", "BAAI/bge-m3", "--default-model", "test/ce-bert",
+                         "--default-model", "test/ce-xlmr", "--max-batch-tokens", "256"])
+
+
+def test_score_end_to_end_sdk(score_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir):
+    q = QUERIES[1]
+    items = [Item(text=d, id=f"doc-{i}") if i % 2 == 0 else d for i, d in enumerate(DOCS)]
+    ids = [f"doc-{i}" if i % 2 == 0 else i for i in range(len(DOCS))]
+    ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), (0.4, 0.2, 0.4))
+    with SIEClient(score_server.url) as client:
+        res = client.score("BAAI/bge-m3", q, items, top_k=4)
+        assert res["model"] == "BAAI/bge-m3" and res["score_type"] == "hybrid"
+        assert res["weights"] == {"dense": 0.4, "sparse": 0.2, "multivector": 0.4}
+        want = np.argsort(-ref["hybrid"], kind="stable")[:4]
+        assert [s["item_id"] for s in res["scores"]] == [ids[i] for i in want]
+        assert [s["rank"] for s in res["scores"]] == [0, 1, 2, 3]
+        for s, i in zip(res["scores"], want):
+            assert abs(s["score"] - ref["hybrid"][i]) < 1e-4
+            for key in ("dense", "sparse", "multivector", "hybrid"):
+                assert abs(s["components"][key] - ref[key][i]) < 1e-4
+
+        res = client.score("BAAI/bge-m3", q, DOCS, {"score_type": "sparse"})
+        assert res["score_type"] == "sparse" and len(res["scores"]) == len(DOCS)
+        got = {s["item_id"]: s["score"] for s in res["scores"]}
+        np.testing.assert_allclose([got[i] for i in range(len(DOCS))], ref["sparse"], atol=1e-4)
+
+        with pytest.raises(InvalidRequestError, match="cannot score"):
+            client.score(MINILM, q, DOCS[:2])
+        with pytest.raises(InvalidRequestError, match="score_type"):
+            client.score("BAAI/bge-m3", q, DOCS[:2], {"score_type": "bm25"})
+
+    async def rerank() -> None:
+        async with SIEAsyncClient(score_server.url) as client:
+            for name, folder in (("test/ce-bert", ce_bert_dir), ("test/ce-xlmr", ce_xlmr_dir)):
+                res = await client.score(name, QUERIES[0], DOCS)
+                logits = hf_logits(str(folder), QUERIES[0], tuple(DOCS))
+                assert res["score_type"] == "relevance" and res["activation"] == "none"
+                order = np.argsort(-logits, kind="stable")
+                assert [s["item_id"] for s in res["scores"]] == order.tolist()
+                np.testing.assert_allclose([s["score"] for s in res["scores"]], logits[order],
+                                           atol=1e-4)
+
+    asyncio.run(rerank())
+
+
+def test_score_http_validation(score_server):
+    url = f"{score_server.url}/v1/score/BAAI/bge-m3"
+    cases = [
+        ({"items": [{"text": "a"}]}, "query"),
+        ({"query": {"id": "q"}, "items": [{"text": "a"}]}, "query.text"),
+        ({"query": {"text": "q"}, "items": []}, "items"),
+        ({"query": {"text": "q"}}, "items"),
+        ({"query": {"text": "q"}, "items": [{"text": "a"}, {"id": "x"}]}, "items[1].text"),
+        ({"query": {"text": "q"}, "items": [{"text": "a"}], "top_k": 0}, "top_k"),
+        ({"query": {"text": "q"}, "items": [{"text": "a"}], "topk": 1}, "body.topk"),
+    ]
+    for body, field in cases:
+        r = httpx.post(url, json=body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_request" and err["message"].startswith(field), err
+    # JSON in, JSON out; a plain position is the item_id without an id
+    r = httpx.post(f"{score_server.url}/v1/score/test/ce-xlmr",
+                   json={"query": {"text": "q"}, "items": [{"text": "a"}, {"text": "b", "id": "B"}],
+                         "options": {"activation": "sigmoid"}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["activation"] == "sigmoid" and {s["item_id"] for s in body["scores"]} == {0, "B"}
+    r = httpx.get(f"{score_server.url}/v1/models").json()["models"]
+    listed = {m["id"]: m for m in r}
+    assert listed["test/ce-bert"]["score_types"] == ["relevance"]
+    assert listed["BAAI/bge-m3"]["score_types"] == ["hybrid", "dense", "sparse", "multivector"]
