@@ -1,0 +1,1 @@
+"""The throughput benchmark: corpus generator, engine and reference loops (`python -m bench.run`)."""

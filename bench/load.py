@@ -1,0 +1,233 @@
+"""Load generators: closed-loop clients against the in-process engine and against HTTP.
+
+Closed loop: each of N clients sends one request, waits for its answer, then takes the next
+request from a shared list, until the list is empty. Wall time runs from the first request
+sent to the last answer received; latency is per request, as the client sees it.
+
+HTTP clients run in separate processes (spawned; each imports only the SDK, never torch), so
+the benchmark measures the server rather than one Python process decoding responses.
+Processes line up on a barrier after opening their connections and then start together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Record = tuple[float, float, int, int]  # (start, end, items, tokens)
+
+
+@dataclass
+class LoadResult:
+    records: list[Record] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float | None = None  # overrides max(end) - min(start) (sequential rounds)
+
+    def extend(self, other: "LoadResult") -> None:
+        self.records += other.records
+        self.errors += other.errors
+
+    def summary(self, **extra: Any) -> dict:
+        """Throughput and latency figures (JSON-ready)."""
+        if not self.records:
+            return {"error": "no request completed", "errors": len(self.errors),
+                    "first_errors": self.errors[:3], **extra}
+        rec = np.asarray(self.records, dtype=np.float64)
+        wall = self.wall_s if self.wall_s is not None else float(rec[:, 1].max() - rec[:, 0].min())
+        lat = (rec[:, 1] - rec[:, 0]) * 1e3
+        items, tokens = int(rec[:, 2].sum()), int(rec[:, 3].sum())
+        out = {
+            "tokens_per_s": round(tokens / wall, 1),
+            "texts_per_s": round(items / wall, 2),
+            "requests_per_s": round(len(rec) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "mean_ms": round(float(lat.mean()), 3),
+            "wall_s": round(wall, 4),
+            "requests": len(rec),
+            "texts": items,
+            "tokens": tokens,
+            "errors": len(self.errors),
+        }
+        if self.errors:
+            out["first_errors"] = self.errors[:3]
+        out.update(extra)
+        return out
+
+
+def chunk(texts: Sequence[str], size: int) -> list[list[str]]:
+    return [list(texts[i:i + size]) for i in range(0, len(texts), size)]
+
+
+# ------------------------------------------------------------------ in-process (threads)
+
+def closed_loop_threads(call: Callable[[int], tuple[int, int]], n_requests: int,
+                        clients: int) -> LoadResult:
+    """`clients` threads run call(i) for i in 0..n_requests-1; call returns (items, tokens)."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    result = LoadResult()
+
+    def worker() -> None:
+        recs, errs = [], []
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= n_requests:
+                break
+            t0 = time.perf_counter()
+            try:
+                items, tokens = call(i)
+            except Exception as exc:  # noqa: BLE001 - counted and reported, not fatal
+                errs.append(f"{type(exc).__name__}: {exc}")
+                continue
+            recs.append((t0, time.perf_counter(), items, tokens))
+        with lock:
+            result.records += recs
+            result.errors += errs
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(clients, n_requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result
+
+
+def engine_call(engine, model: str, requests: list[list[str]], outputs: list[str],
+                options_for: Callable[[int], dict] | None = None) -> Callable[[int], tuple[int, int]]:
+    """call(i) for closed_loop_threads: submit request i to an in-process Engine and wait."""
+
+    def call(i: int) -> tuple[int, int]:
+        texts = requests[i]
+        res = engine.submit(model, texts, outputs, options_for(i) if options_for else {}).result()
+        if len(res) != len(texts):
+            raise RuntimeError(f"{len(res)} results for {len(texts)} texts")
+        return len(res), sum(r.token_count for r in res)
+
+    return call
+
+
+# ------------------------------------------------------------------ HTTP (processes)
+
+async def _http_clients(url: str, model: str, requests: list[list[str]], outputs: list[str],
+                        options: list[dict | None], n_clients: int, counter, barrier,
+                        timeout: float) -> LoadResult:
+    from sie_sdk import SIEAsyncClient
+
+    clients = [SIEAsyncClient(url, timeout=timeout, max_items_per_request=1 << 20,
+                              max_concurrency=1) for _ in range(n_clients)]
+    result = LoadResult()
+    try:
+        for c in clients:  # open the connections before the clock starts
+            await c.health()
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+
+        async def client(c) -> None:
+            while True:
+                with counter.get_lock():
+                    i = counter.value
+                    counter.value += 1
+                if i >= len(requests):
+                    return
+                t0 = time.perf_counter()
+                try:
+                    res = await c.encode(model, requests[i], outputs, options[i])
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                t1 = time.perf_counter()
+                if len(res) != len(requests[i]):
+                    result.errors.append(f"{len(res)} results for {len(requests[i])} texts")
+                    continue
+                result.records.append((t0, t1, len(res), sum(r["token_count"] for r in res)))
+
+        await asyncio.gather(*(client(c) for c in clients))
+    finally:
+        for c in clients:
+            await c.close()
+    return result
+
+
+def _child(url, model, requests, outputs, options, n_clients, counter, barrier, queue,
+           timeout) -> None:
+    try:
+        res = asyncio.run(_http_clients(url, model, requests, outputs, options, n_clients,
+                                        counter, barrier, timeout))
+        queue.put((res.records, res.errors))
+    except BaseException:  # noqa: BLE001 - the parent must hear of it, not hang
+        barrier.abort()
+        queue.put(([], [traceback.format_exc()]))
+
+
+def default_procs(clients: int) -> int:
+    """Client processes: one on a small machine, else up to 4 (never more than clients)."""
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 4 else max(1, min(4, clients, cpus // 4))
+
+
+def http_closed_loop(url: str, model: str, requests: list[list[str]], outputs: list[str],
+                     clients: int, procs: int | None = None,
+                     options: list[dict | None] | dict | None = None,
+                     timeout: float = 600.0) -> LoadResult:
+    """`clients` SDK clients spread over `procs` processes share the request list."""
+    procs = max(1, min(procs or default_procs(clients), clients))
+    if not isinstance(options, list):
+        options = [options] * len(requests)
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    barrier = ctx.Barrier(procs + 1)
+    queue = ctx.Queue()
+    per = [clients // procs + (1 if k < clients % procs else 0) for k in range(procs)]
+    children = [ctx.Process(target=_child, daemon=True,
+                            args=(url, model, requests, outputs, options, per[k], counter,
+                                  barrier, queue, timeout))
+                for k in range(procs)]
+    for p in children:
+        p.start()
+    result = LoadResult()
+    try:
+        try:
+            barrier.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            pass  # a child failed; its traceback comes through the queue
+        for _ in children:
+            records, errors = queue.get(timeout=timeout + 120)
+            result.records += records
+            result.errors += errors
+    finally:
+        for p in children:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return result
+
+
+def http_sequential(url: str, model: str, requests: list[list[str]], outputs: list[str],
+                    gap_s: float = 0.005, timeout: float = 60.0) -> LoadResult:
+    """One client, one request at a time with a pause between: latency of an idle server."""
+    from sie_sdk import SIEClient
+
+    result = LoadResult()
+    with SIEClient(url, timeout=timeout, max_items_per_request=1 << 20, max_concurrency=1) as c:
+        c.health()
+        for req in requests:
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            try:
+                res = c.encode(model, req, outputs)
+            except Exception as exc:  # noqa: BLE001
+                result.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            result.records.append((t0, time.perf_counter(), len(res),
+                                   sum(r["token_count"] for r in res)))
+    return result

@@ -1,0 +1,550 @@
+"""The throughput benchmark: the engine (in-process and over HTTP) against reference loops,
+on one corpus and one device, in one invocation. Prints one JSON document.
+
+    python -m bench.run --device cpu --model minilm --corpus passages
+    python -m bench.run --device cuda --model bge-m3-large --corpus passages \\
+        --outputs dense,sparse --outputs dense,sparse,multivector
+    python -m bench.run --device cuda --model bge-m3-large --corpus queries --outputs dense,sparse
+    python -m bench.run --device cuda --model bge-m3-large --paths lora --adapters 8
+    python -m bench.run --quick ...        # a CI-sized run (seconds)
+
+Paths (``--paths``): ``inprocess`` (Engine.submit from N client threads), ``http`` (a separate
+`sie-server serve` process, N SDK clients in client processes), ``naive``, ``flag``, ``st``
+(reference loops, bench/reference.py), ``lora`` (bench/lora.py; needs ``--adapters K``).
+See bench/README.md for what every number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import corpus as corpus_mod
+from .load import chunk, closed_loop_threads, default_procs, engine_call, http_closed_loop, \
+    http_sequential
+from .models import MODELS, REPO, corpus_flops, flops_per_token, model_folder
+
+ENGINE_PATHS = ("inprocess", "http")
+REF_PATHS = ("naive", "flag", "st")
+ALL_PATHS = (*ENGINE_PATHS, *REF_PATHS, "lora")
+KEYS = {"inprocess": "engine_inprocess", "http": "engine_http", "naive": "naive_transformers",
+        "flag": "flag_style", "st": "sentence_transformers"}
+
+# (device, corpus) -> default number of texts; quick mode overrides
+DEFAULT_N = {("cpu", "passages"): 256, ("cpu", "queries"): 2048, ("cpu", "long"): 8,
+             ("cuda", "passages"): 4096, ("cuda", "queries"): 65536, ("cuda", "long"): 256}
+QUICK_N = {"passages": 16, "queries": 64, "long": 2}
+# corpus -> (clients, items per request)
+LOAD_SHAPE = {"passages": (8, 32), "queries": (64, 16), "long": (8, 2)}
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ helpers
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "sentence_transformers", "tokenizers", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: say so
+            out[mod] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                                capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout.strip()
+        out["git"] = commit + ("+dirty" if dirty else "") if commit else None
+    except Exception:  # noqa: BLE001 - not a checkout
+        out["git"] = None
+    return out
+
+
+def device_info(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
+    """bf16 n^3 matmul rate on the current GPU (the card's practical matmul peak)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    del a, b
+    torch.cuda.empty_cache()
+    return 2.0 * n**3 * reps / dt / 1e12
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def model_limit(folder: Path) -> int:
+    """Longest input the model takes (what the engine and the references truncate to)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    roberta = cfg.get("model_type") in ("xlm-roberta", "roberta", "camembert")
+    limit = cfg["max_position_embeddings"] - (cfg.get("pad_token_id", 1) + 1 if roberta else 0)
+    sbert = folder / "sentence_bert_config.json"
+    if (folder / "modules.json").exists() and sbert.exists():
+        limit = min(limit, json.loads(sbert.read_text()).get("max_seq_length") or limit)
+    return limit
+
+
+def warm_slice(reqs: list, clients: int, quick: bool) -> list:
+    if quick:
+        return reqs[:1]
+    return reqs[: max(1, min(len(reqs), max(2 * clients, len(reqs) // 8)))]
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+# ------------------------------------------------------------------ the phases
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.folder: Path = args.folder
+        self.limit = model_limit(self.folder)
+        self.tok = corpus_mod.load_tokenizer(self.folder / "tokenizer.json")
+        self.runs: dict[str, dict] = {}  # "kind:outputs" -> path -> summary
+        self.corpora: dict[str, corpus_mod.Corpus] = {}
+        self.lengths: dict[str, np.ndarray] = {}
+        self.engine_dense: dict[str, np.ndarray] = {}
+        self.extra: dict = {}
+        for kind in args.corpus:
+            n = args.n or (QUICK_N[kind] if args.quick else DEFAULT_N[(args.devtype, kind)])
+            c = corpus_mod.make_corpus(kind, n, self.tok, args.seed)
+            self.corpora[kind] = c
+            self.lengths[kind] = c.token_lengths(self.tok, self.limit)
+
+    def shape(self, kind: str) -> tuple[int, int]:
+        clients, size = LOAD_SHAPE[kind]
+        if self.a.quick:
+            clients, size = min(clients, 4), min(size, 4)
+        return self.a.clients or clients, self.a.request_size or size
+
+    def key(self, kind: str, outputs: list[str]) -> str:
+        return f"{kind}:{'+'.join(outputs)}"
+
+    def record(self, kind: str, outputs: list[str], path: str, summary: dict) -> None:
+        run = self.runs.setdefault(self.key(kind, outputs), {})
+        expected = int(self.lengths[kind].sum())
+        if "tokens" in summary and summary["tokens"] != expected:
+            summary["token_check"] = f"MISMATCH: counted {summary['tokens']}, corpus has {expected}"
+        run[KEYS.get(path, path)] = summary
+        if "tokens_per_s" in summary:
+            log(f"  {self.key(kind, outputs)} {KEYS.get(path, path)}: "
+                f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['texts_per_s']:,.1f} texts/s"
+                + (f", p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms"
+                   if "p50_ms" in summary else ""))
+        else:
+            log(f"  {self.key(kind, outputs)} {KEYS.get(path, path)}: {summary}")
+
+    # -------------------------------------------------------------- engine in-process
+
+    def settings(self):
+        from sie_server.config import Settings
+
+        s = Settings(models={self.a.name: str(self.folder)}, default_models=[self.a.name],
+                     device=self.a.device, dtype=self.a.dtype)
+        if self.a.max_batch_tokens:
+            s.max_batch_tokens = self.a.max_batch_tokens
+        if self.a.adapter_root:
+            s.adapter_roots = [Path(self.a.adapter_root)]
+        return s
+
+    def run_inprocess(self) -> None:
+        from sie_server.engine import Engine
+
+        log("engine in-process: loading")
+        t0 = time.perf_counter()
+        engine = Engine(self.settings())
+        engine.start()
+        self.extra["engine_load_s"] = round(time.perf_counter() - t0, 2)
+        try:
+            if "inprocess" in self.a.paths:
+                for kind, c in self.corpora.items():
+                    clients, size = self.shape(kind)
+                    for outputs in self.a.outputs:
+                        reqs = chunk(c.texts, size)
+                        warm = warm_slice(reqs, clients, self.a.quick)
+                        closed_loop_threads(engine_call(engine, self.a.name, warm, outputs),
+                                            len(warm), clients)
+                        res = closed_loop_threads(engine_call(engine, self.a.name, reqs, outputs),
+                                                  len(reqs), clients)
+                        self.record(kind, outputs, "inprocess",
+                                    res.summary(clients=clients, request_size=size))
+                    k = min(len(c.texts), 8)
+                    got = engine.encode(self.a.name, c.texts[:k], ["dense"])
+                    self.engine_dense[kind] = np.stack([r.dense for r in got]).astype(np.float32)
+            if "lora" in self.a.paths:
+                self.run_lora(engine)
+        finally:
+            engine.close()
+            del engine
+            free_device_memory()
+
+    def run_lora(self, engine) -> None:
+        from . import lora
+
+        if not self.a.adapters:
+            self.extra["lora"] = {"status": "skipped", "message": "--adapters K not given"}
+            return
+        root = Path(self.a.adapter_root)
+        log(f"lora: making {self.a.adapters} peft adapters (rank {self.a.lora_rank}) in {root}")
+        t0 = time.perf_counter()
+        try:
+            ids = lora.make_adapters(self.folder, root, self.a.adapters, self.a.lora_rank,
+                                     seed=self.a.seed)
+        except Exception as exc:  # noqa: BLE001 - e.g. peft missing: report, carry on
+            self.extra["lora"] = {"status": "error", "message": f"making adapters failed: {exc!r}"}
+            log(f"  {self.extra['lora']['message']}")
+            return
+        made_s = round(time.perf_counter() - t0, 2)
+        n_p = QUICK_N["passages"] if self.a.quick else self.a.lora_passages or \
+            DEFAULT_N[(self.a.devtype, "passages")]
+        n_q = QUICK_N["queries"] if self.a.quick else self.a.lora_queries or \
+            DEFAULT_N[(self.a.devtype, "queries")] // 4
+        passages = (self.corpora["passages"].texts[:n_p] if "passages" in self.corpora
+                    else corpus_mod.make_corpus("passages", n_p, self.tok, self.a.seed).texts)
+        queries = (self.corpora["queries"].texts[:n_q] if "queries" in self.corpora
+                   else corpus_mod.make_corpus("queries", n_q, self.tok, self.a.seed).texts)
+        clients, size = self.shape("passages")
+        outputs = self.a.outputs[0]
+        result = lora.run(engine, self.a.name, ids, passages, queries, outputs, clients, size,
+                          self.a.seed, log=log)
+        result.update(adapter_make_s=made_s, rank=self.a.lora_rank, targets=lora.TARGETS,
+                      outputs=outputs, passages_n=len(passages), queries_n=len(queries))
+        self.extra["lora"] = result
+        log(f"  lora: {json.dumps({k: v for k, v in result.items() if k in ('status', 'message')})}")
+        if result.get("status") == "ok":
+            log(f"  lora passages ratio {result['passages']['ratio_adapters_vs_none']}, "
+                f"queries mixed/per-adapter {result['queries']['ratio_mixed_vs_per_adapter']}")
+
+    # -------------------------------------------------------------- engine over HTTP
+
+    def run_http(self) -> None:
+        from .server import Server
+
+        extra = []
+        if self.a.max_batch_tokens:
+            extra += ["--max-batch-tokens", str(self.a.max_batch_tokens)]
+        log("engine over HTTP: starting the server")
+        with Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra) as srv:
+            self.extra["server_start_s"] = round(srv.startup_s, 2)
+            for kind, c in self.corpora.items():
+                clients, size = self.shape(kind)
+                procs = self.a.client_procs or default_procs(clients)
+                for outputs in self.a.outputs:
+                    reqs = chunk(c.texts, size)
+                    warm = warm_slice(reqs, clients, self.a.quick)
+                    http_closed_loop(srv.url, self.a.name, warm, outputs, clients, procs)
+                    res = http_closed_loop(srv.url, self.a.name, reqs, outputs, clients, procs)
+                    self.record(kind, outputs, "http", res.summary(
+                        clients=clients, request_size=size, client_procs=procs))
+                if kind == "queries":
+                    self.run_query_modes(srv.url, c.texts)
+
+    def run_query_modes(self, url: str, texts: list[str]) -> None:
+        """Issue 3's short-query figures over HTTP (first output set)."""
+        outputs = self.a.outputs[0]
+        key = self.key("queries", outputs)
+        clients = self.a.clients or 64
+        procs = self.a.client_procs or default_procs(clients)
+        n_single = min(len(texts), 16 if self.a.quick else self.a.single_requests)
+        singles = chunk(texts[:n_single], 1)
+        http_closed_loop(url, self.a.name, warm_slice(singles, clients, self.a.quick), outputs,
+                         clients, procs)
+        res = http_closed_loop(url, self.a.name, singles, outputs, clients, procs)
+        summary = res.summary(clients=clients, request_size=1, client_procs=procs)
+        summary["tokens"] = summary.get("tokens")  # a subset: no token check against the corpus
+        self.runs.setdefault(key, {})["engine_http_single_query"] = summary
+        log(f"  {key} engine_http_single_query: {summary.get('requests_per_s', 0):,.0f} requests/s, "
+            f"p50 {summary.get('p50_ms', 0):.1f} ms")
+        n_idle = min(len(texts), 5 if self.a.quick else self.a.idle_requests)
+        idle = chunk(texts[:n_idle], 1)
+        http_sequential(url, self.a.name, idle[: min(10, len(idle))], outputs)
+        summary = http_sequential(url, self.a.name, idle, outputs).summary(clients=1, request_size=1)
+        self.runs[key]["engine_http_idle_single_query"] = summary
+        log(f"  {key} engine_http_idle_single_query: p50 {summary.get('p50_ms', 0):.2f} ms, "
+            f"p99 {summary.get('p99_ms', 0):.2f} ms")
+
+    # -------------------------------------------------------------- references
+
+    def run_references(self) -> None:
+        from . import reference as ref_mod
+
+        wanted = [p for p in REF_PATHS if p in self.a.paths]
+        if not wanted:
+            return
+        dev = self.a.device
+        ref = None
+        if "naive" in wanted or "flag" in wanted:
+            log("references: loading the transformers model")
+            ref = ref_mod.load(self.folder, dev)
+            self.extra["reference_model"] = ref.info
+        for kind, c in self.corpora.items():
+            for outputs in self.a.outputs:
+                if "naive" in wanted:
+                    ref_mod.naive(ref, c.texts[:32], outputs)
+                    run = ref_mod.naive(ref, c.texts, outputs, keep=min(len(c.texts), 8))
+                    extra = {}
+                    if kind in self.engine_dense and run.dense is not None:
+                        extra["dense_min_cosine_vs_engine"] = round(
+                            cosine_min(self.engine_dense[kind], run.dense), 6)
+                    self.record(kind, outputs, "naive", run.summary(**extra))
+                if "flag" in wanted:
+                    bs = 256
+                    if ref.device.type == "cuda":
+                        bs = ref_mod.flag_probe_batch_size(ref, c.texts, outputs, bs)
+                    else:
+                        ref_mod.flag(ref, c.texts[:32], outputs, bs)
+                    self.record(kind, outputs, "flag", ref_mod.flag(ref, c.texts, outputs, bs).summary())
+        if ref is not None:
+            del ref
+            free_device_memory()
+        if "st" in wanted:
+            if not (self.folder / "modules.json").exists():
+                self.extra["sentence_transformers"] = "skipped: not a sentence-transformers model"
+            else:
+                log("references: loading sentence-transformers")
+                st = ref_mod.st_load(self.folder, dev)
+                for kind, c in self.corpora.items():
+                    tokens = int(self.lengths[kind].sum())
+                    for outputs in self.a.outputs:
+                        st.encode(c.texts[:32], batch_size=32, show_progress_bar=False)
+                        self.record(kind, outputs, "st", ref_mod.st_encode(st, c.texts, tokens).summary())
+                del st
+                free_device_memory()
+
+    # -------------------------------------------------------------- report
+
+    def report(self, peak: float | None) -> dict:
+        for key, run in self.runs.items():
+            kind, outs = key.split(":")
+            outputs = outs.split("+")
+            flops = corpus_flops(self.folder, outputs, self.lengths[kind])
+            for name, s in run.items():
+                if "wall_s" not in s or name.endswith("single_query"):
+                    continue
+                tflops = flops / s["wall_s"] / 1e12
+                s["useful_tflops"] = round(tflops, 4)
+                if peak:
+                    s["pct_of_matmul_peak"] = round(100 * tflops / peak, 2)
+            ratios = {}
+            for e in ("engine_inprocess", "engine_http"):
+                for r in ("naive_transformers", "flag_style", "sentence_transformers"):
+                    if e in run and r in run and run[r].get("tokens_per_s"):
+                        ratios[f"{e}_vs_{r}"] = round(
+                            run[e].get("tokens_per_s", 0) / run[r]["tokens_per_s"], 3)
+            if "engine_http" in run and run.get("engine_inprocess", {}).get("tokens_per_s"):
+                ratios["engine_http_vs_engine_inprocess"] = round(
+                    run["engine_http"].get("tokens_per_s", 0) / run["engine_inprocess"]["tokens_per_s"], 3)
+            run["ratios"] = ratios
+        return {"targets": self.targets()}
+
+    def targets(self) -> list[dict]:
+        """Issue 3 / 4 targets that apply to this run, with the measured value."""
+        out = []
+
+        def add(name: str, value, threshold: float, higher: bool = True, note: str = "") -> None:
+            if value is None:
+                return
+            met = value >= threshold if higher else value <= threshold
+            out.append({"target": name, "value": value, "threshold": threshold,
+                        "met": bool(met), **({"note": note} if note else {})})
+
+        cpu, gpu = self.a.devtype == "cpu", self.a.devtype == "cuda"
+        for key, run in self.runs.items():
+            kind, outs = key.split(":")
+            r = run.get("ratios", {})
+            if cpu and self.a.model == "minilm" and kind == "passages":
+                add(f"{key} in-process / sentence-transformers", r.get(
+                    "engine_inprocess_vs_sentence_transformers"), 1.2)
+                add(f"{key} HTTP / in-process", r.get("engine_http_vs_engine_inprocess"), 0.9)
+            if gpu and self.a.model == "bge-m3-large" and kind == "passages":
+                if outs == "dense+sparse":
+                    add(f"{key} HTTP tokens/s", run.get("engine_http", {}).get("tokens_per_s"),
+                        600_000, note="the issue's figure is for an H200")
+                add(f"{key} HTTP / FlagEmbedding-style", r.get("engine_http_vs_flag_style"), 1.5)
+            if gpu and self.a.model == "bge-m3-large" and kind == "queries":
+                add(f"{key} HTTP queries/s, 64 clients x 16", run.get("engine_http", {}).get(
+                    "texts_per_s"), 20_000)
+                add(f"{key} HTTP requests/s, 1 query each", run.get(
+                    "engine_http_single_query", {}).get("requests_per_s"), 3_000)
+                add(f"{key} HTTP idle single-query p50 ms", run.get(
+                    "engine_http_idle_single_query", {}).get("p50_ms"), 10.0, higher=False)
+        lora = self.extra.get("lora") or {}
+        if lora.get("status") == "ok":
+            add("lora passages: 8 adapters / no adapters",
+                lora["passages"]["ratio_adapters_vs_none"], 0.8)
+            add("lora short queries: mixed / one batch per adapter",
+                lora["queries"]["ratio_mixed_vs_per_adapter"], 2.0)
+        return out
+
+
+# ------------------------------------------------------------------ CLI
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--model", choices=MODELS, default=None,
+                    help="default: minilm on CPU, bge-m3-large on CUDA")
+    ap.add_argument("--model-dir", type=Path, default=None, help="use / build the model folder here")
+    ap.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "bench",
+                    help="where random BGE-M3 folders are built (default .cache/bench)")
+    ap.add_argument("--corpus", default="passages",
+                    help="passages | queries | long, or a comma list (default passages)")
+    ap.add_argument("--n", type=int, default=None, help="texts per corpus (default by device)")
+    ap.add_argument("--outputs", action="append", default=None,
+                    help="comma list of output types; repeat for several sets "
+                         "(default dense,sparse; dense for minilm)")
+    ap.add_argument("--clients", type=int, default=None,
+                    help="concurrent clients (default 8; 64 for queries)")
+    ap.add_argument("--request-size", type=int, default=None,
+                    help="texts per request (default 32 passages, 16 queries, 2 long)")
+    ap.add_argument("--client-procs", type=int, default=None,
+                    help="processes the HTTP clients run in (default 1 on <= 4 CPUs, else <= 4)")
+    ap.add_argument("--paths", default=None,
+                    help=f"comma list of {', '.join(ALL_PATHS)} (default all but lora; "
+                         "lora is added by --adapters)")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine token budget")
+    ap.add_argument("--single-requests", type=int, default=10_000,
+                    help="queries: requests of 1 query in the requests/s mode (default 10000)")
+    ap.add_argument("--idle-requests", type=int, default=200,
+                    help="queries: sequential single-query requests for idle latency")
+    ap.add_argument("--adapters", type=int, default=0, help="LoRA mode: K distinct adapters")
+    ap.add_argument("--adapter-root", type=Path, default=None,
+                    help="where the LoRA adapters are written (default: a temp folder)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-passages", type=int, default=None)
+    ap.add_argument("--lora-queries", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny CI-sized run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a.devtype = "cuda" if a.device.startswith("cuda") else "cpu"
+    if a.devtype == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no CUDA device")
+    a.model = a.model or ("bge-m3-large" if a.devtype == "cuda" else "minilm")
+    a.name = a.model
+    a.corpus = [c for c in a.corpus.split(",") if c]
+    for c in a.corpus:
+        if c not in corpus_mod.KINDS:
+            ap.error(f"unknown corpus {c!r}")
+    served = ("dense",) if a.model == "minilm" else ("dense", "sparse", "multivector")
+    sets = a.outputs or [",".join(o for o in ("dense", "sparse") if o in served)]
+    a.outputs = []
+    for s in sets:
+        outs = [o for o in s.split(",") if o]
+        bad = [o for o in outs if o not in served]
+        if bad:
+            ap.error(f"{a.model} does not serve {bad} (it serves {', '.join(served)})")
+        a.outputs.append(outs)
+    if a.paths is None:
+        paths = ["inprocess", "http", "naive", "flag", "st"]
+        if a.adapters:
+            paths.append("lora")
+    else:
+        paths = [p for p in a.paths.split(",") if p and p != "none"]
+        bad = [p for p in paths if p not in ALL_PATHS]
+        if bad:
+            ap.error(f"unknown paths {bad} (known: {', '.join(ALL_PATHS)})")
+    a.paths = paths
+    if "lora" in a.paths and a.adapters and a.adapter_root is None:
+        a.adapter_root = Path(tempfile.mkdtemp(prefix="sie-bench-adapters-"))
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    started = time.perf_counter()
+    a.folder = model_folder(a.model, a.model_dir, a.cache_dir)
+    log(f"model {a.model} from {a.folder}; device {a.device}; paths {','.join(a.paths)}")
+    bench = Bench(a)
+    for kind, c in bench.corpora.items():
+        log(f"corpus {kind}: {len(c.texts)} texts, {int(bench.lengths[kind].sum()):,} tokens "
+            f"({c.source})")
+    peak = None
+    if a.devtype == "cuda":
+        peak = round(matmul_peak_tflops(), 1)
+        log(f"bf16 8192^3 matmul: {peak} TFLOP/s")
+    if "inprocess" in a.paths or "lora" in a.paths:
+        bench.run_inprocess()
+    if "http" in a.paths:
+        bench.run_http()
+    bench.run_references()
+    linear, attn, shape = flops_per_token(a.folder, a.outputs[0])
+    doc = {
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "versions": versions(),
+        "device": device_info(a.device),
+        "model": {"name": a.model, "folder": str(a.folder), "max_tokens": bench.limit,
+                  "engine_dtype": a.dtype, **shape,
+                  "linear_gflop_per_token": round(linear / 1e9, 4)},
+        "matmul_peak_tflops": peak,
+        "corpora": {k: c.stats(bench.tok, bench.limit) for k, c in bench.corpora.items()},
+        "runs": bench.runs,
+    }
+    doc.update(bench.report(peak))
+    doc.update(bench.extra)
+    doc["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(doc, indent=1)
+    if a.json_out:
+        Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json_out).write_text(text + "\n")
+    print(text, flush=True)
+    for t in doc["targets"]:
+        log(f"target {'MET ' if t['met'] else 'MISSED'} {t['target']}: {t['value']} "
+            f"(threshold {t['threshold']})")
+    log(f"done in {doc['total_s']}s")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

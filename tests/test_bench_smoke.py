@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark tool (bench/): a CI-sized run on CPU with all-MiniLM-L6-v2
+through the in-process engine, the HTTP server and one reference loop. It checks that the
+tool works and reports what it should; it asserts nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--device", "cpu", "--model", "minilm", "--quick",
+         "--corpus", "passages", "--paths", "inprocess,http,naive", "--json-out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == doc  # the same JSON on stdout
+
+    assert doc["device"]["device"] == "cpu"
+    assert doc["model"]["name"] == "minilm" and doc["model"]["max_tokens"] == 256
+    corpus = doc["corpora"]["passages"]
+    assert corpus["n"] > 0 and corpus["tokens"] > 0 and corpus["max_tokens"] <= 256
+
+    run = doc["runs"]["passages:dense"]
+    for path in ("engine_inprocess", "engine_http", "naive_transformers"):
+        s = run[path]
+        assert s.get("errors", 0) == 0, s
+        for key in ("tokens_per_s", "texts_per_s", "wall_s", "useful_tflops"):
+            assert s[key] > 0, (path, key, s)
+        assert s["texts"] == corpus["n"]
+        assert s["tokens"] == corpus["tokens"], s  # every path saw the same tokens
+        assert "token_check" not in s, s
+    for path in ("engine_inprocess", "engine_http"):
+        s = run[path]
+        assert 0 < s["p50_ms"] <= s["p99_ms"], s
+        assert s["requests"] > 0 and s["requests_per_s"] > 0
+    assert run["naive_transformers"]["dense_min_cosine_vs_engine"] > 0.999
+
+    ratios = run["ratios"]
+    for key in ("engine_inprocess_vs_naive_transformers", "engine_http_vs_naive_transformers",
+                "engine_http_vs_engine_inprocess"):
+        assert ratios[key] > 0, ratios
+    names = {t["target"] for t in doc["targets"]}
+    assert "passages:dense HTTP / in-process" in names
+    assert doc["matmul_peak_tflops"] is None  # GPU only
+    assert doc["versions"]["torch"]
