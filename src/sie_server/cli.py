@@ -40,6 +40,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
     s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
                    metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    s.add_argument("--max-adapters", type=int, help="loaded LoRA adapters per model (default 32)")
+    s.add_argument("--max-adapter-bytes", type=int,
+                   help="memory for loaded adapters per model (default 2 GiB)")
+    s.add_argument("--adapter-load-timeout", type=float, dest="adapter_load_timeout_s",
+                   help="seconds a request waits for its adapter's first load (default 60)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
     s.add_argument("--log-level", default="info")
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
         max_items_per_request=args.max_items_per_request, max_body_bytes=args.max_body_bytes,
         max_queued_tokens=args.max_queued_tokens, adapter_roots=args.adapter_roots,
+        max_adapters=args.max_adapters, max_adapter_bytes=args.max_adapter_bytes,
+        adapter_load_timeout_s=args.adapter_load_timeout_s,
         api_keys=args.api_keys)
     import uvicorn
 

@@ -51,6 +51,12 @@ class ModelUnavailable(SIEError):
     status, code = 503, "model_unavailable"
 
 
+class AdapterLoading(SIEError):
+    """The adapter's first load outlasted the wait (adapter_load_timeout_s); it goes on."""
+
+    status, code = 503, "adapter_loading"
+
+
 class DeadlineExceeded(SIEError):
     status, code = 504, "deadline_exceeded"
 

@@ -54,6 +54,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def split_adapter_path(path: str, models: set[str]) -> tuple[str, str]:
+    """"{model}/adapters/{lora_id}" -> (model, lora_id); both may contain "/", so the split is
+    at the first "/adapters/" whose left side is a served model (else the first one)."""
+    marker = "/adapters/"
+    cuts = [i for i in range(len(path)) if path.startswith(marker, i)]
+    if not cuts:
+        raise HTTPException(404, f"no route /v1/models/{path}; adapters live at "
+                                 "/v1/models/{model}/adapters/{lora_id}")
+    cut = next((i for i in cuts if path[:i] in models), cuts[0])
+    model, lora_id = path[:cut], path[cut + len(marker):]
+    if not lora_id:
+        raise HTTPException(404, "the adapter id is missing: /v1/models/{model}/adapters/{lora_id}")
+    return model, lora_id
+
+
 def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     """The HTTP app over an engine; default models load in the background at start-up."""
     settings = engine.settings
@@ -114,10 +129,37 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                 entry.update(output_types=list(info.output_types), dims=info.dims,
                              max_input_tokens=info.max_input_tokens,
                              score_types=list(h.model.score_types))
+                entry["adapters"] = engine.adapters(h.spec.name)
             if h.error is not None:
                 entry["error"] = h.error.message
             out.append(entry)
         return respond(request, {"models": out})
+
+    async def adapter(request: Request) -> Response:
+        """POST (preload) / DELETE (unload) /v1/models/{model}/adapters/{lora_id}."""
+        names = {h.spec.name for h in engine.registry.handles()}
+        model, lora_id = split_adapter_path(request.path_params["path"], names)
+        if request.method == "POST":
+            info = await anyio.to_thread.run_sync(engine.load_adapter, model, lora_id)
+            return respond(request, {"model": model, "adapter": info})
+        info = await anyio.to_thread.run_sync(engine.unload_adapter, model, lora_id)
+        return respond(request, {"model": model, "unloaded": info})
+
+    async def embeddings(request: Request) -> Response:
+        """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak)."""
+        body = decode_body(await read_body(request, settings.max_body_bytes), JSON)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.state.model = body["model"]
+        call = openai.parse(body)
+        future = await anyio.to_thread.run_sync(
+            engine.submit, call.model, call.texts, ["dense"], with_deadline(request, {}))
+        timeout = request.headers.get(TIMEOUT_HEADER)
+        results = await await_result(request, future, float(timeout) if timeout else None)
+        payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
+        return Response(encode_body(payload, False), media_type=JSON)
+
+    async def metrics(request: Request) -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def healthz(request: Request) -> Response:
         dead = [h.spec.name for h in engine.registry.handles()
@@ -158,6 +200,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         Route("/v1/encode/{model:path}", encode, methods=["POST"]),
         Route("/v1/score/{model:path}", score, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{path:path}", adapter, methods=["POST", "DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

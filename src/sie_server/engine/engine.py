@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..config import Settings
-from ..errors import InputTooLong, InvalidRequest
+from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
 from ..runtime.device import Placement
+from .adapters import AdapterManager
 from .registry import ModelRegistry
 from .request import ItemResult, Request
 from .scoring import COMPONENTS, ScoreOptions, ScoreResult, embedding_scores, pair_scores
@@ -52,6 +54,7 @@ class Engine:
         self.settings = settings or Settings()
         self.placement = Placement.resolve(self.settings.device, self.settings.dtype)
         self.registry = ModelRegistry(self.settings, self.placement)
+        self._adapter_lock = threading.Lock()  # creating a model's AdapterManager
         # turns finished score requests into scores, off the schedulers' worker threads
         self._post = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sie-post")
 
@@ -84,7 +87,7 @@ class Engine:
                                        f"{m.max_tokens} (set options.truncate to true to cut it)")
         deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
         request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
-        handle.scheduler.submit(request)
+        self._enqueue(handle, request, opts.lora_id)
         return request.future
 
     def encode(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
@@ -140,7 +143,7 @@ class Engine:
                               frozenset(components), slot, deadline)
             finish = lambda results: embedding_scores(  # noqa: E731
                 results[0], results[1:], score_type, components, opts.weights, top_k)
-        handle.scheduler.submit(request)
+        self._enqueue(handle, request, opts.lora_id)
         return self._then(request.future, finish)
 
     def score(self, model: str, query: str, texts: Sequence[str],
@@ -192,8 +195,57 @@ class Engine:
         inner.add_done_callback(relay)
         return outer
 
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def _adapters(self, handle) -> AdapterManager:
+        """The adapter manager of a ready model handle, created on first use. It lives on the
+        model object, so a model unloaded (or evicted) takes its adapters with it."""
+        model = handle.model
+        with self._adapter_lock:
+            mgr = getattr(model, "adapter_manager", None)
+            if mgr is None:
+                mgr = model.adapter_manager = AdapterManager(model, self.settings)
+            return mgr
+
     def _adapter_slot(self, handle, lora_id: str | None) -> int:
+        """The slot of `lora_id` (loading it first, bounded by adapter_load_timeout_s); -1 for
+        none. Only checks and loads: `_enqueue` takes the reference the request holds."""
         if lora_id is None:
             return -1
-        raise InvalidRequest(f"params.options.lora_id: LoRA adapters are not supported by this "
-                             f"server version (asked for {lora_id!r})")
+        return self._adapters(handle).ensure_loaded(lora_id).uid
+
+    def _enqueue(self, handle, request: Request, lora_id: str | None) -> None:
+        """Queue `request`; with an adapter, hold a reference on its slot until the request
+        resolves, so unloading or evicting the adapter never changes a queued request."""
+        if lora_id is None:
+            handle.scheduler.submit(request)
+            return
+        mgr = self._adapters(handle)
+        slot = request.adapter_slot = mgr.acquire(lora_id)
+        try:
+            handle.scheduler.submit(request)
+        except BaseException:
+            mgr.release(slot)
+            raise
+        request.future.add_done_callback(lambda _f: mgr.release(slot))
+
+    def load_adapter(self, model: str, lora_id: str) -> dict[str, Any]:
+        """Preload an adapter (POST /v1/models/{model}/adapters/{lora_id})."""
+        handle = self.registry.get(model)
+        mgr = self._adapters(handle)
+        mgr.ensure_loaded(lora_id)
+        return next((a for a in mgr.list() if a["id"] == lora_id), {"id": lora_id})
+
+    def unload_adapter(self, model: str, lora_id: str) -> dict[str, Any]:
+        """Unload an adapter; requests already holding it finish with it."""
+        handle = self.registry.get(model)
+        out = self._adapters(handle).unload(lora_id)
+        if out is None:
+            raise AdapterNotFound(f"adapter {lora_id!r} is not loaded for {model}")
+        return out
+
+    def adapters(self, model: str) -> list[dict[str, Any]]:
+        """Loaded (and loading) adapters of a model; never loads anything."""
+        handle = next((h for h in self.registry.handles() if h.spec.name == model), None)
+        mgr = getattr(handle.model, "adapter_manager", None) if handle is not None else None
+        return [] if mgr is None else mgr.list()

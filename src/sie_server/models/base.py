@@ -92,12 +92,21 @@ class EncoderModel(abc.ABC):
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
         self.tokenizer = TextTokenizer(folder / "tokenizer.json", self.max_tokens)
+        # Set by the engine's adapter manager (engine/adapters.py) once LoRA is used: the
+        # per-batch linear hook, and per head name the (token rows, weights) replacing a head.
         self.adapter_hook: Callable[[PackedBatch], LinearHook | None] = lambda batch: None
+        self.adapter_heads: Callable[[PackedBatch, str], list[tuple[torch.Tensor, dict]]] = (
+            lambda batch, head: [])
 
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.spec.family, self.output_types, self.dims(),
                          self.max_tokens)
+
+    def load_adapter_heads(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """Head weights an adapter folder carries for this family ({} = none; raise ValueError
+        when they do not fit). Families with trainable heads override this."""
+        return {}
 
     @abc.abstractmethod
     def dims(self) -> dict[str, int]:

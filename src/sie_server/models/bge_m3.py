@@ -32,6 +32,17 @@ def load_heads(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {f.removesuffix(".pt"): load_torch_file(folder / f) for f in HEAD_FILES}
 
 
+def linear_rows(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                overrides=()) -> torch.Tensor:
+    """F.linear(hidden, w, b), with the rows of each (rows, {"weight", "bias"}) override
+    computed with that override's weights instead (LoRA adapters carrying their own heads)."""
+    out = F.linear(hidden, w, b)
+    for rows, head in overrides:
+        out.index_copy_(0, rows, F.linear(hidden.index_select(0, rows), head["weight"],
+                                          head["bias"]))
+    return out
+
+
 @family("bge-m3")
 class BgeM3(EncoderModel):
     output_types = ("dense", "sparse", "multivector")
@@ -59,15 +70,38 @@ class BgeM3(EncoderModel):
         if "dense" in want:
             out.dense = F.normalize(hidden[first].float(), dim=-1)
         if "sparse" in want:
-            out.sparse = self.sparse(batch, hidden, ids, self.sparse_w, self.sparse_b)
+            out.sparse = self.sparse(batch, hidden, ids, self.sparse_w, self.sparse_b,
+                                     self.adapter_heads(batch, "sparse_linear"))
         if "multivector" in want:
-            out.multivector = self.multivector(batch, hidden, first, self.colbert_w, self.colbert_b)
+            out.multivector = self.multivector(batch, hidden, first, self.colbert_w, self.colbert_b,
+                                               self.adapter_heads(batch, "colbert_linear"))
+        return out
+
+    def load_adapter_heads(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """The head files a LoRA adapter folder carries (FlagEmbedding fine-tuning saves them
+        beside the adapter); each replaces the base head for that adapter's rows."""
+        base = {"colbert_linear": (self.colbert_w, self.colbert_b),
+                "sparse_linear": (self.sparse_w, self.sparse_b)}
+        out = {}
+        for fname in HEAD_FILES:
+            if not (folder / fname).is_file():
+                continue
+            head = fname.removesuffix(".pt")
+            sd = load_torch_file(folder / fname)
+            w, b = (sd.get("weight"), sd.get("bias")) if isinstance(sd, dict) else (None, None)
+            bw, bb = base[head]
+            if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor):
+                raise ValueError(f"{fname} must hold a Linear state dict (weight and bias)")
+            if w.shape != bw.shape or b.shape != bb.shape:
+                raise ValueError(f"{fname} has weight {tuple(w.shape)} / bias {tuple(b.shape)}; "
+                                 f"the model's head is {tuple(bw.shape)} / {tuple(bb.shape)}")
+            out[head] = {"weight": w.to(bw.device, bw.dtype), "bias": b.to(bb.device, bb.dtype)}
         return out
 
     def sparse(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor,
-               w: torch.Tensor, b: torch.Tensor):
+               w: torch.Tensor, b: torch.Tensor, overrides=()):
         """Per sequence: unique token ids (ascending) and their max relu weight."""
-        weights = torch.relu(F.linear(hidden, w, b)).squeeze(-1).float()
+        weights = torch.relu(linear_rows(hidden, w, b, overrides)).squeeze(-1).float()
         keep = (weights > 0) & ~torch.isin(ids, self.special_ids)
         seq = self.seq_index(batch)[keep]
         vocab = self.encoder.cfg.vocab_size
@@ -78,9 +112,12 @@ class BgeM3(EncoderModel):
         return (keys % vocab).int(), values, counts
 
     def multivector(self, batch: PackedBatch, hidden: torch.Tensor, first: torch.Tensor,
-                    w: torch.Tensor, b: torch.Tensor):
+                    w: torch.Tensor, b: torch.Tensor, overrides=()):
         """ColBERT vectors of every token but the first of each sequence, L2-normalised."""
         keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         keep[first] = False
-        vecs = F.normalize(F.linear(hidden[keep], w, b).float(), dim=-1)
+        if overrides:
+            vecs = F.normalize(linear_rows(hidden, w, b, overrides)[keep].float(), dim=-1)
+        else:
+            vecs = F.normalize(F.linear(hidden[keep], w, b).float(), dim=-1)
         return vecs, batch.lengths - 1

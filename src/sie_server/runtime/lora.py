@@ -1,0 +1,465 @@
+"""LoRA adapters in the PEFT format, applied per row segment of a packed batch.
+
+Loading (`load_adapter`): adapter_config.json + adapter_model.safetensors (or .bin) become, for
+every (layer, linear) the adapter touches, one low-rank pair A (R, in) and B (out, R) with
+PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module rank_pattern /
+alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear, so their
+updates are fused too: A stacks the three A matrices, B is block-diagonal over the three output
+slices. Everything that does not fit the base model is refused with InvalidAdapter naming the
+adapter and the reason, before anything is kept.
+
+Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
+encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
+uses the adapter, and touches no other row, so base rows stay bit-for-bit what the base model
+gives. Batches are never regrouped by adapter:
+- one adapter in the batch: one gather (skipped when every row uses it), two matmuls and one
+  index_add per linear;
+- several adapters: the adapter rows are sorted by adapter and cut into equal chunks of C
+  rows (a slot's last chunk padded), so every linear costs one gather, two batched matmuls
+  over the chunks (each chunk with its adapter's A and B, ranks zero-padded to the largest)
+  and one index_add, whatever the number of adapters: a segmented matmul (as in Punica /
+  S-LoRA's SGMV) in plain PyTorch. The adapters' weights stacked for a set of adapters are
+  cached (`StackCache`) so consecutive batches with the same adapters reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import AdapterNotFound, InvalidAdapter
+from .batch import PackedBatch
+from .encoder import LORA_TARGETS, EncoderConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+# Module names (relative to one encoder layer) in BERT / XLM-R, as PEFT sees them.
+LAYER_MODULES = ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+                 "output.dense", "output.LayerNorm")
+OTHER_MODULES = ("embeddings.word_embeddings", "embeddings.position_embeddings",
+                 "embeddings.token_type_embeddings", "embeddings.LayerNorm", "pooler.dense")
+# LoRA on these changes nothing we output (embedders read the last hidden state): skipped.
+IGNORED_MODULES = ("pooler.dense",)
+# adapter_config.json fields whose non-default values change what the adapter computes in ways
+# we do not implement: refused rather than silently ignored.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "a bias on lora_B (lora_bias)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+}
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
+_LAYER = re.compile(r"(?:^|\.)layer\.(?P<index>\d+)\.(?P<rel>.+)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _target(rel: str) -> tuple[str, int | None] | None:
+    """Our (linear, output slice) for a module path inside one layer: the longest LORA_TARGETS
+    name that `rel` is or ends with (so "attention.output.dense" is not "output.dense")."""
+    hits = [k for k in LORA_TARGETS if rel == k or rel.endswith("." + k)]
+    return LORA_TARGETS[max(hits, key=len)] if hits else None
+
+
+@dataclass
+class Delta:
+    """One linear's low-rank update: y += x @ a.T @ b.T (scaling folded into b)."""
+
+    a: torch.Tensor  # (R, in)
+    b: torch.Tensor  # (out, R)
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """A loaded adapter: per (layer, linear) deltas, optional head replacements."""
+
+    name: str
+    folder: Path
+    deltas: dict[tuple[int, str], Delta]
+    rank: int
+    alpha: float
+    rslora: bool
+    targets: tuple[str, ...]  # PEFT module names inside a layer, e.g. "attention.self.query"
+    layers: tuple[int, ...]
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+    uid: int = -1  # the slot, set by the adapter manager
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for d in self.deltas.values() for t in (d.a, d.b)]
+        tensors += [t for h in self.heads.values() for t in h.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
+                "targets": list(self.targets), "layers": len(self.layers),
+                "heads": sorted(self.heads), "bytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class BaseModelId:
+    """What an adapter's base_model_name_or_path is compared with."""
+
+    names: tuple[str, ...]  # served name, catalog source, ...
+    folder: Path
+    cfg: EncoderConfig
+    model_type: str | None
+
+
+def _invalid(name: str, reason: str) -> InvalidAdapter:
+    return InvalidAdapter(f"adapter {name!r}: {reason}")
+
+
+def read_config(name: str, folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise AdapterNotFound(f"adapter {name!r}: folder {folder} does not exist")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise _invalid(name, f"{folder} has no {CONFIG_FILE} (not a PEFT adapter folder)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _invalid(name, f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise _invalid(name, f"{CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def read_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a corrupt or truncated file is an InvalidAdapter."""
+    for fname in WEIGHT_FILES:
+        path = folder / fname
+        if not path.is_file():
+            continue
+        try:
+            if fname.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - safetensors / pickle errors are many
+            raise _invalid(name, f"{fname} is corrupt or truncated ({type(exc).__name__}: "
+                                 f"{exc})") from None
+    raise _invalid(name, f"{folder} has no {' or '.join(WEIGHT_FILES)}")
+
+
+def _check_config(name: str, config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise _invalid(name, f"peft_type is {peft_type!r}; only LORA adapters are supported")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise _invalid(name, f"uses {what}, which this server does not support")
+    if config.get("bias", "none") != "none":
+        raise _invalid(name, f"bias={config['bias']!r} (trained base biases) is not supported; "
+                             "only bias='none' adapters are")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise _invalid(name, f"{CONFIG_FILE}: {key} must be a positive number, not {value!r}")
+
+
+def _module_names(num_layers: int) -> list[str]:
+    names = [f"encoder.layer.{i}.{m}" for i in range(num_layers) for m in LAYER_MODULES]
+    return names + list(OTHER_MODULES)
+
+
+def _check_targets(name: str, config: dict[str, Any], num_layers: int) -> None:
+    """Every target_modules entry must name a module a BERT / XLM-R encoder has."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return
+    names = _module_names(num_layers)
+    if isinstance(targets, str):
+        prefixes = ("", "bert.", "roberta.", "model.", "0.auto_model.")
+        if not any(re.fullmatch(targets, p + n) for n in names for p in prefixes):
+            raise _invalid(name, f"target_modules {targets!r} matches no module of this model")
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise _invalid(name, "target_modules must be a list of names or a regex string")
+    unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) for n in names)]
+    if unknown:
+        raise _invalid(name, f"target_modules {unknown} name modules this model does not have "
+                             f"(it has {', '.join(LAYER_MODULES[:3])}, attention.output.dense, "
+                             f"intermediate.dense, output.dense)")
+
+
+def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
+    """Refuse an adapter made for another base model, where that can be judged."""
+    claimed = config.get("base_model_name_or_path")
+    if not claimed or not isinstance(claimed, str):
+        return
+    path = Path(claimed).expanduser()
+    if path.is_absolute() or claimed.startswith((".", "~")) or path.exists():
+        if not path.exists():
+            return  # trained on a folder we cannot see: the shape checks decide
+        if path.resolve() == base.folder.resolve() or not (path / "config.json").is_file():
+            return
+        try:
+            theirs = EncoderConfig.from_folder(path)
+            their_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except Exception:  # noqa: BLE001 - an unreadable foreign config decides nothing
+            return
+        fields = ("hidden_size", "num_layers", "intermediate_size", "vocab_size")
+        differ = [f for f in fields if getattr(theirs, f) != getattr(base.cfg, f)]
+        if differ or (their_type and base.model_type and their_type != base.model_type):
+            raise _invalid(name, f"it was made for another base model ({claimed}: {their_type}, "
+                                 f"hidden {theirs.hidden_size}, {theirs.num_layers} layers), not "
+                                 f"{base.names[0]} ({base.model_type}, hidden "
+                                 f"{base.cfg.hidden_size}, {base.cfg.num_layers} layers)")
+        return
+    ours = [n for n in base.names if _HUB_ID.match(n)]
+    if _HUB_ID.match(claimed) and ours and claimed.lower() not in {n.lower() for n in ours}:
+        raise _invalid(name, f"it was made for base model {claimed!r}, not {base.names[0]!r} "
+                             f"(base_model_name_or_path in {CONFIG_FILE})")
+
+
+def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.device,
+                 dtype: torch.dtype) -> LoraAdapter:
+    """Read, validate and convert an adapter folder; raises AdapterNotFound / InvalidAdapter."""
+    cfg = base.cfg
+    config = read_config(name, folder)
+    _check_config(name, config)
+    _check_base(name, config, base)
+    _check_targets(name, config, cfg.num_layers)
+    state = read_weights(name, folder)
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rslora = bool(config.get("use_rslora", False))
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    ignored: set[str] = set()
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            what = ("embedding LoRA" if "lora_embedding" in key else
+                    "DoRA" if "lora_magnitude" in key else "not a LoRA weight")
+            raise _invalid(name, f"tensor {key!r} ({what}) cannot be applied by this server")
+        module = m["module"]
+        if any(module == i or module.endswith("." + i) for i in IGNORED_MODULES):
+            ignored.add(module.removeprefix("base_model.model."))
+            continue
+        pairs.setdefault(module, {})[m["ab"]] = tensor
+
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"qkv": (h, h), "attn_out": (h, h), "ffn_in": (h, inter), "ffn_out": (inter, h)}
+    parts: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
+    targets, layers = set(), set()
+    for module, ab in sorted(pairs.items()):
+        lm = _LAYER.search(module)
+        target = _target(lm["rel"]) if lm else None
+        if target is None:
+            raise _invalid(name, f"it targets module {module!r}, which this model does not "
+                                 "have or cannot adapt (LoRA applies to the attention query, "
+                                 "key, value and output and the feed-forward linears)")
+        layer = int(lm["index"])
+        if layer >= cfg.num_layers:
+            raise _invalid(name, f"it adapts layer {layer} but the model has {cfg.num_layers} "
+                                 f"layers (made for a deeper model?)")
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise _invalid(name, f"{module} has no {missing} weight")
+        a, b = ab["A"], ab["B"]
+        linear, piece = target
+        fan_in, fan_out = shapes[linear]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out \
+                or b.shape[1] != a.shape[0]:
+            raise _invalid(name, f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                                 f"do not fit the model's {fan_in} -> {fan_out} linear "
+                                 f"(expected ({a.shape[0]}, {fan_in}) / ({fan_out}, "
+                                 f"{a.shape[0]}))")
+        rank = a.shape[0]
+        rel_key = module.removeprefix("base_model.model.")
+        want_rank = _pattern(config.get("rank_pattern"), rel_key, r)
+        if rank != want_rank:
+            raise _invalid(name, f"{module}: the weights have rank {rank} but "
+                                 f"{CONFIG_FILE} says r={want_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise _invalid(name, f"{module} holds NaN or infinite values")
+        mod_alpha = _pattern(config.get("alpha_pattern"), rel_key, alpha)
+        scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
+        parts.setdefault((layer, linear), []).append((piece, a.float(), b.float() * scale))
+        targets.add(lm["rel"])
+        layers.add(layer)
+    if not parts:
+        raise _invalid(name, "it holds no LoRA weights for any encoder layer")
+
+    deltas: dict[tuple[int, str], Delta] = {}
+    for (layer, linear), ps in parts.items():
+        if linear == "qkv":
+            ps.sort(key=lambda p: p[0])
+            a = torch.cat([p[1] for p in ps])
+            b = torch.zeros(3 * h, a.shape[0])
+            col = 0
+            for piece, pa, pb in ps:
+                b[piece * h:(piece + 1) * h, col:col + pa.shape[0]] = pb
+                col += pa.shape[0]
+        else:
+            (_, a, b), = ps
+        deltas[(layer, linear)] = Delta(a.to(device, dtype).contiguous(),
+                                        b.to(device, dtype).contiguous())
+    return LoraAdapter(name=name, folder=folder, deltas=deltas, rank=int(r), alpha=float(alpha),
+                       rslora=rslora, targets=tuple(sorted(targets)), layers=tuple(sorted(layers)),
+                       ignored=tuple(sorted(ignored)))
+
+
+# ------------------------------------------------------------------------- applying per row
+
+
+class StackCache:
+    """Per set of adapters, their deltas stacked per (layer, linear): A (S, R, in), B (S, out,
+    R), ranks zero-padded to the set's largest. Small LRU; used by one compute thread."""
+
+    def __init__(self, max_sets: int = 4) -> None:
+        self.max_sets = max_sets
+        self._sets: OrderedDict[tuple[int, ...], dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, adapters: list[LoraAdapter], key: tuple[int, str]):
+        set_key = tuple(a.uid for a in adapters)
+        with self._lock:
+            stacks = self._sets.get(set_key)
+            if stacks is None:
+                stacks = self._sets[set_key] = {}
+                while len(self._sets) > self.max_sets:
+                    self._sets.popitem(last=False)
+            else:
+                self._sets.move_to_end(set_key)
+        if key not in stacks:  # a batch in flight keeps its dict even if the set is dropped
+            stacks[key] = _stack([a.deltas.get(key) for a in adapters])
+        return stacks[key]
+
+    def forget(self, uid: int) -> None:
+        """Drop every set holding adapter `uid` (it was unloaded)."""
+        with self._lock:
+            for set_key in [k for k in self._sets if uid in k]:
+                del self._sets[set_key]
+
+
+def _stack(deltas: list[Delta | None]):
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return None
+    rank = max(d.a.shape[0] for d in present)
+    ref = present[0]
+    a = ref.a.new_zeros(len(deltas), rank, ref.a.shape[1])
+    b = ref.b.new_zeros(len(deltas), ref.b.shape[0], rank)
+    for i, d in enumerate(deltas):
+        if d is not None:
+            a[i, :d.a.shape[0]] = d.a
+            b[i, :, :d.a.shape[0]] = d.b
+    return a, b
+
+
+def chunk_rows(n_rows: int, n_adapters: int) -> int:
+    """Chunk height for the segmented matmul: about four chunks per adapter, a multiple of 8,
+    so padding wastes at most ~1/4 of the adapter rows' LoRA work."""
+    per = -(-n_rows // (4 * n_adapters))
+    return max(8, -(-per // 8) * 8)
+
+
+class BatchLora:
+    """The LinearHook of one batch: each adapter's update on its own rows only."""
+
+    def __init__(self, batch: PackedBatch, adapters: list[LoraAdapter], local: np.ndarray,
+                 device: torch.device, stacks: StackCache) -> None:
+        """`adapters`: those present; `local`: per sequence, index into `adapters` or -1."""
+        self.batch = batch
+        self.adapters = adapters
+        self.stacks = stacks
+        self.device = device
+        token_local = np.repeat(local, batch.lengths)
+        self._token_local = token_local
+        self._rows_cache: dict[int, torch.Tensor] = {}
+        lora_rows = np.flatnonzero(token_local >= 0)
+        if len(adapters) == 1:
+            self.rows = (None if len(lora_rows) == len(token_local)
+                         else torch.from_numpy(lora_rows).to(device))
+            return
+        idx = token_local[lora_rows]
+        order = np.argsort(idx, kind="stable")
+        rows = lora_rows[order]
+        counts = np.bincount(idx, minlength=len(adapters))
+        c = chunk_rows(len(rows), len(adapters))
+        n_chunks = -(-counts // c)
+        region = c * (np.cumsum(n_chunks) - n_chunks)  # first padded position of each adapter
+        first = np.cumsum(counts) - counts  # first sorted row of each adapter
+        pos = np.repeat(region - first, counts) + np.arange(len(rows))
+        gather = np.zeros(int(n_chunks.sum()) * c, dtype=np.int64)
+        gather[pos] = rows
+        self.chunk = c
+        self.rows = torch.from_numpy(rows).to(device)
+        self.pos = torch.from_numpy(pos).to(device)
+        self.gather = torch.from_numpy(gather).to(device)
+        self.chunk_adapter = torch.from_numpy(np.repeat(np.arange(len(adapters)), n_chunks)).to(
+            device)
+
+    def __call__(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = (layer, name)
+        if len(self.adapters) == 1:
+            d = self.adapters[0].deltas.get(key)
+            if d is None:
+                return y
+            if self.rows is None:
+                return y.addmm_(x @ d.a.T, d.b.T)
+            return y.index_add_(0, self.rows, (x.index_select(0, self.rows) @ d.a.T) @ d.b.T)
+        stacked = self.stacks.get(self.adapters, key)
+        if stacked is None:
+            return y
+        a, b = stacked
+        n = self.chunk_adapter.shape[0]
+        xg = x.index_select(0, self.gather).view(n, self.chunk, x.shape[1])
+        u = torch.bmm(xg, a.index_select(0, self.chunk_adapter).transpose(1, 2))
+        d = torch.bmm(u, b.index_select(0, self.chunk_adapter).transpose(1, 2))
+        return y.index_add_(0, self.rows, d.view(-1, y.shape[1]).index_select(0, self.pos))
+
+    def head_overrides(self, head: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """(token rows, replacement head weights) for each adapter of the batch carrying `head`."""
+        out = []
+        for i, adapter in enumerate(self.adapters):
+            weights = adapter.heads.get(head)
+            if weights is None:
+                continue
+            if i not in self._rows_cache:
+                self._rows_cache[i] = torch.from_numpy(
+                    np.flatnonzero(self._token_local == i)).to(self.device)
+            out.append((self._rows_cache[i], weights))
+        return out
+
+
+def batch_lora(batch: PackedBatch, by_slot: dict[int, LoraAdapter], device: torch.device,
+               stacks: StackCache) -> BatchLora | None:
+    """The hook for `batch`, or None when no row uses a (still known) adapter."""
+    slots = batch.adapter_slots
+    used = np.unique(slots[slots >= 0])
+    adapters = [by_slot[int(s)] for s in used if int(s) in by_slot]
+    if not adapters:
+        return None
+    uids = np.array([a.uid for a in adapters], dtype=np.int64)  # ascending, like `used`
+    where = np.minimum(np.searchsorted(uids, slots), len(uids) - 1)
+    local = np.where(uids[where] == slots, where, -1)
+    return BatchLora(batch, adapters, local, device, stacks)
