@@ -19,6 +19,7 @@ Loads:
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def make_adapters(base: Path, root: Path, count: int, rank: int = 16,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
+    from .reference import quiet_transformers
+
+    quiet_transformers()
     model = AutoModel.from_pretrained(str(base), dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or TARGETS,
                         lora_dropout=0.0)
@@ -65,8 +69,11 @@ def lora_supported(engine, model: str, lora_id: str, text: str, outputs: list[st
 
 def per_adapter_rounds(engine, model: str, requests: list[list[str]], adapters: list[str | None],
                        outputs: list[str], clients: int) -> LoadResult:
-    """Rounds of `clients` requests; within a round one adapter's group at a time."""
+    """Rounds of `clients` requests; within a round one adapter's group at a time. A group's
+    requests are submitted from a thread pool, so they are tokenized in parallel as the
+    closed-loop clients' are."""
     result = LoadResult()
+    pool = ThreadPoolExecutor(clients, thread_name_prefix="per-adapter")
     started = time.perf_counter()
     for r0 in range(0, len(requests), clients):
         idx = list(range(r0, min(r0 + clients, len(requests))))
@@ -74,7 +81,8 @@ def per_adapter_rounds(engine, model: str, requests: list[list[str]], adapters: 
             group = [i for i in idx if adapters[i] == adapter]
             opts = {"lora_id": adapter} if adapter else {}
             t0 = time.perf_counter()
-            futures = [engine.submit(model, requests[i], outputs, opts) for i in group]
+            futures = list(pool.map(lambda i: engine.submit(model, requests[i], outputs, opts),
+                                    group))
             for i, f in zip(group, futures):
                 try:
                     res = f.result()
@@ -84,6 +92,7 @@ def per_adapter_rounds(engine, model: str, requests: list[list[str]], adapters: 
                 result.records.append((t0, time.perf_counter(), len(res),
                                        sum(x.token_count for x in res)))
     result.wall_s = time.perf_counter() - started
+    pool.shutdown()
     return result
 
 

@@ -75,10 +75,22 @@ def _linear(path: Path, device, dtype) -> torch.nn.Linear:
     return lin.to(device, dtype).eval()
 
 
+def quiet_transformers() -> None:
+    """No progress bars or advice in the benchmark's log."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
 def load(folder: Path, device: str, dtype: torch.dtype | None = None) -> RefModel:
     """The HF model, tokenizer and heads of `folder` (fp16 on CUDA, fp32 on CPU by default)."""
     from transformers import AutoModel, AutoTokenizer
 
+    quiet_transformers()
     folder = Path(folder)
     dev = torch.device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)

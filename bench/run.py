@@ -416,7 +416,7 @@ class Bench:
                     "engine_http_idle_single_query", {}).get("p50_ms"), 10.0, higher=False)
         lora = self.extra.get("lora") or {}
         if lora.get("status") == "ok":
-            add("lora passages: 8 adapters / no adapters",
+            add(f"lora passages: {lora['adapters']} adapters / no adapters",
                 lora["passages"]["ratio_adapters_vs_none"], 0.8)
             add("lora short queries: mixed / one batch per adapter",
                 lora["queries"]["ratio_mixed_vs_per_adapter"], 2.0)
