@@ -21,7 +21,7 @@ M3_SPECIAL_IDS = {0, 1, 2, 3}  # <s> <pad> </s> <unk>
 def make_adapter(base_dir: Path, out_dir: Path, *, r: int, targets: Any, seed: int,
                  alpha: float | None = None, rslora: bool = False, heads: bool = False,
                  rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                 b_std: float = 0.2) -> dict[str, Any]:
+                 b_std: float = 0.2, **extra: Any) -> dict[str, Any]:
     """Save a peft LoRA adapter of the model in `base_dir` with random non-zero B matrices to
     `out_dir`; return {"merged": merged model (eval), "heads": head weights or None}."""
     from peft import LoraConfig, get_peft_model
@@ -31,7 +31,8 @@ def make_adapter(base_dir: Path, out_dir: Path, *, r: int, targets: Any, seed: i
     base = AutoModel.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r,
                         target_modules=targets, use_rslora=rslora, lora_dropout=0.0,
-                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+                        **extra)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():

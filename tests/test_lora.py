@@ -46,6 +46,8 @@ M3_ADAPTERS = {
     "m3/patterns-r6": dict(r=6, targets=r".*\.(query|key|intermediate\.dense)", seed=4,
                            rank_pattern={"key": 3}, alpha_pattern={"intermediate.dense": 2.5}),
     "m3/heads-r4": dict(r=4, targets=["key", "attention.output.dense"], heads=True, seed=5),
+    "m3/layer1-r3": dict(r=3, targets=["value", "output.dense"], layers_to_transform=[1],
+                         seed=6),
 }
 MINILM_ADAPTERS = {
     "minilm/qkv-r8": dict(r=8, targets=["query", "key", "value"], seed=11),
@@ -215,6 +217,17 @@ def test_adapter_heads_replace_base_heads_for_its_rows(m3_engine, m3_refs):
     for i, (h, b) in enumerate(zip(f_heads.result(), f_base.result())):
         assert_m3_close(h, m3_refs["m3/heads-r4"][i], f"heads text {i}")
         assert_m3_close(b, m3_refs[None][i], f"base text {i}")
+
+
+def test_score_with_an_adapter(m3_engine, m3_refs):
+    """/v1/score's BGE-M3 path takes lora_id too: its dense score is the dot product of the
+    adapter's query and item vectors (the query is encoded as a query: no prefix for BGE-M3)."""
+    name = "m3/all-r8-rslora"
+    res = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"lora_id": name, "score_type": "dense"})
+    want = [float(m3_refs[name][0]["dense"] @ m3_refs[name][i]["dense"]) for i in (1, 2, 3)]
+    np.testing.assert_allclose(res.components["dense"], want, atol=1e-5)
+    base = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"score_type": "dense"})
+    assert not np.allclose(base.components["dense"], want, atol=1e-3)
 
 
 # ------------------------------------------------------------------ bad adapters

@@ -136,7 +136,7 @@ class AdapterManager:
         """A slot for a request to use, holding a reference until `release(slot)`."""
         deadline = time.monotonic() + (self.settings.adapter_load_timeout_s
                                        if timeout is None else timeout)
-        while True:
+        for _ in range(5):
             adapter = self.ensure_loaded(lora_id, deadline - time.monotonic())
             with self._lock:
                 entry = self._entries.get(lora_id)
@@ -144,6 +144,10 @@ class AdapterManager:
                     self._refs[adapter.uid] = self._refs.get(adapter.uid, 0) + 1
                     return adapter.uid
             # unloaded or evicted between its load and now: load it again
+        raise AdapterLoading(f"adapter {lora_id!r} was evicted again right after each load: "
+                             f"more adapters are in use than --max-adapters "
+                             f"({self.settings.max_adapters}) / --max-adapter-bytes allow; retry",
+                             retry_after=2.0)
 
     def release(self, slot: int) -> None:
         with self._lock:
