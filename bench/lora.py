@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import stats
 from .load import LoadResult, chunk, closed_loop_threads, engine_call
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -117,11 +118,20 @@ def run(engine, model: str, adapter_ids: list[str], passages: list[str], queries
 
     warm = reqs[: max(2, len(reqs) // 8)]
     closed_loop_threads(engine_call(engine, model, warm, outputs, p_opts), len(warm), clients)
+    snap = stats.snapshot_inprocess(engine)
+
+    def measured(run) -> dict:
+        before = snap()
+        summary = run().summary()
+        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        return summary
+
     log(f"  lora passages: no adapters ({len(passages)} texts)")
-    base = closed_loop_threads(engine_call(engine, model, reqs, outputs), len(reqs), clients)
+    b = measured(lambda: closed_loop_threads(engine_call(engine, model, reqs, outputs), len(reqs),
+                                             clients))
     log(f"  lora passages: {k} adapters interleaved")
-    mixed = closed_loop_threads(engine_call(engine, model, reqs, outputs, p_opts), len(reqs), clients)
-    b, m = base.summary(), mixed.summary()
+    m = measured(lambda: closed_loop_threads(engine_call(engine, model, reqs, outputs, p_opts),
+                                             len(reqs), clients))
     out["passages"] = {"clients": clients, "request_size": request_size, "no_adapters": b,
                        "adapters_interleaved": m,
                        "ratio_adapters_vs_none": _ratio(m, b), "target": 0.8}
@@ -136,13 +146,13 @@ def run(engine, model: str, adapter_ids: list[str], passages: list[str], queries
     warm = qreqs[: max(2, len(qreqs) // 8)]
     closed_loop_threads(engine_call(engine, model, warm, outputs, q_opts), len(warm), q_clients)
     log(f"  lora queries: mixed ({len(queries)} queries, {q_clients} clients)")
-    qmixed = closed_loop_threads(engine_call(engine, model, qreqs, outputs, q_opts), len(qreqs),
-                                 q_clients).summary()
+    qmixed = measured(lambda: closed_loop_threads(
+        engine_call(engine, model, qreqs, outputs, q_opts), len(qreqs), q_clients))
     log("  lora queries: one batch per adapter")
-    qper = per_adapter_rounds(engine, model, qreqs, drawn, outputs, q_clients).summary()
+    qper = measured(lambda: per_adapter_rounds(engine, model, qreqs, drawn, outputs, q_clients))
     log("  lora queries: no adapters")
-    qbase = closed_loop_threads(engine_call(engine, model, qreqs, outputs), len(qreqs),
-                                q_clients).summary()
+    qbase = measured(lambda: closed_loop_threads(
+        engine_call(engine, model, qreqs, outputs), len(qreqs), q_clients))
     out["queries"] = {"clients": q_clients, "request_size": q_size, "mixed": qmixed,
                       "per_adapter": qper, "no_adapters": qbase,
                       "ratio_mixed_vs_per_adapter": _ratio(qmixed, qper), "target": 2.0,

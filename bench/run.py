@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import corpus as corpus_mod
+from . import stats
 from .load import chunk, closed_loop_threads, default_procs, engine_call, http_closed_loop, \
     http_sequential
 from .models import MODELS, REPO, corpus_flops, flops_per_token, model_folder
@@ -210,10 +211,13 @@ class Bench:
                         warm = warm_slice(reqs, clients, self.a.quick)
                         closed_loop_threads(engine_call(engine, self.a.name, warm, outputs),
                                             len(warm), clients)
+                        snap = stats.snapshot_inprocess(engine)
+                        before = snap()
                         res = closed_loop_threads(engine_call(engine, self.a.name, reqs, outputs),
                                                   len(reqs), clients)
-                        self.record(kind, outputs, "inprocess",
-                                    res.summary(clients=clients, request_size=size))
+                        summary = res.summary(clients=clients, request_size=size)
+                        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+                        self.record(kind, outputs, "inprocess", summary)
                     k = min(len(c.texts), 8)
                     got = engine.encode(self.a.name, c.texts[:k], ["dense"])
                     self.engine_dense[kind] = np.stack([r.dense for r in got]).astype(np.float32)
@@ -272,6 +276,7 @@ class Bench:
         log("engine over HTTP: starting the server")
         with Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra) as srv:
             self.extra["server_start_s"] = round(srv.startup_s, 2)
+            snap = stats.snapshot_http(srv.url)
             for kind, c in self.corpora.items():
                 clients, size = self.shape(kind)
                 procs = self.a.client_procs or default_procs(clients)
@@ -279,13 +284,15 @@ class Bench:
                     reqs = chunk(c.texts, size)
                     warm = warm_slice(reqs, clients, self.a.quick)
                     http_closed_loop(srv.url, self.a.name, warm, outputs, clients, procs)
+                    before = snap()
                     res = http_closed_loop(srv.url, self.a.name, reqs, outputs, clients, procs)
-                    self.record(kind, outputs, "http", res.summary(
-                        clients=clients, request_size=size, client_procs=procs))
+                    summary = res.summary(clients=clients, request_size=size, client_procs=procs)
+                    summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+                    self.record(kind, outputs, "http", summary)
                 if kind == "queries":
-                    self.run_query_modes(srv.url, c.texts)
+                    self.run_query_modes(srv.url, c.texts, snap)
 
-    def run_query_modes(self, url: str, texts: list[str]) -> None:
+    def run_query_modes(self, url: str, texts: list[str], snap) -> None:
         """Issue 3's short-query figures over HTTP (first output set)."""
         outputs = self.a.outputs[0]
         key = self.key("queries", outputs)
@@ -295,16 +302,19 @@ class Bench:
         singles = chunk(texts[:n_single], 1)
         http_closed_loop(url, self.a.name, warm_slice(singles, clients, self.a.quick), outputs,
                          clients, procs)
+        before = snap()
         res = http_closed_loop(url, self.a.name, singles, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=1, client_procs=procs)
-        summary["tokens"] = summary.get("tokens")  # a subset: no token check against the corpus
+        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
         self.runs.setdefault(key, {})["engine_http_single_query"] = summary
         log(f"  {key} engine_http_single_query: {summary.get('requests_per_s', 0):,.0f} requests/s, "
             f"p50 {summary.get('p50_ms', 0):.1f} ms")
         n_idle = min(len(texts), 5 if self.a.quick else self.a.idle_requests)
         idle = chunk(texts[:n_idle], 1)
         http_sequential(url, self.a.name, idle[: min(10, len(idle))], outputs)
+        before = snap()
         summary = http_sequential(url, self.a.name, idle, outputs).summary(clients=1, request_size=1)
+        summary["engine_stats"] = stats.delta(before, snap(), None)
         self.runs[key]["engine_http_idle_single_query"] = summary
         log(f"  {key} engine_http_idle_single_query: p50 {summary.get('p50_ms', 0):.2f} ms, "
             f"p99 {summary.get('p99_ms', 0):.2f} ms")

@@ -37,6 +37,11 @@ def summarize(doc: dict, name: str = "") -> list[str]:
                 parts.append(f"p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms")
             if "pct_of_matmul_peak" in s:
                 parts.append(f"{s['useful_tflops']:.1f} TFLOP/s ({s['pct_of_matmul_peak']:.0f}% peak)")
+            es = s.get("engine_stats") or {}
+            if "batches" in es:
+                parts.append(f"[{es['batches']} batches x {es['mean_batch_tokens']:.0f} tok, "
+                             f"{es.get('mean_batch_ms', 0):.1f} ms each, busy "
+                             f"{es.get('inference_s_per_wall_s', '-')}]")
             if s.get("errors"):
                 parts.append(f"ERRORS {s['errors']}")
             if "token_check" in s:

@@ -1,0 +1,75 @@
+"""Engine-side figures of a timed run, from the engine's Prometheus metrics (before / after).
+
+They say why a number is what it is: how full the batches were, how long a batch took, how
+much of the wall time the model was busy, how long items queued and tokenization took.
+Missing metrics (another engine version) give an empty dict, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+HISTOGRAMS = {
+    "sie_batch_tokens": "batch_tokens",
+    "sie_batch_items": "batch_items",
+    "sie_inference_seconds": "inference_s",
+    "sie_tokenize_seconds": "tokenize_s",
+    "sie_queue_seconds": "queue_s",
+}
+
+
+def parse(text: str) -> dict[str, float]:
+    """{"batch_tokens_sum": .., "batch_tokens_count": .., ...} summed over labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            for prefix, short in HISTOGRAMS.items():
+                if s.name in (f"{prefix}_sum", f"{prefix}_count"):
+                    key = f"{short}_{s.name.rsplit('_', 1)[1]}"
+                    out[key] = out.get(key, 0.0) + float(s.value)
+    return out
+
+
+def snapshot_inprocess(engine) -> Callable[[], dict[str, float]]:
+    def snap() -> dict[str, float]:
+        try:
+            return parse(engine.metrics.render().decode())
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return {}
+    return snap
+
+
+def snapshot_http(url: str) -> Callable[[], dict[str, float]]:
+    def snap() -> dict[str, float]:
+        try:
+            import httpx
+
+            r = httpx.get(f"{url}/metrics", timeout=10)
+            return parse(r.text) if r.status_code == 200 else {}
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return {}
+    return snap
+
+
+def delta(before: dict[str, float], after: dict[str, float], wall_s: float | None) -> dict:
+    """Per-run engine figures from two snapshots."""
+    if not before and not after:
+        return {}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    out: dict = {}
+    batches = d.get("batch_tokens_count", 0.0)
+    if batches:
+        out["batches"] = int(batches)
+        out["mean_batch_tokens"] = round(d.get("batch_tokens_sum", 0.0) / batches, 1)
+        out["mean_batch_items"] = round(d.get("batch_items_sum", 0.0) / batches, 1)
+    if d.get("inference_s_count"):
+        out["mean_batch_ms"] = round(1e3 * d["inference_s_sum"] / d["inference_s_count"], 2)
+        if wall_s:
+            out["inference_s_per_wall_s"] = round(d["inference_s_sum"] / wall_s, 3)
+    if d.get("tokenize_s_count"):
+        out["mean_tokenize_ms"] = round(1e3 * d["tokenize_s_sum"] / d["tokenize_s_count"], 3)
+    if d.get("queue_s_count"):
+        out["mean_queue_ms"] = round(1e3 * d["queue_s_sum"] / d["queue_s_count"], 2)
+    return out
