@@ -17,6 +17,7 @@ clearly different outputs; LayerNorm weights ~1, biases small.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import sys
@@ -53,6 +54,10 @@ CONFIG = {
     "use_cache": True,
     "vocab_size": VOCAB,
 }
+
+# digest(build(dir, seed=0)) with torch 2.13 (CPU): another torch/numpy whose seeded
+# generator differs would build a different model (the sanity test checks this)
+SEED0_DIGEST = "5667f0c18a7fe40f0d3c38e11235e5fbb38c9a9bfce7b5d76ac9239b5cec57a6"
 
 SPECIAL = {
     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
@@ -147,12 +152,33 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def digest(model_dir: Path) -> str:
+    """sha256 over the tensor values (names, shapes, fp32 bytes) of the weights and both heads:
+    equal digests mean equal models, whatever the torch/safetensors versions that wrote them."""
+    from safetensors.torch import load_file
+
+    tensors = {f"model.{k}": v for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
+    for head in ("colbert_linear", "sparse_linear"):
+        sd = torch.load(Path(model_dir) / f"{head}.pt", map_location="cpu", weights_only=True)
+        tensors.update({f"{head}.{k}": v for k, v in sd.items()})
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].to(torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--digest", action="store_true", help="also print the weights' digest")
     args = ap.parse_args(argv)
-    print(build(args.out_dir, args.seed))
+    out = build(args.out_dir, args.seed)
+    print(out)
+    if args.digest:
+        print(digest(out))
     return 0
 
 

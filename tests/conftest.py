@@ -101,9 +101,26 @@ def start_server() -> Iterator:
         server.stop()
 
 
+LEGAL_LORA = "org/bge-m3-legal-lora"  # the adapter id of the README snippet
+
+
 @pytest.fixture(scope="session")
-def bge_m3_server(start_server, bge_m3_dir: Path, minilm_dir: Path) -> ServerProcess:
-    """A server serving the test model as "BAAI/bge-m3" and all-MiniLM-L6-v2."""
+def legal_lora(tmp_path_factory: pytest.TempPathFactory, bge_m3_dir: Path) -> dict:
+    """A PEFT LoRA adapter of the test model saved as `<root>/org/bge-m3-legal-lora`;
+    {"root": adapter root, "merged": peft's merged model, "heads": None}."""
+    from lora_adapters import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    made = make_adapter(bge_m3_dir, root / LEGAL_LORA, r=8, seed=3,
+                        targets=["query", "value", "intermediate.dense", "output.dense"])
+    return {"root": root, **made}
+
+
+@pytest.fixture(scope="session")
+def bge_m3_server(start_server, bge_m3_dir: Path, minilm_dir: Path, legal_lora) -> ServerProcess:
+    """A server serving the test model as "BAAI/bge-m3" (with an adapter root holding the
+    snippet's LoRA adapter) and all-MiniLM-L6-v2."""
     return start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+                         "--adapter-root", str(legal_lora["root"]),
                          "--default-model", "BAAI/bge-m3",
                          "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])

@@ -14,7 +14,7 @@ Loading
   ``devices=None`` picks every CUDA GPU (then NPU/MUSA/MPS, else CPU; abc/inference/
   AbsEmbedder.py:122-135) and with several GPUs ``encode`` starts a multi-process pool, so
   pass ``devices`` explicitly. ``use_fp16`` defaults to True (weights loaded as fp16); on
-  device "cpu" the model is cast back with ``.float()`` (m3.py:342-343).
+  device "cpu" the model is cast back with ``.float()`` (m3.py:343-344).
 - tokenizer: ``AutoTokenizer.from_pretrained(dir)`` (m3.py:94); model:
   ``AutoModel.from_pretrained`` + ``colbert_linear`` Linear(H, H) + ``sparse_linear``
   Linear(H, 1), loaded from ``colbert_linear.pt`` / ``sparse_linear.pt`` only if BOTH files
@@ -24,34 +24,36 @@ Loading
 ``encode`` (m3.py:312-489, ``encode_single_device``)
 - defaults: batch_size 256, max_length = passage_max_length = 512 (not 8192!).
 - tokenization: ``tokenizer(texts, truncation=True, max_length=max_length)`` without padding
-  (m3.py:379-384): an over-long input keeps its first ``max_length - 2`` pieces and still
+  (m3.py:379-390): an over-long input keeps its first ``max_length - 2`` pieces and still
   ends in ``</s>`` (the fast tokenizer reserves room for ``<s>``/``</s>``). No error, no
   warning, no marker that truncation happened.
-- inputs are sorted by token count, longest first (m3.py:391-392), padded per batch
+- inputs are sorted by token count, longest first (m3.py:392-394), padded per batch
   (right padding, pad id 1) and un-sorted at the end. Before the loop the first (longest)
   batch is run once as a trial; on any ``RuntimeError``/CUDA OOM the batch size is cut to
-  3/4 and retried (m3.py:395-414; a non-OOM RuntimeError that persists loops down to 0).
+  3/4 and retried (m3.py:396-417). A persistent non-OOM RuntimeError (e.g. max_length > 8192:
+  "expanded size (9000) must match (8194)" from the position/token-type buffers) shrinks it
+  to 0 and ends in ``IndexError: list index out of range`` from ``tokenizer.pad([])``.
 - the model (modeling.py:528-583) runs ``XLMRobertaModel`` -> last_hidden_state ``h``.
-- dense: ``h[:, 0]`` (CLS, pooling "cls", modeling.py:96-97), then ``F.normalize`` (L2,
+- dense: ``h[:, 0]`` (CLS, pooling "cls", modeling.py:94-95), then ``F.normalize`` (L2,
   eps 1e-12; ``normalize_embeddings=True`` by default, modeling.py:577-579).
-- sparse: ``relu(sparse_linear(h))`` per position (modeling.py:131); per text a dict built
-  in m3.py:352-366: ids of cls/eos/pad/unk from ``tokenizer.special_tokens_map`` (0, 2, 1, 3)
+- sparse: ``relu(sparse_linear(h))`` per position (modeling.py:128); per text a dict built
+  in m3.py:354-369: ids of cls/eos/pad/unk from ``tokenizer.special_tokens_map`` (0, 2, 1, 3)
   are dropped, ``<mask>`` (250001) is NOT dropped; weights ``<= 0`` are dropped; a repeated
   id keeps its MAX weight. Keys are ``str(token_id)``, values ``np.float32``. A literal
   ``"<s>"``/``"</s>"`` in the text tokenizes to id 0/2 and is dropped as well.
 - multivector ("colbert_vecs"): ``colbert_linear(h[:, 1:])`` (CLS dropped) times the
-  attention mask (modeling.py:170-172), L2-normalised (modeling.py:580-581), then cut to
-  ``n_tokens - 1`` rows (m3.py:368-371): every position after CLS, ``</s>`` KEPT, padding
+  attention mask (modeling.py:169-170), L2-normalised (modeling.py:580-581), then cut to
+  ``n_tokens - 1`` rows (m3.py:371-374): every position after CLS, ``</s>`` KEPT, padding
   removed. So rows == len(input_ids) - 1.
 - dtype: everything float32 on CPU with ``use_fp16=False``.
 
 ``compute_score(pairs, weights_for_different_modes=[w_dense, w_sparse, w_colbert])``
-(m3.py:491-735; on one device it is ``compute_score_single_device``)
+(m3.py:491-541; on one device ``compute_score_single_device``, m3.py:602-735)
 - queries and passages are tokenized separately per batch with padding, truncation at
   ``max_query_length`` / ``max_passage_length`` (default 512 each).
-- dense = q . p of the normalised CLS vectors (temperature 1, modeling.py:195-207).
+- dense = q . p of the normalised CLS vectors (temperature 1, modeling.py:195-207, 334-346).
 - sparse = dot of vocab-sized vectors built with ``scatter_reduce(amax)`` of the relu weights,
-  special ids (cls/eos/pad/unk) zeroed (modeling.py:140-157): equal to the sum over shared
+  special ids (cls/eos/pad/unk) zeroed (modeling.py:143-156): equal to the sum over shared
   ids of ``w_q * w_p`` of the ``encode`` dicts.
 - colbert = sum over query rows of max over passage rows of q . p, divided by the number of
   query tokens after CLS (``q_mask[:, 1:].sum()``, modeling.py:223-237). QUIRK: passage
@@ -108,6 +110,13 @@ def miracl_passages() -> list[str]:
 
 # ---------------------------------------------------------------- FlagEmbedding (BGE-M3)
 
+def _check_max_length(max_length: int) -> None:
+    # beyond 8192 tokens XLM-R's 8194 positions overflow -> RuntimeError, which FlagEmbedding's
+    # encode takes for OOM: it shrinks the batch to 0, then fails with an IndexError
+    if not 0 < max_length <= MAX_LENGTH:
+        raise ValueError(f"max_length must be in 1..{MAX_LENGTH}, got {max_length}")
+
+
 def flag_model(model_dir: str | Path, device: str = "cpu") -> Any:
     """A cached ``BGEM3FlagModel`` in float32 on ``device``."""
     return _flag_model(str(Path(model_dir).resolve()), device)
@@ -137,6 +146,9 @@ def flag_encode(
     ``batch_size=1`` by default: FlagEmbedding pads each length-sorted batch to its longest
     member and runs the first batch twice (a trial), so on CPU a batch holding an 8k-token
     text costs ~batch_size x as much; outputs agree with larger batches to ~1e-6."""
+    _check_max_length(max_length)
+    if not texts:
+        return []
     out = flag_model(model_dir, device).encode(
         list(texts), batch_size=batch_size, max_length=max_length,
         return_dense=True, return_sparse=True, return_colbert_vecs=True,
@@ -163,6 +175,7 @@ def flag_compute_score(
     """FlagEmbedding's ``compute_score``; weights are ``[dense, sparse, colbert]``. Keys:
     dense, sparse, colbert, sparse+dense, colbert+sparse+dense. ``batch_size=1`` avoids the
     padding quirk of its colbert score (see the module docstring)."""
+    _check_max_length(max_length)
     return flag_model(model_dir, device).compute_score(
         [tuple(p) for p in pairs], batch_size=batch_size,
         max_query_length=max_length, max_passage_length=max_length,
@@ -193,7 +206,9 @@ def _st_model(model_dir: str, device: str) -> Any:
 
 def st_encode(model_dir: str | Path, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
     """sentence-transformers embeddings (N, dim) float32, as the model's modules define
-    (all-MiniLM-L6-v2: mean pooling + Normalize, truncation at max_seq_length 256)."""
+    (all-MiniLM-L6-v2: mean pooling + Normalize, truncation at max_seq_length 256 from
+    sentence_bert_config.json; its tokenizer.json says truncate at 128 and pad to a fixed
+    128, which sentence-transformers overrides)."""
     emb = st_model(model_dir, device).encode(list(texts), batch_size=32, convert_to_numpy=True,
                                              show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)

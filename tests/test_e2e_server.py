@@ -11,12 +11,13 @@ import msgpack
 import numpy as np
 import pytest
 import reference
+import torch
 from test_equivalence import assert_matches_flag
 from texts import SHORT_TEXTS, TEXTS
 
 from sie_sdk import SIEAsyncClient, SIEClient
 from sie_sdk.errors import (InvalidRequestError, ModelNotFoundError, ModelUnavailableError,
-                            PayloadTooLargeError, SIEConnectionError)
+                            PayloadTooLargeError, SIEConnectionError, SIEServerError)
 from sie_sdk.types import Item
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -84,11 +85,24 @@ def test_async_client_matches_sync(bge_m3_server) -> None:
         np.testing.assert_allclose(a["dense"], s["dense"], atol=1e-5)
 
 
-def test_lora_is_refused_clearly_until_supported(bge_m3_server) -> None:
+def test_readme_snippet_lora_call(bge_m3_server, legal_lora, bge_m3_dir) -> None:
+    """The snippet's third call: the adapter applies per request, equal to peft's merged model."""
+    from lora_adapters import m3_reference, tokenize
+
+    documents = SHORT_TEXTS[:12]
     client = SIEClient(bge_m3_server.url)
-    with pytest.raises((InvalidRequestError, ModelUnavailableError)) as err:
-        client.encode("BAAI/bge-m3", [Item(text="x")], options={"lora_id": "org/bge-m3-legal-lora"})
-    assert "org/bge-m3-legal-lora" in str(err.value)
+    legal_results = client.encode("BAAI/bge-m3", [Item(text=d) for d in documents],
+                                  options={"lora_id": "org/bge-m3-legal-lora"})
+    heads = {h: torch.load(bge_m3_dir / f"{h}.pt", weights_only=True)
+             for h in ("colbert_linear", "sparse_linear")}
+    want = m3_reference(legal_lora["merged"], heads, tokenize(bge_m3_dir, documents, 8192))
+    base = client.encode("BAAI/bge-m3", [Item(text=d) for d in documents])
+    for r, w, b in zip(legal_results, want, base):
+        assert float(r["dense"] @ w["dense"]) >= 0.99999
+        assert float(r["dense"] @ b["dense"]) < 0.9999  # the adapter changed the vectors
+    with pytest.raises(SIEServerError) as err:
+        client.encode("BAAI/bge-m3", "x", options={"lora_id": "org/no-such-adapter"})
+    assert err.value.status == 404 and "org/no-such-adapter" in err.value.message
 
 
 def test_large_lists_are_split_transparently(bge_m3_server) -> None:

@@ -17,15 +17,18 @@ class SIEConnectionError(SIEError):
 
 
 class SIEServerError(SIEError):
-    """The server answered with an error status and body `{"error": {"code", "message"}}`."""
+    """The server answered with an error status and body `{"error": {"code", "message"}}`;
+    `retry_after` holds the server's Retry-After hint in seconds (429, 503), else None."""
 
     default_code = "http_error"
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class InvalidRequestError(SIEServerError):
@@ -56,10 +59,6 @@ class OverloadedError(SIEServerError):
     """429: the model's queue is full; `retry_after` holds the server's hint in seconds."""
 
     default_code = "overloaded"
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(status, code, message)
-        self.retry_after = retry_after
 
 
 class ModelUnavailableError(SIEServerError):
@@ -127,6 +126,4 @@ def error_from_response(
     cls = _BY_STATUS.get(status) or (InternalServerError if status >= 500 else SIEServerError)
     code, message = _parse_body(body)
     code, message = code or cls.default_code, message or f"HTTP {status}"
-    if cls is OverloadedError:
-        return OverloadedError(status, code, message, _seconds(retry_after))
-    return cls(status, code, message)
+    return cls(status, code, message, _seconds(retry_after))

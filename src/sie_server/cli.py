@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
+import signal
 from pathlib import Path
+from typing import Iterator
 
+import uvicorn
+
+from . import logs
 from .config import Settings
+
+
+class GracefulServer(uvicorn.Server):
+    """SIGTERM/SIGINT: stop accepting, finish every accepted request, drain the engine,
+    exit 0 (plain uvicorn re-raises the signal after shutdown, so the exit status is -15)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _model_flag(value: str) -> tuple[str, str]:
@@ -29,6 +48,14 @@ def parser() -> argparse.ArgumentParser:
                    help="serve NAME from a folder or hub id (repeatable)")
     s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
                    help="load NAME at start (repeatable; default: the catalog's defaults)")
+    s.add_argument("--pin", action="append", dest="pinned_models", metavar="NAME",
+                   help="never evict NAME (repeatable)")
+    s.add_argument("--memory-budget-bytes", type=int,
+                   help="memory for loaded models (default: 90%% of GPU memory, or half the RAM)")
+    s.add_argument("--model-load-timeout", type=float, dest="model_load_timeout_s",
+                   help="seconds a request waits for its model to load, then 503 (default 120)")
+    s.add_argument("--load-retry-cooldown", type=float, dest="load_retry_cooldown_s",
+                   help="seconds a failed model load is not retried (default 30)")
     s.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
                    help="extra catalog YAML (repeatable)")
     s.add_argument("--allow-download", action="store_true", default=None,
@@ -53,8 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level)
     settings = Settings.from_env(
         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         models=dict(args.model), default_models=args.default_models,
@@ -64,15 +90,19 @@ def main(argv: list[str] | None = None) -> None:
         max_queued_tokens=args.max_queued_tokens, adapter_roots=args.adapter_roots,
         max_adapters=args.max_adapters, max_adapter_bytes=args.max_adapter_bytes,
         adapter_load_timeout_s=args.adapter_load_timeout_s,
-        api_keys=args.api_keys)
-    import uvicorn
-
+        api_keys=args.api_keys, pinned_models=args.pinned_models,
+        memory_budget_bytes=args.memory_budget_bytes,
+        model_load_timeout_s=args.model_load_timeout_s,
+        load_retry_cooldown_s=args.load_retry_cooldown_s)
     from .api import create_app
     from .engine import Engine
 
     app = create_app(Engine(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=60)
+    # access lines come from our middleware, with the request id
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level=args.log_level.lower(), log_config=None,
+                            timeout_graceful_shutdown=60)
+    GracefulServer(config).run()
 
 
 if __name__ == "__main__":

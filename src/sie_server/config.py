@@ -20,6 +20,10 @@ class Settings:
     default_models: list[str] | None = None  # None: the catalog's defaults
     catalog_files: list[Path] = field(default_factory=list)
     allow_download: bool = False  # fetch missing weights/adapters from the hub
+    pinned_models: list[str] = field(default_factory=list)  # never evicted
+    model_load_timeout_s: float = 120.0  # a request waits this long for its model, then 503
+    load_retry_cooldown_s: float = 30.0  # after a failed load, requests get its error this long
+    memory_budget_bytes: int | None = None  # None: 90% of GPU memory, or half the RAM on CPU
     # Batching: a batch holds at most this many real tokens / items.
     max_batch_tokens: int = 16384
     max_batch_items: int = 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -16,13 +17,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..engine import Engine
-from ..errors import BodyTooLarge, InternalError, SIEError
+from ..errors import BodyTooLarge, DeadlineExceeded, InternalError, InvalidRequest, SIEError
+from . import openai
+from .middleware import ServerMiddleware
 from .validate import parse_encode, parse_score
 from .wire import (JSON, MSGPACK, decode_body, encode_body, item_to_wire, score_to_wire,
                    wants_msgpack)
 
 log = logging.getLogger(__name__)
 
+PRELOAD_TIMEOUT_S = 3600.0
 # Results bigger than this many floats are serialized in a worker thread, off the event loop.
 _OFFLOAD_FLOATS = 1 << 16
 
@@ -54,6 +58,52 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; same as options.timeout_s
+
+
+def with_deadline(request: Request, options: dict[str, Any]) -> dict[str, Any]:
+    """Options with `timeout_s` taken from the X-Request-Timeout header when not set."""
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None or options.get("timeout_s") is not None:
+        return options
+    try:
+        timeout = float(header)
+    except ValueError:
+        raise InvalidRequest(f"header {TIMEOUT_HEADER} must be a number of seconds") from None
+    return {**options, "timeout_s": timeout}
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def await_result(request: Request, future: concurrent.futures.Future,
+                       timeout: float | None) -> Any:
+    """The engine's result; past the deadline 504, and a client that disconnects has its queued
+    work dropped. Either way the engine's future is cancelled."""
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if result in done:
+        return result.result()
+    future.cancel()
+    result.cancel()
+    if gone in done:
+        log.info("client disconnected; its queued work is dropped")
+        raise ClientDisconnected()
+    raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
+
+
+class ClientDisconnected(Exception):
+    """Nobody is left to answer."""
+
+
 def split_adapter_path(path: str, models: set[str]) -> tuple[str, str]:
     """"{model}/adapters/{lora_id}" -> (model, lora_id); both may contain "/", so the split is
     at the first "/adapters/" whose left side is a served model (else the first one)."""
@@ -78,24 +128,21 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     def load_defaults_in_background() -> None:
         for name in engine.registry.defaults:
             try:
-                engine.registry.get(name)
+                engine.registry.get(name, timeout=PRELOAD_TIMEOUT_S)
             except SIEError as err:
                 load_errors.append(err.message)
         ready.set()
 
     async def encode(request: Request) -> Response:
-        model = request.path_params["model"]
+        model = request.state.model = request.path_params["model"]
         body = decode_body(await read_body(request, settings.max_body_bytes),
                            request.headers.get("content-type", ""))
         call = parse_encode(body, settings.max_items_per_request)
+        options = with_deadline(request, call.options)
         # model lookup/loading and tokenization run in a thread: never on the event loop
         future = await anyio.to_thread.run_sync(
-            engine.submit, model, call.texts, call.output_types, call.options)
-        try:
-            results = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()  # the client went away: drop queued work
-            raise
+            engine.submit, model, call.texts, call.output_types, options)
+        results = await await_result(request, future, options.get("timeout_s"))
         binary = wants_msgpack(request.headers.get("accept", ""))
 
         def build() -> bytes:
@@ -107,23 +154,23 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return Response(content, media_type=MSGPACK if binary else JSON)
 
     async def score(request: Request) -> Response:
-        model = request.path_params["model"]
+        model = request.state.model = request.path_params["model"]
         body = decode_body(await read_body(request, settings.max_body_bytes),
                            request.headers.get("content-type", ""))
         call = parse_score(body, settings.max_items_per_request)
+        options = with_deadline(request, call.options)
         future = await anyio.to_thread.run_sync(
-            engine.submit_score, model, call.query, call.texts, call.options, call.top_k)
-        try:
-            result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()  # the client went away: drop queued work
-            raise
+            engine.submit_score, model, call.query, call.texts, options, call.top_k)
+        result = await await_result(request, future, options.get("timeout_s"))
         return respond(request, score_to_wire(model, call.ids, result))
 
     async def models(request: Request) -> Response:
         out = []
         for h in engine.registry.handles():
-            entry: dict[str, Any] = {"id": h.spec.name, "family": h.spec.family, "state": h.state}
+            entry: dict[str, Any] = {
+                "id": h.spec.name, "family": h.spec.family, "state": h.state,
+                "pinned": h.pinned, "memory_bytes": h.memory_bytes,
+                "last_used": h.last_used or None}
             if h.model is not None:
                 info = h.model.info
                 entry.update(output_types=list(info.output_types), dims=info.dims,
@@ -183,6 +230,9 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return respond(request, {"error": {"code": code, "message": str(exc.detail)}},
                        exc.status_code)
 
+    async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; the status is for logs and metrics
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
@@ -201,8 +251,13 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         Route("/v1/score/{model:path}", score, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{path:path}", adapter, methods=["POST", "DELETE"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        SIEError: on_sie_error, HTTPException: on_http_error, Exception: on_unexpected})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        SIEError: on_sie_error, HTTPException: on_http_error,
+        ClientDisconnected: on_disconnect, Exception: on_unexpected})
+    app.add_middleware(ServerMiddleware, api_keys=settings.api_keys, metrics=engine.metrics)
+    return app

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import AdapterLoading, AdapterNotFound, InvalidAdapter, InvalidRequest, SIEError
+from ..metrics import Metrics
 from ..models.base import EncoderModel
 from ..runtime.batch import PackedBatch
 from ..runtime.lora import (CONFIG_FILE, WEIGHT_FILES, BaseModelId, BatchLora, LoraAdapter,
@@ -93,9 +94,10 @@ def resolve_adapter(lora_id: str, roots: list[Path], allow_download: bool) -> Pa
 class AdapterManager:
     """The adapters of one model; thread-safe."""
 
-    def __init__(self, model: EncoderModel, settings: Settings) -> None:
+    def __init__(self, model: EncoderModel, settings: Settings, metrics: Metrics) -> None:
         self.model = model
         self.settings = settings
+        self.metrics = metrics
         spec = model.spec
         cfg_file = model.folder / "config.json"
         model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
@@ -209,6 +211,7 @@ class AdapterManager:
                 f"adapter {entry.lora_id!r}: {type(exc).__name__}: {exc}")
             log.warning("loading adapter %s for %s failed: %s", entry.lora_id,
                         self.model.spec.name, err.message)
+            self.metrics.adapter_loads.labels(self.model.spec.name, "failed").inc()
             with self._lock:
                 if self._entries.get(entry.lora_id) is entry:
                     del self._entries[entry.lora_id]
@@ -220,6 +223,7 @@ class AdapterManager:
             self._by_slot[adapter.uid] = adapter
             entry.adapter, entry.loaded_at = adapter, time.monotonic()
             self._evict(keep=entry)
+        self.metrics.adapter_loads.labels(self.model.spec.name, "loaded").inc()
         log.info("loaded adapter %s for %s (slot %d, rank %d, %d bytes) in %.2fs",
                  entry.lora_id, self.model.spec.name, adapter.uid, adapter.rank, adapter.nbytes,
                  time.perf_counter() - started)
@@ -263,7 +267,9 @@ class AdapterManager:
                 self._retire(e)
 
     def _retire(self, entry: _Entry) -> int:
+        """Remove an adapter from service (evicted or unloaded); under self._lock."""
         del self._entries[entry.lora_id]
+        self.metrics.adapter_evictions.labels(self.model.spec.name).inc()
         slot = entry.adapter.uid
         in_use = self._refs.get(slot, 0)
         if in_use:

@@ -13,6 +13,7 @@ from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
 from ..runtime.device import Placement
 from .adapters import AdapterManager
+from ..metrics import Metrics
 from .registry import ModelRegistry
 from .request import ItemResult, Request
 from .scoring import COMPONENTS, ScoreOptions, ScoreResult, embedding_scores, pair_scores
@@ -53,7 +54,8 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.placement = Placement.resolve(self.settings.device, self.settings.dtype)
-        self.registry = ModelRegistry(self.settings, self.placement)
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(self.settings, self.placement, self.metrics)
         self._adapter_lock = threading.Lock()  # creating a model's AdapterManager
         # turns finished score requests into scores, off the schedulers' worker threads
         self._post = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sie-post")
@@ -73,22 +75,24 @@ class Engine:
         """Queue texts for encoding; the future resolves to one ItemResult per text, in order."""
         opts = options if isinstance(options, EncodeOptions) else EncodeOptions.parse(options)
         types = list(output_types) if output_types else ["dense"]
-        handle = self.registry.get(model)
-        m = handle.model
-        m.check_output_types(types)
-        if not texts:
-            raise InvalidRequest("items must hold at least one item")
-        slot = self._adapter_slot(handle, opts.lora_id)
-        tok = m.prepare(list(texts), opts.is_query, opts.instruction)
-        if not opts.truncate:
-            for i, n in enumerate(tok.original_lengths):
-                if n > m.max_tokens:
-                    raise InputTooLong(f"items[{i}].text has {n} tokens; {model} takes at most "
-                                       f"{m.max_tokens} (set options.truncate to true to cut it)")
-        deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-        request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
-        self._enqueue(handle, request, opts.lora_id)
-        return request.future
+        with self.registry.use(model) as handle:
+            m = handle.model
+            m.check_output_types(types)
+            if not texts:
+                raise InvalidRequest("items must hold at least one item")
+            slot = self._adapter_slot(handle, opts.lora_id)
+            started = time.perf_counter()
+            tok = m.prepare(list(texts), opts.is_query, opts.instruction)
+            self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
+            if not opts.truncate:
+                for i, n in enumerate(tok.original_lengths):
+                    if n > m.max_tokens:
+                        raise InputTooLong(f"items[{i}].text has {n} tokens; {model} takes at most "
+                                           f"{m.max_tokens} (set options.truncate to true to cut it)")
+            deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+            request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
+            self._enqueue(handle, request, opts.lora_id)
+            return request.future
 
     def encode(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
                options: dict[str, Any] | EncodeOptions | None = None) -> list[ItemResult]:
@@ -111,40 +115,40 @@ class Engine:
             raise InvalidRequest("query.text must be a string")
         if not texts:
             raise InvalidRequest("items must hold at least one item")
-        handle = self.registry.get(model)
-        m = handle.model
-        if not m.score_types:
-            raise InvalidRequest(
-                f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
-                f"model with its own scores (BGE-M3); use /v1/encode for {model}")
-        score_type = opts.check(model, m.score_types, m.pair_scoring)
-        slot = self._adapter_slot(handle, opts.lora_id)
-        deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-        finish: Callable[[list[ItemResult]], ScoreResult]
-        if m.pair_scoring:
-            fixed, tok = m.prepare_pairs(query, list(texts))
-            if fixed >= m.max_tokens:
-                raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
-                                   f"tokens; {model} takes at most {m.max_tokens} per pair, "
-                                   "which leaves no room for the item")
-            self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
-            request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
-                              deadline, token_types=tok.type_ids)
-            activation = opts.activation or m.default_activation
-            finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
-        else:
-            components = tuple(c for c in COMPONENTS if c in m.output_types)
-            q = m.prepare([query], True, None)
-            d = m.prepare(list(texts), False, None)
-            self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
-                                "query.text")
-            self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
-            request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
-                              frozenset(components), slot, deadline)
-            finish = lambda results: embedding_scores(  # noqa: E731
-                results[0], results[1:], score_type, components, opts.weights, top_k)
-        self._enqueue(handle, request, opts.lora_id)
-        return self._then(request.future, finish)
+        with self.registry.use(model) as handle:
+            m = handle.model
+            if not m.score_types:
+                raise InvalidRequest(
+                    f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
+                    f"model with its own scores (BGE-M3); use /v1/encode for {model}")
+            score_type = opts.check(model, m.score_types, m.pair_scoring)
+            slot = self._adapter_slot(handle, opts.lora_id)
+            deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+            finish: Callable[[list[ItemResult]], ScoreResult]
+            if m.pair_scoring:
+                fixed, tok = m.prepare_pairs(query, list(texts))
+                if fixed >= m.max_tokens:
+                    raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
+                                       f"tokens; {model} takes at most {m.max_tokens} per pair, "
+                                       "which leaves no room for the item")
+                self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+                request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
+                                  deadline, token_types=tok.type_ids)
+                activation = opts.activation or m.default_activation
+                finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
+            else:
+                components = tuple(c for c in COMPONENTS if c in m.output_types)
+                q = m.prepare([query], True, None)
+                d = m.prepare(list(texts), False, None)
+                self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
+                                    "query.text")
+                self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
+                request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
+                                  frozenset(components), slot, deadline)
+                finish = lambda results: embedding_scores(  # noqa: E731
+                    results[0], results[1:], score_type, components, opts.weights, top_k)
+            self._enqueue(handle, request, opts.lora_id)
+            return self._then(request.future, finish)
 
     def score(self, model: str, query: str, texts: Sequence[str],
               options: dict[str, Any] | ScoreOptions | None = None,
@@ -204,7 +208,7 @@ class Engine:
         with self._adapter_lock:
             mgr = getattr(model, "adapter_manager", None)
             if mgr is None:
-                mgr = model.adapter_manager = AdapterManager(model, self.settings)
+                mgr = model.adapter_manager = AdapterManager(model, self.settings, self.metrics)
             return mgr
 
     def _adapter_slot(self, handle, lora_id: str | None) -> int:

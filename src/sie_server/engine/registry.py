@@ -1,90 +1,179 @@
-"""Model registry: which models exist, loading them once on first use, their schedulers."""
+"""Model registry: which models exist, loading on first use, and eviction under a memory budget.
+
+Loads run in a background thread; a request waits for its model up to
+`Settings.model_load_timeout_s`, then gets 503 with Retry-After while the load goes on.
+Concurrent first requests share one load. When a load would exceed the memory budget, the
+least recently used model that is neither pinned nor in use is evicted first; a model is in
+use while any request holds a lease on it (from lookup until its items are queued) or while
+its scheduler has work queued or running.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..config import Settings
 from ..errors import ModelNotFound, ModelUnavailable, SIEError
+from ..metrics import Metrics
 from ..models import FAMILIES, EncoderModel, ModelSpec
 from ..runtime.device import Placement
+from ..runtime.weights import estimate_bytes
 from .catalog import load_catalog, spec_for_source
 from .scheduler import Scheduler
 from .sources import resolve
 
 log = logging.getLogger(__name__)
 
-RETRY_COOLDOWN_S = 30.0  # a failed load is retried by a request after this long
-
-
 @dataclass(eq=False)
 class ModelHandle:
     spec: ModelSpec
-    state: str = "registered"  # registered | loading | ready | failed
+    pinned: bool = False
+    state: str = "registered"  # registered | loading | ready | failed | evicted
     model: EncoderModel | None = None
     scheduler: Scheduler | None = None
     error: SIEError | None = None
     failed_at: float = 0.0
-    last_used: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = 0.0  # time.time() of the last request
+    memory_bytes: int = 0
+    leases: int = 0
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def in_use(self) -> bool:
+        return self.leases > 0 or (self.scheduler is not None and self.scheduler.busy)
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, placement: Placement) -> None:
+    def __init__(self, settings: Settings, placement: Placement, metrics: Metrics) -> None:
         self.settings = settings
         self.placement = placement
+        self.metrics = metrics
         specs, defaults = load_catalog(settings.catalog_files)
         for name, source in settings.models.items():
             specs[name] = spec_for_source(name, source, specs.get(name))
         self.defaults = settings.default_models if settings.default_models is not None else defaults
-        unknown_family = [s.name for s in specs.values() if s.family not in FAMILIES]
-        self._handles = {n: ModelHandle(s) for n, s in specs.items() if n not in unknown_family}
-        for name in self.defaults:
+        for s in specs.values():
+            if s.family not in FAMILIES:
+                log.warning("catalog model %s has unknown family %r; not served", s.name, s.family)
+        self._handles = {n: ModelHandle(s, pinned=s.pinned or n in settings.pinned_models)
+                         for n, s in specs.items() if s.family in FAMILIES}
+        for name in [*self.defaults, *settings.pinned_models]:
             if name not in self._handles:
-                raise ValueError(f"default model {name!r} is not in the catalog")
+                raise ValueError(f"model {name!r} is not in the catalog")
+        self.budget = settings.memory_budget_bytes or placement.default_memory_budget()
+        self._lock = threading.Lock()  # guards states, leases and the memory account
 
     def handles(self) -> list[ModelHandle]:
         return list(self._handles.values())
 
-    def get(self, name: str) -> ModelHandle:
-        """The ready handle for `name`, loading it first if needed (concurrent callers load once)."""
+    @contextlib.contextmanager
+    def use(self, name: str, timeout: float | None = None) -> Iterator[ModelHandle]:
+        """A ready model, held against eviction until the block ends (load it if needed)."""
         handle = self._handles.get(name)
         if handle is None:
             raise ModelNotFound(f"model {name!r} is not served here; GET /v1/models lists them")
-        handle.last_used = time.monotonic()
-        if handle.state == "ready":
-            return handle
-        with handle.lock:
-            if handle.state == "ready":
-                return handle
-            if handle.state == "failed" and time.monotonic() - handle.failed_at < RETRY_COOLDOWN_S:
+        wait = self.settings.model_load_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                handle.last_used = time.time()
+                if handle.state == "ready":
+                    handle.leases += 1
+                    break
+                cooldown = self.settings.load_retry_cooldown_s
+                if handle.state == "failed" and time.monotonic() - handle.failed_at < cooldown:
+                    raise handle.error
+                if handle.state != "loading":
+                    self._start_load(handle)
+                event = handle.loaded
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise ModelUnavailable(f"{name} is still loading; retry shortly", retry_after=5)
+            if handle.state == "failed":
                 raise handle.error
-            self._load(handle)
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                handle.leases -= 1
+
+    def get(self, name: str, timeout: float | None = None) -> ModelHandle:
+        """Load `name` if needed and return its handle (no lease: for preloading and admin)."""
+        with self.use(name, timeout) as handle:
             return handle
+
+    def _start_load(self, handle: ModelHandle) -> None:
+        handle.state, handle.loaded = "loading", threading.Event()
+        threading.Thread(target=self._load, args=(handle,), name=f"load-{handle.spec.name}",
+                         daemon=True).start()
 
     def _load(self, handle: ModelHandle) -> None:
         spec = handle.spec
-        handle.state = "loading"
         started = time.perf_counter()
         try:
             folder = resolve(spec.name, spec.source, spec.family, self.settings.allow_download)
+            self._reserve(handle, estimate_bytes(folder, self.placement.dtype))
             model = FAMILIES[spec.family](spec, folder, self.placement)
         except Exception as exc:  # noqa: BLE001 - a bad model must never take the server down
             err = exc if isinstance(exc, SIEError) else ModelUnavailable(f"{spec.name}: {exc}")
-            handle.state, handle.error, handle.failed_at = "failed", err, time.monotonic()
+            with self._lock:
+                handle.state, handle.error, handle.failed_at = "failed", err, time.monotonic()
+                handle.memory_bytes = 0
+            self.metrics.model_loads.labels(spec.name, "failed").inc()
             log.error("loading %s failed: %s", spec.name, err.message)
-            raise err from None
+            handle.loaded.set()
+            return
         s = self.settings
-        handle.model = model
-        handle.scheduler = Scheduler(model, max_batch_tokens=s.max_batch_tokens,
-                                     max_batch_items=s.max_batch_items,
-                                     max_queued_tokens=s.max_queued_tokens)
-        handle.state, handle.error = "ready", None
-        log.info("loaded %s (%s) from %s in %.1fs", spec.name, spec.family, folder,
-                 time.perf_counter() - started)
+        scheduler = Scheduler(model, max_batch_tokens=s.max_batch_tokens,
+                              max_batch_items=s.max_batch_items,
+                              max_queued_tokens=s.max_queued_tokens, metrics=self.metrics)
+        with self._lock:
+            handle.model, handle.scheduler, handle.memory_bytes = model, scheduler, model.memory_bytes
+            handle.state, handle.error = "ready", None
+        self.metrics.model_loads.labels(spec.name, "loaded").inc()
+        self.metrics.model_memory.labels(spec.name).set(handle.memory_bytes)
+        self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
+        log.info("loaded %s (%s) from %s in %.1fs, %.0f MB", spec.name, spec.family, folder,
+                 time.perf_counter() - started, handle.memory_bytes / 1e6)
+        handle.loaded.set()
+
+    def _reserve(self, handle: ModelHandle, needed: int) -> None:
+        """Reserve `needed` bytes for a loading model, evicting least recently used idle,
+        unpinned models until it fits the budget (loads in progress count with their estimate)."""
+        name = handle.spec.name
+        while True:
+            with self._lock:
+                used = sum(h.memory_bytes for h in self._handles.values()
+                           if h.state in ("ready", "loading") and h is not handle)
+                if used + needed <= self.budget:
+                    handle.memory_bytes = needed
+                    return
+                idle = [h for h in self._handles.values()
+                        if h.state == "ready" and not h.pinned and not h.in_use]
+                if not idle:
+                    raise ModelUnavailable(
+                        f"{name} needs ~{needed / 1e6:.0f} MB but {used / 1e6:.0f} of the "
+                        f"{self.budget / 1e6:.0f} MB budget is held by pinned or busy models; "
+                        "retry later or raise --memory-budget-bytes", retry_after=10)
+                victim = min(idle, key=lambda h: h.last_used)
+                victim.state, victim.loaded = "evicted", threading.Event()
+            self._unload(victim)
+            self.metrics.model_evictions.labels(victim.spec.name).inc()
+            log.info("evicted %s to make room for %s", victim.spec.name, name)
+
+    def _unload(self, handle: ModelHandle) -> None:
+        if handle.scheduler is not None:
+            handle.scheduler.close(drain=True)
+        with self._lock:
+            handle.model = handle.scheduler = None
+            handle.memory_bytes = 0
+        self.metrics.model_memory.labels(handle.spec.name).set(0)
+        self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
+        self.placement.release_memory()
 
     def close(self) -> None:
         for handle in self._handles.values():

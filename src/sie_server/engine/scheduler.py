@@ -14,11 +14,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
-
 import numpy as np
 
 from ..errors import DeadlineExceeded, InternalError, ModelUnavailable, Overloaded
+from ..metrics import Metrics
 from ..models.base import BatchOutputs, EncoderModel
 from ..runtime.batch import pack, split_rows
 from .request import ItemResult, Request
@@ -34,13 +33,13 @@ class Scheduler:
     The bounded hand-off between them lets batch N+1 launch while batch N is copied out."""
 
     def __init__(self, model: EncoderModel, *, max_batch_tokens: int, max_batch_items: int,
-                 max_queued_tokens: int, on_batch: Callable[[int, int, float], None] | None = None,
-                 ) -> None:
+                 max_queued_tokens: int, metrics: Metrics | None = None) -> None:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_items = max_batch_items
         self.max_queued_tokens = max_queued_tokens
-        self.on_batch = on_batch
+        self.metrics = metrics or Metrics()
+        self._label = model.spec.name
         self._queue: collections.deque[Entry] = collections.deque()
         self._queued_tokens = 0
         self._in_flight = 0  # items taken from the queue and not yet resolved
@@ -73,11 +72,13 @@ class Scheduler:
             if self._closing:
                 raise ModelUnavailable(f"{self.model.spec.name} is shutting down")
             if self._queue and self._queued_tokens + tokens > self.max_queued_tokens:
+                self.metrics.rejected.labels(self._label).inc()
                 raise Overloaded(f"{self.model.spec.name}: queue full "
                                  f"({self._queued_tokens} tokens waiting); retry later",
                                  retry_after=1.0)
             self._queue.extend((request, i) for i in range(len(request.tokens)))
             self._queued_tokens += tokens
+            self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
             self._cond.notify()
 
     def close(self, drain: bool = True) -> None:
@@ -116,6 +117,9 @@ class Scheduler:
                     continue
                 batch.append((req, i))
                 tokens += n
+            for req in {id(r): r for r, _ in batch}.values():
+                self.metrics.queue_seconds.labels(self._label).observe(now - req.enqueued_at)
+            self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
             self._in_flight += len(batch)
             return batch
 
@@ -140,6 +144,7 @@ class Scheduler:
             oom = self.model.placement.is_oom(exc)
             if oom and len(batch) > 1:
                 log.warning("OOM on a batch of %d items; splitting", len(batch))
+                self.metrics.oom_splits.labels(self._label).inc()
                 self.model.placement.release_memory()
                 half = len(batch) // 2
                 self._launch(batch[:half])
@@ -156,9 +161,10 @@ class Scheduler:
             batch, outputs, started = item
             try:
                 host = outputs.to_host()
-                if self.on_batch:
-                    self.on_batch(len(batch), sum(len(r.tokens[i]) for r, i in batch),
-                                  time.perf_counter() - started)
+                m, label = self.metrics, self._label
+                m.inference_seconds.labels(label).observe(time.perf_counter() - started)
+                m.batch_items.labels(label).observe(len(batch))
+                m.batch_tokens.labels(label).observe(sum(len(r.tokens[i]) for r, i in batch))
                 self._deliver(batch, host)
             except Exception as exc:  # noqa: BLE001
                 log.exception("delivering a batch of %d items failed", len(batch))

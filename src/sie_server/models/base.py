@@ -33,7 +33,8 @@ class ModelSpec:
     document_prefix: str = ""
     instruction_template: str = "{instruction}{text}"
     output_types: tuple[str, ...] | None = None  # None: the family's own
-    pinned: bool = False
+    matryoshka: bool = False  # dense vectors may be cut to fewer dimensions (OpenAI `dimensions`)
+    pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
 
 
@@ -97,6 +98,13 @@ class EncoderModel(abc.ABC):
         self.adapter_hook: Callable[[PackedBatch], LinearHook | None] = lambda batch: None
         self.adapter_heads: Callable[[PackedBatch, str], list[tuple[torch.Tensor, dict]]] = (
             lambda batch, head: [])
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the model's tensors (encoder and heads)."""
+        tensors = [*self.encoder.parameters(),
+                   *(v for v in vars(self).values() if isinstance(v, torch.Tensor))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def info(self) -> ModelInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ class Placement:
 
     def is_oom(self, exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError)
+
+    def default_memory_budget(self) -> int:
+        """90% of the GPU's memory on CUDA, half of the RAM on CPU."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory * 0.9)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     def release_memory(self) -> None:
         """Return cached blocks to the device after an OOM."""

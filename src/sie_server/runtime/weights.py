@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -25,3 +26,21 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A small .pt state dict (BGE-M3 heads), loaded without executing pickled code."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def estimate_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Memory the folder's weights take once loaded in `dtype` (from headers, not data)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        binary = folder / "pytorch_model.bin"
+        return binary.stat().st_size * size // 4 if binary.exists() else 0
+    numel = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                numel += n
+    return numel * size

