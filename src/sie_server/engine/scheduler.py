@@ -193,7 +193,10 @@ class Scheduler:
         if out.sparse is not None:
             idx, val, counts = out.sparse
             sparse = list(zip(split_rows(idx, counts), split_rows(val, counts)))
-        multi = split_rows(out.multivector[0], out.multivector[1]) if out.multivector else None
+        multi = None
+        if out.multivector is not None:
+            rows, counts, skip = out.multivector
+            multi = [m[skip:] for m in split_rows(rows, counts)]
         for row, (req, i) in enumerate(batch):
             want = req.output_types
             req.complete(i, ItemResult(

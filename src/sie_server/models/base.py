@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..errors import InvalidRequest
@@ -48,6 +49,37 @@ class ModelInfo:
 
 
 @dataclass
+class TokenWeights:
+    """A sparse output still per token: (T,) ids and weights (0 = dropped) and the batch's
+    sequence lengths. `reduce()` gives each sequence's unique ids (ascending) with their max
+    weight, on the host."""
+
+    ids: Any
+    weights: Any
+    lengths: np.ndarray
+
+    def reduce(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, weights = _host(self.ids).astype(np.int64), _host(self.weights)
+        keep = weights > 0
+        seq = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)[keep]
+        keys = (seq << 32) | ids[keep]
+        order = np.argsort(keys, kind="stable")
+        keys, weights = keys[order], weights[keep][order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else keys
+        values = np.maximum.reduceat(weights, starts) if len(keys) else weights
+        keys = keys[starts]
+        counts = np.bincount(keys >> 32, minlength=len(self.lengths))
+        return (keys & 0xFFFFFFFF).astype(np.int32), values.astype(np.float32), counts
+
+
+def _host(t: Any) -> Any:
+    """A device tensor as a numpy array (floats as float32); anything else unchanged."""
+    if isinstance(t, torch.Tensor):
+        return (t.float() if t.is_floating_point() else t).cpu().numpy()
+    return t
+
+
+@dataclass
 class BatchOutputs:
     """Per-sequence results of one batch; rows follow the batch order.
 
@@ -56,21 +88,23 @@ class BatchOutputs:
     """
 
     dense: Any = None  # (B, D)
-    sparse: tuple[Any, Any, Any] | None = None  # indices, values, counts (B,)
-    multivector: tuple[Any, Any] | None = None  # rows (N, D), counts (B,)
+    # indices, values, counts (B,) -- or per-token TokenWeights, reduced on the host
+    sparse: tuple[Any, Any, Any] | TokenWeights | None = None
+    # rows (N, D), rows per sequence (B,), leading rows of each sequence to drop
+    multivector: tuple[Any, Any, int] | None = None
     scores: Any = None  # (B,) for scoring models
 
     def to_host(self) -> "BatchOutputs":
-        def host(t: Any) -> Any:
-            if isinstance(t, torch.Tensor):
-                return (t.float() if t.is_floating_point() else t).cpu().numpy()
-            return t
-
+        sparse = self.sparse
+        if isinstance(sparse, TokenWeights):
+            sparse = sparse.reduce()
+        elif sparse is not None:
+            sparse = tuple(_host(t) for t in sparse)
         return BatchOutputs(
-            dense=host(self.dense),
-            sparse=None if self.sparse is None else tuple(host(t) for t in self.sparse),
-            multivector=None if self.multivector is None else tuple(host(t) for t in self.multivector),
-            scores=host(self.scores),
+            dense=_host(self.dense),
+            sparse=sparse,
+            multivector=None if self.multivector is None else tuple(_host(t) for t in self.multivector),
+            scores=_host(self.scores),
         )
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
 from ..runtime.weights import load_torch_file
-from .base import BatchOutputs, EncoderModel, ModelSpec, family
+from .base import BatchOutputs, EncoderModel, ModelSpec, TokenWeights, family
 
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 
@@ -99,25 +99,16 @@ class BgeM3(EncoderModel):
         return out
 
     def sparse(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor,
-               w: torch.Tensor, b: torch.Tensor, overrides=()):
-        """Per sequence: unique token ids (ascending) and their max relu weight."""
+               w: torch.Tensor, b: torch.Tensor, overrides=()) -> TokenWeights:
+        """relu(sparse_linear(h)) per token, 0 for special ids; the max over repeated ids is
+        taken on the host (TokenWeights), so the device never waits on a data-dependent size."""
         weights = torch.relu(linear_rows(hidden, w, b, overrides)).squeeze(-1).float()
-        keep = (weights > 0) & ~torch.isin(ids, self.special_ids)
-        seq = self.seq_index(batch)[keep]
-        vocab = self.encoder.cfg.vocab_size
-        keys, inverse = torch.unique(seq * vocab + ids[keep], return_inverse=True)
-        values = torch.zeros(len(keys), device=hidden.device).scatter_reduce_(
-            0, inverse, weights[keep], reduce="amax", include_self=False)
-        counts = torch.bincount(keys // vocab, minlength=batch.num_seqs)
-        return (keys % vocab).int(), values, counts
+        return TokenWeights(ids, weights.masked_fill(torch.isin(ids, self.special_ids), 0.0),
+                            batch.lengths)
 
     def multivector(self, batch: PackedBatch, hidden: torch.Tensor, first: torch.Tensor,
                     w: torch.Tensor, b: torch.Tensor, overrides=()):
-        """ColBERT vectors of every token but the first of each sequence, L2-normalised."""
-        keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        keep[first] = False
-        if overrides:
-            vecs = F.normalize(linear_rows(hidden, w, b, overrides)[keep].float(), dim=-1)
-        else:
-            vecs = F.normalize(F.linear(hidden[keep], w, b).float(), dim=-1)
-        return vecs, batch.lengths - 1
+        """ColBERT vectors of every token, L2-normalised; the host drops each sequence's first
+        row (`<s>`) when splitting, which keeps the device free of boolean indexing."""
+        vecs = F.normalize(linear_rows(hidden, w, b, overrides).float(), dim=-1)
+        return vecs, batch.lengths, 1

@@ -49,4 +49,4 @@ class Splade(EncoderModel):
             pooled.scatter_reduce_(0, index, weights, reduce="amax")
         rows, cols = pooled.nonzero(as_tuple=True)  # row-major: grouped by sequence, ids ascending
         counts = torch.bincount(rows, minlength=batch.num_seqs)
-        return BatchOutputs(sparse=(cols.int(), pooled[rows, cols], counts))
+        return BatchOutputs(sparse=(cols.int(), pooled[rows, cols], counts))  # syncs: nonzero
