@@ -27,6 +27,8 @@ from .wire import (JSON, MSGPACK, decode_body, encode_body, item_to_wire, score_
 log = logging.getLogger(__name__)
 
 PRELOAD_TIMEOUT_S = 3600.0
+# Requests with at most this many characters of text are tokenized on the event loop.
+_INLINE_CHARS = 2048
 # Results bigger than this many floats are serialized in a worker thread, off the event loop.
 _OFFLOAD_FLOATS = 1 << 16
 
@@ -139,9 +141,13 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                            request.headers.get("content-type", ""))
         call = parse_encode(body, settings.max_items_per_request)
         options = with_deadline(request, call.options)
-        # model lookup/loading and tokenization run in a thread: never on the event loop
-        future = await anyio.to_thread.run_sync(
-            engine.submit, model, call.texts, call.output_types, options)
+        if (sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
+                and engine.registry.is_ready(model)):
+            # a few short texts: tokenizing them costs less than a hop to a worker thread
+            future = engine.submit(model, call.texts, call.output_types, options)
+        else:  # loading, adapter loads and long tokenization never run on the event loop
+            future = await anyio.to_thread.run_sync(
+                engine.submit, model, call.texts, call.output_types, options)
         results = await await_result(request, future, options.get("timeout_s"))
         binary = wants_msgpack(request.headers.get("accept", ""))
 

@@ -101,6 +101,10 @@ class ModelRegistry:
             with self._lock:
                 handle.leases -= 1
 
+    def is_ready(self, name: str) -> bool:
+        handle = self._handles.get(name)
+        return handle is not None and handle.state == "ready"
+
     def get(self, name: str, timeout: float | None = None) -> ModelHandle:
         """Load `name` if needed and return its handle (no lease: for preloading and admin)."""
         with self.use(name, timeout) as handle:
