@@ -4,20 +4,23 @@ Closed loop: each of N clients sends one request, waits for its answer, then tak
 request from a shared list, until the list is empty. Wall time runs from the first request
 sent to the last answer received; latency is per request, as the client sees it.
 
-HTTP clients run in separate processes (spawned; each imports only the SDK, never torch), so
-the benchmark measures the server rather than one Python process decoding responses.
-Processes line up on a barrier after opening their connections and then start together.
+HTTP clients run in separate worker processes (`python -m bench.load`; each imports only the
+SDK, never torch), so the benchmark measures the server rather than one Python process
+decoding responses. Workers open their connections, report ready, and start together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import multiprocessing as mp
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -120,25 +123,23 @@ def engine_call(engine, model: str, requests: list[list[str]], outputs: list[str
 # ------------------------------------------------------------------ HTTP (processes)
 
 async def _http_clients(url: str, model: str, requests: list[list[str]], outputs: list[str],
-                        options: list[dict | None], n_clients: int, counter, barrier,
-                        timeout: float) -> LoadResult:
+                        options: list[dict | None], n_clients: int, timeout: float,
+                        ready: Callable[[], None]) -> LoadResult:
+    """`n_clients` SDK clients share `requests` (closed loop); `ready()` blocks until the
+    parent says go, after the connections are open."""
     from sie_sdk import SIEAsyncClient
 
     clients = [SIEAsyncClient(url, timeout=timeout, max_items_per_request=1 << 20,
                               max_concurrency=1) for _ in range(n_clients)]
     result = LoadResult()
+    todo = iter(range(len(requests)))
     try:
         for c in clients:  # open the connections before the clock starts
             await c.health()
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        await asyncio.get_running_loop().run_in_executor(None, ready)
 
         async def client(c) -> None:
-            while True:
-                with counter.get_lock():
-                    i = counter.value
-                    counter.value += 1
-                if i >= len(requests):
-                    return
+            for i in todo:
                 t0 = time.perf_counter()
                 try:
                     res = await c.encode(model, requests[i], outputs, options[i])
@@ -158,15 +159,25 @@ async def _http_clients(url: str, model: str, requests: list[list[str]], outputs
     return result
 
 
-def _child(url, model, requests, outputs, options, n_clients, counter, barrier, queue,
-           timeout) -> None:
+def _worker_main() -> None:
+    """`python -m bench.load`: one client process. stdin: a pickled job, then a line "go";
+    stdout: "ready" once connected, then the pickled (records, errors)."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    job = pickle.load(inp)
+
+    def ready() -> None:
+        out.write(b"ready\n")
+        out.flush()
+        if inp.readline().strip() != b"go":
+            raise SystemExit("no go")
+
     try:
-        res = asyncio.run(_http_clients(url, model, requests, outputs, options, n_clients,
-                                        counter, barrier, timeout))
-        queue.put((res.records, res.errors))
-    except BaseException:  # noqa: BLE001 - the parent must hear of it, not hang
-        barrier.abort()
-        queue.put(([], [traceback.format_exc()]))
+        res = asyncio.run(_http_clients(ready=ready, **job))
+        payload = (res.records, res.errors)
+    except BaseException:  # noqa: BLE001 - the parent must hear of it
+        payload = ([], [traceback.format_exc()])
+    pickle.dump(payload, out)
+    out.flush()
 
 
 def default_procs(clients: int) -> int:
@@ -179,36 +190,47 @@ def http_closed_loop(url: str, model: str, requests: list[list[str]], outputs: l
                      clients: int, procs: int | None = None,
                      options: list[dict | None] | dict | None = None,
                      timeout: float = 600.0) -> LoadResult:
-    """`clients` SDK clients spread over `procs` processes share the request list."""
-    procs = max(1, min(procs or default_procs(clients), clients))
+    """`clients` SDK clients spread over `procs` worker processes (requests dealt round-robin
+    to the processes; within one, its clients share its list). Workers are plain
+    subprocesses running `python -m bench.load`, so they import the SDK only."""
+    procs = max(1, min(procs or default_procs(clients), clients, len(requests)))
     if not isinstance(options, list):
         options = [options] * len(requests)
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("q", 0)
-    barrier = ctx.Barrier(procs + 1)
-    queue = ctx.Queue()
     per = [clients // procs + (1 if k < clients % procs else 0) for k in range(procs)]
-    children = [ctx.Process(target=_child, daemon=True,
-                            args=(url, model, requests, outputs, options, per[k], counter,
-                                  barrier, queue, timeout))
-                for k in range(procs)]
-    for p in children:
-        p.start()
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(root) / "src"), root,
+                                         *filter(None, [env.get("PYTHONPATH")])])
+    workers = []
     result = LoadResult()
     try:
-        try:
-            barrier.wait(timeout=120)
-        except threading.BrokenBarrierError:
-            pass  # a child failed; its traceback comes through the queue
-        for _ in children:
-            records, errors = queue.get(timeout=timeout + 120)
+        for k in range(procs):
+            w = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=env, cwd=root)
+            workers.append(w)
+            job = {"url": url, "model": model, "requests": requests[k::procs],
+                   "outputs": outputs, "options": options[k::procs], "n_clients": per[k],
+                   "timeout": timeout}
+            pickle.dump(job, w.stdin)
+            w.stdin.flush()
+        for w in workers:
+            line = w.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"an HTTP client process failed to start (exit {w.wait()})")
+        for w in workers:
+            w.stdin.write(b"go\n")
+            w.stdin.flush()
+        for w in workers:
+            records, errors = pickle.load(w.stdout)
             result.records += records
             result.errors += errors
     finally:
-        for p in children:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        for w in workers:
+            try:
+                w.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
     return result
 
 
@@ -231,3 +253,7 @@ def http_sequential(url: str, model: str, requests: list[list[str]], outputs: li
             result.records.append((t0, time.perf_counter(), len(res),
                                    sum(r["token_count"] for r in res)))
     return result
+
+
+if __name__ == "__main__":
+    _worker_main()

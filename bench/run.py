@@ -17,6 +17,7 @@ See bench/README.md for what every number means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -42,11 +43,13 @@ KEYS = {"inprocess": "engine_inprocess", "http": "engine_http", "naive": "naive_
         "flag": "flag_style", "st": "sentence_transformers"}
 
 # (device, corpus) -> default number of texts; quick mode overrides
-DEFAULT_N = {("cpu", "passages"): 256, ("cpu", "queries"): 2048, ("cpu", "long"): 8,
+DEFAULT_N = {("cpu", "passages"): 128, ("cpu", "queries"): 2048, ("cpu", "long"): 8,
              ("cuda", "passages"): 4096, ("cuda", "queries"): 65536, ("cuda", "long"): 256}
 QUICK_N = {"passages": 16, "queries": 64, "long": 2}
-# corpus -> (clients, items per request)
-LOAD_SHAPE = {"passages": (8, 32), "queries": (64, 16), "long": (8, 2)}
+# (device, corpus) -> (clients, items per request)
+LOAD_SHAPE = {("cpu", "passages"): (8, 16), ("cuda", "passages"): (8, 32),
+              ("cpu", "queries"): (64, 16), ("cuda", "queries"): (64, 16),
+              ("cpu", "long"): (8, 2), ("cuda", "long"): (8, 2)}
 
 _T0 = time.perf_counter()
 
@@ -133,6 +136,17 @@ def warm_slice(reqs: list, clients: int, quick: bool) -> list:
     return reqs[: max(1, min(len(reqs), max(2 * clients, len(reqs) // 8)))]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s; with several rounds, all rounds' figures beside it."""
+    ok = [r for r in runs if "tokens_per_s" in r]
+    if not ok:
+        return runs[-1] if runs else {}
+    best = dict(sorted(ok, key=lambda r: r["tokens_per_s"])[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        best["rounds_tokens_per_s"] = [r.get("tokens_per_s") for r in runs]
+    return best
+
+
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -152,6 +166,8 @@ class Bench:
         self.lengths: dict[str, np.ndarray] = {}
         self.engine_dense: dict[str, np.ndarray] = {}
         self.extra: dict = {}
+        self.engine = self.server = self.ref = self.st = None
+        self.flag_bs: dict = {}
         for kind in args.corpus:
             n = args.n or (QUICK_N[kind] if args.quick else DEFAULT_N[(args.devtype, kind)])
             c = corpus_mod.make_corpus(kind, n, self.tok, args.seed)
@@ -159,7 +175,7 @@ class Bench:
             self.lengths[kind] = c.token_lengths(self.tok, self.limit)
 
     def shape(self, kind: str) -> tuple[int, int]:
-        clients, size = LOAD_SHAPE[kind]
+        clients, size = LOAD_SHAPE[(self.a.devtype, kind)]
         if self.a.quick:
             clients, size = min(clients, 4), min(size, 4)
         return self.a.clients or clients, self.a.request_size or size
@@ -173,15 +189,8 @@ class Bench:
         if "tokens" in summary and summary["tokens"] != expected:
             summary["token_check"] = f"MISMATCH: counted {summary['tokens']}, corpus has {expected}"
         run[KEYS.get(path, path)] = summary
-        if "tokens_per_s" in summary:
-            log(f"  {self.key(kind, outputs)} {KEYS.get(path, path)}: "
-                f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['texts_per_s']:,.1f} texts/s"
-                + (f", p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms"
-                   if "p50_ms" in summary else ""))
-        else:
-            log(f"  {self.key(kind, outputs)} {KEYS.get(path, path)}: {summary}")
 
-    # -------------------------------------------------------------- engine in-process
+    # -------------------------------------------------------------- setting up the paths
 
     def settings(self):
         from sie_server.config import Settings
@@ -194,39 +203,154 @@ class Bench:
             s.adapter_roots = [Path(self.a.adapter_root)]
         return s
 
-    def run_inprocess(self) -> None:
-        from sie_server.engine import Engine
+    def open_paths(self, stack: contextlib.ExitStack) -> dict:
+        """Load everything the asked-for paths need, all at once (so they can be interleaved);
+        `stack` closes them. Returns {path: measure(kind, outputs) -> summary}."""
+        from . import reference as ref_mod
 
-        log("engine in-process: loading")
-        t0 = time.perf_counter()
-        engine = Engine(self.settings())
-        engine.start()
-        self.extra["engine_load_s"] = round(time.perf_counter() - t0, 2)
-        try:
-            if "inprocess" in self.a.paths:
-                for kind, c in self.corpora.items():
-                    clients, size = self.shape(kind)
-                    for outputs in self.a.outputs:
-                        reqs = chunk(c.texts, size)
-                        warm = warm_slice(reqs, clients, self.a.quick)
-                        closed_loop_threads(engine_call(engine, self.a.name, warm, outputs),
-                                            len(warm), clients)
-                        snap = stats.snapshot_inprocess(engine)
-                        before = snap()
-                        res = closed_loop_threads(engine_call(engine, self.a.name, reqs, outputs),
-                                                  len(reqs), clients)
-                        summary = res.summary(clients=clients, request_size=size)
-                        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
-                        self.record(kind, outputs, "inprocess", summary)
-                    k = min(len(c.texts), 8)
-                    got = engine.encode(self.a.name, c.texts[:k], ["dense"])
+        paths: dict = {}
+        wanted = self.a.paths
+        if "inprocess" in wanted or "lora" in wanted:
+            from sie_server.engine import Engine
+
+            log("engine in-process: loading")
+            t0 = time.perf_counter()
+            engine = Engine(self.settings())
+            engine.start()
+            stack.callback(free_device_memory)
+            stack.callback(engine.close)
+            self.engine = engine
+            self.extra["engine_load_s"] = round(time.perf_counter() - t0, 2)
+            if "inprocess" in wanted:
+                paths["inprocess"] = self.measure_inprocess
+        if "http" in wanted:
+            from .server import Server
+
+            extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
+                if self.a.max_batch_tokens else []
+            log("engine over HTTP: starting the server")
+            self.server = stack.enter_context(
+                Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra))
+            self.extra["server_start_s"] = round(self.server.startup_s, 2)
+            paths["http"] = self.measure_http
+        if "naive" in wanted or "flag" in wanted:
+            log("references: loading the transformers model")
+            self.ref = ref_mod.load(self.folder, self.a.device)
+            self.extra["reference_model"] = self.ref.info
+            for p in ("naive", "flag"):
+                if p in wanted:
+                    paths[p] = getattr(self, f"measure_{p}")
+        if "st" in wanted:
+            if not (self.folder / "modules.json").exists():
+                self.extra["sentence_transformers"] = "skipped: not a sentence-transformers model"
+            else:
+                log("references: loading sentence-transformers")
+                self.st = ref_mod.st_load(self.folder, self.a.device)
+                paths["st"] = self.measure_st
+        return paths
+
+    # -------------------------------------------------------------- one measurement per path
+
+    def measure_inprocess(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        clients, size = self.shape(kind)
+        reqs = chunk(self.corpora[kind].texts, size)
+        call = engine_call(self.engine, self.a.name, reqs, outputs)
+        if warm:
+            w = warm_slice(reqs, clients, self.a.quick)
+            closed_loop_threads(call, len(w), clients)
+            return {}
+        snap = stats.snapshot_inprocess(self.engine)
+        before = snap()
+        summary = closed_loop_threads(call, len(reqs), clients).summary(
+            clients=clients, request_size=size)
+        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        return summary
+
+    def measure_http(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        clients, size = self.shape(kind)
+        procs = self.a.client_procs or default_procs(clients)
+        reqs = chunk(self.corpora[kind].texts, size)
+        url = self.server.url
+        if warm:
+            http_closed_loop(url, self.a.name, warm_slice(reqs, clients, self.a.quick), outputs,
+                             clients, procs)
+            return {}
+        snap = stats.snapshot_http(url)
+        before = snap()
+        res = http_closed_loop(url, self.a.name, reqs, outputs, clients, procs)
+        summary = res.summary(clients=clients, request_size=size, client_procs=procs)
+        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        return summary
+
+    def measure_naive(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        from . import reference as ref_mod
+
+        texts = self.corpora[kind].texts
+        if warm:
+            ref_mod.naive(self.ref, texts[:32], outputs)
+            return {}
+        run = ref_mod.naive(self.ref, texts, outputs, keep=min(len(texts), 8))
+        extra = {}
+        if kind in self.engine_dense and run.dense is not None:
+            extra["dense_min_cosine_vs_engine"] = round(
+                cosine_min(self.engine_dense[kind], run.dense), 6)
+        return run.summary(**extra)
+
+    def measure_flag(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        from . import reference as ref_mod
+
+        texts = self.corpora[kind].texts
+        key = (kind, tuple(outputs))
+        if warm:
+            if self.ref.device.type == "cuda":  # FlagEmbedding's OOM probe, untimed
+                self.flag_bs[key] = ref_mod.flag_probe_batch_size(self.ref, texts, outputs, 256)
+            else:
+                ref_mod.flag(self.ref, texts[:32], outputs, 256)
+            return {}
+        return ref_mod.flag(self.ref, texts, outputs, self.flag_bs.get(key, 256)).summary()
+
+    def measure_st(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        from . import reference as ref_mod
+
+        texts = self.corpora[kind].texts
+        if warm:
+            self.st.encode(texts[:32], batch_size=32, show_progress_bar=False)
+            return {}
+        return ref_mod.st_encode(self.st, texts, int(self.lengths[kind].sum())).summary()
+
+    # -------------------------------------------------------------- the run
+
+    def run(self) -> None:
+        with contextlib.ExitStack() as stack:
+            paths = self.open_paths(stack)
+            for kind, c in self.corpora.items():
+                if "inprocess" in paths or "lora" in self.a.paths:
+                    got = self.engine.encode(self.a.name, c.texts[: min(len(c.texts), 8)], ["dense"])
                     self.engine_dense[kind] = np.stack([r.dense for r in got]).astype(np.float32)
+                for outputs in self.a.outputs:
+                    for name, measure in paths.items():
+                        measure(kind, outputs, warm=True)
+                    results: dict[str, list[dict]] = {name: [] for name in paths}
+                    for r in range(self.a.repeat):
+                        for name, measure in paths.items():
+                            s = measure(kind, outputs, warm=False)
+                            results[name].append(s)
+                            self.log_summary(kind, outputs, name, s, r)
+                    for name, runs in results.items():
+                        self.record(kind, outputs, name, median_run(runs))
+                if kind == "queries" and "http" in paths:
+                    self.run_query_modes(self.server.url, c.texts, stats.snapshot_http(self.server.url))
             if "lora" in self.a.paths:
-                self.run_lora(engine)
-        finally:
-            engine.close()
-            del engine
-            free_device_memory()
+                self.run_lora(self.engine)
+
+    def log_summary(self, kind: str, outputs: list[str], path: str, s: dict, r: int) -> None:
+        tag = f"  {self.key(kind, outputs)} {KEYS.get(path, path)}" + \
+            (f" (round {r + 1}/{self.a.repeat})" if self.a.repeat > 1 else "")
+        if "tokens_per_s" not in s:
+            log(f"{tag}: {s}")
+            return
+        log(f"{tag}: {s['tokens_per_s']:,.0f} tokens/s, {s['texts_per_s']:,.1f} texts/s"
+            + (f", p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms" if "p50_ms" in s else ""))
 
     def run_lora(self, engine) -> None:
         from . import lora
@@ -265,33 +389,6 @@ class Bench:
             log(f"  lora passages ratio {result['passages']['ratio_adapters_vs_none']}, "
                 f"queries mixed/per-adapter {result['queries']['ratio_mixed_vs_per_adapter']}")
 
-    # -------------------------------------------------------------- engine over HTTP
-
-    def run_http(self) -> None:
-        from .server import Server
-
-        extra = []
-        if self.a.max_batch_tokens:
-            extra += ["--max-batch-tokens", str(self.a.max_batch_tokens)]
-        log("engine over HTTP: starting the server")
-        with Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra) as srv:
-            self.extra["server_start_s"] = round(srv.startup_s, 2)
-            snap = stats.snapshot_http(srv.url)
-            for kind, c in self.corpora.items():
-                clients, size = self.shape(kind)
-                procs = self.a.client_procs or default_procs(clients)
-                for outputs in self.a.outputs:
-                    reqs = chunk(c.texts, size)
-                    warm = warm_slice(reqs, clients, self.a.quick)
-                    http_closed_loop(srv.url, self.a.name, warm, outputs, clients, procs)
-                    before = snap()
-                    res = http_closed_loop(srv.url, self.a.name, reqs, outputs, clients, procs)
-                    summary = res.summary(clients=clients, request_size=size, client_procs=procs)
-                    summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
-                    self.record(kind, outputs, "http", summary)
-                if kind == "queries":
-                    self.run_query_modes(srv.url, c.texts, snap)
-
     def run_query_modes(self, url: str, texts: list[str], snap) -> None:
         """Issue 3's short-query figures over HTTP (first output set)."""
         outputs = self.a.outputs[0]
@@ -318,54 +415,6 @@ class Bench:
         self.runs[key]["engine_http_idle_single_query"] = summary
         log(f"  {key} engine_http_idle_single_query: p50 {summary.get('p50_ms', 0):.2f} ms, "
             f"p99 {summary.get('p99_ms', 0):.2f} ms")
-
-    # -------------------------------------------------------------- references
-
-    def run_references(self) -> None:
-        from . import reference as ref_mod
-
-        wanted = [p for p in REF_PATHS if p in self.a.paths]
-        if not wanted:
-            return
-        dev = self.a.device
-        ref = None
-        if "naive" in wanted or "flag" in wanted:
-            log("references: loading the transformers model")
-            ref = ref_mod.load(self.folder, dev)
-            self.extra["reference_model"] = ref.info
-        for kind, c in self.corpora.items():
-            for outputs in self.a.outputs:
-                if "naive" in wanted:
-                    ref_mod.naive(ref, c.texts[:32], outputs)
-                    run = ref_mod.naive(ref, c.texts, outputs, keep=min(len(c.texts), 8))
-                    extra = {}
-                    if kind in self.engine_dense and run.dense is not None:
-                        extra["dense_min_cosine_vs_engine"] = round(
-                            cosine_min(self.engine_dense[kind], run.dense), 6)
-                    self.record(kind, outputs, "naive", run.summary(**extra))
-                if "flag" in wanted:
-                    bs = 256
-                    if ref.device.type == "cuda":
-                        bs = ref_mod.flag_probe_batch_size(ref, c.texts, outputs, bs)
-                    else:
-                        ref_mod.flag(ref, c.texts[:32], outputs, bs)
-                    self.record(kind, outputs, "flag", ref_mod.flag(ref, c.texts, outputs, bs).summary())
-        if ref is not None:
-            del ref
-            free_device_memory()
-        if "st" in wanted:
-            if not (self.folder / "modules.json").exists():
-                self.extra["sentence_transformers"] = "skipped: not a sentence-transformers model"
-            else:
-                log("references: loading sentence-transformers")
-                st = ref_mod.st_load(self.folder, dev)
-                for kind, c in self.corpora.items():
-                    tokens = int(self.lengths[kind].sum())
-                    for outputs in self.a.outputs:
-                        st.encode(c.texts[:32], batch_size=32, show_progress_bar=False)
-                        self.record(kind, outputs, "st", ref_mod.st_encode(st, c.texts, tokens).summary())
-                del st
-                free_device_memory()
 
     # -------------------------------------------------------------- report
 
@@ -470,6 +519,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-passages", type=int, default=None)
     ap.add_argument("--lora-queries", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="timed rounds per path, interleaved across paths; the median is "
+                         "reported (default 3 on CPU, 1 on CUDA, 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny CI-sized run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
@@ -482,6 +534,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.devtype == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no CUDA device")
     a.model = a.model or ("bge-m3-large" if a.devtype == "cuda" else "minilm")
+    if a.repeat is None:
+        a.repeat = 1 if a.quick or a.devtype == "cuda" else 3
     a.name = a.model
     a.corpus = [c for c in a.corpus.split(",") if c]
     for c in a.corpus:
@@ -524,11 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.devtype == "cuda":
         peak = round(matmul_peak_tflops(), 1)
         log(f"bf16 8192^3 matmul: {peak} TFLOP/s")
-    if "inprocess" in a.paths or "lora" in a.paths:
-        bench.run_inprocess()
-    if "http" in a.paths:
-        bench.run_http()
-    bench.run_references()
+    bench.run()
     linear, attn, shape = flops_per_token(a.folder, a.outputs[0])
     doc = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
