@@ -205,49 +205,69 @@ class Bench:
 
     def open_paths(self, stack: contextlib.ExitStack) -> dict:
         """Load everything the asked-for paths need, all at once (so they can be interleaved);
-        `stack` closes them. Returns {path: measure(kind, outputs) -> summary}."""
-        from . import reference as ref_mod
-
+        `stack` closes them. Returns {path: measure(kind, outputs, warm) -> summary}. A path
+        that cannot be set up is reported in `errors` and left out; the others still run."""
         paths: dict = {}
-        wanted = self.a.paths
-        if "inprocess" in wanted or "lora" in wanted:
+        for path, setup in (("inprocess", self.setup_engine), ("http", self.setup_http),
+                            ("naive", self.setup_reference), ("flag", self.setup_reference),
+                            ("st", self.setup_st)):
+            if path not in self.a.paths and not (path == "inprocess" and "lora" in self.a.paths):
+                continue
+            try:
+                if setup(stack) and path in self.a.paths:
+                    paths[path] = getattr(self, f"measure_{path}")
+            except Exception as exc:  # noqa: BLE001 - report it, run the rest
+                self.error(f"setting up {path}", exc)
+        return paths
+
+    def error(self, what: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        log(f"!! {what} failed: {msg}")
+        self.extra.setdefault("errors", []).append({"what": what, "error": msg[-2000:]})
+
+    def setup_engine(self, stack: contextlib.ExitStack) -> bool:
+        if self.engine is None:
             from sie_server.engine import Engine
 
             log("engine in-process: loading")
             t0 = time.perf_counter()
             engine = Engine(self.settings())
-            engine.start()
             stack.callback(free_device_memory)
             stack.callback(engine.close)
+            engine.start()
             self.engine = engine
             self.extra["engine_load_s"] = round(time.perf_counter() - t0, 2)
-            if "inprocess" in wanted:
-                paths["inprocess"] = self.measure_inprocess
-        if "http" in wanted:
-            from .server import Server
+        return True
 
-            extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
-                if self.a.max_batch_tokens else []
-            log("engine over HTTP: starting the server")
-            self.server = stack.enter_context(
-                Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra))
-            self.extra["server_start_s"] = round(self.server.startup_s, 2)
-            paths["http"] = self.measure_http
-        if "naive" in wanted or "flag" in wanted:
+    def setup_http(self, stack: contextlib.ExitStack) -> bool:
+        from .server import Server
+
+        extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
+            if self.a.max_batch_tokens else []
+        log("engine over HTTP: starting the server")
+        self.server = stack.enter_context(
+            Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra))
+        self.extra["server_start_s"] = round(self.server.startup_s, 2)
+        return True
+
+    def setup_reference(self, stack: contextlib.ExitStack) -> bool:
+        from . import reference as ref_mod
+
+        if self.ref is None:
             log("references: loading the transformers model")
             self.ref = ref_mod.load(self.folder, self.a.device)
             self.extra["reference_model"] = self.ref.info
-            for p in ("naive", "flag"):
-                if p in wanted:
-                    paths[p] = getattr(self, f"measure_{p}")
-        if "st" in wanted:
-            if not (self.folder / "modules.json").exists():
-                self.extra["sentence_transformers"] = "skipped: not a sentence-transformers model"
-            else:
-                log("references: loading sentence-transformers")
-                self.st = ref_mod.st_load(self.folder, self.a.device)
-                paths["st"] = self.measure_st
-        return paths
+        return True
+
+    def setup_st(self, stack: contextlib.ExitStack) -> bool:
+        from . import reference as ref_mod
+
+        if not (self.folder / "modules.json").exists():
+            self.extra["sentence_transformers"] = "skipped: not a sentence-transformers model"
+            return False
+        log("references: loading sentence-transformers")
+        self.st = ref_mod.st_load(self.folder, self.a.device)
+        return True
 
     # -------------------------------------------------------------- one measurement per path
 
@@ -324,24 +344,50 @@ class Bench:
         with contextlib.ExitStack() as stack:
             paths = self.open_paths(stack)
             for kind, c in self.corpora.items():
-                if "inprocess" in paths or "lora" in self.a.paths:
-                    got = self.engine.encode(self.a.name, c.texts[: min(len(c.texts), 8)], ["dense"])
-                    self.engine_dense[kind] = np.stack([r.dense for r in got]).astype(np.float32)
+                if self.engine is not None:
+                    try:
+                        got = self.engine.encode(self.a.name, c.texts[: min(len(c.texts), 8)],
+                                                 ["dense"])
+                        self.engine_dense[kind] = np.stack([r.dense for r in got]).astype(np.float32)
+                    except Exception as exc:  # noqa: BLE001
+                        self.error(f"{kind}: engine dense check", exc)
                 for outputs in self.a.outputs:
-                    for name, measure in paths.items():
-                        measure(kind, outputs, warm=True)
-                    results: dict[str, list[dict]] = {name: [] for name in paths}
-                    for r in range(self.a.repeat):
-                        for name, measure in paths.items():
-                            s = measure(kind, outputs, warm=False)
-                            results[name].append(s)
-                            self.log_summary(kind, outputs, name, s, r)
-                    for name, runs in results.items():
-                        self.record(kind, outputs, name, median_run(runs))
+                    self.run_paths(paths, kind, outputs)
                 if kind == "queries" and "http" in paths:
-                    self.run_query_modes(self.server.url, c.texts, stats.snapshot_http(self.server.url))
-            if "lora" in self.a.paths:
-                self.run_lora(self.engine)
+                    try:
+                        self.run_query_modes(self.server.url, c.texts,
+                                             stats.snapshot_http(self.server.url))
+                    except Exception as exc:  # noqa: BLE001
+                        self.error("short-query modes", exc)
+            if "lora" in self.a.paths and self.engine is not None:
+                try:
+                    self.run_lora(self.engine)
+                except Exception as exc:  # noqa: BLE001
+                    self.error("lora", exc)
+                    self.extra["lora"] = {"status": "error", "message": repr(exc)}
+
+    def run_paths(self, paths: dict, kind: str, outputs: list[str]) -> None:
+        """Warm every path up, then `repeat` rounds over the paths in turn; keep the median."""
+        failed: set[str] = set()
+        for name, measure in paths.items():
+            try:
+                measure(kind, outputs, warm=True)
+            except Exception as exc:  # noqa: BLE001 - that path is out for this run
+                self.error(f"{self.key(kind, outputs)} {name} warm-up", exc)
+                failed.add(name)
+        results: dict[str, list[dict]] = {name: [] for name in paths if name not in failed}
+        for r in range(self.a.repeat):
+            for name in list(results):
+                try:
+                    s = paths[name](kind, outputs, warm=False)
+                except Exception as exc:  # noqa: BLE001
+                    self.error(f"{self.key(kind, outputs)} {name}", exc)
+                    s = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+                    free_device_memory()
+                results[name].append(s)
+                self.log_summary(kind, outputs, name, s, r)
+        for name, runs in results.items():
+            self.record(kind, outputs, name, median_run(runs))
 
     def log_summary(self, kind: str, outputs: list[str], path: str, s: dict, r: int) -> None:
         tag = f"  {self.key(kind, outputs)} {KEYS.get(path, path)}" + \

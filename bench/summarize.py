@@ -30,6 +30,9 @@ def summarize(doc: dict, name: str = "") -> list[str]:
         for path, s in run.items():
             if path == "ratios" or not isinstance(s, dict):
                 continue
+            if "error" in s and "tokens_per_s" not in s:
+                lines.append(f"    {path:32s} ERROR {s['error'][:200]}")
+                continue
             parts = [f"{_fmt(s.get('tokens_per_s'))} tok/s", f"{_fmt(s.get('texts_per_s'))} texts/s"]
             if "requests_per_s" in s and "single_query" in path:
                 parts.append(f"{_fmt(s['requests_per_s'])} req/s")
@@ -62,6 +65,8 @@ def summarize(doc: dict, name: str = "") -> list[str]:
                          f"{_fmt(q['per_adapter'].get('texts_per_s'))} q/s, none "
                          f"{_fmt(q['no_adapters'].get('texts_per_s'))} q/s, "
                          f"mixed/per-adapter {q['ratio_mixed_vs_per_adapter']}")
+    for e in doc.get("errors", []):
+        lines.append(f"  ERROR {e.get('what')}: {e.get('error', '')[:300]}")
     for t in doc.get("targets", []):
         lines.append(f"  target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: "
                      f"{_fmt(t['value'])} (threshold {_fmt(t['threshold'])})")
