@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -606,8 +607,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if bad:
             ap.error(f"unknown paths {bad} (known: {', '.join(ALL_PATHS)})")
     a.paths = paths
+    a.own_adapter_root = False
     if "lora" in a.paths and a.adapters and a.adapter_root is None:
         a.adapter_root = Path(tempfile.mkdtemp(prefix="sie-bench-adapters-"))
+        a.own_adapter_root = True
     return a
 
 
@@ -624,7 +627,11 @@ def main(argv: list[str] | None = None) -> dict:
     if a.devtype == "cuda":
         peak = round(matmul_peak_tflops(), 1)
         log(f"bf16 8192^3 matmul: {peak} TFLOP/s")
-    bench.run()
+    try:
+        bench.run()
+    finally:
+        if a.own_adapter_root:
+            shutil.rmtree(a.adapter_root, ignore_errors=True)
     linear, attn, shape = flops_per_token(a.folder, a.outputs[0])
     doc = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
