@@ -203,6 +203,26 @@ def test_eviction_under_traffic_answers_everything(start_server, bge_m3_dir, min
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
+def test_slow_load_gives_503_retry_after_and_concurrent_first_requests_load_once(
+        start_server, bge_m3_dir) -> None:
+    server = start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}", "--model-load-timeout", "0.001"])
+    url = f"{server.url}/v1/encode/BAAI/bge-m3"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = list(pool.map(lambda _: httpx.post(url, json={"items": [{"text": "x"}]}), range(8)))
+    assert all(r.status_code == 503 and int(r.headers["retry-after"]) >= 1 for r in first)
+    assert "still loading" in first[0].json()["error"]["message"]
+    deadline = time.monotonic() + 60
+    while (r := httpx.post(url, json={"items": [{"text": "x"}]})).status_code == 503:
+        assert time.monotonic() < deadline, "the load never finished"
+        time.sleep(0.2)
+    assert r.status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'sie_model_loads_total{model="BAAI/bge-m3",outcome="loaded"} 1.0' in metrics
+    entry = next(m for m in httpx.get(f"{server.url}/v1/models").json()["models"]
+                 if m["id"] == "BAAI/bge-m3")
+    assert entry["state"] == "ready" and entry["memory_bytes"] > 0 and entry["last_used"]
+
+
 def test_a_model_that_fails_to_load_does_not_take_the_server_down(start_server, tmp_path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

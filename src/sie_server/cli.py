@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
                    help="extra catalog YAML (repeatable)")
     s.add_argument("--allow-download", action="store_true", default=None,
                    help="fetch missing weights and adapters from the Hugging Face hub")
-    s.add_argument("--max-batch-tokens", type=int, help="tokens per batch (default 16384)")
+    s.add_argument("--max-batch-tokens", type=int, help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
     s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")

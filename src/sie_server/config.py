@@ -24,8 +24,9 @@ class Settings:
     model_load_timeout_s: float = 120.0  # a request waits this long for its model, then 503
     load_retry_cooldown_s: float = 30.0  # after a failed load, requests get its error this long
     memory_budget_bytes: int | None = None  # None: 90% of GPU memory, or half the RAM on CPU
-    # Batching: a batch holds at most this many real tokens / items.
-    max_batch_tokens: int = 16384
+    # Batching: a batch holds at most this many real tokens / items. None: 16384 on CUDA
+    # (fills the GPU), 2048 on CPU (measured fastest there: smaller working sets stay in cache).
+    max_batch_tokens: int | None = None
     max_batch_items: int = 1024
     # Limits and backpressure.
     max_items_per_request: int = 1024

@@ -66,6 +66,7 @@ class ModelRegistry:
             if name not in self._handles:
                 raise ValueError(f"model {name!r} is not in the catalog")
         self.budget = settings.memory_budget_bytes or placement.default_memory_budget()
+        self.max_batch_tokens = settings.max_batch_tokens or placement.default_batch_tokens()
         self._lock = threading.Lock()  # guards states, leases and the memory account
 
     def handles(self) -> list[ModelHandle]:
@@ -93,7 +94,7 @@ class ModelRegistry:
                 event = handle.loaded
             if not event.wait(max(0.0, deadline - time.monotonic())):
                 raise ModelUnavailable(f"{name} is still loading; retry shortly", retry_after=5)
-            if handle.state == "failed":
+            if handle.state != "ready":  # this load attempt failed
                 raise handle.error
         try:
             yield handle
@@ -125,14 +126,16 @@ class ModelRegistry:
         except Exception as exc:  # noqa: BLE001 - a bad model must never take the server down
             err = exc if isinstance(exc, SIEError) else ModelUnavailable(f"{spec.name}: {exc}")
             with self._lock:
-                handle.state, handle.error, handle.failed_at = "failed", err, time.monotonic()
+                # no room in the budget now is transient (retry_after set): no cool-down
+                handle.state = "registered" if err.retry_after else "failed"
+                handle.error, handle.failed_at = err, time.monotonic()
                 handle.memory_bytes = 0
             self.metrics.model_loads.labels(spec.name, "failed").inc()
             log.error("loading %s failed: %s", spec.name, err.message)
             handle.loaded.set()
             return
         s = self.settings
-        scheduler = Scheduler(model, max_batch_tokens=s.max_batch_tokens,
+        scheduler = Scheduler(model, max_batch_tokens=self.max_batch_tokens,
                               max_batch_items=s.max_batch_items,
                               max_queued_tokens=s.max_queued_tokens, metrics=self.metrics)
         with self._lock:

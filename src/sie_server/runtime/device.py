@@ -34,6 +34,9 @@ class Placement:
     def is_oom(self, exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError)
 
+    def default_batch_tokens(self) -> int:
+        return 16384 if self.device.type == "cuda" else 2048
+
     def default_memory_budget(self) -> int:
         """90% of the GPU's memory on CUDA, half of the RAM on CPU."""
         if self.device.type == "cuda":
