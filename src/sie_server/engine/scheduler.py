@@ -117,6 +117,7 @@ class Scheduler:
                     continue
                 batch.append((req, i))
                 tokens += n
+            batch.sort(key=lambda entry: entry[0].adapter_slot)  # each adapter's rows contiguous
             for req in {id(r): r for r, _ in batch}.values():
                 self.metrics.queue_seconds.labels(self._label).observe(now - req.enqueued_at)
             self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
