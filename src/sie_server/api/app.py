@@ -7,7 +7,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -135,12 +135,16 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                 load_errors.append(err.message)
         ready.set()
 
-    async def encode(request: Request) -> Response:
+    async def read_call(request: Request, parse: Callable[[Any, int], Any]):
+        """(model from the path, the validated body, its options with the deadline header)."""
         model = request.state.model = request.path_params["model"]
         body = decode_body(await read_body(request, settings.max_body_bytes),
                            request.headers.get("content-type", ""))
-        call = parse_encode(body, settings.max_items_per_request)
-        options = with_deadline(request, call.options)
+        call = parse(body, settings.max_items_per_request)
+        return model, call, with_deadline(request, call.options)
+
+    async def encode(request: Request) -> Response:
+        model, call, options = await read_call(request, parse_encode)
         if (sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
                 and engine.registry.is_ready(model)):
             # a few short texts: tokenizing them costs less than a hop to a worker thread
@@ -160,11 +164,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return Response(content, media_type=MSGPACK if binary else JSON)
 
     async def score(request: Request) -> Response:
-        model = request.state.model = request.path_params["model"]
-        body = decode_body(await read_body(request, settings.max_body_bytes),
-                           request.headers.get("content-type", ""))
-        call = parse_score(body, settings.max_items_per_request)
-        options = with_deadline(request, call.options)
+        model, call, options = await read_call(request, parse_score)
         future = await anyio.to_thread.run_sync(
             engine.submit_score, model, call.query, call.texts, options, call.top_k)
         result = await await_result(request, future, options.get("timeout_s"))
