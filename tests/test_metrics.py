@@ -58,13 +58,14 @@ def test_engine_metrics_move(engine: Engine) -> None:
 def test_queue_depth_and_rejections_move(engine: Engine) -> None:
     engine.encode(MINILM, ["warm"])
     handle = engine.registry.get(MINILM)
-    gate = threading.Event()
+    gate, running = threading.Event(), threading.Event()
     forward = handle.model.forward
-    handle.model.forward = lambda batch: (gate.wait(30), forward(batch))[1]
+    handle.model.forward = lambda batch: (running.set(), gate.wait(30), forward(batch))[2]
     engine.settings.max_queued_tokens = 50
     handle.scheduler.max_queued_tokens = 50
     try:
         first = engine.submit(MINILM, ["blocks the worker"])
+        assert running.wait(30)  # the worker holds `first`: what follows stays queued
         queued = engine.submit(MINILM, ["waits in the queue " * 3])
         depth = samples(engine)[("sie_queue_tokens", (("model", MINILM),))]
         assert depth > 0
