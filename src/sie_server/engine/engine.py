@@ -14,6 +14,7 @@ from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
 from ..runtime.device import Placement
 from .adapters import AdapterManager
 from ..metrics import Metrics
+from .options import check_options
 from .registry import ModelRegistry
 from .request import ItemResult, Request
 from .scoring import COMPONENTS, ScoreOptions, ScoreResult, embedding_scores, pair_scores
@@ -30,21 +31,9 @@ class EncodeOptions:
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "EncodeOptions":
         """Validate a request's options dict; errors name the offending field."""
-        options = options or {}
-        if not isinstance(options, dict):
-            raise InvalidRequest("params.options must be an object")
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
                  "timeout_s": (int, float)}
-        for key, value in options.items():
-            if key not in kinds:
-                raise InvalidRequest(f"params.options.{key} is not a known option "
-                                     f"(known: {', '.join(kinds)})")
-            expected = kinds[key]
-            if value is not None and (not isinstance(value, expected) or
-                                      (expected != bool and isinstance(value, bool))):
-                raise InvalidRequest(f"params.options.{key} has the wrong type")
-        if options.get("timeout_s") is not None and options["timeout_s"] <= 0:
-            raise InvalidRequest("params.options.timeout_s must be positive")
+        options = check_options(options, kinds, "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequest
+from .options import check_options
 from .request import ItemResult
 
 COMPONENTS = ("dense", "sparse", "multivector")
@@ -39,21 +40,9 @@ class ScoreOptions:
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ScoreOptions":
         """Validate a score request's options; errors name the offending field."""
-        options = options or {}
-        if not isinstance(options, dict):
-            raise InvalidRequest("options must be an object")
         kinds = {"truncate": bool, "score_type": str, "weights": dict, "activation": str,
                  "lora_id": str, "timeout_s": (int, float)}
-        for key, value in options.items():
-            if key not in kinds:
-                raise InvalidRequest(f"options.{key} is not a known option "
-                                     f"(known: {', '.join(kinds)})")
-            expected = kinds[key]
-            if value is not None and (not isinstance(value, expected) or
-                                      (expected != bool and isinstance(value, bool))):
-                raise InvalidRequest(f"options.{key} has the wrong type")
-        if options.get("timeout_s") is not None and options["timeout_s"] <= 0:
-            raise InvalidRequest("options.timeout_s must be positive")
+        options = check_options(options, kinds, "options")
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
         weights = options.get("weights")
