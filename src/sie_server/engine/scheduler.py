@@ -57,10 +57,6 @@ class Scheduler:
         return all(t.is_alive() for t in self._threads)
 
     @property
-    def queued_tokens(self) -> int:
-        return self._queued_tokens
-
-    @property
     def busy(self) -> bool:
         """Work queued or running."""
         return bool(self._queue) or self._in_flight > 0

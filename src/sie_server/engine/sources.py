@@ -7,7 +7,6 @@ cache (HF_HOME, HF_HUB_CACHE) and HF_HUB_OFFLINE are honoured through huggingfac
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from ..errors import ModelUnavailable
@@ -77,7 +76,3 @@ def _from_hub(name: str, repo_id: str, family: str, allow_download: bool) -> Pat
         raise ModelUnavailable(f"{name}: the cached snapshot of {repo_id} at {folder} lacks "
                                f"{', '.join(missing)}; download them into the cache again")
     return folder
-
-
-def hf_home() -> str:
-    return os.environ.get("HF_HOME", "~/.cache/huggingface")
