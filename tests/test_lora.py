@@ -501,7 +501,7 @@ def test_adapter_ids_are_confined_to_the_roots(tmp_path, m3_dir):
                    "a\\b"):
         with pytest.raises(InvalidRequest):
             resolve_adapter(bad_id, [r], False)
-    with pytest.raises(AdapterNotFound, match="downloads are off"):
+    with pytest.raises(AdapterNotFound, match="downloading it is not allowed"):
         resolve_adapter("some-org/not-cached-lora", [r], False)
 
 

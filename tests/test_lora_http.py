@@ -77,6 +77,7 @@ def test_preload_list_encode_unload(http, setup):
 
     models = {m["id"]: m for m in http.get("/v1/models").json()["models"]}
     assert [a["id"] for a in models[MODEL]["adapters"]] == [LORA]
+    assert models[MODEL]["adapter_bytes"] == body["adapter"]["bytes"] > 0  # in the budget
 
     got, base = encode(http, LORA), encode(http)
     for g, w, b in zip(got, want, base):
@@ -86,7 +87,7 @@ def test_preload_list_encode_unload(http, setup):
     r = http.delete(url)
     assert r.status_code == 200 and r.json()["unloaded"] == {"id": LORA, "in_use": 0}
     models = {m["id"]: m for m in http.get("/v1/models").json()["models"]}
-    assert models[MODEL]["adapters"] == []
+    assert models[MODEL]["adapters"] == [] and models[MODEL]["adapter_bytes"] == 0
     r = http.delete(url)
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
 

@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
     s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
                    metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    s.add_argument("--adapter-download-allow", action="append", dest="adapter_download_allow",
+                   metavar="PATTERN", help="fetch hub adapters whose id matches this glob, e.g. "
+                   "'my-org/*', even without --allow-download (repeatable)")
     s.add_argument("--max-adapters", type=int, help="loaded LoRA adapters per model (default 32)")
     s.add_argument("--max-adapter-bytes", type=int,
                    help="memory for loaded adapters per model (default 2 GiB)")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
         max_items_per_request=args.max_items_per_request, max_body_bytes=args.max_body_bytes,
         max_queued_tokens=args.max_queued_tokens, adapter_roots=args.adapter_roots,
+        adapter_download_allow=args.adapter_download_allow,
         max_adapters=args.max_adapters, max_adapter_bytes=args.max_adapter_bytes,
         adapter_load_timeout_s=args.adapter_load_timeout_s,
         api_keys=args.api_keys, pinned_models=args.pinned_models,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,10 @@ class Settings:
     max_items_per_request: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024
     max_queued_tokens: int = 2_000_000  # per model; beyond it requests get 429
-    # LoRA adapters.
+    # LoRA adapters. Hub adapters are fetched with allow_download, or when their id matches
+    # one of adapter_download_allow's glob patterns (e.g. "my-org/*").
     adapter_roots: list[Path] = field(default_factory=list)
+    adapter_download_allow: list[str] = field(default_factory=list)
     max_adapters: int = 32
     max_adapter_bytes: int = 2 * 1024**3
     adapter_load_timeout_s: float = 60.0
@@ -48,6 +51,8 @@ class Settings:
             s.api_keys = [k for k in env["SIE_API_KEYS"].split(",") if k]
         if "SIE_ADAPTER_ROOTS" in env:
             s.adapter_roots = [Path(p) for p in env["SIE_ADAPTER_ROOTS"].split(os.pathsep) if p]
+        if "SIE_ADAPTER_DOWNLOAD_ALLOW" in env:
+            s.adapter_download_allow = [p for p in env["SIE_ADAPTER_DOWNLOAD_ALLOW"].split(",") if p]
         if env.get("SIE_ALLOW_DOWNLOAD", "") in ("1", "true", "yes"):
             s.allow_download = True
         if "SIE_MAX_BATCH_TOKENS" in env:
@@ -56,3 +61,8 @@ class Settings:
             if value is not None:
                 setattr(s, key, value)
         return s
+
+    def may_download_adapter(self, lora_id: str) -> bool:
+        """Whether the hub adapter `lora_id` may be fetched from the network."""
+        return self.allow_download or any(fnmatch.fnmatchcase(lora_id, pattern)
+                                           for pattern in self.adapter_download_allow)

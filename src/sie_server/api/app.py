@@ -176,6 +176,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             entry: dict[str, Any] = {
                 "id": h.spec.name, "family": h.spec.family, "state": h.state,
                 "pinned": h.pinned, "memory_bytes": h.memory_bytes,
+                "adapter_bytes": h.adapter_bytes,
                 "last_used": h.last_used or None}
             if h.model is not None:
                 info = h.model.info

@@ -2,7 +2,8 @@
 
 - `lora_id` is a folder under one of the configured adapter roots (relative, or absolute but
   inside a root; `..` and paths escaping a root are refused), else a Hugging Face hub id
-  resolved through the local cache; the network is used only with `allow_download`.
+  resolved through the local cache; the network is used only with `allow_download` or for
+  ids matching `adapter_download_allow`.
 - A load runs on its own thread; concurrent first requests wait on the same load, each for at
   most `adapter_load_timeout_s` (then 503 `adapter_loading`, the load carries on). A failed
   load leaves nothing behind and its error goes to every waiter.
@@ -11,7 +12,9 @@
   from the name table at once, but its slot (and tensors) live on until the last request
   holding it has finished, so batches in flight never see a slot change meaning.
 - The LRU is bounded by `max_adapters` and `max_adapter_bytes`; idle adapters are evicted
-  first, then in-use ones (retired: freed when their requests finish).
+  first, then in-use ones (retired: freed when their requests finish). Loaded adapters also
+  count against the server's memory budget through `reserve` / `release` (the registry's);
+  a load that does not fit there fails with a 503 and Retry-After.
 - The model's `adapter_hook` / `adapter_heads` are this manager's: one `BatchLora` per batch,
   built in the model's compute thread and kept there (thread-local) for the heads.
 """
@@ -28,7 +31,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import AdapterLoading, AdapterNotFound, InvalidAdapter, InvalidRequest, SIEError
@@ -52,7 +55,7 @@ class _Entry:
     loaded_at: float = 0.0
 
 
-def resolve_adapter(lora_id: str, roots: list[Path], allow_download: bool) -> Path:
+def resolve_adapter(lora_id: str, roots: list[Path], may_download: bool) -> Path:
     """The adapter folder for `lora_id`; InvalidRequest for ids that try to leave the roots,
     AdapterNotFound when neither a root nor the hub cache has it."""
     field_ = "lora_id"
@@ -83,10 +86,11 @@ def resolve_adapter(lora_id: str, roots: list[Path], allow_download: bool) -> Pa
 
     try:
         return Path(snapshot_download(lora_id, allow_patterns=_HUB_PATTERNS,
-                                      local_files_only=HF_HUB_OFFLINE or not allow_download))
+                                      local_files_only=HF_HUB_OFFLINE or not may_download))
     except Exception as exc:  # noqa: BLE001 - hub errors are many; the answer is the same
-        why = ("downloads are off (start the server with --allow-download to fetch it)"
-               if not allow_download else f"the download failed: {type(exc).__name__}: {exc}")
+        why = ("downloading it is not allowed (the operator allows downloads with "
+               "--allow-download, or for chosen ids with --adapter-download-allow PATTERN)"
+               if not may_download else f"the download failed: {type(exc).__name__}: {exc}")
         raise AdapterNotFound(f"adapter {lora_id!r} is not under the adapter roots ({where}) "
                               f"nor in the Hugging Face cache, and {why}") from None
 
@@ -94,10 +98,13 @@ def resolve_adapter(lora_id: str, roots: list[Path], allow_download: bool) -> Pa
 class AdapterManager:
     """The adapters of one model; thread-safe."""
 
-    def __init__(self, model: EncoderModel, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, model: EncoderModel, settings: Settings, metrics: Metrics,
+                 reserve: Callable[[int, str], None] = lambda nbytes, what: None,
+                 release: Callable[[int], None] = lambda nbytes: None) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
+        self._reserve, self._release = reserve, release
         spec = model.spec
         cfg_file = model.folder / "config.json"
         model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
@@ -206,6 +213,7 @@ class AdapterManager:
         started = time.perf_counter()
         try:
             adapter = self._read(entry.lora_id)
+            self._reserve(adapter.nbytes, f"adapter {entry.lora_id!r} of {self.model.spec.name}")
         except Exception as exc:  # noqa: BLE001 - a bad adapter never takes anything down
             err = exc if isinstance(exc, SIEError) else InvalidAdapter(
                 f"adapter {entry.lora_id!r}: {type(exc).__name__}: {exc}")
@@ -231,7 +239,7 @@ class AdapterManager:
 
     def _read(self, lora_id: str) -> LoraAdapter:
         s = self.settings
-        folder = resolve_adapter(lora_id, s.adapter_roots, s.allow_download)
+        folder = resolve_adapter(lora_id, s.adapter_roots, s.may_download_adapter(lora_id))
         p = self.model.placement
         adapter = load_adapter(lora_id, folder, self.base, p.device, p.dtype)
         try:
@@ -280,8 +288,10 @@ class AdapterManager:
 
     def _drop(self, slot: int) -> None:
         self._retired.discard(slot)
-        self._by_slot.pop(slot, None)
+        adapter = self._by_slot.pop(slot, None)
         self._stacks.forget(slot)
+        if adapter is not None:
+            self._release(adapter.nbytes)
 
     # ------------------------------------------------------------------ per batch
 

@@ -197,7 +197,11 @@ class Engine:
         with self._adapter_lock:
             mgr = getattr(model, "adapter_manager", None)
             if mgr is None:
-                mgr = model.adapter_manager = AdapterManager(model, self.settings, self.metrics)
+                registry = self.registry
+                mgr = model.adapter_manager = AdapterManager(
+                    model, self.settings, self.metrics,
+                    reserve=lambda nbytes, what: registry.reserve_adapter(handle, model, nbytes, what),
+                    release=lambda nbytes: registry.release_adapter(handle, model, nbytes))
             return mgr
 
     def _adapter_slot(self, handle, lora_id: str | None) -> int:

@@ -2,10 +2,11 @@
 
 Loads run in a background thread; a request waits for its model up to
 `Settings.model_load_timeout_s`, then gets 503 with Retry-After while the load goes on.
-Concurrent first requests share one load. When a load would exceed the memory budget, the
-least recently used model that is neither pinned nor in use is evicted first; a model is in
-use while any request holds a lease on it (from lookup until its items are queued) or while
-its scheduler has work queued or running.
+Concurrent first requests share one load. The memory budget counts every loaded model with
+its LoRA adapters. When a model or adapter load would exceed it, the least recently used model
+that is neither pinned nor in use is evicted first; a model is in use while any request holds
+a lease on it (from lookup until its items are queued) or while its scheduler has work queued
+or running.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..config import Settings
 from ..errors import ModelNotFound, ModelUnavailable, SIEError
@@ -39,9 +40,14 @@ class ModelHandle:
     error: SIEError | None = None
     failed_at: float = 0.0
     last_used: float = 0.0  # time.time() of the last request
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # the model's weights (its estimate while loading)
+    adapter_bytes: int = 0  # its loaded LoRA adapters
     leases: int = 0
     loaded: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.memory_bytes + self.adapter_bytes
 
     @property
     def in_use(self) -> bool:
@@ -140,45 +146,78 @@ class ModelRegistry:
                               max_queued_tokens=s.max_queued_tokens, metrics=self.metrics)
         with self._lock:
             handle.model, handle.scheduler, handle.memory_bytes = model, scheduler, model.memory_bytes
+            handle.adapter_bytes = 0
             handle.state, handle.error = "ready", None
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
-        self.metrics.model_memory.labels(spec.name).set(handle.memory_bytes)
+        self._memory_changed(handle)
         self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
         log.info("loaded %s (%s) from %s in %.1fs, %.0f MB", spec.name, spec.family, folder,
                  time.perf_counter() - started, handle.memory_bytes / 1e6)
         handle.loaded.set()
 
     def _reserve(self, handle: ModelHandle, needed: int) -> None:
-        """Reserve `needed` bytes for a loading model, evicting least recently used idle,
-        unpinned models until it fits the budget (loads in progress count with their estimate)."""
-        name = handle.spec.name
+        """Reserve `needed` bytes for a loading model (its estimate until it has loaded)."""
+        def commit() -> None:
+            handle.memory_bytes = needed
+
+        self._make_room(handle, needed, handle.spec.name, commit)
+
+    def reserve_adapter(self, handle: ModelHandle, model: EncoderModel, nbytes: int,
+                        what: str) -> None:
+        """Count a LoRA adapter of `model` against the budget, evicting idle models to make
+        room; ModelUnavailable (with Retry-After) when it does not fit."""
+        def commit() -> None:
+            if handle.model is not model:
+                raise ModelUnavailable(f"{handle.spec.name} was unloaded while {what} loaded; "
+                                       "retry", retry_after=1)
+            handle.adapter_bytes += nbytes
+
+        self._make_room(handle, nbytes, what, commit)
+        self._memory_changed(handle)
+
+    def release_adapter(self, handle: ModelHandle, model: EncoderModel, nbytes: int) -> None:
+        """Return an unloaded adapter's bytes (nothing if its model is gone already)."""
+        with self._lock:
+            if handle.model is not model:
+                return
+            handle.adapter_bytes = max(0, handle.adapter_bytes - nbytes)
+        self._memory_changed(handle)
+
+    def _make_room(self, handle: ModelHandle, needed: int, what: str,
+                   commit: Callable[[], None]) -> None:
+        """Evict least recently used idle, unpinned models other than `handle` until `needed`
+        more bytes fit the budget, then run `commit` under the lock (loads in progress count
+        with their estimate)."""
         while True:
             with self._lock:
-                used = sum(h.memory_bytes for h in self._handles.values()
-                           if h.state in ("ready", "loading") and h is not handle)
+                used = sum(h.held_bytes for h in self._handles.values()
+                           if h.state in ("ready", "loading"))
                 if used + needed <= self.budget:
-                    handle.memory_bytes = needed
+                    commit()
                     return
-                idle = [h for h in self._handles.values()
-                        if h.state == "ready" and not h.pinned and not h.in_use]
+                idle = [h for h in self._handles.values() if h is not handle
+                        and h.state == "ready" and not h.pinned and not h.in_use]
                 if not idle:
                     raise ModelUnavailable(
-                        f"{name} needs ~{needed / 1e6:.0f} MB but {used / 1e6:.0f} of the "
+                        f"{what} needs ~{needed / 1e6:.0f} MB but {used / 1e6:.0f} of the "
                         f"{self.budget / 1e6:.0f} MB budget is held by pinned or busy models; "
                         "retry later or raise --memory-budget-bytes", retry_after=10)
                 victim = min(idle, key=lambda h: h.last_used)
                 victim.state, victim.loaded = "evicted", threading.Event()
             self._unload(victim)
             self.metrics.model_evictions.labels(victim.spec.name).inc()
-            log.info("evicted %s to make room for %s", victim.spec.name, name)
+            log.info("evicted %s to make room for %s", victim.spec.name, what)
+
+    def _memory_changed(self, handle: ModelHandle) -> None:
+        self.metrics.model_memory.labels(handle.spec.name).set(handle.held_bytes)
 
     def _unload(self, handle: ModelHandle) -> None:
         if handle.scheduler is not None:
             handle.scheduler.close(drain=True)
         with self._lock:
             handle.model = handle.scheduler = None
-            handle.memory_bytes = 0
-        self.metrics.model_memory.labels(handle.spec.name).set(0)
+            handle.memory_bytes = handle.adapter_bytes = 0
+        self._memory_changed(handle)
         self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
         self.placement.release_memory()
 
