@@ -529,6 +529,10 @@ def test_segmented_hook_equals_a_per_row_loop(n_adapters):
     slots = np.array([choices[int(i)] for i in torch.randint(0, len(choices), (23,),
                                                                generator=g)])
     batch = pack([np.zeros(n, dtype=np.int64) for n in lengths], frozenset({"dense"}), slots)
+    # loaded but used by no row: first in the stacked table, so every index must be mapped
+    adapters[3] = LoraAdapter("idle", Path("."), {(0, "ffn_in"): Delta(
+        torch.randn(2, hidden, generator=g), torch.randn(out_f, 2, generator=g))}, 2, 1.0,
+        False, (), (0,), uid=3)
     hook = batch_lora(batch, adapters, torch.device("cpu"), StackCache())
     assert isinstance(hook, BatchLora)
     x = torch.randn(batch.num_tokens, hidden, generator=g)

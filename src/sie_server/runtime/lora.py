@@ -28,7 +28,6 @@ import json
 import math
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,33 +330,30 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
 
 
 class StackCache:
-    """Per set of adapters, their deltas stacked per (layer, linear): A (S, R, in), B (S, out,
-    R), ranks zero-padded to the set's largest. Small LRU; used by one compute thread."""
+    """Every loaded adapter's deltas stacked per (layer, linear): A (S, R, in), B (S, out, R),
+    ranks zero-padded to the largest, in slot order. Batches index it with their adapters'
+    positions, so it is rebuilt only when the loaded set changes, not per batch."""
 
-    def __init__(self, max_sets: int = 4) -> None:
-        self.max_sets = max_sets
-        self._sets: OrderedDict[tuple[int, ...], dict] = OrderedDict()
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] = ()
+        self._stacks: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, adapters: list[LoraAdapter], key: tuple[int, str]):
-        set_key = tuple(a.uid for a in adapters)
+    def get(self, table: list[LoraAdapter], key: tuple[int, str]):
+        table_key = tuple(a.uid for a in table)
         with self._lock:
-            stacks = self._sets.get(set_key)
-            if stacks is None:
-                stacks = self._sets[set_key] = {}
-                while len(self._sets) > self.max_sets:
-                    self._sets.popitem(last=False)
-            else:
-                self._sets.move_to_end(set_key)
-        if key not in stacks:  # a batch in flight keeps its dict even if the set is dropped
-            stacks[key] = _stack([a.deltas.get(key) for a in adapters])
+            if table_key != self._key:
+                self._key, self._stacks = table_key, {}
+            stacks = self._stacks  # a batch in flight keeps its dict even if the set changes
+        if key not in stacks:
+            stacks[key] = _stack([a.deltas.get(key) for a in table])
         return stacks[key]
 
     def forget(self, uid: int) -> None:
-        """Drop every set holding adapter `uid` (it was unloaded)."""
+        """Drop the stacks if they hold adapter `uid` (it was unloaded)."""
         with self._lock:
-            for set_key in [k for k in self._sets if uid in k]:
-                del self._sets[set_key]
+            if uid in self._key:
+                self._key, self._stacks = (), {}
 
 
 def _stack(deltas: list[Delta | None]):
@@ -386,11 +382,14 @@ class BatchLora:
     """The LinearHook of one batch: each adapter's update on its own rows only."""
 
     def __init__(self, batch: PackedBatch, adapters: list[LoraAdapter], local: np.ndarray,
-                 device: torch.device, stacks: StackCache) -> None:
-        """`adapters`: those present; `local`: per sequence, index into `adapters` or -1."""
+                 device: torch.device, stacks: StackCache,
+                 table: list[LoraAdapter] | None = None) -> None:
+        """`adapters`: those present; `local`: per sequence, index into `adapters` or -1;
+        `table`: every loaded adapter, in slot order (what `stacks` holds; default `adapters`)."""
         self.batch = batch
         self.adapters = adapters
         self.stacks = stacks
+        self.table = table if table is not None else adapters
         self.device = device
         token_local = np.repeat(local, batch.lengths)
         self._token_local = token_local
@@ -423,8 +422,9 @@ class BatchLora:
         self.rows = torch.from_numpy(rows).to(device)
         self.pos = torch.from_numpy(pos).to(device)
         self.gather = torch.from_numpy(gather).to(device)
-        self.chunk_adapter = torch.from_numpy(np.repeat(np.arange(len(adapters)), n_chunks)).to(
-            device)
+        position = {a.uid: i for i, a in enumerate(self.table)}
+        in_table = np.array([position[a.uid] for a in adapters], dtype=np.int64)
+        self.chunk_adapter = torch.from_numpy(np.repeat(in_table, n_chunks)).to(device)
 
     def __call__(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = (layer, name)
@@ -441,7 +441,7 @@ class BatchLora:
             if self.rows is None:
                 return y.addmm_(x @ d.a.T, d.b.T)
             return y.index_add_(0, self.rows, (x.index_select(0, self.rows) @ d.a.T) @ d.b.T)
-        stacked = self.stacks.get(self.adapters, key)
+        stacked = self.stacks.get(self.table, key)
         if stacked is None:
             return y
         a, b = stacked
@@ -476,4 +476,5 @@ def batch_lora(batch: PackedBatch, by_slot: dict[int, LoraAdapter], device: torc
     uids = np.array([a.uid for a in adapters], dtype=np.int64)  # ascending, like `used`
     where = np.minimum(np.searchsorted(uids, slots), len(uids) - 1)
     local = np.where(uids[where] == slots, where, -1)
-    return BatchLora(batch, adapters, local, device, stacks)
+    table = [by_slot[s] for s in sorted(by_slot)]
+    return BatchLora(batch, adapters, local, device, stacks, table)
