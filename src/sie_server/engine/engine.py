@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
@@ -69,18 +69,14 @@ class Engine:
             m.check_output_types(types)
             if not texts:
                 raise InvalidRequest("items must hold at least one item")
-            slot = self._adapter_slot(handle, opts.lora_id)
-            started = time.perf_counter()
-            tok = m.prepare(list(texts), opts.is_query, opts.instruction)
-            self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
-            if not opts.truncate:
-                for i, n in enumerate(tok.original_lengths):
-                    if n > m.max_tokens:
-                        raise InputTooLong(f"items[{i}].text has {n} tokens; {model} takes at most "
-                                           f"{m.max_tokens} (set options.truncate to true to cut it)")
-            deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-            request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
-            self._enqueue(handle, request, opts.lora_id)
+            with self._adapter(handle, opts.lora_id) as slot:
+                started = time.perf_counter()
+                tok = m.prepare(list(texts), opts.is_query, opts.instruction)
+                self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
+                self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+                deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+                request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
+                self._enqueue(handle, request)
             return request.future
 
     def encode(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
@@ -111,33 +107,40 @@ class Engine:
                     f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
                     f"model with its own scores (BGE-M3); use /v1/encode for {model}")
             score_type = opts.check(model, m.score_types, m.pair_scoring)
-            slot = self._adapter_slot(handle, opts.lora_id)
             deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-            finish: Callable[[list[ItemResult]], ScoreResult]
-            if m.pair_scoring:
-                fixed, tok = m.prepare_pairs(query, list(texts))
-                if fixed >= m.max_tokens:
-                    raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
-                                       f"tokens; {model} takes at most {m.max_tokens} per pair, "
-                                       "which leaves no room for the item")
-                self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
-                request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
-                                  deadline, token_types=tok.type_ids)
-                activation = opts.activation or m.default_activation
-                finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
-            else:
-                components = tuple(c for c in COMPONENTS if c in m.output_types)
-                q = m.prepare([query], True, None)
-                d = m.prepare(list(texts), False, None)
-                self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
-                                    "query.text")
-                self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
-                request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
-                                  frozenset(components), slot, deadline)
-                finish = lambda results: embedding_scores(  # noqa: E731
-                    results[0], results[1:], score_type, components, opts.weights, top_k)
-            self._enqueue(handle, request, opts.lora_id)
+            with self._adapter(handle, opts.lora_id) as slot:
+                request, finish = self._score_request(m, model, query, texts, opts, top_k,
+                                                      score_type, slot, deadline)
+                self._enqueue(handle, request)
             return self._then(request.future, finish)
+
+    def _score_request(self, m, model: str, query: str, texts: Sequence[str], opts: ScoreOptions,
+                       top_k: int | None, score_type: str, slot: int, deadline: float | None):
+        """The Request of a score call and the function turning its results into scores."""
+        finish: Callable[[list[ItemResult]], ScoreResult]
+        if m.pair_scoring:
+            fixed, tok = m.prepare_pairs(query, list(texts))
+            if fixed >= m.max_tokens:
+                raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
+                                   f"tokens; {model} takes at most {m.max_tokens} per pair, "
+                                   "which leaves no room for the item")
+            self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+            request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
+                              deadline, token_types=tok.type_ids)
+            activation = opts.activation or m.default_activation
+            finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
+        else:
+            components = tuple(c for c in COMPONENTS if c in m.output_types)
+            q = m.prepare([query], True, None)
+            d = m.prepare(list(texts), False, None)
+            self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
+                                "query.text")
+            self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
+            request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
+                              frozenset(components), slot, deadline)
+            finish = lambda results: embedding_scores(  # noqa: E731
+                results[0], results[1:], score_type, components, opts.weights, top_k)
+        return request, finish
 
     def score(self, model: str, query: str, texts: Sequence[str],
               options: dict[str, Any] | ScoreOptions | None = None,
@@ -204,27 +207,30 @@ class Engine:
                     release=lambda nbytes: registry.release_adapter(handle, model, nbytes))
             return mgr
 
-    def _adapter_slot(self, handle, lora_id: str | None) -> int:
-        """The slot of `lora_id` (loading it first, bounded by adapter_load_timeout_s); -1 for
-        none. Only checks and loads: `_enqueue` takes the reference the request holds."""
+    @contextlib.contextmanager
+    def _adapter(self, handle, lora_id: str | None) -> Iterator[int]:
+        """The slot of `lora_id` (loading it first, bounded by adapter_load_timeout_s), or -1
+        for none, referenced for the request being built: `_enqueue` makes the reference last
+        until the request resolves; if the request is never queued it is released here. So
+        unloading or evicting the adapter never changes a queued request."""
         if lora_id is None:
-            return -1
-        return self._adapters(handle).ensure_loaded(lora_id).uid
-
-    def _enqueue(self, handle, request: Request, lora_id: str | None) -> None:
-        """Queue `request`; with an adapter, hold a reference on its slot until the request
-        resolves, so unloading or evicting the adapter never changes a queued request."""
-        if lora_id is None:
-            handle.scheduler.submit(request)
+            yield -1
             return
         mgr = self._adapters(handle)
-        slot = request.adapter_slot = mgr.acquire(lora_id)
+        slot = mgr.acquire(lora_id)
         try:
-            handle.scheduler.submit(request)
+            yield slot
         except BaseException:
             mgr.release(slot)
             raise
-        request.future.add_done_callback(lambda _f: mgr.release(slot))
+
+    def _enqueue(self, handle, request: Request) -> None:
+        """Queue `request`; its adapter reference (if any) is released when it resolves."""
+        handle.scheduler.submit(request)
+        slot = request.adapter_slot
+        if slot >= 0:
+            mgr = handle.model.adapter_manager
+            request.future.add_done_callback(lambda _f: mgr.release(slot))
 
     def load_adapter(self, model: str, lora_id: str) -> dict[str, Any]:
         """Preload an adapter (POST /v1/models/{model}/adapters/{lora_id})."""
