@@ -34,10 +34,13 @@ class LoadResult:
     records: list[Record] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float | None = None  # overrides max(end) - min(start) (sequential rounds)
+    client_cpu_s: float | None = None  # CPU the HTTP client processes spent, summed
 
     def extend(self, other: "LoadResult") -> None:
         self.records += other.records
         self.errors += other.errors
+        if other.client_cpu_s is not None:
+            self.client_cpu_s = (self.client_cpu_s or 0.0) + other.client_cpu_s
 
     def summary(self, **extra: Any) -> dict:
         """Throughput and latency figures (JSON-ready)."""
@@ -61,6 +64,9 @@ class LoadResult:
             "tokens": tokens,
             "errors": len(self.errors),
         }
+        if self.client_cpu_s is not None:  # ~1 per client process: the clients were the limit
+            out["client_cpu_s"] = round(self.client_cpu_s, 3)
+            out["client_cpu_cores"] = round(self.client_cpu_s / wall, 2)
         if self.errors:
             out["first_errors"] = self.errors[:3]
         out.update(extra)
@@ -165,25 +171,30 @@ def _worker_main() -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     job = pickle.load(inp)
 
+    cpu_at_go = [0.0]
+
     def ready() -> None:
         out.write(b"ready\n")
         out.flush()
         if inp.readline().strip() != b"go":
             raise SystemExit("no go")
+        cpu_at_go[0] = time.process_time()
 
     try:
         res = asyncio.run(_http_clients(ready=ready, **job))
-        payload = (res.records, res.errors)
+        payload = (res.records, res.errors, time.process_time() - cpu_at_go[0])
     except BaseException:  # noqa: BLE001 - the parent must hear of it
-        payload = ([], [traceback.format_exc()])
+        payload = ([], [traceback.format_exc()], None)
     pickle.dump(payload, out)
     out.flush()
 
 
 def default_procs(clients: int) -> int:
-    """Client processes: one on a small machine, else up to 4 (never more than clients)."""
+    """Client processes: one on a small machine, else half the cores (never more than
+    clients). An httpx client process manages ~300-700 short requests/s per core, so a
+    few-thousand-requests/s target needs several."""
     cpus = os.cpu_count() or 1
-    return 1 if cpus <= 4 else max(1, min(4, clients, cpus // 4))
+    return 1 if cpus <= 4 else max(1, min(clients, cpus // 2))
 
 
 def http_closed_loop(url: str, model: str, requests: list[list[str]], outputs: list[str],
@@ -221,9 +232,8 @@ def http_closed_loop(url: str, model: str, requests: list[list[str]], outputs: l
             w.stdin.write(b"go\n")
             w.stdin.flush()
         for w in workers:
-            records, errors = pickle.load(w.stdout)
-            result.records += records
-            result.errors += errors
+            records, errors, cpu = pickle.load(w.stdout)
+            result.extend(LoadResult(records, errors, client_cpu_s=cpu))
     finally:
         for w in workers:
             try:

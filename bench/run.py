@@ -154,7 +154,22 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min(np.sum(a * b, axis=1)))
 
 
+def cpu_note(s: dict) -> str:
+    """', server 1.20 ms CPU/request (0.9 cores), clients 3.1 cores over 8 processes' for
+    an HTTP summary, else ''."""
+    parts = []
+    if "server_cpu_ms_per_request" in s:
+        cores = s.get("engine_stats", {}).get("server_cpu_cores")
+        parts.append(f"server {s['server_cpu_ms_per_request']:.2f} ms CPU/request"
+                     + (f" ({cores} cores)" if cores is not None else ""))
+    if "client_cpu_cores" in s:
+        parts.append(f"clients {s['client_cpu_cores']} cores over {s.get('client_procs', '?')} "
+                     "processes")
+    return "".join(f", {p}" for p in parts)
+
+
 # ------------------------------------------------------------------ the phases
+
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -296,11 +311,12 @@ class Bench:
             http_closed_loop(url, self.a.name, warm_slice(reqs, clients, self.a.quick), outputs,
                              clients, procs)
             return {}
-        snap = stats.snapshot_http(url)
+        snap = stats.snapshot_http(url, self.server.proc.pid)
         before = snap()
         res = http_closed_loop(url, self.a.name, reqs, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=size, client_procs=procs)
         summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        stats.cpu_per_request(summary)
         return summary
 
     def measure_naive(self, kind: str, outputs: list[str], warm: bool) -> dict:
@@ -357,7 +373,8 @@ class Bench:
                 if kind == "queries" and "http" in paths:
                     try:
                         self.run_query_modes(self.server.url, c.texts,
-                                             stats.snapshot_http(self.server.url))
+                                             stats.snapshot_http(self.server.url,
+                                                                 self.server.proc.pid))
                     except Exception as exc:  # noqa: BLE001
                         self.error("short-query modes", exc)
             if "lora" in self.a.paths and self.engine is not None:
@@ -397,7 +414,8 @@ class Bench:
             log(f"{tag}: {s}")
             return
         log(f"{tag}: {s['tokens_per_s']:,.0f} tokens/s, {s['texts_per_s']:,.1f} texts/s"
-            + (f", p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms" if "p50_ms" in s else ""))
+            + (f", p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms" if "p50_ms" in s else "")
+            + cpu_note(s))
 
     def run_lora(self, engine) -> None:
         from . import lora
@@ -450,15 +468,17 @@ class Bench:
         res = http_closed_loop(url, self.a.name, singles, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=1, client_procs=procs)
         summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        stats.cpu_per_request(summary)
         self.runs.setdefault(key, {})["engine_http_single_query"] = summary
         log(f"  {key} engine_http_single_query: {summary.get('requests_per_s', 0):,.0f} requests/s, "
-            f"p50 {summary.get('p50_ms', 0):.1f} ms")
+            f"p50 {summary.get('p50_ms', 0):.1f} ms" + cpu_note(summary))
         n_idle = min(len(texts), 5 if self.a.quick else self.a.idle_requests)
         idle = chunk(texts[:n_idle], 1)
         http_sequential(url, self.a.name, idle[: min(10, len(idle))], outputs)
         before = snap()
         summary = http_sequential(url, self.a.name, idle, outputs).summary(clients=1, request_size=1)
         summary["engine_stats"] = stats.delta(before, snap(), None)
+        stats.cpu_per_request(summary)
         self.runs[key]["engine_http_idle_single_query"] = summary
         log(f"  {key} engine_http_idle_single_query: p50 {summary.get('p50_ms', 0):.2f} ms, "
             f"p99 {summary.get('p99_ms', 0):.2f} ms")

@@ -1,12 +1,15 @@
 """Engine-side figures of a timed run, from the engine's Prometheus metrics (before / after).
 
 They say why a number is what it is: how full the batches were, how long a batch took, how
-much of the wall time the model was busy, how long items queued and tokenization took.
+much of the wall time the model was busy, how long items queued and tokenization took, and
+over HTTP how much CPU the server and the client processes spent per request (on a fast GPU,
+short requests are bound by that, not by the device).
 Missing metrics (another engine version) give an empty dict, never an error.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 HISTOGRAMS = {
@@ -41,15 +44,31 @@ def snapshot_inprocess(engine) -> Callable[[], dict[str, float]]:
     return snap
 
 
-def snapshot_http(url: str) -> Callable[[], dict[str, float]]:
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a local process (all its threads; Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def snapshot_http(url: str, pid: int | None = None) -> Callable[[], dict[str, float]]:
+    """Metrics of the server at `url`, plus its process's CPU seconds when `pid` is given."""
     def snap() -> dict[str, float]:
+        out: dict[str, float] = {}
         try:
             import httpx
 
             r = httpx.get(f"{url}/metrics", timeout=10)
-            return parse(r.text) if r.status_code == 200 else {}
+            out = parse(r.text) if r.status_code == 200 else {}
         except Exception:  # noqa: BLE001 - diagnostics only
-            return {}
+            pass
+        cpu = process_cpu_s(pid) if pid is not None else None
+        if cpu is not None:
+            out["server_cpu_s"] = cpu
+        return out
     return snap
 
 
@@ -72,4 +91,20 @@ def delta(before: dict[str, float], after: dict[str, float], wall_s: float | Non
         out["mean_tokenize_ms"] = round(1e3 * d["tokenize_s_sum"] / d["tokenize_s_count"], 3)
     if d.get("queue_s_count"):
         out["mean_queue_ms"] = round(1e3 * d["queue_s_sum"] / d["queue_s_count"], 2)
+    if "server_cpu_s" in d:
+        out["server_cpu_s"] = round(d["server_cpu_s"], 3)
+        if wall_s:  # ~1 means one core busy: the server's Python threads share one GIL
+            out["server_cpu_cores"] = round(d["server_cpu_s"] / wall_s, 2)
     return out
+
+
+def cpu_per_request(summary: dict) -> None:
+    """Adds server / client CPU milliseconds per request to an HTTP run's summary."""
+    n = summary.get("requests")
+    if not n:
+        return
+    server = summary.get("engine_stats", {}).get("server_cpu_s")
+    if server is not None:
+        summary["server_cpu_ms_per_request"] = round(1e3 * server / n, 3)
+    if summary.get("client_cpu_s") is not None:
+        summary["client_cpu_ms_per_request"] = round(1e3 * summary["client_cpu_s"] / n, 3)
