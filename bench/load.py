@@ -143,6 +143,7 @@ async def _http_clients(url: str, model: str, requests: list[list[str]], outputs
         for c in clients:  # open the connections before the clock starts
             await c.health()
         await asyncio.get_running_loop().run_in_executor(None, ready)
+        cpu_at_go = time.process_time()
 
         async def client(c) -> None:
             for i in todo:
@@ -159,6 +160,7 @@ async def _http_clients(url: str, model: str, requests: list[list[str]], outputs
                 result.records.append((t0, t1, len(res), sum(r["token_count"] for r in res)))
 
         await asyncio.gather(*(client(c) for c in clients))
+        result.client_cpu_s = time.process_time() - cpu_at_go  # before closing connections
     finally:
         for c in clients:
             await c.close()
@@ -171,18 +173,15 @@ def _worker_main() -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     job = pickle.load(inp)
 
-    cpu_at_go = [0.0]
-
     def ready() -> None:
         out.write(b"ready\n")
         out.flush()
         if inp.readline().strip() != b"go":
             raise SystemExit("no go")
-        cpu_at_go[0] = time.process_time()
 
     try:
         res = asyncio.run(_http_clients(ready=ready, **job))
-        payload = (res.records, res.errors, time.process_time() - cpu_at_go[0])
+        payload = (res.records, res.errors, res.client_cpu_s)
     except BaseException:  # noqa: BLE001 - the parent must hear of it
         payload = ([], [traceback.format_exc()], None)
     pickle.dump(payload, out)
