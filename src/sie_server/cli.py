@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -77,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its adapter's first load (default 60)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
+    s.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
+                   "how long the model's compute thread may keep the event loop waiting")
     s.add_argument("--log-level", default="info")
     return p
 
@@ -84,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logs.configure(args.log_level)
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     settings = Settings.from_env(
         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         models=dict(args.model), default_models=args.default_models,

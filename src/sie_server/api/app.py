@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PRELOAD_TIMEOUT_S = 3600.0
 # Requests with at most this many characters of text are tokenized on the event loop.
 _INLINE_CHARS = 2048
+_WATCH_AFTER_S = 0.05  # requests still waiting after this long watch for a disconnect
 # Results bigger than this many floats are serialized in a worker thread, off the event loop.
 _OFFLOAD_FLOATS = 1 << 16
 
@@ -84,21 +85,28 @@ async def _disconnected(request: Request) -> None:
 async def await_result(request: Request, future: concurrent.futures.Future,
                        timeout: float | None) -> Any:
     """The engine's result; past the deadline 504, and a client that disconnects has its queued
-    work dropped. Either way the engine's future is cancelled."""
+    work dropped. Either way the engine's future is cancelled. Most results come within
+    `_WATCH_AFTER_S`: only requests still waiting then get a task watching for a disconnect."""
     result = asyncio.wrap_future(future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
+    first = _WATCH_AFTER_S if timeout is None else min(timeout, _WATCH_AFTER_S)
+    done, _ = await asyncio.wait({result}, timeout=first)
+    if not done:
+        gone = asyncio.ensure_future(_disconnected(request))
+        left = None if timeout is None else max(timeout - first, 0.0)
+        try:
+            done, _ = await asyncio.wait({result, gone}, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if gone in done and result not in done:
+            future.cancel()
+            result.cancel()
+            log.info("client disconnected; its queued work is dropped")
+            raise ClientDisconnected()
     if result in done:
         return result.result()
     future.cancel()
     result.cancel()
-    if gone in done:
-        log.info("client disconnected; its queued work is dropped")
-        raise ClientDisconnected()
     raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
 
 
