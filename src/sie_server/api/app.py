@@ -21,6 +21,7 @@ from ..errors import BodyTooLarge, DeadlineExceeded, InternalError, InvalidReque
 from . import openai
 from .middleware import ServerMiddleware
 from .validate import parse_encode, parse_score
+from .waker import LoopWaker
 from .wire import (JSON, MSGPACK, decode_body, encode_body, item_to_wire, score_to_wire,
                    wants_msgpack)
 
@@ -83,11 +84,11 @@ async def _disconnected(request: Request) -> None:
 
 
 async def await_result(request: Request, future: concurrent.futures.Future,
-                       timeout: float | None) -> Any:
+                       timeout: float | None, waker: LoopWaker) -> Any:
     """The engine's result; past the deadline 504, and a client that disconnects has its queued
     work dropped. Either way the engine's future is cancelled. Most results come within
     `_WATCH_AFTER_S`: only requests still waiting then get a task watching for a disconnect."""
-    result = asyncio.wrap_future(future)
+    result = waker.watch(future)
     first = _WATCH_AFTER_S if timeout is None else min(timeout, _WATCH_AFTER_S)
     done, _ = await asyncio.wait({result}, timeout=first)
     if not done:
@@ -135,6 +136,16 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     ready = threading.Event()
     load_errors: list[str] = []
 
+    waker: LoopWaker | None = None
+
+    def loop_waker() -> LoopWaker:
+        """The LoopWaker of the loop serving this request (normally always the same one)."""
+        nonlocal waker
+        loop = asyncio.get_running_loop()
+        if waker is None or waker.loop is not loop:
+            waker = LoopWaker(loop)
+        return waker
+
     def load_defaults_in_background() -> None:
         for name in engine.registry.defaults:
             try:
@@ -160,7 +171,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         else:  # loading, adapter loads and long tokenization never run on the event loop
             future = await anyio.to_thread.run_sync(
                 engine.submit, model, call.texts, call.output_types, options)
-        results = await await_result(request, future, options.get("timeout_s"))
+        results = await await_result(request, future, options.get("timeout_s"), loop_waker())
         binary = wants_msgpack(request.headers.get("accept", ""))
 
         def build() -> bytes:
@@ -175,7 +186,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         model, call, options = await read_call(request, parse_score)
         future = await anyio.to_thread.run_sync(
             engine.submit_score, model, call.query, call.texts, options, call.top_k)
-        result = await await_result(request, future, options.get("timeout_s"))
+        result = await await_result(request, future, options.get("timeout_s"), loop_waker())
         return respond(request, score_to_wire(model, call.ids, result))
 
     async def models(request: Request) -> Response:
@@ -216,7 +227,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         future = await anyio.to_thread.run_sync(
             engine.submit, call.model, call.texts, ["dense"], with_deadline(request, {}))
         timeout = request.headers.get(TIMEOUT_HEADER)
-        results = await await_result(request, future, float(timeout) if timeout else None)
+        results = await await_result(request, future, float(timeout) if timeout else None,
+                                     loop_waker())
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
 
