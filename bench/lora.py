@@ -123,7 +123,7 @@ def run(engine, model: str, adapter_ids: list[str], passages: list[str], queries
     def measured(run) -> dict:
         before = snap()
         summary = run().summary()
-        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        stats.attach(summary, before, snap(), summary.get("wall_s"))
         return summary
 
     log(f"  lora passages: no adapters ({len(passages)} texts)")

@@ -299,7 +299,7 @@ class Bench:
         before = snap()
         summary = closed_loop_threads(call, len(reqs), clients).summary(
             clients=clients, request_size=size)
-        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
+        stats.attach(summary, before, snap(), summary.get("wall_s"))
         return summary
 
     def measure_http(self, kind: str, outputs: list[str], warm: bool) -> dict:
@@ -315,8 +315,7 @@ class Bench:
         before = snap()
         res = http_closed_loop(url, self.a.name, reqs, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=size, client_procs=procs)
-        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
-        stats.cpu_per_request(summary)
+        stats.attach(summary, before, snap(), summary.get("wall_s"))
         return summary
 
     def measure_naive(self, kind: str, outputs: list[str], warm: bool) -> dict:
@@ -467,8 +466,7 @@ class Bench:
         before = snap()
         res = http_closed_loop(url, self.a.name, singles, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=1, client_procs=procs)
-        summary["engine_stats"] = stats.delta(before, snap(), summary.get("wall_s"))
-        stats.cpu_per_request(summary)
+        stats.attach(summary, before, snap(), summary.get("wall_s"))
         self.runs.setdefault(key, {})["engine_http_single_query"] = summary
         log(f"  {key} engine_http_single_query: {summary.get('requests_per_s', 0):,.0f} requests/s, "
             f"p50 {summary.get('p50_ms', 0):.1f} ms" + cpu_note(summary))
@@ -477,8 +475,7 @@ class Bench:
         http_sequential(url, self.a.name, idle[: min(10, len(idle))], outputs)
         before = snap()
         summary = http_sequential(url, self.a.name, idle, outputs).summary(clients=1, request_size=1)
-        summary["engine_stats"] = stats.delta(before, snap(), None)
-        stats.cpu_per_request(summary)
+        stats.attach(summary, before, snap(), None)
         self.runs[key]["engine_http_idle_single_query"] = summary
         log(f"  {key} engine_http_idle_single_query: p50 {summary.get('p50_ms', 0):.2f} ms, "
             f"p99 {summary.get('p99_ms', 0):.2f} ms")

@@ -98,12 +98,15 @@ def delta(before: dict[str, float], after: dict[str, float], wall_s: float | Non
     return out
 
 
-def cpu_per_request(summary: dict) -> None:
-    """Adds server / client CPU milliseconds per request to an HTTP run's summary."""
+def attach(summary: dict, before: dict[str, float], after: dict[str, float],
+           wall_s: float | None) -> None:
+    """Adds `engine_stats` (the delta of two snapshots) to a run's summary and, for HTTP runs,
+    the server / client CPU milliseconds per request."""
+    summary["engine_stats"] = delta(before, after, wall_s)
     n = summary.get("requests")
     if not n:
         return
-    server = summary.get("engine_stats", {}).get("server_cpu_s")
+    server = summary["engine_stats"].get("server_cpu_s")
     if server is not None:
         summary["server_cpu_ms_per_request"] = round(1e3 * server / n, 3)
     if summary.get("client_cpu_s") is not None:
