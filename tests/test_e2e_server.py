@@ -133,15 +133,15 @@ def _post(url: str, body: bytes, ctype: str = "application/json") -> httpx.Respo
 def test_bad_requests_get_400_naming_the_field(bge_m3_server, body: bytes, field: str) -> None:
     r = _post(f"{bge_m3_server.url}/v1/encode/BAAI/bge-m3", body)
     assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert err["code"] == "invalid_request" and field in err["message"]
+    err = r.json()["detail"]
+    assert err["code"] == "INVALID_INPUT" and field in err["message"]
 
 
 def test_bad_msgpack_and_unknown_model(bge_m3_server) -> None:
     r = _post(f"{bge_m3_server.url}/v1/encode/BAAI/bge-m3", b"\xc1\xc1", "application/msgpack")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert r.status_code == 400 and r.json()["detail"]["code"] == "INVALID_INPUT"
     r = _post(f"{bge_m3_server.url}/v1/encode/nobody/nothing", b'{"items": [{"text": "a"}]}')
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 404 and r.json()["detail"]["code"] == "MODEL_NOT_FOUND"
     with pytest.raises(ModelNotFoundError):
         SIEClient(bge_m3_server.url).encode("nobody/nothing", "a")
 
@@ -151,7 +151,7 @@ def test_truncate_false_is_a_400(bge_m3_server) -> None:
     with pytest.raises(InvalidRequestError) as err:
         client.encode("BAAI/bge-m3", [Item(text="short"), Item(text=TEXTS[-1])],
                       options={"truncate": False})
-    assert err.value.code == "input_too_long" and "items[1]" in err.value.message
+    assert err.value.code == "INPUT_TOO_LONG" and "items[1]" in err.value.message
 
 
 def test_json_response_and_msgpack_binary_vectors(bge_m3_server) -> None:
@@ -160,11 +160,18 @@ def test_json_response_and_msgpack_binary_vectors(bge_m3_server) -> None:
     js = httpx.post(url, json=body, headers={"accept": "application/json"}).json()["items"][0]
     mp = msgpack.unpackb(httpx.post(url, content=msgpack.packb(body), headers={
         "content-type": "application/msgpack", "accept": "application/msgpack"}).content)["items"][0]
-    assert isinstance(mp["dense"]["data"], bytes) and mp["dense"]["dims"] == 64
-    np.testing.assert_allclose(np.frombuffer(mp["dense"]["data"], "<f4"), js["dense"], atol=1e-6)
-    assert np.frombuffer(mp["sparse"]["indices"], "<i4").tolist() == js["sparse"]["indices"]
-    mv = np.frombuffer(mp["multivector"]["data"], "<f4").reshape(mp["multivector"]["shape"])
-    np.testing.assert_allclose(mv, js["multivector"], atol=1e-6)
+    # msgpack-numpy maps, as SIE's SDK decodes them; JSON holds the same keys with lists
+    nd = mp["dense"]["values"]
+    assert nd[b"nd"] is True and nd[b"type"] == "<f4" and nd[b"kind"] == b"" and nd[b"shape"] == [64]
+    assert mp["dense"]["dims"] == js["dense"]["dims"] == 64 and mp["dense"]["dtype"] == "float32"
+    np.testing.assert_array_equal(np.frombuffer(nd[b"data"], "<f4"), np.float32(js["dense"]["values"]))
+    assert mp["sparse"]["indices"][b"type"] == "<i4" and js["sparse"]["dims"] == 250002
+    assert np.frombuffer(mp["sparse"]["indices"][b"data"], "<i4").tolist() == js["sparse"]["indices"]
+    mv = mp["multivector"]
+    rows = np.frombuffer(mv["values"][b"data"], "<f4").reshape(mv["values"][b"shape"])
+    assert rows.shape == (mv["num_tokens"], mv["token_dims"]) == (js["multivector"]["num_tokens"], 64)
+    np.testing.assert_array_equal(rows, np.float32(js["multivector"]["values"]))
+    assert "id" not in js and js["token_count"] == 5 and js["truncated"] is False  # 3 pieces + <s> and </s>
 
 
 def test_bad_requests_do_not_disturb_concurrent_ones(bge_m3_server, flag_outputs) -> None:
@@ -188,8 +195,8 @@ def test_bad_requests_do_not_disturb_concurrent_ones(bge_m3_server, flag_outputs
 def test_models_health_ready(bge_m3_server) -> None:
     models = {m["id"]: m for m in SIEClient(bge_m3_server.url).models()}
     m3 = models["BAAI/bge-m3"]
-    assert m3["state"] == "ready" and m3["output_types"] == ["dense", "sparse", "multivector"]
-    assert m3["max_input_tokens"] == 8192 and m3["dims"]["dense"] == 64
+    assert m3["state"] == "loaded" and m3["output_types"] == ["dense", "sparse", "multivector"]
+    assert m3["max_sequence_length"] == 8192 and m3["dims"]["dense"] == 64
     assert models[MINILM]["dims"] == {"dense": 384}
     assert httpx.get(f"{bge_m3_server.url}/healthz").status_code == 200
     assert httpx.get(f"{bge_m3_server.url}/readyz").status_code == 200
@@ -212,7 +219,7 @@ def test_default_server_serves_minilm_offline_and_explains_missing_bge_m3(start_
 def test_body_limit_is_413(start_server) -> None:
     server = start_server(["--max-body-bytes", "2000"])
     r = _post(f"{server.url}/v1/encode/{MINILM}", b'{"items": [{"text": "' + b"a" * 5000 + b'"}]}')
-    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert r.status_code == 413 and r.json()["detail"]["code"] == "INPUT_TOO_LONG"
     with pytest.raises(PayloadTooLargeError):
         SIEClient(server.url).encode(MINILM, "b" * 5000)
     assert SIEClient(server.url).encode(MINILM, "small")["dense"].shape == (384,)

@@ -103,7 +103,7 @@ def test_download_only_where_allowed(hub, start_server, tmp_path):
     with SIEClient(server.url) as client:
         with pytest.raises(SIEServerError) as err:
             client.encode(MODEL, TEXTS, options={"lora_id": "other-org/legal"})
-        assert err.value.status == 404 and err.value.code == "adapter_not_found"
+        assert err.value.status == 404 and err.value.code == "LORA_NOT_FOUND"
         assert "--adapter-download-allow" in err.value.message, err.value.message
         assert not [p for p in fake_hub.requests if "other-org" in p]  # never asked the hub
 

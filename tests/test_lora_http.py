@@ -55,7 +55,7 @@ def encode(http, lora_id=None):
     r = http.post(f"/v1/encode/{MODEL}", json={"items": [{"text": t} for t in TEXTS],
                                                 "params": {"options": options}})
     assert r.status_code == 200, r.text
-    return [np.array(i["dense"], dtype=np.float32) for i in r.json()["items"]]
+    return [np.array(i["dense"]["values"], dtype=np.float32) for i in r.json()["items"]]
 
 
 def test_split_adapter_path():
@@ -89,27 +89,27 @@ def test_preload_list_encode_unload(http, setup):
     models = {m["id"]: m for m in http.get("/v1/models").json()["models"]}
     assert models[MODEL]["adapters"] == [] and models[MODEL]["adapter_bytes"] == 0
     r = http.delete(url)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    assert r.status_code == 404 and r.json()["detail"]["code"] == "LORA_NOT_FOUND"
 
     # the first encode request loads it again by itself
     assert all(cosine(g, w) >= COS for g, w in zip(encode(http, LORA), want))
 
 
 @pytest.mark.parametrize("path, status, code, fragment", [
-    (f"{MODEL}/adapters/broken", 422, "invalid_adapter", "'broken'"),
-    (f"{MODEL}/adapters/nope", 404, "adapter_not_found", "'nope'"),
-    (f"{MODEL}/adapters/%2E%2E/etc", 400, "invalid_request", "'..'"),  # not normalised away
-    ("no/such-model/adapters/x", 404, "model_not_found", "no/such-model"),
-    (f"{MODEL}/nothing-here", 404, "not_found", "/adapters/"),
+    (f"{MODEL}/adapters/broken", 422, "INVALID_ADAPTER", "'broken'"),
+    (f"{MODEL}/adapters/nope", 404, "LORA_NOT_FOUND", "'nope'"),
+    (f"{MODEL}/adapters/%2E%2E/etc", 400, "INVALID_INPUT", "'..'"),  # not normalised away
+    ("no/such-model/adapters/x", 404, "MODEL_NOT_FOUND", "no/such-model"),
+    (f"{MODEL}/nothing-here", 404, "NOT_FOUND", "/adapters/"),
 ])
 def test_adapter_route_errors(http, path, status, code, fragment):
     r = http.post(f"/v1/models/{path}")
     assert r.status_code == status, r.text
-    err = r.json()["error"]
+    err = r.json()["detail"]
     assert err["code"] == code and fragment in err["message"], err
     r = http.post(f"/v1/encode/{MODEL}", json={"items": [{"text": "x"}],
                                                 "params": {"options": {"lora_id": "broken"}}})
-    assert r.status_code == 422 and "corrupt or truncated" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "corrupt or truncated" in r.json()["detail"]["message"]
     assert http.get("/healthz").status_code == 200
 
 

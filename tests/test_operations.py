@@ -117,8 +117,9 @@ def test_openai_dimensions_for_matryoshka_models(start_server, tmp_path, minilm_
 
 # ------------------------------------------------------------------ backpressure, overload
 
-def test_overload_answers_own_result_or_429(start_server, minilm_ref) -> None:
-    """4x more work than the queue takes: each request gets its own correct vectors or a 429."""
+def test_overload_answers_own_result_or_queue_full(start_server, minilm_ref) -> None:
+    """4x more work than the queue takes: each request gets its own correct vectors or a
+    503 QUEUE_FULL with Retry-After (SIE's code; the SDK's retries are off here)."""
     server = start_server(["--max-queued-tokens", "600", "--max-batch-tokens", "256"])
     texts = SHORT_TEXTS[:40]
 
@@ -126,10 +127,11 @@ def test_overload_answers_own_result_or_429(start_server, minilm_ref) -> None:
         chunk = [texts[(i + k) % len(texts)] for k in range(8)]
         started = time.monotonic()
         try:
-            res = SIEClient(server.url, timeout=60).encode(MINILM, [Item(text=t) for t in chunk])
+            res = SIEClient(server.url, timeout=60, max_retries=0).encode(MINILM, [Item(text=t) for t in chunk])
         except OverloadedError as err:
+            assert err.status == 503 and err.code == "QUEUE_FULL"
             assert err.retry_after and err.retry_after >= 1
-            return "429", time.monotonic() - started
+            return "refused", time.monotonic() - started
         for t, r in zip(chunk, res):
             assert float(r["dense"] @ minilm_ref[t]) >= 0.9999, "a result went to the wrong item"
         return "ok", time.monotonic() - started
@@ -137,17 +139,20 @@ def test_overload_answers_own_result_or_429(start_server, minilm_ref) -> None:
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         outcomes = list(pool.map(call, range(128)))
     kinds = [k for k, _ in outcomes]
-    assert kinds.count("ok") > 0 and kinds.count("429") > 0, kinds
+    assert kinds.count("ok") > 0 and kinds.count("refused") > 0, kinds
     assert max(s for k, s in outcomes if k == "ok") < 30  # accepted latency stays bounded
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-def test_deadline_gives_504_and_drops_queued_work(bge_m3_server) -> None:
+def test_deadline_gives_408_and_drops_queued_work(bge_m3_server) -> None:
+    """A deadline the client set itself: 408 DEADLINE_EXCEEDED, which no SDK retries (SIE's
+    SDK retries a 504 for up to 15 minutes)."""
     many = [{"text": t} for t in SHORT_TEXTS * 4]
     r = httpx.post(f"{bge_m3_server.url}/v1/encode/BAAI/bge-m3",
                    json={"items": many, "params": {"output_types": ["multivector"]}},
                    headers={"x-request-timeout": "0.001"}, timeout=60)
-    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.status_code == 408 and r.json()["detail"]["code"] == "DEADLINE_EXCEEDED"
+    assert r.headers["x-sie-error-code"] == "DEADLINE_EXCEEDED"
     r = httpx.post(f"{bge_m3_server.url}/v1/encode/BAAI/bge-m3",
                    json={"items": many[:2], "params": {"options": {"timeout_s": 30}}})
     assert r.status_code == 200
@@ -179,7 +184,7 @@ def test_eviction_under_traffic_answers_everything(start_server, bge_m3_dir, min
     """Budget for about one model: alternating traffic evicts the idle one, never a busy one."""
     server = start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}", "--memory-budget-bytes",
                            str(120_000_000), "--default-model", MINILM])
-    client = SIEClient(server.url, timeout=120)
+    client = SIEClient(server.url, timeout=120, max_retries=0)
 
     def call(i: int) -> str:
         model = MINILM if i % 2 else "BAAI/bge-m3"
@@ -199,7 +204,7 @@ def test_eviction_under_traffic_answers_everything(start_server, bge_m3_dir, min
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "sie_model_evictions_total" in metrics
     models = {m["id"]: m for m in client.models()}
-    assert sum(m["state"] == "ready" for m in models.values()) == 1
+    assert sum(m["state"] == "loaded" for m in models.values()) == 1
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
@@ -214,7 +219,8 @@ def test_slow_load_gives_503_retry_after_and_concurrent_first_requests_load_once
     waited = [r for r in first if r.status_code == 503]
     assert waited and all(r.status_code in (200, 503) for r in first)
     assert all(int(r.headers["retry-after"]) >= 1 for r in waited)
-    assert "still loading" in waited[0].json()["error"]["message"]
+    assert "still loading" in waited[0].json()["detail"]["message"]
+    assert all(r.json()["detail"]["code"] == "MODEL_LOADING" for r in waited)
     deadline = time.monotonic() + 60
     while (r := httpx.post(url, json={"items": [{"text": "x"}]})).status_code == 503:
         assert time.monotonic() < deadline, "the load never finished"
@@ -224,7 +230,7 @@ def test_slow_load_gives_503_retry_after_and_concurrent_first_requests_load_once
     assert 'sie_model_loads_total{model="BAAI/bge-m3",outcome="loaded"} 1.0' in metrics
     entry = next(m for m in httpx.get(f"{server.url}/v1/models").json()["models"]
                  if m["id"] == "BAAI/bge-m3")
-    assert entry["state"] == "ready" and entry["memory_bytes"] > 0 and entry["last_used"]
+    assert entry["state"] == "loaded" and entry["memory_bytes"] > 0 and entry["last_used"]
 
 
 def test_a_model_that_fails_to_load_does_not_take_the_server_down(start_server, tmp_path) -> None:
@@ -237,7 +243,9 @@ def test_a_model_that_fails_to_load_does_not_take_the_server_down(start_server, 
     server = start_server(["--model", f"broken/model={broken}", "--load-retry-cooldown", "1"])
     for _ in range(2):
         r = httpx.post(f"{server.url}/v1/encode/broken/model", json={"items": [{"text": "x"}]})
-        assert r.status_code == 503 and "broken/model" in r.json()["error"]["message"]
+        # SIE's terminal code: 502 MODEL_LOAD_FAILED, no Retry-After, so no SDK retries it
+        assert r.status_code == 502 and "broken/model" in r.json()["detail"]["message"]
+        assert r.json()["detail"]["code"] == "MODEL_LOAD_FAILED" and "retry-after" not in r.headers
         time.sleep(1.1)  # after the cool-down the next request retries the load
     assert SIEClient(server.url).encode(MINILM, "fine")["dense"].shape == (384,)
     assert 'sie_model_loads_total{model="broken/model",outcome="failed"} 2.0' in httpx.get(

@@ -307,7 +307,7 @@ def score_server(start_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir, minilm_dir)
 def test_score_end_to_end_sdk(score_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir):
     q = QUERIES[1]
     items = [Item(text=d, id=f"doc-{i}") if i % 2 == 0 else d for i, d in enumerate(DOCS)]
-    ids = [f"doc-{i}" if i % 2 == 0 else i for i in range(len(DOCS))]
+    ids = [f"doc-{i}" if i % 2 == 0 else f"item-{i}" for i in range(len(DOCS))]  # SIE's default id
     ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), (0.4, 0.2, 0.4))
     with SIEClient(score_server.url) as client:
         res = client.score("BAAI/bge-m3", q, items, top_k=4)
@@ -324,7 +324,7 @@ def test_score_end_to_end_sdk(score_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir
         res = client.score("BAAI/bge-m3", q, DOCS, {"score_type": "sparse"})
         assert res["score_type"] == "sparse" and len(res["scores"]) == len(DOCS)
         got = {s["item_id"]: s["score"] for s in res["scores"]}
-        np.testing.assert_allclose([got[i] for i in range(len(DOCS))], ref["sparse"], atol=1e-4)
+        np.testing.assert_allclose([got[f"item-{i}"] for i in range(len(DOCS))], ref["sparse"], atol=1e-4)
 
         with pytest.raises(InvalidRequestError, match="cannot score"):
             client.score(MINILM, q, DOCS[:2])
@@ -338,7 +338,7 @@ def test_score_end_to_end_sdk(score_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir
                 logits = hf_logits(str(folder), QUERIES[0], tuple(DOCS))
                 assert res["score_type"] == "relevance" and res["activation"] == "none"
                 order = np.argsort(-logits, kind="stable")
-                assert [s["item_id"] for s in res["scores"]] == order.tolist()
+                assert [s["item_id"] for s in res["scores"]] == [f"item-{i}" for i in order]
                 np.testing.assert_allclose([s["score"] for s in res["scores"]], logits[order],
                                            atol=1e-4)
 
@@ -359,15 +359,15 @@ def test_score_http_validation(score_server):
     for body, field in cases:
         r = httpx.post(url, json=body)
         assert r.status_code == 400, (body, r.text)
-        err = r.json()["error"]
-        assert err["code"] == "invalid_request" and err["message"].startswith(field), err
-    # JSON in, JSON out; a plain position is the item_id without an id
+        err = r.json()["detail"]
+        assert err["code"] == "INVALID_INPUT" and err["message"].startswith(field), err
+    # JSON in, JSON out; "item-{position}" is the item_id without an id (SIE's default)
     r = httpx.post(f"{score_server.url}/v1/score/test/ce-xlmr",
                    json={"query": {"text": "q"}, "items": [{"text": "a"}, {"text": "b", "id": "B"}],
                          "options": {"activation": "sigmoid"}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert body["activation"] == "sigmoid" and {s["item_id"] for s in body["scores"]} == {0, "B"}
+    assert body["activation"] == "sigmoid" and {s["item_id"] for s in body["scores"]} == {"item-0", "B"}
     r = httpx.get(f"{score_server.url}/v1/models").json()["models"]
     listed = {m["id"]: m for m in r}
     assert listed["test/ce-bert"]["score_types"] == ["relevance"]

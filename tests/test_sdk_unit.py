@@ -19,14 +19,20 @@ import numpy as np
 import pytest
 
 from sie_sdk import (
+    AdapterLoadingError,
+    DeadlineExceededError,
     GatewayTimeoutError,
+    InputTooLongError,
     InternalServerError,
     InvalidRequestError,
     Item,
+    ModelLoadFailedError,
+    ModelLoadingError,
     ModelNotFoundError,
     ModelUnavailableError,
     OverloadedError,
     PayloadTooLargeError,
+    ResourceExhaustedError,
     SIEAsyncClient,
     SIEClient,
     SIEConnectionError,
@@ -45,20 +51,28 @@ def vec(text: str) -> np.ndarray:
     return np.random.default_rng(abs(hash(text)) % 2**32).standard_normal(DIM).astype(np.float32)
 
 
+def nd(a: np.ndarray) -> dict[bytes, Any]:
+    """An array as msgpack-numpy, as docs/API.md (and SIE's server) put it on the wire."""
+    return {b"nd": True, b"type": a.dtype.str, b"kind": b"", b"shape": list(a.shape), b"data": a.tobytes()}
+
+
 def server_item(item: dict[str, Any], output_types: list[str]) -> dict[str, Any]:
-    """Encode one item the way the server does (docs/API.md): raw little-endian bytes."""
+    """Encode one item the way the server does (docs/API.md): msgpack-numpy arrays."""
     text = item["text"]
-    out: dict[str, Any] = {"id": item.get("id"), "token_count": len(text.split()), "truncated": False}
+    out: dict[str, Any] = {"token_count": len(text.split()), "truncated": False}
+    if item.get("id") is not None:
+        out["id"] = item["id"]
     if "dense" in output_types:
-        out["dense"] = {"dims": DIM, "data": vec(text).astype("<f4").tobytes()}
+        out["dense"] = {"dims": DIM, "dtype": "float32", "values": nd(vec(text).astype("<f4"))}
     if "sparse" in output_types:
         out["sparse"] = {
-            "indices": np.array([3, 70000, 5], dtype="<i4").tobytes(),
-            "values": np.array([0.5, 0.25, 0.125], dtype="<f4").tobytes(),
+            "dims": 250002, "dtype": "float32",
+            "indices": nd(np.array([3, 70000, 5], dtype="<i4")),
+            "values": nd(np.array([0.5, 0.25, 0.125], dtype="<f4")),
         }
     if "multivector" in output_types:
-        mv = np.stack([vec(text + str(i)) for i in range(3)])
-        out["multivector"] = {"shape": [3, DIM], "data": mv.astype("<f4").tobytes()}
+        mv = np.stack([vec(text + str(i)) for i in range(3)]).astype("<f4")
+        out["multivector"] = {"token_dims": DIM, "num_tokens": 3, "dtype": "float32", "values": nd(mv)}
     return out
 
 
@@ -124,12 +138,12 @@ def test_wire_round_trip_msgpack() -> None:
 
 def test_wire_round_trip_json() -> None:
     item = {
-        "id": None,
         "token_count": 1,
         "truncated": True,
-        "dense": [0.5, -1.0],
-        "sparse": {"indices": [1, 2], "values": [0.1, 0.2]},
-        "multivector": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+        "dense": {"dims": 2, "dtype": "float32", "values": [0.5, -1.0]},
+        "sparse": {"dims": 9, "dtype": "float32", "indices": [1, 2], "values": [0.1, 0.2]},
+        "multivector": {"token_dims": 2, "num_tokens": 3, "dtype": "float32",
+                        "values": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]},
     }
     body = json.dumps({"model": "m", "items": [item]}).encode()
     (r,) = wire.decode_encode_response(wire.unpack(body, "application/json"))
@@ -137,14 +151,22 @@ def test_wire_round_trip_json() -> None:
     assert r["dense"].dtype == np.float32 and r["dense"].tolist() == [0.5, -1.0]
     assert r["sparse"]["indices"].dtype == np.int32
     assert r["multivector"].shape == (3, 2) and r["multivector"].dtype == np.float32
-    empty = wire.decode_encode_item({"token_count": 0, "truncated": False, "multivector": []})
+    empty = wire.decode_encode_item({"token_count": 0, "truncated": False, "multivector": {
+        "token_dims": 2, "num_tokens": 0, "dtype": "float32", "values": []}})
     assert empty["multivector"].shape == (0, 0)
+    int8 = wire.decode_encode_item({"dense": {"dims": 3, "dtype": "int8", "values": [-127, 0, 5]}})
+    assert int8["dense"].dtype == np.int8 and int8["dense"].tolist() == [-127, 0, 5]
 
 
-def test_wire_rejects_inconsistent_dense() -> None:
-    item = {"token_count": 1, "truncated": False, "dense": {"dims": 4, "data": b"\0" * 12}}
+@pytest.mark.parametrize("bad", [
+    {b"nd": True, b"type": "<f4", b"kind": b"", b"shape": [4], b"data": b"\0" * 12},  # short data
+    {b"nd": True, b"type": "|O", b"kind": b"O", b"shape": [1], b"data": b"\0" * 8},  # would unpickle
+    {b"nd": True, b"type": "V8", b"kind": b"V", b"shape": [1], b"data": b"\0" * 8},  # structured
+])
+def test_wire_rejects_malformed_arrays(bad: dict) -> None:
+    body = msgpack.packb({"model": "m", "items": [{"dense": {"dims": 4, "values": bad}}]}, use_bin_type=True)
     with pytest.raises(SIEError):
-        wire.decode_encode_item(item)
+        wire.unpack(body, "application/msgpack")
 
 
 def test_encode_request_body() -> None:
@@ -156,6 +178,8 @@ def test_encode_request_body() -> None:
         "params": {"output_types": ["dense", "sparse"], "options": {"lora_id": "x"}},
     }
     assert msgpack.unpackb(wire.encode_request([Item("a")])) == {"items": [{"text": "a"}], "params": {}}
+    body = msgpack.unpackb(wire.encode_request([Item("a")], output_dtype="int8", instruction="Find"))
+    assert body["params"] == {"output_dtype": "int8", "instruction": "Find"}
 
 
 @pytest.mark.parametrize(
@@ -174,21 +198,40 @@ def test_encode_request_body() -> None:
     ],
 )
 def test_error_mapping(status: int, cls: type[SIEServerError]) -> None:
-    err = {"error": {"code": "some_code", "message": "items[3].text: required"}}
-    for body in (json.dumps(err).encode(), msgpack.packb(err), err):
-        e = error_from_response(status, body)
-        assert type(e) is cls and e.status == status
-        assert e.code == "some_code" and e.message == "items[3].text: required"
-        assert isinstance(e, SIEError)
+    for key in ("detail", "error"):  # SIE's envelope, and OpenAI's
+        err = {key: {"code": "some_code", "message": "items[3].text: required"}}
+        for body in (json.dumps(err).encode(), msgpack.packb(err), err):
+            e = error_from_response(status, body)
+            assert type(e) is cls and e.status == status
+            assert e.code == "some_code" and e.message == "items[3].text: required"
+            assert isinstance(e, SIEError)
+
+
+@pytest.mark.parametrize(("status", "code", "cls"), [
+    (400, "INVALID_INPUT", InvalidRequestError),
+    (400, "INPUT_TOO_LONG", InputTooLongError),
+    (413, "INPUT_TOO_LONG", PayloadTooLargeError),
+    (408, "DEADLINE_EXCEEDED", DeadlineExceededError),
+    (503, "QUEUE_FULL", OverloadedError),
+    (503, "MODEL_LOADING", ModelLoadingError),
+    (502, "MODEL_LOAD_FAILED", ModelLoadFailedError),
+    (503, "LORA_LOADING", AdapterLoadingError),
+    (503, "RESOURCE_EXHAUSTED", ResourceExhaustedError),
+])
+def test_error_codes_pick_the_class(status: int, code: str, cls: type[SIEServerError]) -> None:
+    e = error_from_response(status, {"detail": {"code": code, "message": "m", "attempts": 2}})
+    assert type(e) is cls and e.code == code and e.detail["attempts"] == 2
+    # the X-SIE-Error-Code header names the code even when the body does not
+    assert type(error_from_response(status, b"", code_header=code)) is cls
 
 
 def test_error_mapping_non_json_body() -> None:
     e = error_from_response(502, b"<html>Bad Gateway</html>")
-    assert isinstance(e, InternalServerError) and e.code == "internal" and "Bad Gateway" in e.message
+    assert isinstance(e, InternalServerError) and e.code == "INTERNAL_ERROR" and "Bad Gateway" in e.message
     e = error_from_response(404, b"")
-    assert isinstance(e, ModelNotFoundError) and e.code == "model_not_found" and e.message == "HTTP 404"
-    e = error_from_response(400, b'{"error": "flat string"}')
-    assert isinstance(e, InvalidRequestError) and e.code == "invalid_request"
+    assert isinstance(e, ModelNotFoundError) and e.code == "MODEL_NOT_FOUND" and e.message == "HTTP 404"
+    e = error_from_response(400, b'{"detail": "flat string"}')
+    assert isinstance(e, InvalidRequestError) and e.code == "INVALID_INPUT" and e.message == "flat string"
     e = error_from_response(429, b"busy", retry_after="2")
     assert isinstance(e, OverloadedError) and e.retry_after == 2.0
     assert error_from_response(429, b"", retry_after="Wed, 21 Oct 2015 07:28:00 GMT").retry_after is None
@@ -270,16 +313,16 @@ def test_async_split_preserves_order_and_bounds_concurrency() -> None:
 def test_error_responses_raise(server: FakeServer) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if "overloaded" in request.url.path:
-            body = msgpack.packb({"error": {"code": "overloaded", "message": "queue full"}})
-            return httpx.Response(429, content=body, headers={"Retry-After": "3", "Content-Type": "application/msgpack"})
+            body = json.dumps({"detail": {"code": "QUEUE_FULL", "message": "queue full"}})
+            return httpx.Response(503, content=body, headers={"Retry-After": "3"})
         if "missing" in request.url.path:
-            return httpx.Response(404, json={"error": {"code": "model_not_found", "message": "no model x/missing"}})
+            return httpx.Response(404, json={"detail": {"code": "MODEL_NOT_FOUND", "message": "no model x/missing"}})
         return httpx.Response(500, text="Internal Server Error")
 
-    with SIEClient(transport=httpx.MockTransport(handler)) as c:
+    with SIEClient(transport=httpx.MockTransport(handler), max_retries=0) as c:
         with pytest.raises(OverloadedError) as ei:
             c.encode("x/overloaded", ["a"])
-        assert ei.value.retry_after == 3.0 and ei.value.message == "queue full"
+        assert ei.value.retry_after == 3.0 and ei.value.message.startswith("queue full")
         with pytest.raises(ModelNotFoundError):
             c.encode("x/missing", "a")
         with pytest.raises(InternalServerError):
@@ -291,12 +334,17 @@ def test_split_fails_if_any_chunk_fails() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         items = msgpack.unpackb(request.content)["items"]
         if items[0]["text"] == "bad":
-            return httpx.Response(400, json={"error": {"code": "invalid_request", "message": "items[0].text"}})
+            return httpx.Response(400, json={"detail": {"code": "INVALID_INPUT", "message": "items[0].text"}})
         return FakeServer()(request)
 
     with SIEClient(transport=httpx.MockTransport(handler), max_items_per_request=2) as c:
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(InvalidRequestError) as ei:
             c.encode("m", ["a", "b", "bad", "c", "d"])
+    # the chunks that succeeded are not lost: they come with the error, in input order
+    partial = ei.value.partial
+    assert [p is None for p in partial] == [False, False, True, True, False]
+    assert partial[4]["dense"].tolist() == vec("d").tolist()
+    assert "1 of 3 requests failed; 3 of 5 items encoded" in ei.value.message
 
 
 def test_connection_error() -> None:
@@ -335,7 +383,7 @@ def test_models_and_score(server: FakeServer) -> None:
         return server(request)
 
     with SIEClient(transport=httpx.MockTransport(handler)) as c:
-        assert c.models() == [{"id": "BAAI/bge-m3", "state": "loaded"}]
+        assert c.models() == c.list_models() == [{"id": "BAAI/bge-m3", "state": "loaded"}]
         res = c.score("BAAI/bge-reranker-v2-m3", "q", [Item(text="a", id="A"), "b"], top_k=1)
     assert res == {"model": "BAAI/bge-reranker-v2-m3", "scores": [{"item_id": "A", "score": 0.9, "rank": 0}]}
 
@@ -343,3 +391,62 @@ def test_models_and_score(server: FakeServer) -> None:
 def test_invalid_config() -> None:
     with pytest.raises(ValueError):
         SIEClient(max_items_per_request=0)
+
+
+def test_transient_refusals_are_retried_within_bounds(server: FakeServer) -> None:
+    """503 MODEL_LOADING / QUEUE_FULL and 429 are retried (Retry-After honoured); other errors
+    are not; the retries stop at max_retries."""
+    refusals: list[tuple[int, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if refusals:
+            status, code = refusals.pop(0)
+            return httpx.Response(status, json={"detail": {"code": code, "message": "wait"}},
+                                  headers={"Retry-After": "0"})
+        return server(request)
+
+    with SIEClient(transport=httpx.MockTransport(handler), max_retries=3) as c:
+        refusals[:] = [(503, "MODEL_LOADING"), (503, "QUEUE_FULL"), (429, "RATE_LIMIT")]
+        assert c.encode("m", "a")["dense"].tolist() == vec("a").tolist()
+        assert refusals == [] and len(server.requests) == 1
+        refusals[:] = [(503, "MODEL_LOADING")] * 5
+        with pytest.raises(ModelLoadingError):
+            c.encode("m", "a")
+        assert len(refusals) == 1  # 1 try + 3 retries
+        refusals[:] = [(502, "MODEL_LOAD_FAILED"), (400, "INPUT_TOO_LONG")]
+        with pytest.raises(ModelLoadFailedError):
+            c.encode("m", "a")
+        with pytest.raises(InputTooLongError):
+            c.encode("m", "a")
+        assert refusals == []
+
+
+def test_async_retries_and_partial_results() -> None:
+    fake, calls = FakeServer(), {"n": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return httpx.Response(503, json={"detail": {"code": "LORA_LOADING", "message": "wait"}},
+                                  headers={"Retry-After": "0"})
+        if msgpack.unpackb(request.content)["items"][0]["text"] == "bad":
+            return httpx.Response(400, json={"detail": {"code": "INVALID_INPUT", "message": "no"}})
+        return fake(request)
+
+    async def main() -> None:
+        async with SIEAsyncClient(transport=httpx.MockTransport(handler), max_items_per_request=1,
+                                  max_concurrency=1) as c:
+            assert (await c.encode("m", ["x"]))[0]["dense"].tolist() == vec("x").tolist()
+            with pytest.raises(InvalidRequestError) as ei:
+                await c.encode("m", ["a", "bad", "c"])
+            assert [p is None for p in ei.value.partial] == [False, True, False]
+
+    asyncio.run(main())
+
+
+def test_sie_style_dict_items_and_keywords(server: FakeServer) -> None:
+    with SIEClient(transport=httpx.MockTransport(server)) as c:
+        r = c.encode("m", [{"text": "a", "id": "1"}], output_dtype="float16", instruction="Find", is_query=True)
+    assert r[0]["id"] == "1"
+    assert server.bodies[0]["params"] == {"instruction": "Find", "output_dtype": "float16",
+                                          "options": {"is_query": True}}

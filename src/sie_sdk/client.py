@@ -1,13 +1,19 @@
 """Synchronous and asynchronous HTTP clients of the SIE server.
 
-Neither client retries anything: every failure surfaces as an `SIEError` subclass
-(`OverloadedError.retry_after` carries the server's hint for callers that want to retry).
+Transient refusals are retried, honouring the server's Retry-After, within bounds
+(`max_retries` attempts and `retry_timeout` seconds per request): 429, and 503 with SIE's
+MODEL_LOADING, LORA_LOADING, QUEUE_FULL or RESOURCE_EXHAUSTED (or any 503 with Retry-After).
+Everything else, and a retry budget spent, raises an `SIEError` subclass. A list split into
+several requests is sent whole: if some of them fail, the first error is raised with
+`.partial` holding every result that did arrive (None for each failed item).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
@@ -15,13 +21,15 @@ from typing import Any, TypeVar, overload
 import httpx
 
 from . import wire
-from .errors import SIEConnectionError, SIEError, error_from_response
+from .errors import SIEConnectionError, SIEError, SIEServerError, error_from_response
 from .types import EncodeOptions, EncodeResult, Item, ScoreResult
 
 T = TypeVar("T")
 R = TypeVar("R")
-ItemLike = Item | str
+ItemLike = Item | str | Mapping[str, Any]
 Options = EncodeOptions | Mapping[str, Any]
+RETRY_CODES = frozenset({"MODEL_LOADING", "LORA_LOADING", "QUEUE_FULL", "RESOURCE_EXHAUSTED"})
+_MAX_WAIT_S = 30.0  # one wait between attempts, whatever Retry-After says
 
 
 def _to_item(x: ItemLike) -> Item:
@@ -29,7 +37,19 @@ def _to_item(x: ItemLike) -> Item:
         return x
     if isinstance(x, str):
         return Item(text=x)
-    raise TypeError(f"expected Item or str, got {type(x).__name__}")
+    if isinstance(x, Mapping) and isinstance(x.get("text"), str):  # SIE's dict items
+        return Item(text=x["text"], id=x.get("id"))
+    raise TypeError(f"expected Item, str or {{'text': ...}}, got {type(x).__name__}")
+
+
+def _is_one(items: ItemLike | Sequence[ItemLike]) -> bool:
+    return isinstance(items, (Item, str, Mapping))
+
+
+def retryable(err: SIEServerError) -> bool:
+    """Whether a refusal is transient: nothing ran, and the same request may succeed later."""
+    return err.status == 429 or (err.status == 503 and (err.code in RETRY_CODES
+                                                        or err.retry_after is not None))
 
 
 class _Base:
@@ -37,8 +57,9 @@ class _Base:
 
     base_url: server root; timeout: seconds per HTTP request; api_key: bearer token
     (default: env SIE_API_KEY); max_items_per_request: chunk size of `encode` lists;
-    max_concurrency: chunks in flight at once per `encode` call; transport: optional
-    custom httpx transport (sync or async to match the client).
+    max_concurrency: chunks in flight at once per `encode` call; max_retries / retry_timeout:
+    bounds on retrying transient refusals (0 retries: none); transport: optional custom
+    httpx transport (sync or async to match the client).
     """
 
     _http_cls: type[httpx.Client] | type[httpx.AsyncClient]
@@ -51,13 +72,18 @@ class _Base:
         api_key: str | None = None,
         max_items_per_request: int = 256,
         max_concurrency: int = 4,
+        max_retries: int = 8,
+        retry_timeout: float = 300.0,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_items_per_request < 1 or max_concurrency < 1:
-            raise ValueError("max_items_per_request and max_concurrency must be >= 1")
+        if max_items_per_request < 1 or max_concurrency < 1 or max_retries < 0:
+            raise ValueError("max_items_per_request and max_concurrency must be >= 1, "
+                             "max_retries >= 0")
         self.base_url = base_url
         self.max_items_per_request = max_items_per_request
         self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.retry_timeout = retry_timeout
         api_key = api_key or os.environ.get("SIE_API_KEY")
         headers = {"Content-Type": wire.MSGPACK, "Accept": wire.MSGPACK}
         if api_key:
@@ -70,39 +96,82 @@ class _Base:
         )
 
     def _encode_bodies(
-        self, items: ItemLike | Sequence[ItemLike], output_types: Sequence[str] | None, options: Options | None
+        self,
+        items: ItemLike | Sequence[ItemLike],
+        output_types: Sequence[str] | None,
+        options: Options | None,
+        output_dtype: str | None,
+        instruction: str | None,
+        is_query: bool | None,
     ) -> tuple[bool, list[tuple[int, bytes]]]:
-        """Return (single, [(n_items, body)]): one msgpack body per chunk of max_items_per_request."""
-        single = isinstance(items, (Item, str))
-        lst = [_to_item(items)] if isinstance(items, (Item, str)) else [_to_item(x) for x in items]
+        """(single, [(n_items, body)]): one msgpack body per chunk of max_items_per_request."""
+        single = _is_one(items)
+        lst = [_to_item(items)] if single else [_to_item(x) for x in items]  # type: ignore[union-attr]
+        if is_query is not None:
+            options = {**(options or {}), "is_query": is_query}
         n = self.max_items_per_request
         chunks = [lst[i : i + n] for i in range(0, len(lst), n)]
-        return single, [(len(c), wire.encode_request(c, output_types, options)) for c in chunks]
+        return single, [(len(c), wire.encode_request(c, output_types, options, output_dtype=output_dtype,
+                                                      instruction=instruction)) for c in chunks]
 
     @staticmethod
-    def _score_body(query: ItemLike, items: Sequence[ItemLike], options: Options | None, top_k: int | None) -> bytes:
-        return wire.score_request(_to_item(query), [_to_item(x) for x in items], options, top_k)
+    def _score_body(
+        query: ItemLike, items: Sequence[ItemLike], options: Options | None, top_k: int | None, instruction: str | None
+    ) -> bytes:
+        return wire.score_request(_to_item(query), [_to_item(x) for x in items], options, top_k,
+                                  instruction=instruction)
 
     @staticmethod
-    def _payload(resp: httpx.Response) -> Any:
+    def _error(resp: httpx.Response) -> SIEServerError:
+        return error_from_response(resp.status_code, resp.content, resp.headers.get("Retry-After"),
+                                   resp.headers.get("X-SIE-Error-Code"))
+
+    @classmethod
+    def _payload(cls, resp: httpx.Response) -> Any:
         """Decode a response body, raising the typed exception for an error status."""
         if resp.status_code >= 400:
-            raise error_from_response(resp.status_code, resp.content, resp.headers.get("Retry-After"))
+            raise cls._error(resp)
         try:
             return wire.unpack(resp.content, resp.headers.get("Content-Type"))
         except Exception as e:
             raise SIEError(f"undecodable response from {resp.request.url}: {e}") from e
 
     @classmethod
-    def _encode_results(cls, resp: httpx.Response, n_items: int) -> list[EncodeResult]:
-        results = wire.decode_encode_response(cls._payload(resp))
+    def _encode_results(cls, payload: Any, n_items: int) -> list[EncodeResult]:
+        results = wire.decode_encode_response(payload)
         if len(results) != n_items:
             raise SIEError(f"server returned {len(results)} results for {n_items} items")
         return results
 
+    def _retry_delay(self, resp: httpx.Response, attempt: int, started: float) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None: answer `resp` as it is."""
+        if resp.status_code not in (429, 503) or attempt >= self.max_retries:
+            return None
+        err = self._error(resp)
+        if not retryable(err):
+            return None
+        left = self.retry_timeout - (time.monotonic() - started)
+        wait = err.retry_after if err.retry_after is not None else min(0.25 * 2**attempt, 8.0)
+        wait = min(wait, _MAX_WAIT_S) * random.uniform(1.0, 1.1)  # spread the retries of many clients
+        return wait if wait <= left else None
+
     @staticmethod
     def _connection_error(e: httpx.TransportError, path: str) -> SIEConnectionError:
         return SIEConnectionError(f"{type(e).__name__} on {path}: {e}")
+
+    @staticmethod
+    def _join(parts: list[list[EncodeResult] | BaseException], sizes: list[int]) -> list[EncodeResult]:
+        """Chunk results in order; if a chunk failed, its first error with `.partial` set."""
+        failed = [p for p in parts if isinstance(p, BaseException)]
+        if not failed:
+            return [r for part in parts for r in part]  # type: ignore[union-attr]
+        err = failed[0]
+        if isinstance(err, SIEServerError):
+            err.partial = [r for part, n in zip(parts, sizes)
+                           for r in (part if isinstance(part, list) else [None] * n)]
+            ok = sum(n for part, n in zip(parts, sizes) if isinstance(part, list))
+            err.message += f" ({len(failed)} of {len(parts)} requests failed; {ok} of {sum(sizes)} items encoded, in .partial)"
+        raise err
 
 
 class SIEClient(_Base):
@@ -117,32 +186,45 @@ class SIEClient(_Base):
     _http_cls = httpx.Client
     _http: httpx.Client
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        try:
-            return self._http.request(method, path, content=body)
-        except httpx.TransportError as e:
-            raise self._connection_error(e, path) from e
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> httpx.Response:
+        """One call, retrying transient refusals within the client's bounds."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                resp = self._http.request(method, path, content=body, headers=headers)
+            except httpx.TransportError as e:
+                raise self._connection_error(e, path) from e
+            delay = self._retry_delay(resp, attempt, started)
+            if delay is None:
+                return resp
+            time.sleep(delay)
+            attempt += 1
 
-    def _map(self, fn: Callable[[T], R], args: Sequence[T]) -> list[R]:
+    def _map(self, fn: Callable[[T], R], args: Sequence[T]) -> list[R | BaseException]:
+        """fn over args (concurrently), each outcome a result or the exception it raised."""
+
+        def outcome(a: T) -> R | BaseException:
+            try:
+                return fn(a)
+            except Exception as e:  # noqa: BLE001 - reported per chunk by _join
+                return e
+
         if len(args) <= 1 or self.max_concurrency == 1:
-            return [fn(a) for a in args]
-        pool = ThreadPoolExecutor(min(self.max_concurrency, len(args)), thread_name_prefix="sie-sdk")
-        try:
-            return list(pool.map(fn, args))
-        finally:
-            pool.shutdown(cancel_futures=True)
+            return [outcome(a) for a in args]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(args)), thread_name_prefix="sie-sdk") as pool:
+            return list(pool.map(outcome, args))
 
     @overload
     def encode(
-        self, model: str, items: ItemLike, output_types: Sequence[str] | None = ..., options: Options | None = ...
+        self, model: str, items: Item | str, output_types: Sequence[str] | None = ..., options: Options | None = ...,
+        *, output_dtype: str | None = ..., instruction: str | None = ..., is_query: bool | None = ...,
     ) -> EncodeResult: ...
     @overload
     def encode(
-        self,
-        model: str,
-        items: Sequence[ItemLike],
-        output_types: Sequence[str] | None = ...,
-        options: Options | None = ...,
+        self, model: str, items: Sequence[ItemLike], output_types: Sequence[str] | None = ...,
+        options: Options | None = ..., *, output_dtype: str | None = ..., instruction: str | None = ...,
+        is_query: bool | None = ...,
     ) -> list[EncodeResult]: ...
     def encode(
         self,
@@ -150,15 +232,19 @@ class SIEClient(_Base):
         items: ItemLike | Sequence[ItemLike],
         output_types: Sequence[str] | None = None,
         options: Options | None = None,
+        *,
+        output_dtype: str | None = None,
+        instruction: str | None = None,
+        is_query: bool | None = None,
     ) -> EncodeResult | list[EncodeResult]:
         """Encode one item (returns one result) or a list (returns results in input order)."""
-        single, bodies = self._encode_bodies(items, output_types, options)
+        single, bodies = self._encode_bodies(items, output_types, options, output_dtype, instruction, is_query)
         path = f"/v1/encode/{model}"
 
         def send(chunk: tuple[int, bytes]) -> list[EncodeResult]:
-            return self._encode_results(self._request("POST", path, chunk[1]), chunk[0])
+            return self._encode_results(self._payload(self._request("POST", path, chunk[1])), chunk[0])
 
-        results = [r for part in self._map(send, bodies) for r in part]
+        results = self._join(self._map(send, bodies), [n for n, _ in bodies])
         return results[0] if single else results
 
     def score(
@@ -168,20 +254,28 @@ class SIEClient(_Base):
         items: Sequence[ItemLike],
         options: Options | None = None,
         top_k: int | None = None,
+        *,
+        instruction: str | None = None,
     ) -> ScoreResult:
         """Score `items` against `query` in one request (never split: ranks span all items)."""
-        body = self._score_body(query, items, options, top_k)
+        body = self._score_body(query, items, options, top_k, instruction)
         return wire.decode_score_response(self._payload(self._request("POST", f"/v1/score/{model}", body)))
 
-    def models(self) -> list[dict[str, Any]]:
-        """The server's models (`GET /v1/models`)."""
-        return self._payload(self._request("GET", "/v1/models"))["models"]
+    def list_models(self) -> list[dict[str, Any]]:
+        """The server's models (`GET /v1/models`): SIE's ModelInfo fields and ours."""
+        return self._payload(self._request("GET", "/v1/models", headers={"Accept": "application/json"}))["models"]
+
+    models = list_models
+
+    def get_model(self, model: str) -> dict[str, Any]:
+        """One model's info (`GET /v1/models/{model}`), known before it is loaded."""
+        return self._payload(self._request("GET", f"/v1/models/{model}", headers={"Accept": "application/json"}))
 
     def health(self) -> bool:
         """True when `GET /healthz` answers 200; False on any other status or no connection."""
         try:
-            return self._request("GET", "/healthz").status_code == 200
-        except SIEConnectionError:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.TransportError:
             return False
 
     def close(self) -> None:
@@ -201,23 +295,31 @@ class SIEAsyncClient(_Base):
     _http_cls = httpx.AsyncClient
     _http: httpx.AsyncClient
 
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        try:
-            return await self._http.request(method, path, content=body)
-        except httpx.TransportError as e:
-            raise self._connection_error(e, path) from e
+    async def _request(self, method: str, path: str, body: bytes | None = None,
+                       headers: dict[str, str] | None = None) -> httpx.Response:
+        """One call, retrying transient refusals within the client's bounds."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                resp = await self._http.request(method, path, content=body, headers=headers)
+            except httpx.TransportError as e:
+                raise self._connection_error(e, path) from e
+            delay = self._retry_delay(resp, attempt, started)
+            if delay is None:
+                return resp
+            await asyncio.sleep(delay)
+            attempt += 1
 
     @overload
     async def encode(
-        self, model: str, items: ItemLike, output_types: Sequence[str] | None = ..., options: Options | None = ...
+        self, model: str, items: Item | str, output_types: Sequence[str] | None = ..., options: Options | None = ...,
+        *, output_dtype: str | None = ..., instruction: str | None = ..., is_query: bool | None = ...,
     ) -> EncodeResult: ...
     @overload
     async def encode(
-        self,
-        model: str,
-        items: Sequence[ItemLike],
-        output_types: Sequence[str] | None = ...,
-        options: Options | None = ...,
+        self, model: str, items: Sequence[ItemLike], output_types: Sequence[str] | None = ...,
+        options: Options | None = ..., *, output_dtype: str | None = ..., instruction: str | None = ...,
+        is_query: bool | None = ...,
     ) -> list[EncodeResult]: ...
     async def encode(
         self,
@@ -225,23 +327,23 @@ class SIEAsyncClient(_Base):
         items: ItemLike | Sequence[ItemLike],
         output_types: Sequence[str] | None = None,
         options: Options | None = None,
+        *,
+        output_dtype: str | None = None,
+        instruction: str | None = None,
+        is_query: bool | None = None,
     ) -> EncodeResult | list[EncodeResult]:
         """Encode one item (returns one result) or a list (returns results in input order)."""
-        single, bodies = self._encode_bodies(items, output_types, options)
+        single, bodies = self._encode_bodies(items, output_types, options, output_dtype, instruction, is_query)
         path = f"/v1/encode/{model}"
         sem = asyncio.Semaphore(self.max_concurrency)
 
         async def send(n_items: int, body: bytes) -> list[EncodeResult]:
             async with sem:
-                return self._encode_results(await self._request("POST", path, body), n_items)
+                resp = await self._request("POST", path, body)
+            return self._encode_results(self._payload(resp), n_items)
 
-        tasks = [asyncio.ensure_future(send(n, b)) for n, b in bodies]
-        try:
-            parts = await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:  # on the first failure, stop the other chunks
-                t.cancel()
-        results = [r for part in parts for r in part]
+        parts = await asyncio.gather(*(send(n, b) for n, b in bodies), return_exceptions=True)
+        results = self._join(list(parts), [n for n, _ in bodies])
         return results[0] if single else results
 
     async def score(
@@ -251,20 +353,29 @@ class SIEAsyncClient(_Base):
         items: Sequence[ItemLike],
         options: Options | None = None,
         top_k: int | None = None,
+        *,
+        instruction: str | None = None,
     ) -> ScoreResult:
         """Score `items` against `query` in one request (never split: ranks span all items)."""
-        body = self._score_body(query, items, options, top_k)
+        body = self._score_body(query, items, options, top_k, instruction)
         return wire.decode_score_response(self._payload(await self._request("POST", f"/v1/score/{model}", body)))
 
-    async def models(self) -> list[dict[str, Any]]:
-        """The server's models (`GET /v1/models`)."""
-        return self._payload(await self._request("GET", "/v1/models"))["models"]
+    async def list_models(self) -> list[dict[str, Any]]:
+        """The server's models (`GET /v1/models`): SIE's ModelInfo fields and ours."""
+        resp = await self._request("GET", "/v1/models", headers={"Accept": "application/json"})
+        return self._payload(resp)["models"]
+
+    models = list_models
+
+    async def get_model(self, model: str) -> dict[str, Any]:
+        """One model's info (`GET /v1/models/{model}`), known before it is loaded."""
+        return self._payload(await self._request("GET", f"/v1/models/{model}", headers={"Accept": "application/json"}))
 
     async def health(self) -> bool:
         """True when `GET /healthz` answers 200; False on any other status or no connection."""
         try:
-            return (await self._request("GET", "/healthz")).status_code == 200
-        except SIEConnectionError:
+            return (await self._http.get("/healthz")).status_code == 200
+        except httpx.TransportError:
             return False
 
     async def close(self) -> None:

@@ -1,4 +1,9 @@
-"""Exceptions raised by the SIE SDK, and the mapping from HTTP error responses to them."""
+"""Exceptions raised by the SIE SDK, and the mapping from HTTP error responses to them.
+
+Error bodies are SIE's `{"detail": {"code", "message", ...}}` (also accepted: OpenAI's and
+older `{"error": {...}}`); the `X-SIE-Error-Code` header, when present, names the code.
+The code picks the exception class; the status decides where no code is known.
+"""
 
 from __future__ import annotations
 
@@ -17,72 +22,133 @@ class SIEConnectionError(SIEError):
 
 
 class SIEServerError(SIEError):
-    """The server answered with an error status and body `{"error": {"code", "message"}}`;
-    `retry_after` holds the server's Retry-After hint in seconds (429, 503), else None."""
+    """The server answered with an error status; `code` is SIE's error code, `retry_after`
+    the server's Retry-After hint in seconds (None without one), `detail` the whole error
+    object. For a list split into several requests, `partial` holds the results of the
+    requests that succeeded (None in place of each failed item)."""
 
-    default_code = "http_error"
+    default_code = "HTTP_ERROR"
 
-    def __init__(self, status: int, code: str, message: str,
-                 retry_after: float | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.detail = detail or {}
+        self.partial: list[Any] | None = None
 
 
 class InvalidRequestError(SIEServerError):
-    """400: malformed request, unknown option/output type, or input too long."""
+    """400: malformed request, unknown option/output type."""
 
-    default_code = "invalid_request"
+    default_code = "INVALID_INPUT"
+
+
+class InputTooLongError(InvalidRequestError):
+    """400 INPUT_TOO_LONG: an input over the model's limit with `truncate: false`."""
+
+    default_code = "INPUT_TOO_LONG"
 
 
 class UnauthorizedError(SIEServerError):
     """401: missing or wrong API key."""
 
-    default_code = "unauthorized"
+    default_code = "UNAUTHORIZED"
 
 
 class ModelNotFoundError(SIEServerError):
     """404: unknown model id."""
 
-    default_code = "model_not_found"
+    default_code = "MODEL_NOT_FOUND"
+
+
+class AdapterNotFoundError(SIEServerError):
+    """404 LORA_NOT_FOUND: the `lora_id` is not available to the server."""
+
+    default_code = "LORA_NOT_FOUND"
+
+
+class DeadlineExceededError(SIEServerError):
+    """408: the request's own deadline (`timeout_s`) passed; not retried."""
+
+    default_code = "DEADLINE_EXCEEDED"
 
 
 class PayloadTooLargeError(SIEServerError):
     """413: request body over the server's limit; lower `max_items_per_request`."""
 
-    default_code = "body_too_large"
+    default_code = "INPUT_TOO_LONG"
 
 
 class OverloadedError(SIEServerError):
-    """429: the model's queue is full; `retry_after` holds the server's hint in seconds."""
+    """429, or 503 QUEUE_FULL: the model's queue is full; retried, then raised."""
 
-    default_code = "overloaded"
+    default_code = "QUEUE_FULL"
 
 
 class ModelUnavailableError(SIEServerError):
-    """503: the model is registered but cannot be loaded."""
+    """503: the model cannot serve now."""
 
-    default_code = "model_unavailable"
+    default_code = "MODEL_NOT_LOADED"
+
+
+class ModelLoadingError(ModelUnavailableError):
+    """503 MODEL_LOADING: still loading after the client's retries."""
+
+    default_code = "MODEL_LOADING"
+
+
+class ModelLoadFailedError(ModelUnavailableError):
+    """502 MODEL_LOAD_FAILED: the model's load failed; never retried."""
+
+    default_code = "MODEL_LOAD_FAILED"
+
+
+class AdapterLoadingError(ModelUnavailableError):
+    """503 LORA_LOADING: the adapter was still loading after the client's retries."""
+
+    default_code = "LORA_LOADING"
+
+
+class ResourceExhaustedError(ModelUnavailableError):
+    """503 RESOURCE_EXHAUSTED: no memory for it now."""
+
+    default_code = "RESOURCE_EXHAUSTED"
 
 
 class GatewayTimeoutError(SIEServerError):
-    """504: the server (or a proxy in front of it) timed out."""
+    """504: a proxy in front of the server timed out."""
 
-    default_code = "gateway_timeout"
+    default_code = "GATEWAY_TIMEOUT"
 
 
 class InternalServerError(SIEServerError):
     """Any other 5xx."""
 
-    default_code = "internal"
+    default_code = "INTERNAL_ERROR"
 
 
+_BY_CODE: dict[str, type[SIEServerError]] = {
+    "INVALID_INPUT": InvalidRequestError,
+    "UNAUTHORIZED": UnauthorizedError,
+    "MODEL_NOT_FOUND": ModelNotFoundError,
+    "LORA_NOT_FOUND": AdapterNotFoundError,
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "QUEUE_FULL": OverloadedError,
+    "RATE_LIMIT": OverloadedError,
+    "MODEL_NOT_LOADED": ModelUnavailableError,
+    "MODEL_LOADING": ModelLoadingError,
+    "MODEL_LOAD_FAILED": ModelLoadFailedError,
+    "LORA_LOADING": AdapterLoadingError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+}
 _BY_STATUS: dict[int, type[SIEServerError]] = {
     400: InvalidRequestError,
     401: UnauthorizedError,
     404: ModelNotFoundError,
+    408: DeadlineExceededError,
     413: PayloadTooLargeError,
     429: OverloadedError,
     503: ModelUnavailableError,
@@ -100,15 +166,19 @@ def _load(raw: bytes) -> Any:
     return None
 
 
-def _parse_body(body: bytes | str | dict[str, Any]) -> tuple[str | None, str]:
-    """Return (code, message) from an error body in JSON, msgpack or plain text."""
+def _parse_body(body: bytes | str | dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
+    """(code, message, error object) from an error body in JSON, msgpack or plain text."""
     raw = body.encode() if isinstance(body, str) else body
     data = body if isinstance(body, dict) else _load(raw)
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict):
-        return (str(err["code"]) if err.get("code") else None), str(err.get("message", ""))
+    if isinstance(data, dict):
+        err = data.get("detail", data.get("error"))
+        if isinstance(err, dict):
+            code = err.get("code")
+            return (str(code) if code else None), str(err.get("message", "")), err
+        if isinstance(err, str):
+            return None, err, {}
     text = str(body) if isinstance(body, dict) else raw.decode("utf-8", "replace")
-    return None, text.strip()[:1000]
+    return None, text.strip()[:1000], {}
 
 
 def _seconds(value: str | float | None) -> float | None:
@@ -119,11 +189,18 @@ def _seconds(value: str | float | None) -> float | None:
 
 
 def error_from_response(
-    status: int, body: bytes | str | dict[str, Any], retry_after: str | float | None = None
+    status: int,
+    body: bytes | str | dict[str, Any],
+    retry_after: str | float | None = None,
+    code_header: str | None = None,
 ) -> SIEServerError:
-    """Map an error status, its body (JSON, msgpack, or anything else) and the
-    `Retry-After` header to a typed exception."""
-    cls = _BY_STATUS.get(status) or (InternalServerError if status >= 500 else SIEServerError)
-    code, message = _parse_body(body)
-    code, message = code or cls.default_code, message or f"HTTP {status}"
-    return cls(status, code, message, _seconds(retry_after))
+    """Map an error status, its body (JSON, msgpack, or anything else), the `Retry-After`
+    and `X-SIE-Error-Code` headers to a typed exception."""
+    code, message, detail = _parse_body(body)
+    code = code_header or code
+    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status) or (
+        InternalServerError if status >= 500 else SIEServerError)
+    if code == "INPUT_TOO_LONG":
+        cls = InputTooLongError if status == 400 else PayloadTooLargeError
+    return cls(status, code or cls.default_code, message or f"HTTP {status}",
+               _seconds(retry_after), detail)

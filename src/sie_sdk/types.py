@@ -23,6 +23,11 @@ class EncodeOptions(TypedDict, total=False):
     is_query: bool
     instruction: str | None
     lora_id: str | None
+    timeout_s: float
+    output_dtype: str  # as `output_dtype=`: float32 | float16 | int8 | uint8 | binary | ubinary
+    profile: str  # SIE's profile name; this server has "default" only
+    normalize: bool  # true only: vectors are L2-normalised
+    overflow_policy: str  # SIE's: "default" | "truncate_text" | "error" (= truncate false)
 
 
 class SparseVector(TypedDict):
@@ -38,6 +43,7 @@ class EncodeResult(TypedDict):
     id: str | None
     token_count: int
     truncated: bool
+    # float32 unless `output_dtype` says otherwise (int8, uint8, float16; binary: uint8 bits)
     dense: NotRequired[npt.NDArray[np.float32]]  # (dim,)
     sparse: NotRequired[SparseVector]
     multivector: NotRequired[npt.NDArray[np.float32]]  # (tokens, dim)
@@ -46,7 +52,7 @@ class EncodeResult(TypedDict):
 class ScoreEntry(TypedDict):
     """Score of one item against the query; rank 0 is the best."""
 
-    item_id: str | int | None  # the item's id, or its position in the request when it had none
+    item_id: str  # the item's id, or "item-{i}" (its position) when it had none
     score: float
     rank: int
     components: NotRequired[dict[str, float]]  # BGE-M3: dense, sparse, multivector, hybrid
@@ -60,3 +66,5 @@ class ScoreResult(TypedDict):
     score_type: NotRequired[str]  # which score ranks ("relevance", "hybrid", "dense", ...)
     weights: NotRequired[dict[str, float]]  # the hybrid weights used
     activation: NotRequired[str]  # cross-encoders: "sigmoid" or "none"
+    query_id: NotRequired[str]  # the query item's id, when it had one
+    usage: NotRequired[dict[str, int]]  # {"input_tokens": tokens the model saw}

@@ -1,4 +1,10 @@
-"""Wire format (docs/API.md): msgpack request bodies; msgpack or JSON responses decoded to numpy."""
+"""Wire format (docs/API.md, SIE's protocol): msgpack request bodies; msgpack or JSON
+responses decoded to numpy.
+
+msgpack responses carry arrays as msgpack-numpy maps (`{b"nd": True, b"type": "<f4",
+b"kind": b"", b"shape": [...], b"data": <bytes>}`); only flat numeric dtypes are accepted
+(never `kind` O or V, which would unpickle or build structured dtypes).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ from .errors import SIEError
 from .types import EncodeResult, Item, ScoreResult
 
 MSGPACK = "application/msgpack"
+# The numpy dtype of each `dtype` name of the wire (JSON lists carry no dtype of their own).
+DTYPES = {"float32": "f4", "float16": "f2", "int8": "i1", "uint8": "u1", "binary": "u1",
+          "ubinary": "u1"}
+_NUMERIC_KINDS = "fiub"
 
 
 def item_to_wire(item: Item) -> dict[str, str]:
@@ -27,19 +37,33 @@ def pack(obj: Any) -> bytes:
 
 
 def encode_request(
-    items: Sequence[Item], output_types: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+    items: Sequence[Item],
+    output_types: Sequence[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    output_dtype: str | None = None,
+    instruction: str | None = None,
 ) -> bytes:
     """Body of `POST /v1/encode/{model}`; unset params are left to the server's defaults."""
     params: dict[str, Any] = {}
     if output_types is not None:
         params["output_types"] = list(output_types)
+    if instruction is not None:
+        params["instruction"] = instruction
+    if output_dtype is not None:
+        params["output_dtype"] = output_dtype
     if options is not None:
         params["options"] = dict(options)
     return pack({"items": [item_to_wire(i) for i in items], "params": params})
 
 
 def score_request(
-    query: Item, items: Sequence[Item], options: Mapping[str, Any] | None = None, top_k: int | None = None
+    query: Item,
+    items: Sequence[Item],
+    options: Mapping[str, Any] | None = None,
+    top_k: int | None = None,
+    *,
+    instruction: str | None = None,
 ) -> bytes:
     """Body of `POST /v1/score/{model}`."""
     body: dict[str, Any] = {
@@ -47,69 +71,80 @@ def score_request(
         "items": [item_to_wire(i) for i in items],
         "options": dict(options or {}),
     }
+    if instruction is not None:
+        body["instruction"] = instruction
     if top_k is not None:
         body["top_k"] = top_k
     return pack(body)
 
 
+def _ndarray(obj: dict[Any, Any]) -> Any:
+    """msgpack object hook: a msgpack-numpy map -> a writable numpy array owning its memory."""
+    if b"nd" not in obj:
+        return obj
+    name = obj.get(b"type")
+    try:
+        dtype = np.dtype(name if isinstance(name, str) else "O")
+    except TypeError:
+        raise SIEError("malformed msgpack-numpy array in the response") from None
+    data, shape = obj.get(b"data"), obj.get(b"shape")
+    if (obj.get(b"nd") is not True or obj.get(b"kind", b"") not in (b"", "")
+            or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None
+            or not isinstance(data, bytes) or not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or int(np.prod(shape)) * dtype.itemsize != len(data)):
+        raise SIEError("malformed msgpack-numpy array in the response")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
 def unpack(body: bytes, content_type: str | None) -> Any:
     """Decode a response body: msgpack when the content type says so, else JSON."""
     if content_type and "msgpack" in content_type:
-        return msgpack.unpackb(body, raw=False)
+        return msgpack.unpackb(body, raw=False, object_hook=_ndarray)
     return json.loads(body)
 
 
-def _array(value: Any, dtype: str, shape: Sequence[int] | None = None) -> npt.NDArray[Any]:
-    """Raw little-endian bytes (msgpack) or a list (JSON) -> a native, writable array owning its memory."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(value, dtype="<" + dtype)
-        return (arr if shape is None else arr.reshape(shape)).astype(dtype)  # astype copies
-    return np.asarray(value, dtype=dtype)
-
-
-def _dense(value: Any) -> npt.NDArray[np.float32]:
-    if not isinstance(value, dict):
-        return _array(value, "f4")
-    arr = _array(value["data"], "f4")
-    if arr.size != value["dims"]:
-        raise SIEError(f"dense vector has {arr.size} values, expected dims={value['dims']}")
-    return arr
-
-
-def _multivector(value: Any) -> npt.NDArray[np.float32]:
-    if isinstance(value, dict):
-        return _array(value["data"], "f4", value["shape"])
-    arr = _array(value, "f4")
-    return arr if arr.ndim == 2 else arr.reshape(len(value), 0)  # JSON `[]`: zero tokens
+def _array(value: Any, dtype: str) -> npt.NDArray[Any]:
+    """A decoded msgpack array as is; a JSON list in the wire `dtype`."""
+    if isinstance(value, np.ndarray):
+        return value
+    return np.asarray(value, dtype=DTYPES.get(dtype, dtype))
 
 
 def decode_encode_item(item: Mapping[str, Any]) -> EncodeResult:
     """One response item (msgpack or JSON form) -> EncodeResult with numpy arrays."""
     result: EncodeResult = {
         "id": item.get("id"),
-        "token_count": int(item["token_count"]),
-        "truncated": bool(item["truncated"]),
+        "token_count": int(item.get("token_count", 0)),
+        "truncated": bool(item.get("truncated", False)),
     }
-    if "dense" in item:
-        result["dense"] = _dense(item["dense"])
-    if "sparse" in item:
+    if item.get("dense") is not None:
+        d = item["dense"]
+        result["dense"] = _array(d["values"], d.get("dtype", "float32"))
+    if item.get("sparse") is not None:
         sp = item["sparse"]
-        result["sparse"] = {"indices": _array(sp["indices"], "i4"), "values": _array(sp["values"], "f4")}
+        result["sparse"] = {"indices": _array(sp["indices"], "i4"),
+                            "values": _array(sp["values"], sp.get("dtype", "float32"))}
         if result["sparse"]["indices"].shape != result["sparse"]["values"].shape:
             raise SIEError("sparse vector has different numbers of indices and values")
-    if "multivector" in item:
-        result["multivector"] = _multivector(item["multivector"])
+    if item.get("multivector") is not None:
+        mv = item["multivector"]
+        rows = _array(mv["values"], mv.get("dtype", "float32"))
+        if rows.ndim != 2:  # JSON `[]`: zero tokens
+            rows = rows.reshape(int(mv.get("num_tokens", 0)), -1 if rows.size else 0)
+        result["multivector"] = rows
     return result
 
 
 def decode_encode_response(payload: Mapping[str, Any]) -> list[EncodeResult]:
-    """`{"model", "items": [...]}` -> one EncodeResult per item, in order."""
+    """`{"model", "items": [...], "usage"?}` -> one EncodeResult per item, in order."""
     return [decode_encode_item(i) for i in payload["items"]]
 
 
 def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
-    """`{"model", "scores": [{"item_id", "score", "rank", "components"?}], "score_type"?, ...}`
-    -> ScoreResult (optional keys are kept when the server sends them)."""
+    """`{"model", "scores": [{"item_id", "score", "rank", "components"?}], "query_id"?,
+    "score_type"?, "weights"?, "activation"?, "usage"?}` -> ScoreResult (optional keys are
+    kept when the server sends them)."""
     scores = []
     for s in payload["scores"]:
         entry = {"item_id": s.get("item_id"), "score": float(s["score"]), "rank": int(s["rank"])}
@@ -117,7 +152,7 @@ def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
             entry["components"] = {k: float(v) for k, v in s["components"].items()}
         scores.append(entry)
     result: ScoreResult = {"model": payload["model"], "scores": scores}  # type: ignore[typeddict-item]
-    for key in ("score_type", "weights", "activation"):
-        if key in payload:
+    for key in ("query_id", "score_type", "weights", "activation", "usage"):
+        if payload.get(key) is not None:
             result[key] = payload[key]  # type: ignore[literal-required]
     return result

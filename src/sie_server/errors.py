@@ -1,65 +1,101 @@
-"""One error hierarchy for the engine; the API maps each to an HTTP status in one place."""
+"""One error hierarchy for the engine; the API maps each to an HTTP status in one place.
+
+Codes and statuses are SIE's (`sie-server` 0.10.1 `ErrorCode`), so the public `sie-sdk`
+retries exactly what it should: 503 MODEL_LOADING / LORA_LOADING / QUEUE_FULL /
+RESOURCE_EXHAUSTED with Retry-After; 502 MODEL_LOAD_FAILED and every 4xx never.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SIEError(Exception):
-    """An error with a stable code and a message meant for the client."""
+    """An error with a stable code and a message meant for the client; `detail` holds extra
+    fields of the error body (MODEL_LOAD_FAILED's error_class, attempts, permanent)."""
 
     status = 500
-    code = "internal"
+    code = "INTERNAL_ERROR"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.detail = detail or {}
 
 
 class InvalidRequest(SIEError):
-    status, code = 400, "invalid_request"
+    status, code = 400, "INVALID_INPUT"
 
 
 class InputTooLong(SIEError):
-    status, code = 400, "input_too_long"
+    status, code = 400, "INPUT_TOO_LONG"
 
 
 class Unauthorized(SIEError):
-    status, code = 401, "unauthorized"
+    status, code = 401, "UNAUTHORIZED"
 
 
 class ModelNotFound(SIEError):
-    status, code = 404, "model_not_found"
+    status, code = 404, "MODEL_NOT_FOUND"
 
 
 class AdapterNotFound(SIEError):
-    status, code = 404, "adapter_not_found"
+    status, code = 404, "LORA_NOT_FOUND"
+
+
+class DeadlineExceeded(SIEError):
+    """The client's own deadline passed: 408, which no SDK retries (SIE's SDK retries 504)."""
+
+    status, code = 408, "DEADLINE_EXCEEDED"
 
 
 class BodyTooLarge(SIEError):
-    status, code = 413, "body_too_large"
+    """SIE answers an over-limit body with 413 and the INPUT_TOO_LONG code."""
+
+    status, code = 413, "INPUT_TOO_LONG"
 
 
 class InvalidAdapter(SIEError):
-    status, code = 422, "invalid_adapter"
-
-
-class Overloaded(SIEError):
-    status, code = 429, "overloaded"
+    status, code = 422, "INVALID_ADAPTER"
 
 
 class ModelUnavailable(SIEError):
-    status, code = 503, "model_unavailable"
+    """The model cannot serve now (unloaded, shutting down); retry."""
+
+    status, code = 503, "MODEL_NOT_LOADED"
+
+
+class ModelLoading(ModelUnavailable):
+    """The model is loading; the SDKs wait and retry (Retry-After)."""
+
+    code = "MODEL_LOADING"
+
+
+class ModelLoadFailed(ModelUnavailable):
+    """The model's last load failed; retrying before the cool-down ends cannot help."""
+
+    status, code = 502, "MODEL_LOAD_FAILED"
+
+
+class ResourceExhausted(ModelUnavailable):
+    """No memory for it now (budget held by busy models, or device OOM); retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Overloaded(SIEError):
+    """The model's queue is full (SIE: 503 QUEUE_FULL with Retry-After)."""
+
+    status, code = 503, "QUEUE_FULL"
 
 
 class AdapterLoading(SIEError):
     """The adapter's first load outlasted the wait (adapter_load_timeout_s); it goes on."""
 
-    status, code = 503, "adapter_loading"
-
-
-class DeadlineExceeded(SIEError):
-    status, code = 504, "deadline_exceeded"
+    status, code = 503, "LORA_LOADING"
 
 
 class InternalError(SIEError):
-    status, code = 500, "internal"
+    status, code = 500, "INTERNAL_ERROR"

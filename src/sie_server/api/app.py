@@ -5,25 +5,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 from typing import Any, Callable
 
 import anyio
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .. import __version__
 from ..engine import Engine
-from ..errors import BodyTooLarge, DeadlineExceeded, InternalError, InvalidRequest, SIEError
+from ..errors import (BodyTooLarge, DeadlineExceeded, InternalError, ModelNotFound, SIEError)
+from ..logs import request_id
+from . import models as model_info
 from . import openai
 from .middleware import ServerMiddleware
-from .validate import parse_encode, parse_score
+from .validate import parse_encode, parse_score, parse_timeout
 from .waker import LoopWaker
-from .wire import (JSON, MSGPACK, decode_body, encode_body, item_to_wire, score_to_wire,
-                   wants_msgpack)
+from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, decode_body, encode_body,
+                   encode_response, error_body, score_to_wire, wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +47,39 @@ def respond(request: Request, payload: Any, status: int = 200,
                     media_type=MSGPACK if binary else JSON, headers=headers)
 
 
+_MAX_MESSAGE_CHARS = 2000  # an error never echoes more of the client's input than this
+
+
 def error_response(request: Request, err: SIEError) -> Response:
-    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
-    return respond(request, {"error": {"code": err.code, "message": err.message}}, err.status,
-                   headers)
+    """SIE's error envelope (always JSON, as SIE sends it), its code in X-SIE-Error-Code;
+    the OpenAI route answers in OpenAI's envelope instead."""
+    headers = {"X-SIE-Error-Code": err.code}
+    if err.retry_after:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if len(err.message) > _MAX_MESSAGE_CHARS:
+        err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
+    if request.url.path.startswith(openai.PATH):
+        body = openai.error_body(err)
+    else:
+        body = error_body(err, request_id.get())
+    return Response(encode_body(body, False), err.status, media_type=JSON, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it grows past `limit` bytes."""
+    """The request body, refusing (413) as soon as it grows past `limit` bytes; a client that
+    goes away before sending all of it is ClientDisconnected (499)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 
@@ -70,11 +91,7 @@ def with_deadline(request: Request, options: dict[str, Any]) -> dict[str, Any]:
     header = request.headers.get(TIMEOUT_HEADER)
     if header is None or options.get("timeout_s") is not None:
         return options
-    try:
-        timeout = float(header)
-    except ValueError:
-        raise InvalidRequest(f"header {TIMEOUT_HEADER} must be a number of seconds") from None
-    return {**options, "timeout_s": timeout}
+    return {**options, "timeout_s": parse_timeout(header, f"header {TIMEOUT_HEADER}")}
 
 
 async def _disconnected(request: Request) -> None:
@@ -172,11 +189,17 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             future = await anyio.to_thread.run_sync(
                 engine.submit, model, call.texts, call.output_types, options)
         results = await await_result(request, future, options.get("timeout_s"), loop_waker())
+        if call.normalize:
+            results = normalized(results)
         binary = wants_msgpack(request.headers.get("accept", ""))
+        sparse_dims = None
+        if "sparse" in call.output_types:
+            info = engine.registry.describe(engine.registry.handle(model))
+            sparse_dims = info.dims.get("sparse") if info else None
 
         def build() -> bytes:
-            items = [item_to_wire(i, r, binary) for i, r in zip(call.ids, results)]
-            return encode_body({"model": model, "items": items}, binary)
+            return encode_body(encode_response(model, call.ids, results, call.output_dtype,
+                                               sparse_dims, binary), binary)
 
         floats = sum(r.multivector.size for r in results if r.multivector is not None)
         content = await anyio.to_thread.run_sync(build) if floats > _OFFLOAD_FLOATS else build()
@@ -187,31 +210,29 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         future = await anyio.to_thread.run_sync(
             engine.submit_score, model, call.query, call.texts, options, call.top_k)
         result = await await_result(request, future, options.get("timeout_s"), loop_waker())
-        return respond(request, score_to_wire(model, call.ids, result))
+        return respond(request, score_to_wire(model, call.query_id, call.ids, result,
+                                              result.input_tokens))
 
     async def models(request: Request) -> Response:
-        out = []
-        for h in engine.registry.handles():
-            entry: dict[str, Any] = {
-                "id": h.spec.name, "family": h.spec.family, "state": h.state,
-                "pinned": h.pinned, "memory_bytes": h.memory_bytes,
-                "adapter_bytes": h.adapter_bytes,
-                "last_used": h.last_used or None}
-            if h.model is not None:
-                info = h.model.info
-                entry.update(output_types=list(info.output_types), dims=info.dims,
-                             max_input_tokens=info.max_input_tokens,
-                             score_types=list(h.model.score_types))
-                entry["adapters"] = engine.adapters(h.spec.name)
-            if h.error is not None:
-                entry["error"] = h.error.message
-            out.append(entry)
-        return respond(request, {"models": out})
+        """SIE's `{"models": [ModelInfo]}` and OpenAI's `{"object": "list", "data"}` at once."""
+        entries = await anyio.to_thread.run_sync(
+            lambda: [model_info.entry(engine, h) for h in engine.registry.handles()])
+        return respond(request, {"object": "list", "data": [model_info.openai_entry(e)
+                                                            for e in entries],
+                                 "models": entries})
 
-    async def adapter(request: Request) -> Response:
-        """POST (preload) / DELETE (unload) /v1/models/{model}/adapters/{lora_id}."""
+    async def model_route(request: Request) -> Response:
+        """GET /v1/models/{model}; POST (preload) / DELETE (unload) of
+        /v1/models/{model}/adapters/{lora_id}."""
+        path = request.path_params["path"]
+        if request.method == "GET":
+            handle = engine.registry.handle(path)
+            if handle is None:
+                raise ModelNotFound(f"Model '{path[:200]}' not found")
+            entry = await anyio.to_thread.run_sync(model_info.entry, engine, handle)
+            return respond(request, entry)
         names = {h.spec.name for h in engine.registry.handles()}
-        model, lora_id = split_adapter_path(request.path_params["path"], names)
+        model, lora_id = split_adapter_path(path, names)
         if request.method == "POST":
             info = await anyio.to_thread.run_sync(engine.load_adapter, model, lora_id)
             return respond(request, {"model": model, "adapter": info})
@@ -222,13 +243,12 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak)."""
         body = decode_body(await read_body(request, settings.max_body_bytes), JSON)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
-            request.state.model = body["model"]
+            request.state.model = body["model"][:200]
         call = openai.parse(body)
+        options = with_deadline(request, {})
         future = await anyio.to_thread.run_sync(
-            engine.submit, call.model, call.texts, ["dense"], with_deadline(request, {}))
-        timeout = request.headers.get(TIMEOUT_HEADER)
-        results = await await_result(request, future, float(timeout) if timeout else None,
-                                     loop_waker())
+            engine.submit, call.model, call.texts, ["dense"], options)
+        results = await await_result(request, future, options.get("timeout_s"), loop_waker())
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
 
@@ -249,20 +269,22 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             return respond(request, {"status": "failed", "errors": load_errors}, 503)
         return respond(request, {"status": "ready"})
 
-    async def on_sie_error(request: Request, exc: SIEError) -> Response:
-        return error_response(request, exc)
+    async def health(request: Request) -> Response:
+        """SIE's worker answer to the SDK's endpoint probe (`type` is not "gateway")."""
+        response = await healthz(request)
+        status = "ok" if response.status_code == 200 else "unhealthy"
+        return Response(encode_body({"status": status, "type": "worker", "version": __version__,
+                                     "sie_protocol": SIE_PROTOCOL_VERSION}, False),
+                        response.status_code, media_type=JSON)
+
+    async def livez(request: Request) -> Response:
+        return Response("ok", media_type="text/plain")
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return respond(request, {"error": {"code": code, "message": str(exc.detail)}},
-                       exc.status_code)
-
-    async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
-        return Response(status_code=499)  # nobody reads it; the status is for logs and metrics
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+        err = SIEError(str(exc.detail))
+        err.status, err.code = exc.status_code, codes.get(exc.status_code, "HTTP_ERROR")
+        return error_response(request, err)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -274,17 +296,51 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         await anyio.to_thread.run_sync(engine.close)
 
     routes = [
-        Route("/v1/encode/{model:path}", encode, methods=["POST"]),
-        Route("/v1/score/{model:path}", score, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{path:path}", adapter, methods=["POST", "DELETE"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/encode/{model:path}", handled(encode), methods=["POST"]),
+        Route("/v1/score/{model:path}", handled(score), methods=["POST"]),
+        Route("/v1/models", handled(models), methods=["GET"]),
+        Route("/v1/models/{path:path}", handled(model_route), methods=["GET", "POST", "DELETE"]),
+        Route(openai.PATH, handled(embeddings), methods=["POST"]),
+        Route("/metrics", handled(metrics), methods=["GET"]),
+        Route("/healthz", handled(healthz), methods=["GET"]),
+        Route("/readyz", handled(readyz), methods=["GET"]),
+        Route("/health", handled(health), methods=["GET"]),
+        Route("/livez", handled(livez), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        SIEError: on_sie_error, HTTPException: on_http_error,
-        ClientDisconnected: on_disconnect, Exception: on_unexpected})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: on_http_error})
     app.add_middleware(ServerMiddleware, api_keys=settings.api_keys, metrics=engine.metrics)
     return app
+
+
+def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """Every outcome of a route becomes its response here, so nothing reaches Starlette's
+    server-error middleware (which logs a second traceback and re-raises, and the ASGI server
+    then drops the keep-alive connection): SIE errors get their status, a client gone away
+    499, anything else one logged 500."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await route(request)
+        except SIEError as err:
+            return error_response(request, err)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; for logs and metrics
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: one log line with its request id
+            log.exception("unhandled error on %s", request.url.path)
+            return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
+
+    return run
+
+
+def normalized(results: list) -> list:
+    """Results whose dense vectors are L2-normalised (options.normalize: true)."""
+    out = []
+    for r in results:
+        if r.dense is not None:
+            norm = float(np.linalg.norm(r.dense))
+            r = dataclasses.replace(r, dense=r.dense / norm if norm > 0 else r.dense)
+        out.append(r)
+    return out

@@ -11,14 +11,16 @@ import os
 
 from ..logs import request_id
 from ..metrics import Metrics
+from .wire import SIE_PROTOCOL_VERSION
 
 log = logging.getLogger("sie_server.access")
 
-OPEN_PATHS = ("/healthz", "/readyz")  # reachable without an API key
+OPEN_PATHS = ("/healthz", "/readyz", "/livez", "/health")  # reachable without an API key
 # Generated request ids: a random per-process prefix and a counter. Unique without a syscall
 # per request (uuid4 reads os.urandom, which gives up the GIL to the compute thread).
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count()
+_VERSION = SIE_PROTOCOL_VERSION.encode()
 
 
 def route_of(path: str) -> str:
@@ -27,7 +29,8 @@ def route_of(path: str) -> str:
         return "adapters"
     for prefix, name in (("/v1/encode/", "encode"), ("/v1/score/", "score"),
                          ("/v1/embeddings", "embeddings"), ("/v1/models", "models"),
-                         ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health")):
+                         ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"),
+                         ("/livez", "health"), ("/health", "health")):
         if path.startswith(prefix):
             return name
     return "other"
@@ -55,7 +58,8 @@ class ServerMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                      (b"x-sie-server-version", _VERSION)]
             await send(message)
 
         try:
@@ -83,8 +87,9 @@ class ServerMiddleware:
 
     @staticmethod
     async def _unauthorized(send) -> None:
-        body = json.dumps({"error": {"code": "unauthorized",
-                                     "message": "missing or invalid API key"}}).encode()
+        body = json.dumps({"detail": {"code": "UNAUTHORIZED",
+                                      "message": "missing or invalid API key"}}).encode()
         await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+            (b"x-sie-error-code", b"UNAUTHORIZED")]})
         await send({"type": "http.response.body", "body": body})

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from ..engine import Engine
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, SIEError
+from .validate import check_text
 
+PATH = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's own limit per request
 
 
@@ -38,6 +40,7 @@ def parse(body: Any) -> EmbeddingsCall:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InvalidRequest(f"input[{i}] must be a string (token arrays are not supported)")
+        check_text(t, f"input[{i}]")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'")
@@ -71,3 +74,9 @@ def response(engine: Engine, call: EmbeddingsCall, results: list) -> dict[str, A
     tokens = sum(r.token_count for r in results)
     return {"object": "list", "data": data, "model": call.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def error_body(err: SIEError) -> dict[str, Any]:
+    """OpenAI's error envelope, which its clients parse."""
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return {"error": {"message": err.message, "type": kind, "code": err.code, "param": None}}

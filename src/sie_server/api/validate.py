@@ -1,21 +1,44 @@
-"""Turning request bodies into engine calls; every error names the field at fault."""
+"""Turning SIE request bodies into engine calls; every error names the field at fault.
+
+SIE's request options that the engine has no use for are settled here: `output_dtype` and
+`normalize` shape the response (wire layer), `overflow_policy` maps to `truncate`, `profile`
+must be the one profile each model has; `muvera` and `smve` are refused as not supported.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequest
+from ..quantize import OUTPUT_DTYPES
 
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
+MAX_ID_CHARS = 1024
+MAX_LORA_ID_CHARS = 512
+OVERFLOW_POLICIES = ("default", "truncate_text", "error")
+UNSUPPORTED_OPTIONS = ("muvera", "smve")
 
 
 @dataclass(frozen=True)
 class EncodeCall:
     texts: list[str]
-    ids: list[Any]
+    ids: list[str | None]
     output_types: list[str]
-    options: dict[str, Any]
+    options: dict[str, Any]  # engine options (engine.EncodeOptions)
+    output_dtype: str = "float32"
+    normalize: bool = False  # L2-normalise dense vectors again (SIE's `normalize: true`)
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    query: str
+    query_id: str | None
+    texts: list[str]
+    ids: list[str | None]
+    options: dict[str, Any]  # engine options (scoring.ScoreOptions)
+    top_k: int | None
 
 
 def _obj(value: Any, field: str) -> dict:
@@ -24,8 +47,17 @@ def _obj(value: Any, field: str) -> dict:
     return value
 
 
-def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list[Any]]:
-    """`[{"id"?, "text"}]` -> (texts, ids)."""
+def _known(obj: dict, allowed: set[str], field: str) -> None:
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        key = unknown[0]
+        shown = key[:64] if isinstance(key, str) else type(key).__name__
+        raise InvalidRequest(f"{field}.{shown} is not a known field "
+                             f"(known: {', '.join(sorted(allowed))})")
+
+
+def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list[str | None]]:
+    """`[{"id"?, "text", "metadata"?}]` -> (texts, ids)."""
     if not isinstance(value, list):
         raise InvalidRequest(f"{field} must be a list of items")
     if not value:
@@ -40,65 +72,126 @@ def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list
     return texts, ids
 
 
-def parse_item(item: Any, field: str) -> tuple[str, Any]:
+def parse_item(item: Any, field: str) -> tuple[str, str | None]:
     item = _obj(item, field)
-    if "text" not in item or item["text"] is None:
+    _known(item, {"id", "text", "metadata"}, field)
+    text = item.get("text")
+    if text is None:
         raise InvalidRequest(f"{field}.text is missing")
-    if not isinstance(item["text"], str):
-        raise InvalidRequest(f"{field}.text must be a string")
+    check_text(text, f"{field}.text")
     item_id = item.get("id")
-    if item_id is not None and not isinstance(item_id, (str, int)):
-        raise InvalidRequest(f"{field}.id must be a string")
-    return item["text"], item_id
+    if item_id is not None:
+        if not isinstance(item_id, str):
+            raise InvalidRequest(f"{field}.id must be a string")
+        if len(item_id) > MAX_ID_CHARS:
+            raise InvalidRequest(f"{field}.id is longer than {MAX_ID_CHARS} characters")
+    if item.get("metadata") is not None and not isinstance(item["metadata"], dict):
+        raise InvalidRequest(f"{field}.metadata must be an object")
+    return text, item_id
+
+
+def check_text(text: Any, field: str) -> None:
+    """A string that UTF-8 can carry (JSON's "\\ud800" decodes to a lone surrogate)."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{field} must be a string")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{field} is not valid Unicode (a lone surrogate)") from None
+
+
+def parse_options(value: Any, field: str, instruction: Any = None) -> dict[str, Any]:
+    """A request's options with SIE's wire-only keys settled (see the module docstring);
+    what is left goes to the engine, which checks it. `instruction` (a top-level field of
+    the request) wins over `options.instruction`."""
+    options = dict(_obj(value if value is not None else {}, field))
+    for key in UNSUPPORTED_OPTIONS:
+        if options.get(key) is not None:
+            raise InvalidRequest(f"{field}.{key} is not supported by this server")
+        options.pop(key, None)
+    profile = options.pop("profile", None)
+    if profile not in (None, "default"):
+        raise InvalidRequest(f"{field}.profile: this server serves each model with one "
+                             "profile, 'default'")
+    policy = options.pop("overflow_policy", None)
+    if policy is not None:
+        if policy not in OVERFLOW_POLICIES:
+            raise InvalidRequest(f"{field}.overflow_policy must be one of "
+                                 f"{', '.join(OVERFLOW_POLICIES)}")
+        if policy == "error":
+            options["truncate"] = False
+    lora = options.get("lora_id")
+    if isinstance(lora, str) and len(lora) > MAX_LORA_ID_CHARS:
+        raise InvalidRequest(f"{field}.lora_id is longer than {MAX_LORA_ID_CHARS} characters")
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise InvalidRequest("instruction must be a string")
+        options["instruction"] = instruction
+    return options
+
+
+def _output_dtype(value: Any, field: str) -> str:
+    if value is None:
+        return "float32"
+    if value not in OUTPUT_DTYPES:
+        raise InvalidRequest(f"{field} must be one of {', '.join(OUTPUT_DTYPES)}")
+    return value
 
 
 def parse_encode(body: Any, max_items: int) -> EncodeCall:
+    """`{"items": [Item], "params"?: {"output_types", "instruction", "output_dtype",
+    "options"}}`."""
     body = _obj(body, "body")
-    unknown = set(body) - {"items", "params"}
-    if unknown:
-        raise InvalidRequest(f"body.{sorted(unknown)[0]} is not a known field")
+    _known(body, {"items", "params"}, "body")
     if "items" not in body:
         raise InvalidRequest("items is missing")
     texts, ids = parse_items(body["items"], "items", max_items)
     params = _obj(body.get("params") or {}, "params")
-    unknown = set(params) - {"output_types", "options"}
-    if unknown:
-        raise InvalidRequest(f"params.{sorted(unknown)[0]} is not a known field")
+    _known(params, {"output_types", "instruction", "output_dtype", "options"}, "params")
     types = params.get("output_types") or ["dense"]
     if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
         raise InvalidRequest("params.output_types must be a list of strings")
     for t in types:
         if t not in OUTPUT_TYPES:
-            raise InvalidRequest(f"params.output_types: unknown output type {t!r} "
-                                 f"(known: {', '.join(OUTPUT_TYPES)})")
-    options = params.get("options") or {}
-    _obj(options, "params.options")
-    return EncodeCall(texts, ids, list(dict.fromkeys(types)), options)
-
-
-@dataclass(frozen=True)
-class ScoreCall:
-    query: str
-    texts: list[str]
-    ids: list[Any]
-    options: dict[str, Any]
-    top_k: int | None
+            raise InvalidRequest(f"params.output_types: unknown output type {t[:64]!r}; "
+                                 f"'output_types' entries must be one of {list(OUTPUT_TYPES)}")
+    options = parse_options(params.get("options"), "params.options", params.get("instruction"))
+    dtype = params.get("output_dtype") or options.get("output_dtype")
+    dtype = _output_dtype(dtype, "params.output_dtype")
+    options.pop("output_dtype", None)
+    normalize = options.pop("normalize", None)
+    if normalize not in (None, True, False):
+        raise InvalidRequest("params.options.normalize must be a boolean")
+    if normalize is False:
+        raise InvalidRequest("params.options.normalize: false is not supported; this server "
+                             "returns normalised vectors")
+    return EncodeCall(texts, ids, list(dict.fromkeys(types)), options, dtype, bool(normalize))
 
 
 def parse_score(body: Any, max_items: int) -> ScoreCall:
-    """`{"query": Item, "items": [Item], "options"?, "top_k"?}`."""
+    """`{"query": Item, "items": [Item], "instruction"?, "options"?, "top_k"?}`."""
     body = _obj(body, "body")
-    unknown = set(body) - {"query", "items", "options", "top_k"}
-    if unknown:
-        raise InvalidRequest(f"body.{sorted(unknown)[0]} is not a known field")
+    _known(body, {"query", "items", "instruction", "options", "top_k"}, "body")
     if body.get("query") is None:
         raise InvalidRequest("query is missing")
-    query, _ = parse_item(body["query"], "query")
+    query, query_id = parse_item(body["query"], "query")
     if "items" not in body:
         raise InvalidRequest("items is missing")
     texts, ids = parse_items(body["items"], "items", max_items)
-    options = _obj(body.get("options") or {}, "options")
+    options = parse_options(body.get("options"), "options", body.get("instruction"))
     top_k = body.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InvalidRequest("top_k must be a positive integer")
-    return ScoreCall(query, texts, ids, options, top_k)
+    return ScoreCall(query, query_id, texts, ids, options, top_k)
+
+
+def parse_timeout(value: Any, field: str) -> float:
+    """A deadline in seconds: a finite number above 0."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{field} must be a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidRequest(f"{field} must be a finite number of seconds above 0")
+    return seconds

@@ -1,29 +1,41 @@
-"""Request decoding and response encoding (msgpack or JSON; vectors as raw float32 in msgpack)."""
+"""SIE's wire format: request bodies in, response bodies out (msgpack or JSON).
+
+msgpack carries arrays as msgpack-numpy maps (`{b"nd": True, b"type": "<f4", b"kind": b"",
+b"shape": [...], b"data": <bytes>}`), which is what SIE's public SDK decodes; JSON carries the
+same keys with plain lists. One encoder per output type below; adding an output format is one
+function here.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from ..errors import InvalidRequest
 from ..engine.request import ItemResult
 from ..engine.scoring import ScoreResult
+from ..errors import InvalidRequest, SIEError
+from ..quantize import quantize_rows, quantize_sparse_values
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
+# The sie-server release whose protocol this server speaks: sent as X-SIE-Server-Version,
+# which SIE's SDK compares with its own version.
+SIE_PROTOCOL_VERSION = "0.10.1"
 
 
 def decode_body(body: bytes, content_type: str) -> Any:
     """Parse a body by its Content-Type (msgpack or JSON; JSON when unspecified)."""
+    binary = "msgpack" in content_type
     try:
-        if "msgpack" in content_type:
+        if binary:
             return msgpack.unpackb(body, raw=False, strict_map_key=True)
         return json.loads(body)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
-        kind = "msgpack" if "msgpack" in content_type else "JSON"
+        kind = "msgpack" if binary else "JSON"
         raise InvalidRequest(f"body: not valid {kind} ({type(exc).__name__})") from None
 
 
@@ -31,48 +43,96 @@ def wants_msgpack(accept: str) -> bool:
     return "msgpack" in accept
 
 
-def item_to_wire(item_id: Any, r: ItemResult, binary: bool) -> dict[str, Any]:
-    """One encode result in wire form."""
-    out: dict[str, Any] = {"id": item_id, "token_count": r.token_count, "truncated": r.truncated}
+def nd(array: np.ndarray, binary: bool) -> Any:
+    """An array as msgpack-numpy (little-endian) or, for JSON, as nested lists."""
+    if not binary:
+        return array.tolist()
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    a = np.ascontiguousarray(array, dtype=dtype)
+    return {b"nd": True, b"type": a.dtype.str, b"kind": b"", b"shape": list(a.shape),
+            b"data": a.tobytes()}
+
+
+def dense_to_wire(vector: np.ndarray, dtype: str, binary: bool) -> dict[str, Any]:
+    return {"dims": int(vector.shape[-1]), "dtype": dtype,
+            "values": nd(quantize_rows(vector, dtype), binary)}
+
+
+def sparse_to_wire(sparse: tuple[np.ndarray, np.ndarray], vocab: int | None, dtype: str,
+                   binary: bool) -> dict[str, Any]:
+    idx, val = sparse
+    values = quantize_sparse_values(val, dtype)
+    return {"dims": vocab, "dtype": str(values.dtype),
+            "indices": nd(np.asarray(idx, dtype=np.int32), binary), "values": nd(values, binary)}
+
+
+def multivector_to_wire(rows: np.ndarray, dtype: str, binary: bool) -> dict[str, Any]:
+    return {"token_dims": int(rows.shape[1]), "num_tokens": int(rows.shape[0]), "dtype": dtype,
+            "values": nd(quantize_rows(rows, dtype), binary)}
+
+
+def item_to_wire(item_id: str | None, r: ItemResult, output_dtype: str, sparse_dims: int | None,
+                 binary: bool) -> dict[str, Any]:
+    """One encode result: SIE's item layout, plus our `token_count` and `truncated`."""
+    out: dict[str, Any] = {} if item_id is None else {"id": item_id}
     if r.dense is not None:
-        out["dense"] = ({"dims": int(r.dense.shape[0]), "data": _f32(r.dense)} if binary
-                        else r.dense.tolist())
+        out["dense"] = dense_to_wire(r.dense, output_dtype, binary)
     if r.sparse is not None:
-        idx, val = r.sparse
-        out["sparse"] = ({"indices": idx.astype("<i4").tobytes(), "values": _f32(val)} if binary
-                         else {"indices": idx.tolist(), "values": val.tolist()})
+        out["sparse"] = sparse_to_wire(r.sparse, sparse_dims, output_dtype, binary)
     if r.multivector is not None:
-        mv = r.multivector
-        out["multivector"] = ({"shape": list(mv.shape), "data": _f32(mv)} if binary
-                              else mv.tolist())
+        out["multivector"] = multivector_to_wire(r.multivector, output_dtype, binary)
+    out["token_count"] = r.token_count
+    out["truncated"] = r.truncated
     return out
 
 
-def _f32(a: np.ndarray) -> bytes:
-    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+def encode_response(model: str, ids: list[str | None], results: list[ItemResult],
+                    output_dtype: str, sparse_dims: int | None, binary: bool) -> dict[str, Any]:
+    items = [item_to_wire(i, r, output_dtype, sparse_dims, binary) for i, r in zip(ids, results)]
+    return {"model": model, "items": items,
+            "usage": {"input_tokens": sum(r.token_count for r in results)}}
 
 
 def encode_body(payload: Any, binary: bool) -> bytes:
+    """msgpack or JSON bytes. JSON never carries NaN/Infinity (it is not JSON): a non-finite
+    number here is a bug upstream, refused as an internal error rather than sent."""
     if binary:
         return msgpack.packb(payload, use_bin_type=True)
-    return json.dumps(payload, separators=(",", ":")).encode()
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise SIEError("internal error: a result was not a finite number") from None
 
 
-def score_to_wire(model: str, ids: list[Any], result: ScoreResult) -> dict[str, Any]:
-    """A ScoreResult in wire form: best first; `item_id` is the item's id or its position."""
-    payload: dict[str, Any] = {"model": model, "score_type": result.score_type}
+def error_body(err: SIEError, request_id: str | None = None) -> dict[str, Any]:
+    """SIE's error envelope: `{"detail": {"code", "message", ...}}`."""
+    detail: dict[str, Any] = {"code": err.code, "message": err.message, **err.detail}
+    if request_id is not None:
+        detail["request_id"] = request_id
+    return {"detail": detail}
+
+
+def score_to_wire(model: str, query_id: str | None, ids: list[str | None], result: ScoreResult,
+                  input_tokens: int) -> dict[str, Any]:
+    """A ScoreResult, best first: SIE's layout (`item_id` defaults to "item-{i}", `query_id`,
+    `usage`) plus our `score_type`, `weights`/`activation` and per-item `components`."""
+    scores = result.scores.tolist()
+    if not all(map(math.isfinite, scores)):
+        raise InvalidRequest("the scores are not finite numbers: lower options.weights")
+    payload: dict[str, Any] = {"model": model, "query_id": query_id,
+                               "score_type": result.score_type}
     if result.weights is not None:
         payload["weights"] = result.weights
     if result.activation is not None:
         payload["activation"] = result.activation
     comps = {k: v.tolist() for k, v in result.components.items()}
-    scores = result.scores.tolist()
     entries = []
     for rank, i in enumerate(result.order.tolist()):
-        entry: dict[str, Any] = {"item_id": i if ids[i] is None else ids[i],
+        entry: dict[str, Any] = {"item_id": f"item-{i}" if ids[i] is None else ids[i],
                                  "score": scores[i], "rank": rank}
         if comps:
             entry["components"] = {k: v[i] for k, v in comps.items()}
         entries.append(entry)
     payload["scores"] = entries
+    payload["usage"] = {"input_tokens": input_tokens}
     return payload

@@ -131,7 +131,7 @@ class Engine:
             finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
         else:
             components = tuple(c for c in COMPONENTS if c in m.output_types)
-            q = m.prepare([query], True, None)
+            q = m.prepare([query], True, opts.instruction)
             d = m.prepare(list(texts), False, None)
             self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
                                 "query.text")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -15,12 +16,21 @@ def check_options(options: Any, kinds: dict[str, type | tuple[type, ...]], field
         raise InvalidRequest(f"{field} must be an object")
     for key, value in options.items():
         if key not in kinds:
-            raise InvalidRequest(f"{field}.{key} is not a known option "
+            shown = key[:64] if isinstance(key, str) else type(key).__name__
+            raise InvalidRequest(f"{field}.{shown} is not a known option "
                                  f"(known: {', '.join(kinds)})")
         expected = kinds[key]
         if value is not None and (not isinstance(value, expected) or
                                   (expected != bool and isinstance(value, bool))):
             raise InvalidRequest(f"{field}.{key} has the wrong type")
-    if options.get("timeout_s") is not None and options["timeout_s"] <= 0:
-        raise InvalidRequest(f"{field}.timeout_s must be positive")
+    timeout = options.get("timeout_s")
+    if timeout is not None and not _positive_seconds(timeout):
+        raise InvalidRequest(f"{field}.timeout_s must be a finite number of seconds above 0")
     return options
+
+
+def _positive_seconds(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float
+        return False

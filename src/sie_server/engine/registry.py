@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..config import Settings
-from ..errors import ModelNotFound, ModelUnavailable, SIEError
+from ..errors import (ModelLoadFailed, ModelLoading, ModelNotFound, ResourceExhausted,
+                      SIEError)
 from ..metrics import Metrics
-from ..models import FAMILIES, EncoderModel, ModelSpec
+from ..models import FAMILIES, EncoderModel, ModelInfo, ModelSpec
 from ..runtime.device import Placement
 from ..runtime.weights import estimate_bytes
 from .catalog import load_catalog, spec_for_source
@@ -43,6 +44,8 @@ class ModelHandle:
     memory_bytes: int = 0  # the model's weights (its estimate while loading)
     adapter_bytes: int = 0  # its loaded LoRA adapters
     leases: int = 0
+    attempts: int = 0  # failed loads in a row
+    declared: ModelInfo | None = None  # describe() before the model is loaded
     loaded: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -78,6 +81,9 @@ class ModelRegistry:
     def handles(self) -> list[ModelHandle]:
         return list(self._handles.values())
 
+    def handle(self, name: str) -> ModelHandle | None:
+        return self._handles.get(name)
+
     @contextlib.contextmanager
     def use(self, name: str, timeout: float | None = None) -> Iterator[ModelHandle]:
         """A ready model, held against eviction until the block ends (load it if needed)."""
@@ -99,7 +105,7 @@ class ModelRegistry:
                     self._start_load(handle)
                 event = handle.loaded
             if not event.wait(max(0.0, deadline - time.monotonic())):
-                raise ModelUnavailable(f"{name} is still loading; retry shortly", retry_after=5)
+                raise ModelLoading(f"{name} is still loading; retry shortly", retry_after=5)
             if handle.state != "ready":  # this load attempt failed
                 raise handle.error
         try:
@@ -107,6 +113,21 @@ class ModelRegistry:
         finally:
             with self._lock:
                 handle.leases -= 1
+
+    def describe(self, handle: ModelHandle) -> ModelInfo | None:
+        """What a model offers: the loaded model's info, else what its folder's config says
+        (never downloads; None while its files are not on this machine)."""
+        model = handle.model
+        if model is not None:
+            return model.info
+        if handle.declared is None:
+            spec = handle.spec
+            try:
+                folder = resolve(spec.name, spec.source, spec.family, allow_download=False)
+                handle.declared = FAMILIES[spec.family].describe(spec, folder)
+            except Exception:  # noqa: BLE001 - not on disk, or no readable config: unknown
+                return None
+        return handle.declared
 
     def is_ready(self, name: str) -> bool:
         handle = self._handles.get(name)
@@ -130,10 +151,15 @@ class ModelRegistry:
             self._reserve(handle, estimate_bytes(folder, self.placement.dtype))
             model = FAMILIES[spec.family](spec, folder, self.placement)
         except Exception as exc:  # noqa: BLE001 - a bad model must never take the server down
-            err = exc if isinstance(exc, SIEError) else ModelUnavailable(f"{spec.name}: {exc}")
             with self._lock:
+                transient = isinstance(exc, SIEError) and exc.retry_after is not None
                 # no room in the budget now is transient (retry_after set): no cool-down
-                handle.state = "registered" if err.retry_after else "failed"
+                handle.attempts = 0 if transient else handle.attempts + 1
+                err = exc if transient else ModelLoadFailed(
+                    exc.message if isinstance(exc, SIEError) else f"{spec.name}: {exc}",
+                    detail={"error_class": type(exc).__name__, "attempts": handle.attempts,
+                            "permanent": False})
+                handle.state = "registered" if transient else "failed"
                 handle.error, handle.failed_at = err, time.monotonic()
                 handle.memory_bytes = 0
             self.metrics.model_loads.labels(spec.name, "failed").inc()
@@ -147,7 +173,7 @@ class ModelRegistry:
         with self._lock:
             handle.model, handle.scheduler, handle.memory_bytes = model, scheduler, model.memory_bytes
             handle.adapter_bytes = 0
-            handle.state, handle.error = "ready", None
+            handle.state, handle.error, handle.attempts = "ready", None, 0
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
         self._memory_changed(handle)
         self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
@@ -165,11 +191,11 @@ class ModelRegistry:
     def reserve_adapter(self, handle: ModelHandle, model: EncoderModel, nbytes: int,
                         what: str) -> None:
         """Count a LoRA adapter of `model` against the budget, evicting idle models to make
-        room; ModelUnavailable (with Retry-After) when it does not fit."""
+        room; ResourceExhausted (with Retry-After) when it does not fit."""
         def commit() -> None:
             if handle.model is not model:
-                raise ModelUnavailable(f"{handle.spec.name} was unloaded while {what} loaded; "
-                                       "retry", retry_after=1)
+                raise ModelLoading(f"{handle.spec.name} was unloaded while {what} loaded; "
+                                   "retry", retry_after=1)
             handle.adapter_bytes += nbytes
 
         self._make_room(handle, nbytes, what, commit)
@@ -198,7 +224,7 @@ class ModelRegistry:
                 idle = [h for h in self._handles.values() if h is not handle
                         and h.state == "ready" and not h.pinned and not h.in_use]
                 if not idle:
-                    raise ModelUnavailable(
+                    raise ResourceExhausted(
                         f"{what} needs ~{needed / 1e6:.0f} MB but {used / 1e6:.0f} of the "
                         f"{self.budget / 1e6:.0f} MB budget is held by pinned or busy models; "
                         "retry later or raise --memory-budget-bytes", retry_after=10)

@@ -12,6 +12,7 @@ Two ways to score, chosen by the model (`EncoderModel.pair_scoring`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +37,13 @@ class ScoreOptions:
     activation: str | None = None  # cross-encoders; None: the model's/catalog's own
     lora_id: str | None = None
     timeout_s: float | None = None
+    instruction: str | None = None  # embedding scoring: applied to the query
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ScoreOptions":
         """Validate a score request's options; errors name the offending field."""
         kinds = {"truncate": bool, "score_type": str, "weights": dict, "activation": str,
-                 "lora_id": str, "timeout_s": (int, float)}
+                 "lora_id": str, "timeout_s": (int, float), "instruction": str}
         options = check_options(options, kinds, "options")
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
@@ -49,14 +51,13 @@ class ScoreOptions:
         if weights is not None:
             for key, value in weights.items():
                 if key not in COMPONENTS:
-                    raise InvalidRequest(f"options.weights.{key} is not a score component "
-                                         f"(known: {', '.join(COMPONENTS)})")
-                if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not np.isfinite(value) or value < 0:
-                    raise InvalidRequest(f"options.weights.{key} must be a number >= 0")
-            if sum(weights.values()) <= 0:
-                raise InvalidRequest("options.weights must have at least one weight above 0")
+                    raise InvalidRequest(f"options.weights.{str(key)[:64]} is not a score "
+                                         f"component (known: {', '.join(COMPONENTS)})")
+                if not _finite_weight(value):
+                    raise InvalidRequest(f"options.weights.{key} must be a finite number >= 0")
             weights = {k: float(weights.get(k, 0.0)) for k in COMPONENTS}
+            if max(weights.values()) <= 0:
+                raise InvalidRequest("options.weights must have at least one weight above 0")
         return cls(**{**{k: v for k, v in options.items() if v is not None}, "weights": weights})
 
     def check(self, model_name: str, score_types: tuple[str, ...], pair_scoring: bool) -> str:
@@ -70,7 +71,20 @@ class ScoreOptions:
         if self.activation is not None and not pair_scoring:
             raise InvalidRequest(f"options.activation applies to cross-encoders, not to "
                                  f"{model_name}")
+        if self.instruction is not None and pair_scoring:
+            raise InvalidRequest(f"instruction: {model_name} scores pairs and takes no "
+                                 "instruction")
         return score_type
+
+
+def _finite_weight(value: Any) -> bool:
+    """A number >= 0 that is finite as a float (bools, NaN, inf and huge ints are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
 
 
 @dataclass
@@ -83,6 +97,7 @@ class ScoreResult:
     components: dict[str, np.ndarray] = field(default_factory=dict)  # every score computed
     weights: dict[str, float] | None = None  # the hybrid weights used
     activation: str | None = None  # cross-encoders: the activation applied to the logits
+    input_tokens: int = 0  # tokens the model saw for this request (query included)
 
 
 def rank(scores: np.ndarray, top_k: int | None) -> np.ndarray:
@@ -101,7 +116,8 @@ def pair_scores(results: list[ItemResult], activation: str, top_k: int | None) -
     """Cross-encoder: one logit per pair -> scores."""
     scores = activate(np.fromiter((r.score for r in results), np.float32, len(results)),
                       activation)
-    return ScoreResult("relevance", scores, rank(scores, top_k), activation=activation)
+    return ScoreResult("relevance", scores, rank(scores, top_k), activation=activation,
+                       input_tokens=sum(r.token_count for r in results))
 
 
 def embedding_scores(query: ItemResult, items: list[ItemResult], score_type: str,
@@ -118,11 +134,16 @@ def embedding_scores(query: ItemResult, items: list[ItemResult], score_type: str
     used = None
     if score_type == "hybrid" or len(out) == len(COMPONENTS):
         used = weights or DEFAULT_WEIGHTS
-        total = sum(used[k] for k in out)
-        out["hybrid"] = (sum(np.float32(used[k]) * out[k] for k in out) /
-                         np.float32(total)).astype(np.float32)
+        # weights scaled by the largest first: their sum cannot overflow, even near 1e308
+        top = max(used[k] for k in out)
+        if top <= 0:
+            raise InvalidRequest(f"options.weights: no weight above 0 for {', '.join(out)}")
+        share = {k: used[k] / top for k in out}
+        total = sum(share.values())
+        out["hybrid"] = sum(np.float32(share[k] / total) * out[k] for k in out).astype(np.float32)
     scores = out[score_type]
-    return ScoreResult(score_type, scores, rank(scores, top_k), out, used)
+    tokens = query.token_count + sum(r.token_count for r in items)
+    return ScoreResult(score_type, scores, rank(scores, top_k), out, used, input_tokens=tokens)
 
 
 def dense_scores(q: np.ndarray, docs: list[np.ndarray]) -> np.ndarray:

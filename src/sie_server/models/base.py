@@ -7,6 +7,7 @@ with `@family("name")`; nothing else needs to change to add one.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +46,7 @@ class ModelInfo:
     family: str
     output_types: tuple[str, ...]
     dims: dict[str, int]
-    max_input_tokens: int
+    max_input_tokens: int | None  # None: not known before the model is loaded
 
 
 @dataclass
@@ -144,6 +145,18 @@ class EncoderModel(abc.ABC):
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.spec.family, self.output_types, self.dims(),
                          self.max_tokens)
+
+    @classmethod
+    def describe(cls, spec: ModelSpec, folder: Path) -> ModelInfo:
+        """What the model offers, read from its folder's config.json without loading it
+        (hidden size for dense and multivector, vocabulary size for sparse). Families whose
+        dims come from elsewhere override this; `info` of the loaded model is authoritative."""
+        config = json.loads((folder / "config.json").read_text())
+        size = {"sparse": config.get("vocab_size")}
+        dims = {t: size.get(t, config.get("hidden_size")) for t in cls.output_types}
+        return ModelInfo(spec.name, spec.family, cls.output_types,
+                         {t: d for t, d in dims.items() if isinstance(d, int)},
+                         spec.max_input_tokens)
 
     def load_adapter_heads(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         """Head weights an adapter folder carries for this family ({} = none; raise ValueError
