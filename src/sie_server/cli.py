@@ -141,8 +141,8 @@ def _config_value(serve: argparse.ArgumentParser, action: argparse.Action, key: 
 
 def apply_config_file(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
     """Fill the serve flags from `--config FILE`: its keys are the flag names without `--`
-    (`max-batch-tokens` or `max_batch_tokens`), list flags take lists, `model` also a mapping.
-    Precedence: defaults < the file < SIE_* variables < command-line flags."""
+    (`max-batch-tokens` or `max_batch_tokens`), list flags take lists, `model` also a mapping,
+    null means the default. Precedence: defaults < the file < SIE_* variables < command-line flags."""
     if getattr(args, "config", None) is None:
         return args
     serve = _subparser(parser(), "serve")
@@ -159,7 +159,7 @@ def apply_config_file(args: argparse.Namespace, argv: list[str] | None) -> argpa
             known = ", ".join(sorted(k.replace("_", "-") for k in by_key))
             serve.error(f"config file {args.config}: unknown key {key!r}; the keys are the "
                         f"serve flags without --: {known}")
-        if action.dest not in given and action.dest not in from_env:
+        if value is not None and action.dest not in given and action.dest not in from_env:
             setattr(args, action.dest, _config_value(serve, action, key, value))
     return args
 
