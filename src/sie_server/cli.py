@@ -142,7 +142,7 @@ def _config_value(serve: argparse.ArgumentParser, action: argparse.Action, key: 
 def apply_config_file(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
     """Fill the serve flags from `--config FILE`: its keys are the flag names without `--`
     (`max-batch-tokens` or `max_batch_tokens`), list flags take lists, `model` also a mapping,
-    null means the default. Precedence: defaults < the file < SIE_* variables < command-line flags."""
+    null means the default. Precedence: defaults < the file < SIE_* variables < flags."""
     if getattr(args, "config", None) is None:
         return args
     serve = _subparser(parser(), "serve")
