@@ -5,6 +5,7 @@ with its matryoshka models (issue 17, items 4-7). Servers are real processes on 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -176,6 +177,15 @@ def corrupt_folders(tmp_path_factory, minilm_dir: Path, bge_m3_dir: Path) -> dic
     bin_path = folder / "pytorch_model.bin"
     bin_path.write_bytes(full[: len(full) // 2])
     cases["bad/bin"] = (folder, bin_path, "RuntimeError")
+    # sharded weights with one shard missing
+    folder = _linked_copy(minilm_dir, root / "shard")
+    (folder / "model.safetensors").unlink()
+    (folder / "model-00002-of-00002.safetensors").write_bytes(weights)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+        "pooler.dense.weight": "model-00002-of-00002.safetensors"}}))
+    cases["bad/shard"] = (folder, folder / "model-00001-of-00002.safetensors",
+                          "the file is missing (model.safetensors.index.json lists it)")
 
     for name, file, data, cause in [
             ("m3-colbert", "colbert_linear.pt",
@@ -278,3 +288,20 @@ def test_dimensions_on_a_matryoshka_catalog_entry(start_server, minilm_dir: Path
     refused = httpx.post(f"{server.url}/v1/embeddings",
                          json={"model": MINILM, "input": texts, "dimensions": 128})
     assert refused.status_code == 400 and "dimensions" in refused.json()["error"]["message"]
+
+
+def test_sharded_safetensors_load_like_one_file(tmp_path: Path, minilm_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from sie_server.runtime.weights import estimate_bytes, load_state_dict
+    whole = load_file(str(minilm_dir / "model.safetensors"))
+    keys = sorted(whole)
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: whole[k] for k in part}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    got = load_state_dict(tmp_path)
+    assert sorted(got) == keys and all(torch.equal(got[k], whole[k]) for k in keys)
+    assert estimate_bytes(tmp_path, torch.float32) == estimate_bytes(minilm_dir, torch.float32)

@@ -54,9 +54,23 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weights: the shards its model.safetensors.index.json lists
+    (DamagedFile when one is missing), else model*.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(folder.glob("model*.safetensors"))
+    with reading(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise DamagedFile(folder / shard, f"the file is missing ({index.name} lists it)")
+    return [folder / shard for shard in shards]
+
+
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder (model.safetensors, sharded or not, or .bin)."""
-    files = sorted(folder.glob("model*.safetensors"))
+    files = safetensors_files(folder)
     if files:
         sd: dict[str, torch.Tensor] = {}
         for f in files:
@@ -79,7 +93,7 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 def estimate_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Memory the folder's weights take once loaded in `dtype` (from headers, not data)."""
     size = torch.tensor([], dtype=dtype).element_size()
-    files = sorted(folder.glob("model*.safetensors"))
+    files = safetensors_files(folder)
     if not files:
         binary = folder / "pytorch_model.bin"
         return binary.stat().st_size * size // 4 if binary.exists() else 0
