@@ -76,11 +76,12 @@ def blocks(path: Path) -> list[Block]:
         while j >= 0 and not lines[j].strip():
             j -= 1
         marker = _MARKER.match(lines[j]) if j >= 0 else None
-        fence, start = m["fence"], i
+        fence, indent, start = m["fence"], m["indent"], i
         i += 1
         body = []
         while i < len(lines) and not lines[i].strip().startswith(fence):
-            body.append(lines[i])
+            line = lines[i]  # a fence inside a list item: its lines carry the same indent
+            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
             i += 1
         i += 1
         out.append(Block(path, start + 1, m["lang"].lower(), "\n".join(body) + "\n",
@@ -96,6 +97,20 @@ def test_the_docs_have_examples() -> None:
     """Guard against a parser that finds nothing (then nothing below would run)."""
     assert sum(b.lang in PYTHON for b in EXAMPLES) >= 3
     assert any(b.path.name == "README.md" for b in EXAMPLES)
+
+
+def test_the_runner_reads_fences_markers_and_commands(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("1. a step\n\n   <!-- docs-test: skip (needs a GPU) -->\n\n   ```python\n"
+                   "   if True:\n       x = 1\n   ```\n\n```bash\n$ curl -s \\\n"
+                   "    http://localhost:8080/healthz  # ok\npip install sie\n```\n")
+    py, sh = blocks(doc)
+    assert (py.line, py.lang, py.code, py.marker) == (5, "python", "if True:\n    x = 1\n",
+                                                      "skip (needs a GPU)")
+    assert sh.marker is None and commands(sh.code) == [
+        "curl -s      http://localhost:8080/healthz  # ok", "pip install sie"]
+    assert [runnable(c) for c in commands(sh.code)] == [True, False]
+    assert runnable("SIE_API_KEYS=k sie-server serve --port 1") and runnable("./scripts/serve")
 
 
 @pytest.fixture(scope="module")
