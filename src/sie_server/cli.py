@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import ipaddress
+import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import uvicorn
 
-from . import logs
-from .config import Settings
+from . import __version__, logs
+from .config import Settings, read_config_file
+
+log = logging.getLogger("sie_server.cli")
 
 
 class GracefulServer(uvicorn.Server):
@@ -38,8 +43,12 @@ def _model_flag(value: str) -> tuple[str, str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sie-server", description="Embedding inference server")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the HTTP API")
+    s.add_argument("--config", type=Path, metavar="FILE",
+                   help="YAML file of serve flags (names without --); flags and SIE_* "
+                   "variables override it")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -85,8 +94,98 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subparser(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def _given_flags(argv: list[str] | None) -> set[str]:
+    """Destinations of the serve flags present on the command line."""
+    p = parser()
+    serve = _subparser(p, "serve")
+    serve.set_defaults(**{a.dest: None for a in serve._actions if a.dest != "help"})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+
+def _env_fields() -> set[str]:
+    """Settings fields that SIE_* environment variables set."""
+    base, env = Settings(), Settings.from_env()
+    return {f.name for f in dataclasses.fields(Settings)
+            if getattr(base, f.name) != getattr(env, f.name)}
+
+
+def _config_value(serve: argparse.ArgumentParser, action: argparse.Action, key: str,
+                  value: Any) -> Any:
+    """A config file value as the flag would have parsed it."""
+    def one(v: Any) -> Any:
+        if isinstance(v, (bool, dict, list)) or v is None:
+            serve.error(f"config key {key!r}: {v!r} is not a single value")
+        try:
+            out = action.type(str(v)) if action.type else str(v)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            serve.error(f"config key {key!r}: {v!r}: {exc}")
+        if action.choices is not None and out not in action.choices:
+            serve.error(f"config key {key!r}: {v!r} is not one of {list(action.choices)}")
+        return out
+
+    if action.nargs == 0:  # a switch such as --allow-download
+        if not isinstance(value, bool):
+            serve.error(f"config key {key!r} must be true or false")
+        return action.const if value else None
+    if isinstance(action, argparse._AppendAction):
+        if isinstance(value, dict):  # model: {NAME: PATH, ...}
+            value = [f"{k}={v}" for k, v in value.items()]
+        return [one(v) for v in (value if isinstance(value, list) else [value])]
+    return one(value)
+
+
+def apply_config_file(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """Fill the serve flags from `--config FILE`: its keys are the flag names without `--`
+    (`max-batch-tokens` or `max_batch_tokens`), list flags take lists, `model` also a mapping,
+    null means the default. Precedence: defaults < the file < SIE_* variables < flags."""
+    if getattr(args, "config", None) is None:
+        return args
+    serve = _subparser(parser(), "serve")
+    try:
+        values = read_config_file(args.config)
+    except ValueError as exc:
+        serve.error(str(exc))
+    by_key = {o[2:].replace("-", "_"): a for a in serve._actions for o in a.option_strings
+              if o.startswith("--") and a.dest not in ("help", "config")}
+    given, from_env = _given_flags(argv), _env_fields()
+    for key, value in values.items():
+        action = by_key.get(key.replace("-", "_"))
+        if action is None:
+            known = ", ".join(sorted(k.replace("_", "-") for k in by_key))
+            serve.error(f"config file {args.config}: unknown key {key!r}; the keys are the "
+                        f"serve flags without --: {known}")
+        if value is not None and action.dest not in given and action.dest not in from_env:
+            setattr(args, action.dest, _config_value(serve, action, key, value))
+    return args
+
+
+def announce(settings: Settings) -> None:
+    """Log where the server listens and whether it checks API keys; warn when it is open to
+    other machines without a key."""
+    host = settings.host
+    try:
+        ip = ipaddress.ip_address(host)
+        loopback, everywhere = ip.is_loopback, ip.is_unspecified
+    except ValueError:  # a host name
+        loopback, everywhere = host == "localhost", False
+    where = f"{host}:{settings.port}" + (" (every network interface)" if everywhere else "")
+    keys = len(settings.api_keys)
+    auth = f"on ({keys} API key{'s' if keys > 1 else ''})" if keys else "off (no --api-key)"
+    log.info("listening on %s; auth %s", where, auth)
+    if not keys and not loopback:
+        log.warning("no API key is set and %s is reachable from other machines: anyone who "
+                    "can reach port %d can use this server. Pass --api-key KEY (or "
+                    "SIE_API_KEYS=k1,k2), or --host 127.0.0.1 to serve this machine only",
+                    host, settings.port)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = apply_config_file(parser().parse_args(argv), argv)
     logs.configure(args.log_level)
     sys.setswitchinterval(args.switch_interval_ms / 1000)
     settings = Settings.from_env(
@@ -103,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         memory_budget_bytes=args.memory_budget_bytes,
         model_load_timeout_s=args.model_load_timeout_s,
         load_retry_cooldown_s=args.load_retry_cooldown_s)
+    announce(settings)
     from .api import create_app
     from .engine import Engine
 

@@ -6,6 +6,9 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 @dataclass
@@ -66,3 +69,18 @@ class Settings:
         """Whether the hub adapter `lora_id` may be fetched from the network."""
         return self.allow_download or any(fnmatch.fnmatchcase(lora_id, pattern)
                                            for pattern in self.adapter_download_allow)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A `--config` YAML file: a mapping of serve flag names (without `--`) to values.
+    ValueError naming the file when it cannot be read or is not such a mapping."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path}: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
+        raise ValueError(f"config file {path}: expected a mapping of flag names to values, "
+                         "e.g. `port: 8080`")
+    return doc

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
-from ..runtime.weights import load_torch_file
+from ..runtime.weights import DamagedFile, load_torch_file, reading
 from .base import BatchOutputs, EncoderModel, ModelSpec, TokenWeights, family
 
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
@@ -29,7 +29,15 @@ def load_heads(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         raise FileNotFoundError(
             f"{folder} has no {' or '.join(missing)}: BGE-M3 needs both head files beside the "
             "weights (FlagEmbedding would silently use random heads; we refuse)")
-    return {f.removesuffix(".pt"): load_torch_file(folder / f) for f in HEAD_FILES}
+    heads = {}
+    for f in HEAD_FILES:
+        with reading(folder / f):
+            sd = load_torch_file(folder / f)
+        if not (isinstance(sd, dict) and all(isinstance(sd.get(k), torch.Tensor)
+                                             for k in ("weight", "bias"))):
+            raise DamagedFile(folder / f, "it holds no Linear state dict (weight and bias)")
+        heads[f.removesuffix(".pt")] = sd
+    return heads
 
 
 def linear_rows(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
+from ..runtime.weights import read_json, reading
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
 
 _KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
@@ -20,21 +21,23 @@ _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "lasttoken")
 
 def read_pipeline(folder: Path) -> tuple[str, bool, int | None]:
     """(pooling mode, normalize, max_seq_length) from the sentence-transformers config files."""
-    modules = json.loads((folder / "modules.json").read_text())
-    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    path = folder / "modules.json"
+    with reading(path):
+        modules = json.loads(path.read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pool = next((m["path"] for m in modules if m["type"].endswith("Pooling")), None)
     unknown = [k for k in kinds if k not in _KNOWN_MODULES]
     if unknown:
         raise ValueError(f"{folder}/modules.json uses modules not supported yet: {unknown}")
     pooling = "cls_token"
-    pool_entry = next((m for m in modules if m["type"].endswith("Pooling")), None)
-    if pool_entry is not None:
-        cfg = json.loads((folder / pool_entry["path"] / "config.json").read_text())
+    if pool is not None:
+        cfg = read_json(folder / pool / "config.json")
         modes = [m for m in _POOLING_MODES if cfg.get(f"pooling_mode_{m}")]
         if len(modes) != 1:
             raise ValueError(f"{folder}: exactly one pooling mode is supported, found {modes}")
         pooling = modes[0]
     sbert = folder / "sentence_bert_config.json"
-    max_len = json.loads(sbert.read_text()).get("max_seq_length") if sbert.exists() else None
+    max_len = read_json(sbert).get("max_seq_length") if sbert.exists() else None
     return pooling, "Normalize" in kinds, max_len
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import load_state_dict
+from .weights import load_state_dict, reading
 
 # Hugging Face sub-module names inside one layer -> (our linear, slice of its output or None).
 LORA_TARGETS: dict[str, tuple[str, int | None]] = {
@@ -50,22 +50,24 @@ class EncoderConfig:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "EncoderConfig":
-        c = json.loads((folder / "config.json").read_text())
-        roberta = c.get("model_type") in ("xlm-roberta", "roberta", "camembert")
-        pad = c.get("pad_token_id", 1 if roberta else 0)
-        return cls(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=c["num_attention_heads"],
-            intermediate_size=c["intermediate_size"],
-            max_position_embeddings=c["max_position_embeddings"],
-            type_vocab_size=c.get("type_vocab_size", 2),
-            layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-            hidden_act=c.get("hidden_act", "gelu"),
-            pad_token_id=pad,
-            position_offset=pad + 1 if roberta else 0,
-        )
+        path = folder / "config.json"
+        with reading(path):  # unparsable, or a key missing: DamagedFile naming config.json
+            c = json.loads(path.read_text())
+            roberta = c.get("model_type") in ("xlm-roberta", "roberta", "camembert")
+            pad = c.get("pad_token_id", 1 if roberta else 0)
+            return cls(
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=c["num_hidden_layers"],
+                num_heads=c["num_attention_heads"],
+                intermediate_size=c["intermediate_size"],
+                max_position_embeddings=c["max_position_embeddings"],
+                type_vocab_size=c.get("type_vocab_size", 2),
+                layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+                hidden_act=c.get("hidden_act", "gelu"),
+                pad_token_id=pad,
+                position_offset=pad + 1 if roberta else 0,
+            )
 
     @property
     def max_tokens(self) -> int:

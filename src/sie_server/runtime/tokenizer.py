@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .weights import reading
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -45,7 +47,8 @@ class TextTokenizer:
     """Wraps a `tokenizers.Tokenizer`; truncation keeps the closing special token."""
 
     def __init__(self, path: Path, max_tokens: int) -> None:
-        self._tok = Tokenizer.from_file(str(path))
+        with reading(path):
+            self._tok = Tokenizer.from_file(str(path))
         self._tok.no_padding()
         self._tok.no_truncation()
         self.max_tokens = max_tokens
