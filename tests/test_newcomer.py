@@ -98,7 +98,7 @@ def test_server_started_from_a_config_file(start_server, bge_m3_dir: Path,
                           env={"SIE_API_KEYS": "env-key"})
     auth = {"Authorization": "Bearer env-key"}
     models = httpx.get(f"{server.url}/v1/models", headers=auth).json()["models"]
-    assert {m["id"]: m["state"] for m in models}["file/m3"] == "ready"
+    assert {m["id"]: m["state"] for m in models}["file/m3"] == "loaded"
     assert httpx.get(f"{server.url}/v1/models",
                      headers={"Authorization": "Bearer file-key"}).status_code == 401
 
