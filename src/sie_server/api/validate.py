@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequest
+from .images import ImageInput, parse_images
 
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
 
@@ -40,15 +41,17 @@ def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list
     return texts, ids
 
 
-def parse_item(item: Any, field: str) -> tuple[str, Any]:
+def parse_item(item: Any, field: str) -> tuple[str | ImageInput, Any]:
     item = _obj(item, field)
+    item_id = item.get("id")
+    if item_id is not None and not isinstance(item_id, (str, int)):
+        raise InvalidRequest(f"{field}.id must be a string")
+    if item.get("images") is not None:  # an image item (api/images.py)
+        return parse_images(item, field), item_id
     if "text" not in item or item["text"] is None:
         raise InvalidRequest(f"{field}.text is missing")
     if not isinstance(item["text"], str):
         raise InvalidRequest(f"{field}.text must be a string")
-    item_id = item.get("id")
-    if item_id is not None and not isinstance(item_id, (str, int)):
-        raise InvalidRequest(f"{field}.id must be a string")
     return item["text"], item_id
 
 

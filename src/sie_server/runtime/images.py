@@ -1,8 +1,9 @@
 """Images: bounded decoding and the model's own preprocessing (`preprocessor_config.json`).
 
 Decoding reads the header first (`Image.open` is lazy) and refuses empty data, unknown formats,
-zero sizes and anything over `MAX_IMAGE_PIXELS` before a pixel is decoded, so a decompression
-bomb costs a header parse; truncated or corrupt data fails in `load()`. Every refusal is an
+unreadable (corrupt or zero-size) headers and anything over `MAX_IMAGE_PIXELS` before a pixel
+is decoded, so a decompression bomb costs a header parse; truncated or corrupt data fails in
+`load()`. Every refusal is an
 `ImageError` whose message the engine prefixes with the item's field.
 
 Preprocessing follows Hugging Face's CLIPImageProcessor / SiglipImageProcessor step by step:
@@ -27,9 +28,18 @@ from PIL import Image, UnidentifiedImageError
 # decompression bomb is refused from its header. Decoded, an image takes 3 bytes per pixel.
 MAX_IMAGE_PIXELS = 50_000_000
 # Wire `format` names -> Pillow's format names (the decoders allowed).
-FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF",
-           "bmp": "BMP", "tiff": "TIFF"}
+FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
+           "tiff": "TIFF"}
 _PILLOW_FORMATS = tuple(sorted(set(FORMATS.values())))
+_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif",
+               b"GIF89a": "gif", b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+
+
+def sniff(data: bytes) -> str | None:
+    """The format the file's first bytes announce (None: none we decode)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,10 @@ def decode(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check below
             im = Image.open(io.BytesIO(image.data), formats=_PILLOW_FORMATS)
     except UnidentifiedImageError:
+        fmt = sniff(image.data)
+        if fmt is not None:  # Pillow never opens a 0 x 0 image: it lands here too
+            raise ImageError(f"is a corrupt or zero-size {fmt} file (its header cannot be "
+                             "read)") from None
         raise ImageError("is not an image in a supported format "
                          f"({', '.join(sorted(FORMATS))})") from None
     except Image.DecompressionBombError as exc:
@@ -62,8 +76,6 @@ def decode(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     except Exception as exc:  # noqa: BLE001 - Pillow's header parsers raise many types
         raise ImageError(f"has a corrupt header ({type(exc).__name__})") from None
     width, height = im.size
-    if width <= 0 or height <= 0:
-        raise ImageError(f"has zero size ({width} x {height})")
     if width * height > max_pixels:
         raise ImageError(f"is {width} x {height} = {width * height / 1e6:.0f} megapixels; "
                          f"at most {max_pixels / 1e6:.0f} are decoded")

@@ -1,0 +1,154 @@
+"""CLIP and SigLIP in the engine against transformers 4.57 on the same weights (CPU, fp32).
+
+Models: small random-weight `CLIPModel` / `SiglipModel` checkpoints in the hub layout
+(scripts/make_clip_test_models.py). Reference: transformers' processors (CLIPProcessor,
+SiglipProcessor with padding="max_length") and `get_text_features` / `get_image_features`,
+L2-normalised, on the same Pillow-decoded images. Stated tolerances: dense cosine >= 0.99999
+per text and per image; a packed batch mixing texts and images equals each item encoded
+alone within 1e-5 (absolute, per component); scores within 1e-4 of the reference's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from clip_reference import Reference, bad_images, decoded, make_images
+from make_clip_test_models import build
+from texts import SHORT_TEXTS
+
+from sie_server.config import Settings
+from sie_server.engine import Engine
+from sie_server.engine.catalog import detect_family
+from sie_server.engine.sources import missing_files
+from sie_server.errors import InvalidRequest
+from sie_server.runtime.images import ImageInput
+from sie_server.runtime.spm_tokenizer import SiglipTextTokenizer
+
+FAMILIES = ["clip", "siglip"]
+LONG = " ".join(["a long caption that runs past the text tower's limit"] * 12)
+# SigLIP's special-token strings written inside a text are tokenized as text by us (see
+# runtime/spm_tokenizer.py), as the special token by transformers: left out here.
+TEXTS = [t for t in SHORT_TEXTS if "</s>" not in t and "<unk>" not in t] + [LONG]
+# SigLIP's text pipeline: case, punctuation, whitespace, "▁", final sigma, empty strings
+TRICKY = ["", "   ", "Hello, World!!", "  leading and trailing  ", "tab\tand\nnewline",
+          "▁already▁marked", "ΟΔΟΣ Σίσυφος", "İstanbul", "!!!", "emoji 🎉 ok", "a" * 200, LONG]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("clip-models"), SHORT_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def engine(folders):
+    eng = Engine(Settings(models={k: str(v) for k, v in folders.items()}, default_models=[],
+                          device="cpu"))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images()
+
+
+@pytest.fixture(scope="module")
+def reference(folders, images):
+    """Per family: reference vectors of TEXTS and of the images."""
+    out = {}
+    for name in FAMILIES:
+        ref = Reference(name, folders[name])
+        out[name] = (ref, ref.texts(TEXTS), ref.images(decoded(images)))
+    return out
+
+
+def image_items(images) -> list[ImageInput]:
+    return [ImageInput(data, fmt) for data, fmt in images]
+
+
+def dense(results) -> np.ndarray:
+    return np.stack([r.dense for r in results])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vectors_match_transformers(engine, reference, images, name) -> None:
+    _, want_texts, want_images = reference[name]
+    got = engine.encode(name, TEXTS + image_items(images))
+    cos = (dense(got) * np.concatenate([want_texts, want_images])).sum(1)
+    assert cos.min() >= 0.99999, (name, int(cos.argmin()), float(cos.min()))
+    assert np.allclose(np.linalg.norm(dense(got), axis=1), 1, atol=1e-6)
+    assert got[-1].token_count == engine.registry.get(name).model.vision.cfg.grid  # patches
+    assert got[len(TEXTS) - 1].truncated and not got[0].truncated
+
+
+def test_siglip_token_ids_equal_siglip_tokenizer(folders) -> None:
+    from transformers import SiglipTokenizer
+
+    ref = SiglipTokenizer.from_pretrained(folders["siglip"])
+    texts = TRICKY + TEXTS
+    want = ref(texts, padding="max_length", truncation=True, max_length=64).input_ids
+    got = SiglipTextTokenizer(folders["siglip"], 64).encode(texts)
+    assert [ids.tolist() for ids in got.ids] == want
+
+
+def test_clip_truncation_keeps_the_end_of_text_token(engine, reference) -> None:
+    ref = reference["clip"][0]
+    want = ref.processor(text=[LONG], truncation=True, max_length=77).input_ids[0]
+    tok = engine.registry.get("clip").model.prepare([LONG], False, None)
+    assert tok.ids[0].tolist() == want and tok.original_lengths[0] > 77
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_mixed_batch_equals_items_alone(engine, images, name) -> None:
+    pics = image_items(images)[:4]
+    items = [x for pair in zip(TEXTS[:4], pics) for x in pair] + TEXTS[4:8] + [LONG]
+    together = dense(engine.encode(name, items))
+    alone = np.stack([engine.encode(name, [item])[0].dense for item in items])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    # other requests in flight at once share batches; results stay the same
+    futures = [engine.submit(name, [item]) for item in items]
+    np.testing.assert_allclose(np.stack([f.result()[0].dense for f in futures]), alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_score_text_against_images_and_back(engine, reference, images, name) -> None:
+    ref, want_texts, want_images = reference[name]
+    query = "a photo of a red square"
+    q = ref.texts([query])[0]
+    got = engine.score(name, query, image_items(images))
+    want = want_images @ q
+    np.testing.assert_allclose(got.scores, want, atol=1e-4)
+    assert got.score_type == "dense"
+    assert list(got.order) == list(np.argsort(-got.scores, kind="stable"))
+    back = engine.score(name, image_items(images)[1], TEXTS[:10], top_k=3)
+    want = want_texts[:10] @ want_images[1]
+    np.testing.assert_allclose(back.scores, want, atol=1e-4)
+    assert len(back.order) == 3
+
+
+@pytest.mark.parametrize("case,data,fmt,why", bad_images(), ids=[c[0] for c in bad_images()])
+def test_bad_image_is_an_invalid_request_naming_the_item(engine, case, data, fmt, why) -> None:
+    with pytest.raises(InvalidRequest, match=rf"^items\[2\]\.images\[0\]: the image .*{why}"):
+        engine.submit("clip", ["a", "b", ImageInput(data, fmt)])
+    with pytest.raises(InvalidRequest, match=r"^query\.images\[0\]: the image"):
+        engine.submit_score("siglip", ImageInput(data, fmt), ["a"])
+
+
+def test_images_refused_where_they_do_not_fit(engine, images, minilm_dir) -> None:
+    pic = image_items(images)[0]
+    with pytest.raises(InvalidRequest, match="lora_id"):
+        engine.submit("clip", ["a"], options={"lora_id": "some/adapter"})
+    eng = Engine(Settings(models={"minilm": str(minilm_dir)}, default_models=[], device="cpu"))
+    try:
+        with pytest.raises(InvalidRequest, match=r"^items\[1\]\.images: minilm .*does not embed"):
+            eng.submit("minilm", ["a", pic])
+    finally:
+        eng.close()
+
+
+def test_catalog_detects_and_requires_the_family_files(folders) -> None:
+    assert detect_family(str(folders["clip"])) == "clip"
+    assert detect_family(str(folders["siglip"])) == "siglip"
+    assert missing_files(folders["clip"], "clip") == []
+    assert missing_files(folders["siglip"], "siglip") == []  # spiece.model, no tokenizer.json
+    assert missing_files(folders["siglip"], "clip") == ["tokenizer.json"]
