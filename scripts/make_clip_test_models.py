@@ -66,16 +66,20 @@ def _clip_tokenizer(texts: list[str], folder: Path):
     return tok
 
 
-def build_clip(folder: Path, texts: list[str], seed: int = 0) -> Path:
+def build_clip(folder: Path, texts: list[str], seed: int = 0, full_size: bool = False) -> Path:
+    """`full_size`: openai/clip-vit-base-patch32's shape (ViT-B/32 and its 12-layer, 512-wide
+    text tower; the small vocabulary aside), for the benchmark."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = _clip_tokenizer(texts, folder)
     torch.manual_seed(seed)
+    shape = {} if full_size else HIDDEN
     config = CLIPConfig(
-        text_config=dict(**HIDDEN, vocab_size=len(tok), max_position_embeddings=77,
+        text_config=dict(**shape, vocab_size=len(tok), max_position_embeddings=77,
                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
-        vision_config=dict(**HIDDEN, image_size=224, patch_size=32), projection_dim=32)
+        vision_config=dict(**shape, image_size=224, patch_size=32),
+        projection_dim=512 if full_size else 32)
     model = CLIPModel(config).eval()
     _perturb(model, seed)
     model.save_pretrained(folder, safe_serialization=True)
