@@ -98,7 +98,9 @@ def _spiece(texts: list[str]) -> bytes:
     return out.getvalue()
 
 
-def build_siglip(folder: Path, texts: list[str], seed: int = 1) -> Path:
+def build_siglip(folder: Path, texts: list[str], seed: int = 1, image_size: int = 224,
+                 patch_size: int = 16) -> Path:
+    """`image_size` / `patch_size`: e.g. 62 / 14 for so400m-patch14-384's remainder pixels."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,11 +113,11 @@ def build_siglip(folder: Path, texts: list[str], seed: int = 1) -> Path:
     torch.manual_seed(seed)
     config = SiglipConfig(
         text_config=dict(**HIDDEN, vocab_size=len(tok), max_position_embeddings=64),
-        vision_config=dict(**HIDDEN, image_size=224, patch_size=16))
+        vision_config=dict(**HIDDEN, image_size=image_size, patch_size=patch_size))
     model = SiglipModel(config).eval()
     _perturb(model, seed)
     model.save_pretrained(folder, safe_serialization=True)
-    SiglipImageProcessor().save_pretrained(folder)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
 
 

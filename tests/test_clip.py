@@ -146,6 +146,21 @@ def test_images_refused_where_they_do_not_fit(engine, images, minilm_dir) -> Non
         eng.close()
 
 
+def test_patch_size_not_dividing_the_image_size(tmp_path, images) -> None:
+    """so400m-patch14-384: 384 px is 27 patches of 14 and 6 px the convolution drops."""
+    from make_clip_test_models import build_siglip
+
+    folder = build_siglip(tmp_path / "siglip-62", TEXTS[:20], image_size=62, patch_size=14)
+    want = Reference("siglip", folder).images(decoded(images[:3]))
+    eng = Engine(Settings(models={"s": str(folder)}, default_models=[], device="cpu"))
+    try:
+        got = eng.encode("s", image_items(images[:3]))
+    finally:
+        eng.close()
+    assert got[0].token_count == 16
+    assert (dense(got) * want).sum(1).min() >= 0.99999
+
+
 def test_catalog_detects_and_requires_the_family_files(folders) -> None:
     assert detect_family(str(folders["clip"])) == "clip"
     assert detect_family(str(folders["siglip"])) == "siglip"

@@ -72,9 +72,12 @@ class ImageTextModel(EncoderModel):
         # not EncoderModel.__init__: that builds a BERT encoder
         self.spec, self.folder, self.placement = spec, folder, placement
         config = json.loads((folder / "config.json").read_text())
-        self.text_config = config.get("text_config") or {}
+        # older hub configs keep values in `*_config_dict`, which override (as transformers reads)
+        tower = lambda k: {**(config.get(f"{k}_config") or {}),  # noqa: E731
+                           **(config.get(f"{k}_config_dict") or {})}
+        self.text_config = tower("text")
         tcfg = TowerConfig.from_dict(self.text_config, self.defaults[0])
-        vcfg = TowerConfig.from_dict(config.get("vision_config") or {}, self.defaults[1])
+        vcfg = TowerConfig.from_dict(tower("vision"), self.defaults[1])
         state = load_state_dict(folder)
         dev, dt = placement.device, placement.dtype
         self.text = text_tower(tcfg, state, "text_model.").to(dev, dt)

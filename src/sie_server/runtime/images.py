@@ -152,8 +152,11 @@ class ImageProcessor:
 
 
 def to_patches(pixels: np.ndarray, patch: int) -> np.ndarray:
-    """(C, H, W) -> (H/p * W/p, C*p*p): row-major patches, each flattened channel, row, column
-    (the layout of a Conv2d weight (out, C, p, p) flattened)."""
+    """(C, H, W) -> (H//p * W//p, C*p*p): row-major patches, each flattened channel, row,
+    column (the layout of a Conv2d weight (out, C, p, p) flattened). Edge pixels that fill no
+    whole patch are dropped, as the stride-p convolution drops them (SigLIP so400m: 384 px in
+    14 px patches)."""
     c, h, w = pixels.shape
-    x = pixels.reshape(c, h // patch, patch, w // patch, patch).transpose(1, 3, 0, 2, 4)
-    return np.ascontiguousarray(x.reshape((h // patch) * (w // patch), c * patch * patch))
+    gh, gw = h // patch, w // patch
+    x = pixels[:, :gh * patch, :gw * patch].reshape(c, gh, patch, gw, patch)
+    return np.ascontiguousarray(x.transpose(1, 3, 0, 2, 4).reshape(gh * gw, c * patch * patch))
