@@ -10,8 +10,12 @@ alone within 1e-5 (absolute, per component); scores within 1e-4 of the reference
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from clip_reference import Reference, bad_images, decoded, make_images
 from make_clip_test_models import build
 from texts import SHORT_TEXTS
@@ -26,12 +30,13 @@ from sie_server.runtime.spm_tokenizer import SiglipTextTokenizer
 
 FAMILIES = ["clip", "siglip"]
 LONG = " ".join(["a long caption that runs past the text tower's limit"] * 12)
-# SigLIP's special-token strings written inside a text are tokenized as text by us (see
-# runtime/spm_tokenizer.py), as the special token by transformers: left out here.
-TEXTS = [t for t in SHORT_TEXTS if "</s>" not in t and "<unk>" not in t] + [LONG]
+TEXTS = SHORT_TEXTS + [LONG]
 # SigLIP's text pipeline: case, punctuation, whitespace, "▁", final sigma, empty strings
 TRICKY = ["", "   ", "Hello, World!!", "  leading and trailing  ", "tab\tand\nnewline",
-          "▁already▁marked", "ΟΔΟΣ Σίσυφος", "İstanbul", "!!!", "emoji 🎉 ok", "a" * 200, LONG]
+          "▁already▁marked", "ΟΔΟΣ Σίσυφος", "İstanbul", "!!!", "emoji 🎉 ok", "a" * 200, LONG,
+          # special-token strings inside texts: split out as transformers does
+          "</s> leading", "trailing </s>", "a </s></s> b", "<unk> and <UNK>", "</S> upper",
+          "word</s>word", "</s>", " </s> ", "ends with eos</s>", "x " * 70 + "</s>"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,7 @@ def test_vectors_match_transformers(engine, reference, images, name) -> None:
     assert got[len(TEXTS) - 1].truncated and not got[0].truncated
 
 
+@pytest.mark.filterwarnings("ignore:This sequence already has")
 def test_siglip_token_ids_equal_siglip_tokenizer(folders) -> None:
     from transformers import SiglipTokenizer
 
@@ -89,6 +95,25 @@ def test_siglip_token_ids_equal_siglip_tokenizer(folders) -> None:
     want = ref(texts, padding="max_length", truncation=True, max_length=64).input_ids
     got = SiglipTextTokenizer(folders["siglip"], 64).encode(texts)
     assert [ids.tolist() for ids in got.ids] == want
+
+
+_PIECES = list("aAbZzΣσςé🎉.,!?'-_ ▁\t\n") + ["</s>", "<unk>", "</S>", " the ", "Photo"]
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already has")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join))
+def test_siglip_token_ids_on_generated_texts(folders, text) -> None:
+    ref, ours = _siglip_tokenizers(folders["siglip"])
+    want = ref([text], padding="max_length", truncation=True, max_length=64).input_ids
+    assert [ours.encode([text]).ids[0].tolist()] == want
+
+
+@functools.lru_cache(maxsize=1)
+def _siglip_tokenizers(folder):
+    from transformers import SiglipTokenizer
+
+    return SiglipTokenizer.from_pretrained(folder), SiglipTextTokenizer(folder, 64)
 
 
 def test_clip_truncation_keeps_the_end_of_text_token(engine, reference) -> None:
