@@ -30,7 +30,8 @@ from ..errors import InvalidRequest
 from ..runtime.attention import make_attention
 from ..runtime.batch import PackedBatch, positions
 from ..runtime.device import Placement
-from ..runtime.images import ImageError, ImageInput, ImageProcessor, decode, to_patches
+from ..runtime.images import (DECODE_SLOTS, ImageError, ImageInput, ImageProcessor, decode,
+                              to_patches)
 from ..runtime.spm_tokenizer import SiglipTextTokenizer
 from ..runtime.tokenizer import TextTokenizer
 from ..runtime.vit import TowerConfig, attention_pool, text_tower, vision_tower
@@ -114,7 +115,8 @@ class ImageTextModel(EncoderModel):
         out = []
         for image, field in zip(images, fields):
             try:
-                pixels = self.processor(decode(image))
+                with DECODE_SLOTS:  # bounds the memory of concurrent decodes
+                    pixels = self.processor(decode(image))
             except ImageError as exc:
                 raise InvalidRequest(f"{field}: the image {exc}") from None
             out.append(to_patches(pixels, self.vision.cfg.patch_size))
@@ -143,7 +145,8 @@ class ImageTextModel(EncoderModel):
         """(images, sequence, hidden) before the post-LayerNorm."""
         dev, dt = self.placement.device, self.placement.dtype
         n = pixels.shape[0]
-        x = torch.from_numpy(pixels).to(dev, non_blocking=True).to(dt).reshape(-1, pixels.shape[2])
+        x = torch.from_numpy(pixels).to(dev, non_blocking=True).reshape(-1, pixels.shape[2])
+        x = self.processor.normalize_patches(x, self.vision.cfg.patch_size).to(dt)
         cu = np.arange(n + 1, dtype=np.int64) * self.vision.seq
         return self.vision(x, make_attention(cu, dev, dt))
 

@@ -17,7 +17,7 @@ class PackedBatch:
     token_type_ids: np.ndarray | None  # (T,) int64, for sentence pairs
     adapter_slots: np.ndarray  # (B,) int64, -1 = base model, else a loaded adapter's slot
     output_types: frozenset[str]  # union of what the rows asked for
-    # Image rows (image models): their patches (I, patches, patch_dim) float32 and their row
+    # Image rows (image models): their patches (I, patches, patch_dim) uint8 and their row
     # numbers (I,); an image row has no tokens in input_ids (its cu_seqlens span is empty).
     pixels: np.ndarray | None = None
     image_rows: np.ndarray | None = None

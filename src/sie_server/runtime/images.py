@@ -8,25 +8,33 @@ is decoded, so a decompression bomb costs a header parse; truncated or corrupt d
 
 Preprocessing follows Hugging Face's CLIPImageProcessor / SiglipImageProcessor step by step:
 convert to RGB, resize with Pillow (shortest edge to `size.shortest_edge`, or to
-`size.height x size.width`) with the config's `resample`, center crop (`crop_size`), rescale,
-normalize with `image_mean` / `image_std`. The result leaves as patches (one row per patch,
-channel-row-column inside a patch) for the vision tower's patch matmul.
+`size.height x size.width`) with the config's `resample`, center crop (`crop_size`) on the
+host, giving uint8 patches (one row per patch, channel-row-column inside a patch) for the
+vision tower's patch matmul; rescale and normalize with `image_mean` / `image_std`
+(`normalize_patches`) run on the device in float32. Queued images so take 1 byte per value
+(a 224 x 224 image 147 KiB) and cross to the device as bytes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 # Largest image decoded, in pixels (width x height): 50 MP is a 8660 x 5773 photo; a 100 MP
 # decompression bomb is refused from its header. Decoded, an image takes 3 bytes per pixel.
 MAX_IMAGE_PIXELS = 50_000_000
+# Images decoded at once in this process (each holds up to 3 bytes a pixel, and a copy while
+# converting to RGB): so concurrent requests cannot add up to more than this many bombs' worth.
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 # Wire `format` names -> Pillow's format names (the decoders allowed).
 FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
            "tiff": "TIFF"}
@@ -134,7 +142,7 @@ class ImageProcessor:
         return (s, lg) if width <= height else (lg, s)
 
     def __call__(self, im: Image.Image) -> np.ndarray:
-        """(3, height, width) float32 pixels of an RGB image."""
+        """(3, height, width) uint8 pixels of an RGB image, resized and cropped."""
         if self.shortest_edge is not None:
             im = im.resize(self._shortest(*im.size), resample=self.resample)
         elif self.resize_to is not None:
@@ -144,11 +152,17 @@ class ImageProcessor:
             h, w = self.crop
             top, left = (x.shape[0] - h) // 2, (x.shape[1] - w) // 2
             x = x[top:top + h, left:left + w]
-        x = x.astype(np.float64) * self.rescale if self.rescale is not None else x
-        x = x.astype(np.float32)
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def normalize_patches(self, x: torch.Tensor, patch: int) -> torch.Tensor:
+        """Rescale and normalize uint8 patches (..., 3*p*p), channel-major, in float32."""
+        x = x.float()
+        if self.rescale is not None:
+            x = x * self.rescale
+        if self.mean is not None:
+            per_value = lambda v: torch.from_numpy(np.repeat(v, patch * patch)).to(x.device)  # noqa: E731
+            x = (x - per_value(self.mean)) / per_value(self.std)
+        return x
 
 
 def to_patches(pixels: np.ndarray, patch: int) -> np.ndarray:
