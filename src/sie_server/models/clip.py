@@ -19,6 +19,7 @@ No LoRA: requests with `lora_id` are refused.
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
@@ -86,14 +87,22 @@ class ImageTextModel(EncoderModel):
         self.load_heads(state)
         self.max_tokens = min(spec.max_input_tokens or tcfg.max_positions, tcfg.max_positions)
         self.processor = ImageProcessor.from_file(folder / "preprocessor_config.json")
-        size = vcfg.image_size
+        size = vcfg.image_size  # a non-square input shows whether the output size is fixed
         if self.processor.output_size(size, size + 1) != (size, size):
             raise ValueError(f"{folder}: preprocessor_config.json does not make "
                              f"{size} x {size} images, the vision tower's input size")
 
+    @abc.abstractmethod
     def load_heads(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the family's poolings / projections from the remaining weights."""
-        raise NotImplementedError
+        """Take the family's poolings / projections (and tokenizer) from the remaining weights."""
+
+    @abc.abstractmethod
+    def text_features(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
+        """(texts, dim) unnormalised features of packed token ids."""
+
+    @abc.abstractmethod
+    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
+        """(images, dim) unnormalised features of (images, patches, patch_dim) uint8 patches."""
 
     def _weight(self, state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
         if key not in state:
@@ -108,7 +117,7 @@ class ImageTextModel(EncoderModel):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
-        raise NotImplementedError  # forward() is this family's own
+        raise NotImplementedError("the two towers have their own forward()")
 
     def prepare_images(self, images: list[ImageInput], fields: list[str]) -> list[np.ndarray]:
         """Decode and preprocess images into patch rows; InvalidRequest names the field."""
@@ -149,12 +158,6 @@ class ImageTextModel(EncoderModel):
         x = self.processor.normalize_patches(x, self.vision.cfg.patch_size).to(dt)
         cu = np.arange(n + 1, dtype=np.int64) * self.vision.seq
         return self.vision(x, make_attention(cu, dev, dt))
-
-    def text_features(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError
-
-    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError
 
 
 @family("clip")
