@@ -66,9 +66,11 @@ def _clip_tokenizer(texts: list[str], folder: Path):
     return tok
 
 
-def build_clip(folder: Path, texts: list[str], seed: int = 0, full_size: bool = False) -> Path:
+def build_clip(folder: Path, texts: list[str], seed: int = 0, full_size: bool = False,
+               legacy_eos: bool = True) -> Path:
     """`full_size`: openai/clip-vit-base-patch32's shape (ViT-B/32 and its 12-layer, 512-wide
-    text tower; the small vocabulary aside), for the benchmark."""
+    text tower; the small vocabulary aside), for the benchmark. `legacy_eos`: the openai
+    configs' `eos_token_id` 2 (pooling at the highest id); else the tokenizer's real one."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,8 @@ def build_clip(folder: Path, texts: list[str], seed: int = 0, full_size: bool = 
     shape = {} if full_size else HIDDEN
     config = CLIPConfig(
         text_config=dict(**shape, vocab_size=len(tok), max_position_embeddings=77,
-                         bos_token_id=0, pad_token_id=1, eos_token_id=2),
+                         bos_token_id=0, pad_token_id=1,
+                         eos_token_id=2 if legacy_eos else tok.eos_token_id),
         vision_config=dict(**shape, image_size=224, patch_size=32),
         projection_dim=512 if full_size else 32)
     model = CLIPModel(config).eval()

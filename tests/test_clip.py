@@ -30,7 +30,7 @@ from sie_server.runtime.spm_tokenizer import SiglipTextTokenizer
 
 FAMILIES = ["clip", "siglip"]
 LONG = " ".join(["a long caption that runs past the text tower's limit"] * 12)
-TEXTS = SHORT_TEXTS + [LONG]
+TEXTS = SHORT_TEXTS + ["<|startoftext|>CLIP's <|endoftext|> inside a text", LONG]
 # SigLIP's text pipeline: case, punctuation, whitespace, "▁", final sigma, empty strings
 TRICKY = ["", "   ", "Hello, World!!", "  leading and trailing  ", "tab\tand\nnewline",
           "▁already▁marked", "ΟΔΟΣ Σίσυφος", "İstanbul", "!!!", "emoji 🎉 ok", "a" * 200, LONG,
@@ -184,6 +184,23 @@ def test_patch_size_not_dividing_the_image_size(tmp_path, images) -> None:
         eng.close()
     assert got[0].token_count == 16
     assert (dense(got) * want).sum(1).min() >= 0.99999
+
+
+def test_clip_with_a_real_eos_token_id(tmp_path, images) -> None:
+    """Newer CLIP configs name the real end-of-text id: pooling at its first position."""
+    from make_clip_test_models import build_clip
+
+    folder = build_clip(tmp_path / "clip-eos", TEXTS[:30], legacy_eos=False)
+    ref = Reference("clip", folder)
+    assert ref.model.config.text_config.eos_token_id != 2
+    texts = TEXTS[:30] + TEXTS[-2:]
+    want = np.concatenate([ref.texts(texts), ref.images(decoded(images[:2]))])
+    eng = Engine(Settings(models={"c": str(folder)}, default_models=[], device="cpu"))
+    try:
+        got = dense(eng.encode("c", texts + image_items(images[:2])))
+    finally:
+        eng.close()
+    assert (got * want).sum(1).min() >= 0.99999
 
 
 def test_catalog_detects_and_requires_the_family_files(folders) -> None:
