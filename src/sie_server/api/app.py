@@ -181,7 +181,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def encode(request: Request) -> Response:
         model, call, options = await read_call(request, parse_encode)
-        if (sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
+        if (all(isinstance(t, str) for t in call.texts)  # images are decoded off the loop
+                and sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
                 and engine.registry.is_ready(model)):
             # a few short texts: tokenizing them costs less than a hop to a worker thread
             future = engine.submit(model, call.texts, call.output_types, options)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..quantize import OUTPUT_DTYPES
+from .images import ImageInput, parse_images
 
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
 MAX_ID_CHARS = 1024
@@ -23,7 +24,7 @@ UNSUPPORTED_OPTIONS = ("muvera", "smve")
 
 @dataclass(frozen=True)
 class EncodeCall:
-    texts: list[str]
+    texts: list[str | ImageInput]
     ids: list[str | None]
     output_types: list[str]
     options: dict[str, Any]  # engine options (engine.EncodeOptions)
@@ -33,9 +34,9 @@ class EncodeCall:
 
 @dataclass(frozen=True)
 class ScoreCall:
-    query: str
+    query: str | ImageInput
     query_id: str | None
-    texts: list[str]
+    texts: list[str | ImageInput]
     ids: list[str | None]
     options: dict[str, Any]  # engine options (scoring.ScoreOptions)
     top_k: int | None
@@ -56,8 +57,9 @@ def _known(obj: dict, allowed: set[str], field: str) -> None:
                              f"(known: {', '.join(sorted(allowed))})")
 
 
-def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list[str | None]]:
-    """`[{"id"?, "text", "metadata"?}]` -> (texts, ids)."""
+def parse_items(value: Any, field: str,
+                max_items: int) -> tuple[list[str | ImageInput], list[str | None]]:
+    """`[{"id"?, "text" | "images", "metadata"?}]` -> (texts or images, ids)."""
     if not isinstance(value, list):
         raise InvalidRequest(f"{field} must be a list of items")
     if not value:
@@ -72,13 +74,10 @@ def parse_items(value: Any, field: str, max_items: int) -> tuple[list[str], list
     return texts, ids
 
 
-def parse_item(item: Any, field: str) -> tuple[str, str | None]:
+def parse_item(item: Any, field: str) -> tuple[str | ImageInput, str | None]:
+    """An item's text, or its image (api/images.py), and its id."""
     item = _obj(item, field)
-    _known(item, {"id", "text", "metadata"}, field)
-    text = item.get("text")
-    if text is None:
-        raise InvalidRequest(f"{field}.text is missing")
-    check_text(text, f"{field}.text")
+    _known(item, {"id", "text", "images", "metadata"}, field)
     item_id = item.get("id")
     if item_id is not None:
         if not isinstance(item_id, str):
@@ -87,6 +86,12 @@ def parse_item(item: Any, field: str) -> tuple[str, str | None]:
             raise InvalidRequest(f"{field}.id is longer than {MAX_ID_CHARS} characters")
     if item.get("metadata") is not None and not isinstance(item["metadata"], dict):
         raise InvalidRequest(f"{field}.metadata must be an object")
+    if item.get("images") is not None:
+        return parse_images(item, field), item_id
+    text = item.get("text")
+    if text is None:
+        raise InvalidRequest(f"{field}.text is missing")
+    check_text(text, f"{field}.text")
     return text, item_id
 
 

@@ -44,9 +44,12 @@ def detect_family(source: str) -> str:
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+    if model_type in ("clip", "siglip"):  # CLIPModel / SiglipModel: both towers
+        return model_type
     if (folder / "modules.json").exists():
         return "sentence-transformers"
-    config = folder / "config.json"
     if config.exists():
         arch = " ".join(json.loads(config.read_text()).get("architectures") or [])
         if "ForSequenceClassification" in arch:

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
 from ..runtime.device import Placement
+from ..runtime.images import ImageInput
+from ..runtime.tokenizer import Tokenized
 from .adapters import AdapterManager
 from ..metrics import Metrics
 from .options import check_options
@@ -59,9 +61,11 @@ class Engine:
         self.registry.close()
         self._post.shutdown(wait=True)
 
-    def submit(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
+    def submit(self, model: str, texts: Sequence[str | ImageInput],
+               output_types: Sequence[str] | None = None,
                options: dict[str, Any] | EncodeOptions | None = None) -> Future:
-        """Queue texts for encoding; the future resolves to one ItemResult per text, in order."""
+        """Queue items for encoding: texts, and for image models also images (ImageInput);
+        the future resolves to one ItemResult per item, in order."""
         opts = options if isinstance(options, EncodeOptions) else EncodeOptions.parse(options)
         types = list(output_types) if output_types else ["dense"]
         with self.registry.use(model) as handle:
@@ -71,7 +75,7 @@ class Engine:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
-                tok = m.prepare(list(texts), opts.is_query, opts.instruction)
+                tok = self._prepare(m, list(texts), opts.is_query, opts.instruction)
                 self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
@@ -96,7 +100,7 @@ class Engine:
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                                   or top_k < 1):
             raise InvalidRequest("top_k must be a positive integer")
-        if not isinstance(query, str):
+        if not isinstance(query, (str, ImageInput)):
             raise InvalidRequest("query.text must be a string")
         if not texts:
             raise InvalidRequest("items must hold at least one item")
@@ -119,6 +123,8 @@ class Engine:
         """The Request of a score call and the function turning its results into scores."""
         finish: Callable[[list[ItemResult]], ScoreResult]
         if m.pair_scoring:
+            self._check_images(m, [query], "query")
+            self._check_images(m, list(texts))
             fixed, tok = m.prepare_pairs(query, list(texts))
             if fixed >= m.max_tokens:
                 raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
@@ -131,8 +137,8 @@ class Engine:
             finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
         else:
             components = tuple(c for c in COMPONENTS if c in m.output_types)
-            q = m.prepare([query], True, opts.instruction)
-            d = m.prepare(list(texts), False, None)
+            q = self._prepare(m, [query], True, opts.instruction, "query")
+            d = self._prepare(m, list(texts), False, None)
             self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
                                 "query.text")
             self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
@@ -147,6 +153,35 @@ class Engine:
               top_k: int | None = None) -> ScoreResult:
         """Blocking score."""
         return self.submit_score(model, query, texts, options, top_k).result()
+
+    @staticmethod
+    def _check_images(m, items: list, field: str = "items[{i}]") -> list[int]:
+        """Positions of the images among `items`; InvalidRequest if the model embeds none."""
+        pics = [i for i, x in enumerate(items) if isinstance(x, ImageInput)]
+        if pics and not m.embeds_images:
+            raise InvalidRequest(f"{field.format(i=pics[0])}.images: {m.spec.name} "
+                                 f"({m.spec.family}) does not embed images; it takes text")
+        return pics
+
+    def _prepare(self, m, items: list, is_query: bool, instruction: str | None,
+                 field: str = "items[{i}]") -> Tokenized:
+        """Tokenize the texts and preprocess the images of `items` (image rows become patch
+        arrays, their length the number of patches), in item order."""
+        pics = self._check_images(m, items, field)
+        if not pics:
+            return m.prepare(items, is_query, instruction)
+        rows: list = [None] * len(items)
+        lengths = [0] * len(items)
+        texts = [i for i, x in enumerate(items) if not isinstance(x, ImageInput)]
+        if texts:
+            tok = m.prepare([items[i] for i in texts], is_query, instruction)
+            for i, ids, n in zip(texts, tok.ids, tok.original_lengths):
+                rows[i], lengths[i] = ids, n
+        patches = m.prepare_images([items[i] for i in pics],
+                                   [f"{field.format(i=i)}.images[0]" for i in pics])
+        for i, p in zip(pics, patches):
+            rows[i], lengths[i] = p, len(p)
+        return Tokenized(rows, lengths)
 
     @staticmethod
     def _check_lengths(model: str, limit: int, lengths: list[int], truncate: bool,
@@ -197,6 +232,9 @@ class Engine:
         """The adapter manager of a ready model handle, created on first use. It lives on the
         model object, so a model unloaded (or evicted) takes its adapters with it."""
         model = handle.model
+        if not model.supports_lora:
+            raise InvalidRequest(f"lora_id: {handle.spec.name} ({handle.spec.family}) does not "
+                                 "take LoRA adapters")
         with self._adapter_lock:
             mgr = getattr(model, "adapter_manager", None)
             if mgr is None:

@@ -27,7 +27,7 @@ class ItemResult:
 class Request:
     """Tokenized items waiting for compute; resolves `future` once every item is done."""
 
-    tokens: list[np.ndarray]
+    tokens: list[np.ndarray]  # per item: token ids, or an image's uint8 patches (2-D)
     original_lengths: list[int]
     output_types: frozenset[str]
     adapter_slot: int = -1

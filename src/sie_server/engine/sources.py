@@ -17,15 +17,25 @@ REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
                ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")],
     "bge-m3": [("colbert_linear.pt",), ("sparse_linear.pt",)],
     "sentence-transformers": [("modules.json",)],
+    "clip": [("preprocessor_config.json",)],
+    "siglip": [("preprocessor_config.json",)],
 }
+# Families whose tokenizer is another file than the common tokenizer.json.
+TOKENIZER_FILES: dict[str, tuple[str, ...]] = {"siglip": ("spiece.model",)}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.pt", "pytorch_model.bin", "1_Pooling/*",
                  "*.txt", "*.model"]
 
 
 def missing_files(folder: Path, family: str) -> list[str]:
     """Required files absent from `folder`, e.g. ['sparse_linear.pt']."""
-    needs = REQUIRED_FILES["common"] + REQUIRED_FILES.get(family, [])
+    needs = _needs(family)
     return [" or ".join(alts) for alts in needs if not any((folder / a).exists() for a in alts)]
+
+
+def _needs(family: str) -> list[tuple[str, ...]]:
+    common = [TOKENIZER_FILES.get(family, alts) if alts == ("tokenizer.json",) else alts
+              for alts in REQUIRED_FILES["common"]]
+    return common + REQUIRED_FILES.get(family, [])
 
 
 def package_folder(source: str) -> Path:
@@ -63,7 +73,7 @@ def _from_hub(name: str, repo_id: str, family: str, allow_download: bool) -> Pat
         folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS,
                                         local_files_only=offline))
     except Exception as exc:  # noqa: BLE001 - hub errors are many; the advice is the same
-        needs = [" or ".join(a) for a in REQUIRED_FILES["common"] + REQUIRED_FILES.get(family, [])]
+        needs = [" or ".join(a) for a in _needs(family)]
         why = ("downloads are off (start with --allow-download to fetch them)" if not allow_download
                else "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else f"the download failed: {exc}")
         raise ModelUnavailable(

@@ -118,6 +118,9 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # True: items may be images (ImageInput); the family implements `prepare_images`.
+    embeds_images: bool = False
+    supports_lora: bool = True
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec

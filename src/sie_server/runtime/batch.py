@@ -17,6 +17,10 @@ class PackedBatch:
     token_type_ids: np.ndarray | None  # (T,) int64, for sentence pairs
     adapter_slots: np.ndarray  # (B,) int64, -1 = base model, else a loaded adapter's slot
     output_types: frozenset[str]  # union of what the rows asked for
+    # Image rows (image models): their patches (I, patches, patch_dim) uint8 and their row
+    # numbers (I,); an image row has no tokens in input_ids (its cu_seqlens span is empty).
+    pixels: np.ndarray | None = None
+    image_rows: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -37,7 +41,13 @@ def pack(
     adapter_slots: np.ndarray | None = None,
     token_types: list[np.ndarray] | None = None,
 ) -> PackedBatch:
-    """Concatenate token id arrays into one PackedBatch (no per-token Python work)."""
+    """Concatenate token id arrays into one PackedBatch (no per-token Python work). 2-D
+    entries are images (patches x patch_dim, from `images.to_patches`) and go to `pixels`."""
+    pixels = image_rows = None
+    if any(s.ndim == 2 for s in seqs):
+        image_rows = np.flatnonzero([s.ndim == 2 for s in seqs])
+        pixels = np.stack([seqs[i] for i in image_rows])
+        seqs = [s if s.ndim == 1 else np.zeros(0, np.int64) for s in seqs]
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     cu = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
@@ -48,6 +58,8 @@ def pack(
         token_type_ids=None if token_types is None else np.concatenate(token_types).astype(np.int64),
         adapter_slots=slots,
         output_types=output_types,
+        pixels=pixels,
+        image_rows=image_rows,
     )
 
 
