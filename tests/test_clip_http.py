@@ -156,3 +156,16 @@ def test_decompression_bomb_is_refused_within_bounded_memory(server, images) -> 
     clip = next(m for m in models if m["id"] == "clip-test")
     assert clip["family"] == "clip" and clip["dims"] == {"dense": 32}
     assert clip["score_types"] == ["dense"]
+
+
+def test_our_sdk_sends_images_as_sie_does(server, images) -> None:
+    from sie_sdk import SIEClient
+    from sie_sdk.types import Item
+
+    (data, fmt), (data2, _) = images[0], images[1]
+    items = [{"text": "a photo"}, {"images": [{"data": data, "format": fmt}]}, {"images": [{"data": data2}]}]
+    want = vectors(post(server, "/v1/encode/clip-test", {"items": items}))
+    with SIEClient(server.url) as client:
+        got = client.encode("clip-test", [Item(text="a photo"), Item(images=[{"data": data, "format": fmt}]),
+                                          {"images": [data2]}])
+    np.testing.assert_array_equal(np.stack([r["dense"] for r in got]), want)

@@ -37,8 +37,8 @@ def _to_item(x: ItemLike) -> Item:
         return x
     if isinstance(x, str):
         return Item(text=x)
-    if isinstance(x, Mapping) and isinstance(x.get("text"), str):  # SIE's dict items
-        return Item(text=x["text"], id=x.get("id"))
+    if isinstance(x, Mapping) and (isinstance(x.get("text"), str) or x.get("images")):  # SIE's dicts
+        return Item(text=x.get("text"), id=x.get("id"), images=x.get("images"))
     raise TypeError(f"expected Item, str or {{'text': ...}}, got {type(x).__name__}")
 
 

@@ -10,10 +10,12 @@ import numpy.typing as npt
 
 @dataclass(slots=True)
 class Item:
-    """One input: its text and an optional caller-chosen id echoed back in the result."""
+    """One input: its text, or for image models one image (encoded bytes, or
+    `{"data": bytes, "format": "png"}`), and an optional caller-chosen id echoed back."""
 
-    text: str
+    text: str | None = None
     id: str | None = None
+    images: list[bytes | dict] | None = None
 
 
 class EncodeOptions(TypedDict, total=False):

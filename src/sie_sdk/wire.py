@@ -26,9 +26,16 @@ DTYPES = {"float32": "f4", "float16": "f2", "int8": "i1", "uint8": "u1", "binary
 _NUMERIC_KINDS = "fiub"
 
 
-def item_to_wire(item: Item) -> dict[str, str]:
-    """`{"text", "id"?}`; the id is left out when None."""
-    return {"text": item.text} if item.id is None else {"text": item.text, "id": item.id}
+def item_to_wire(item: Item) -> dict[str, Any]:
+    """`{"text" | "images", "id"?}`; unset fields are left out."""
+    out: dict[str, Any] = {}
+    if item.text is not None:
+        out["text"] = item.text
+    if item.images is not None:
+        out["images"] = [i if isinstance(i, dict) else {"data": bytes(i)} for i in item.images]
+    if item.id is not None:
+        out["id"] = item.id
+    return out
 
 
 def pack(obj: Any) -> bytes:
