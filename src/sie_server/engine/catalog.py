@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..models.base import ModelSpec
+from ..runtime.decoder import MODEL_TYPES as DECODER_TYPES
 from .sources import package_folder
 
 BUILTIN = Path(__file__).resolve().parent.parent / "catalog.yaml"
@@ -44,11 +45,14 @@ def detect_family(source: str) -> str:
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
+    config = folder / "config.json"
+    cfg = json.loads(config.read_text()) if config.exists() else {}
+    if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline
+        return "decoder-embedder" if (folder / "modules.json").exists() else "llm-reranker"
     if (folder / "modules.json").exists():
         return "sentence-transformers"
-    config = folder / "config.json"
     if config.exists():
-        arch = " ".join(json.loads(config.read_text()).get("architectures") or [])
+        arch = " ".join(cfg.get("architectures") or [])
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:

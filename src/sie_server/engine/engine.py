@@ -119,7 +119,7 @@ class Engine:
         """The Request of a score call and the function turning its results into scores."""
         finish: Callable[[list[ItemResult]], ScoreResult]
         if m.pair_scoring:
-            fixed, tok = m.prepare_pairs(query, list(texts))
+            fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
             if fixed >= m.max_tokens:
                 raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
                                    f"tokens; {model} takes at most {m.max_tokens} per pair, "
@@ -131,7 +131,7 @@ class Engine:
             finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
         else:
             components = tuple(c for c in COMPONENTS if c in m.output_types)
-            q = m.prepare([query], True, None)
+            q = m.prepare([query], True, opts.instruction)
             d = m.prepare(list(texts), False, None)
             self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
                                 "query.text")

@@ -117,12 +117,15 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # The transformer stack (runtime): `Encoder` (bidirectional) or `decoder.Decoder` (causal);
+    # both load with from_folder(folder) -> (stack, unused weights) and share one call.
+    stack: type = Encoder
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec
         self.folder = folder
         self.placement = placement
-        encoder, self.extra_weights = Encoder.from_folder(folder)
+        encoder, self.extra_weights = self.stack.from_folder(folder)
         self.encoder = encoder.to(placement.device, placement.dtype)
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
@@ -187,7 +190,8 @@ class EncoderModel(abc.ABC):
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype)
+        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype,
+                                   getattr(self.encoder, "causal", False))
         hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
                               self.adapter_hook(batch))
         return self.heads(batch, hidden, ids)

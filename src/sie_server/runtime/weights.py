@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,9 +10,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: the shards model.safetensors.index.json names (when present, so stale
+    files beside them are ignored), else every model*.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: {index.name} names shards that are missing: "
+                                    f"{', '.join(missing[:3])}")
+        return [folder / n for n in names]
+    return sorted(folder.glob("model*.safetensors"))
+
+
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder (model.safetensors, sharded or not, or .bin)."""
-    files = sorted(folder.glob("model*.safetensors"))
+    files = safetensors_files(folder)
     if files:
         sd: dict[str, torch.Tensor] = {}
         for f in files:
@@ -31,7 +46,7 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
 def estimate_bytes(folder: Path, dtype: torch.dtype) -> int:
     """Memory the folder's weights take once loaded in `dtype` (from headers, not data)."""
     size = torch.tensor([], dtype=dtype).element_size()
-    files = sorted(folder.glob("model*.safetensors"))
+    files = safetensors_files(folder)
     if not files:
         binary = folder / "pytorch_model.bin"
         return binary.stat().st_size * size // 4 if binary.exists() else 0

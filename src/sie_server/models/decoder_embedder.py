@@ -1,0 +1,69 @@
+"""Decoder embedders (Qwen3-Embedding, gte-Qwen2, e5-mistral): a causal decoder stack, then the
+sentence-transformers pipeline of the folder (Pooling -- last token for these models, mean if
+its 1_Pooling config says so -- and Normalize), as `dense.SentenceTransformer` reads it.
+
+Prompts: `is_query` prepends the query prompt, otherwise the document prompt; they come from
+the catalog's `query_prefix` / `document_prefix`, else from `config_sentence_transformers.json`
+(`prompts["query"]`, `prompts["document"]` or `["passage"]`, else `default_prompt_name`'s
+prompt), as `SentenceTransformer.encode(prompt_name=...)` prepends them. `instruction` replaces
+the query prompt through the catalog's `instruction_template` (Qwen3-Embedding:
+`Instruct: {instruction}\\nQuery:{text}`). Last-token pooling reads each sequence's last real
+token: the EOS that the model's tokenizer.json appends (Qwen3-Embedding's does); packing has no
+padding, so the left/right padding of the reference does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..runtime.decoder import Decoder
+from ..runtime.device import Placement
+from ..runtime.tokenizer import Tokenized
+from .base import ModelSpec, family
+from .dense import SentenceTransformer
+
+
+def read_prompts(folder: Path) -> tuple[str, str]:
+    """(query prompt, document prompt) of a folder's config_sentence_transformers.json."""
+    path = folder / "config_sentence_transformers.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    prompts = config.get("prompts") or {}
+    default = prompts.get(config.get("default_prompt_name") or "", "")
+    query = prompts.get("query", default)
+    document = prompts.get("document", prompts.get("passage", default))
+    return query, document
+
+
+def include_prompt(folder: Path) -> bool:
+    modules = json.loads((folder / "modules.json").read_text())
+    entry = next((m for m in modules if m["type"].endswith("Pooling")), None)
+    if entry is None:
+        return True
+    return json.loads((folder / entry["path"] / "config.json").read_text()).get(
+        "include_prompt", True)
+
+
+@family("decoder-embedder")
+class DecoderEmbedder(SentenceTransformer):
+    stack = Decoder
+
+    def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
+        super().__init__(spec, folder, placement)
+        self.extra_weights = {}  # an lm_head, if the folder has one, is not needed here
+        query, document = read_prompts(folder)
+        self.query_prompt = spec.query_prefix or query
+        self.document_prompt = spec.document_prefix or document
+        if not include_prompt(folder) and self.pooling != "lasttoken":
+            raise ValueError(f"{folder}: pooling that excludes the prompt tokens "
+                             "(include_prompt: false) is not supported")
+
+    def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
+        if instruction is not None:
+            texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
+                     for t in texts]
+        else:
+            prompt = self.query_prompt if is_query else self.document_prompt
+            if prompt:
+                texts = [prompt + t for t in texts]
+        return self.tokenizer.encode(texts)
