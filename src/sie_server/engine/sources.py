@@ -17,6 +17,7 @@ REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
                ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")],
     "bge-m3": [("colbert_linear.pt",), ("sparse_linear.pt",)],
     "sentence-transformers": [("modules.json",)],
+    "decoder-embedder": [("modules.json",)],
 }
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.pt", "pytorch_model.bin", "1_Pooling/*",
                  "*.txt", "*.model"]

@@ -35,6 +35,7 @@ class ModelSpec:
     instruction_template: str = "{instruction}{text}"
     output_types: tuple[str, ...] | None = None  # None: the family's own
     matryoshka: bool = False  # dense vectors may be cut to fewer dimensions (OpenAI `dimensions`)
+    matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
 
