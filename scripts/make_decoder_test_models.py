@@ -7,6 +7,9 @@ tokenizer.json (NFC, Qwen2's split regex, byte-level, `<|endoftext|>` `<|im_star
 `<|im_end|>` specials, `<think>` `</think>` added tokens; "yes" and "no" single tokens), and
 seeded weights (Linear ~ N(0, 1/fan_in), norms ~1) so that outputs differ clearly per text.
 
+Written without transformers (names and config.json as transformers saves them), so the
+same script runs where transformers differs; the tests load every folder with transformers.
+
 Variants (`build(out, variant)`):
 - ``qwen3-embedding``: as Qwen/Qwen3-Embedding-0.6B: a saved ``Qwen3Model`` (names without
   ``model.``), tied embeddings, head_dim * heads != hidden, GQA, q_norm/k_norm, a tokenizer
@@ -20,7 +23,7 @@ Variants (`build(out, variant)`):
 - ``mistral-embedding``: as e5-mistral: ``MistralModel`` with a BOS + EOS template, no biases;
 - ``llama-mean``: ``LlamaModel`` with linear rope scaling and mean pooling.
 
-    python scripts/make_decoder_test_models.py OUT_DIR [--variant NAME] [--seed N]
+    python scripts/make_decoder_test_models.py OUT_DIR [--variant NAME] [--seed N] [--shape S]
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ import torch
 VARIANTS = ("qwen3-embedding", "qwen3-embedding-sharded", "qwen3-reranker",
             "qwen3-reranker-untied", "qwen2-embedding", "mistral-embedding", "llama-mean")
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 64, 2, 4, 2, 32, 128
+# shapes for speed runs (bench/): hidden, layers, heads, kv heads, head_dim, intermediate
+SHAPES = {"test": (HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE),
+          "small": (256, 4, 8, 4, 64, 768),
+          "qwen3-0.6b": (1024, 28, 16, 8, 128, 3072)}  # Qwen/Qwen3-Embedding-0.6B
 VOCAB_TARGET = 3000
 MAX_POS = 32768
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -86,46 +93,105 @@ def tokenizer(style: str):
     return tok
 
 
-def _config(variant: str, vocab: int, special_ids: dict[str, int]):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    common = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                  intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS,
-                  rms_norm_eps=1e-6, torch_dtype="float32")
-    if variant.startswith("qwen3"):
-        eos = special_ids["<|endoftext|>"]
-        return Qwen3Config(**common, head_dim=HEAD_DIM, rope_theta=1e6, bos_token_id=eos,
-                           eos_token_id=eos, tie_word_embeddings=not variant.endswith("untied"))
-    if variant.startswith("qwen2"):
-        eos = special_ids["<|endoftext|>"]
-        return Qwen2Config(**common, rope_theta=1e6, bos_token_id=eos, eos_token_id=eos,
-                           tie_word_embeddings=False)
-    if variant.startswith("mistral"):
-        return MistralConfig(**common, rope_theta=1e4, sliding_window=4096,
-                             bos_token_id=special_ids["<s>"], eos_token_id=special_ids["</s>"],
-                             tie_word_embeddings=False)
-    return LlamaConfig(**common, rope_theta=1e4, rope_scaling={"rope_type": "linear",
-                                                               "factor": 2.0},
-                       bos_token_id=special_ids["<s>"], eos_token_id=special_ids["</s>"],
-                       tie_word_embeddings=False)
+ARCH = {"qwen3": ("qwen3", "Qwen3"), "qwen2": ("qwen2", "Qwen2"),
+        "mistral": ("mistral", "Mistral"), "llama": ("llama", "Llama")}
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def _config(variant: str, vocab: int, special_ids: dict[str, int], shape: str) -> dict:
+    """config.json as transformers writes it for the architecture."""
+    hidden, layers, heads, kv_heads, head_dim, inter = SHAPES[shape]
+    kind, arch = ARCH[variant.split("-")[0]]
+    causal_lm = "reranker" in variant
+    qwen = kind.startswith("qwen")
+    bos = special_ids["<|endoftext|>"] if qwen else special_ids["<s>"]
+    eos = special_ids["<|endoftext|>"] if qwen else special_ids["</s>"]
+    c = {"architectures": [f"{arch}{'ForCausalLM' if causal_lm else 'Model'}"],
+         "model_type": kind, "vocab_size": vocab, "hidden_size": hidden,
+         "num_hidden_layers": layers, "num_attention_heads": heads,
+         "num_key_value_heads": kv_heads, "intermediate_size": inter, "hidden_act": "silu",
+         "max_position_embeddings": MAX_POS, "rms_norm_eps": 1e-6,
+         "rope_theta": 1e6 if qwen else 1e4, "rope_scaling": None, "attention_dropout": 0.0,
+         "bos_token_id": bos, "eos_token_id": eos, "tie_word_embeddings": False,
+         "torch_dtype": "float32", "use_cache": True}
+    if kind == "qwen3":
+        c.update(head_dim=head_dim, attention_bias=False, use_sliding_window=False,
+                 sliding_window=None, max_window_layers=layers,
+                 tie_word_embeddings=not variant.endswith("untied"))
+    elif kind == "qwen2":
+        c.update(use_sliding_window=False, sliding_window=MAX_POS, max_window_layers=layers)
+    elif kind == "mistral":
+        c.update(sliding_window=4096)
+    else:
+        c.update(attention_bias=False, mlp_bias=False,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0})
+    return c
+
+
+def _weights(c: dict, seed: int, causal_lm: bool) -> dict[str, torch.Tensor]:
+    """Seeded weights with the checkpoint's names (`model.` prefix for *ForCausalLM)."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
-            elif p.dim() == 2:
-                std = 1.0 if "embed" in name else 1.0 / p.shape[1] ** 0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    pre = "model." if causal_lm else ""
+    sd: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, fan_out: int, fan_in: int, bias: bool = False) -> None:
+        sd[f"{name}.weight"] = torch.randn(fan_out, fan_in, generator=g) / fan_in ** 0.5
+        if bias:
+            sd[f"{name}.bias"] = torch.randn(fan_out, generator=g) * 0.1
+
+    def norm(name: str, dim: int, scale: float = 1.0) -> None:
+        sd[f"{name}.weight"] = (1.0 + torch.randn(dim, generator=g) * 0.1) * scale
+
+    sd[f"{pre}embed_tokens.weight"] = torch.randn(c["vocab_size"], h, generator=g)
+    for i in range(c["num_hidden_layers"]):
+        p = f"{pre}layers.{i}"
+        norm(f"{p}.input_layernorm", h)
+        bias = c["model_type"] == "qwen2"
+        linear(f"{p}.self_attn.q_proj", q, h, bias)
+        linear(f"{p}.self_attn.k_proj", kv, h, bias)
+        linear(f"{p}.self_attn.v_proj", kv, h, bias)
+        linear(f"{p}.self_attn.o_proj", h, q)
+        if c["model_type"] == "qwen3":
+            norm(f"{p}.self_attn.q_norm", hd)
+            norm(f"{p}.self_attn.k_norm", hd)
+        norm(f"{p}.post_attention_layernorm", h)
+        linear(f"{p}.mlp.gate_proj", inter, h)
+        linear(f"{p}.mlp.up_proj", inter, h)
+        linear(f"{p}.mlp.down_proj", h, inter)
+    # rerankers: a smaller final norm keeps the yes/no logits unsaturated
+    norm(f"{pre}norm", h, 0.1 if causal_lm else 1.0)
+    if causal_lm and not c["tie_word_embeddings"]:
+        linear("lm_head", c["vocab_size"], h)
+    return sd
+
+
+def _save(sd: dict[str, torch.Tensor], out: Path, sharded: bool, dtype: torch.dtype) -> None:
+    """model.safetensors, or one shard per layer plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    if not sharded:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        layer = key.split("layers.")[1].split(".")[0] if "layers." in key else "rest"
+        groups.setdefault(layer, {})[key] = t
+    names = sorted(groups, key=lambda x: -1 if x == "rest" else int(x))
+    weight_map = {}
+    for n, name in enumerate(names, 1):
+        fname = f"model-{n:05d}-of-{len(names):05d}.safetensors"
+        save_file(groups[name], str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(groups[name], fname))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _sentence_transformers_files(out: Path, pooling: str, prompts: dict[str, str] | None,
-                                 max_len: int) -> None:
+                                 max_len: int, dim: int) -> None:
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
@@ -136,7 +202,7 @@ def _sentence_transformers_files(out: Path, pooling: str, prompts: dict[str, str
              ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
               "weightedmean_tokens", "lasttoken")}
     (out / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": HIDDEN, **modes, "include_prompt": True}, indent=2))
+        {"word_embedding_dimension": dim, **modes, "include_prompt": True}, indent=2))
     (out / "sentence_bert_config.json").write_text(json.dumps(
         {"max_seq_length": max_len, "do_lower_case": False}))
     (out / "config_sentence_transformers.json").write_text(json.dumps(
@@ -144,10 +210,9 @@ def _sentence_transformers_files(out: Path, pooling: str, prompts: dict[str, str
         indent=2))
 
 
-def build(out_dir: Path, variant: str = "qwen3-embedding", seed: int = 0) -> Path:
-    """Write the folder of `variant` to ``out_dir`` and return it."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
+def build(out_dir: Path, variant: str = "qwen3-embedding", seed: int = 0, shape: str = "test",
+          dtype: torch.dtype = torch.float32) -> Path:
+    """Write the folder of `variant` (of size `shape`, saved in `dtype`) to ``out_dir``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
     out = Path(out_dir)
@@ -167,23 +232,16 @@ def build(out_dir: Path, variant: str = "qwen3-embedding", seed: int = 0) -> Pat
                           ["<|im_start|>", "<|im_end|>"]}
     tok_config["model_max_length"] = MAX_POS
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    config = _config(variant, tok.get_vocab_size(), specials)
-    torch.manual_seed(seed)
-    cls = AutoModelForCausalLM if "reranker" in variant else AutoModel
-    model = cls.from_config(config, torch_dtype=torch.float32, attn_implementation="eager")
-    _randomize(model, seed)
-    if "reranker" in variant:  # a smaller final norm keeps yes/no logits unsaturated
-        with torch.no_grad():
-            model.model.norm.weight.mul_(0.1)
-    shard = "80KB" if variant.endswith("sharded") else "10GB"
-    model.save_pretrained(str(out), max_shard_size=shard, safe_serialization=True)
+    config = _config(variant, tok.get_vocab_size(), specials, shape)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _save(_weights(config, seed, "reranker" in variant), out, variant.endswith("sharded"), dtype)
     if "embedding" in variant:
         prompts = (QWEN3_PROMPTS if variant.startswith("qwen3") else
                    {"query": "Instruct: Given a web search query, retrieve relevant passages "
                              "that answer the query\nQuery: "})
-        _sentence_transformers_files(out, "lasttoken", prompts, 8192)
+        _sentence_transformers_files(out, "lasttoken", prompts, 8192, config["hidden_size"])
     elif variant == "llama-mean":
-        _sentence_transformers_files(out, "mean_tokens", None, 4096)
+        _sentence_transformers_files(out, "mean_tokens", None, 4096, config["hidden_size"])
     return out
 
 
@@ -192,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--variant", choices=VARIANTS, default="qwen3-embedding")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=SHAPES, default="test")
     args = ap.parse_args(argv)
-    print(build(args.out_dir, args.variant, args.seed))
+    print(build(args.out_dir, args.variant, args.seed, args.shape))
     return 0
 
 

@@ -211,3 +211,14 @@ def test_http_embeddings_dimensions_and_score(start_server, folders) -> None:
     want = reference_scores(folders["qwen3-reranker"], QUERIES[0], DOCS, None, RR_MAX)
     scores = {s["item_id"]: s["score"] for s in r.json()["scores"]}
     assert max(abs(scores[i] - want[i]) for i in range(len(DOCS))) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", makers.VARIANTS)
+def test_test_models_are_complete_hub_checkpoints(folders, variant) -> None:
+    """transformers loads every folder with no missing or unexpected weights (it would fill
+    missing ones randomly, which would make the parity tests meaningless)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if "reranker" in variant else AutoModel
+    _, info = cls.from_pretrained(str(folders[variant]), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
