@@ -22,6 +22,17 @@ from .encoder import LinearHook
 from .weights import load_state_dict
 
 MODEL_TYPES = ("qwen3", "qwen2", "mistral", "llama")
+# LoRA (runtime/lora.py): Hugging Face module names inside one layer -> (our linear, piece of
+# its output); the layer's other modules; the modules outside the layers.
+LORA_TARGETS: dict[str, tuple[str, int | None]] = {
+    "self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1),
+    "self_attn.v_proj": ("qkv", 2), "self_attn.o_proj": ("attn_out", None),
+    "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
+    "mlp.down_proj": ("down", None),
+}
+LAYER_MODULES = (*LORA_TARGETS, "input_layernorm", "post_attention_layernorm",
+                 "self_attn.q_norm", "self_attn.k_norm")
+OTHER_MODULES = ("embed_tokens", "norm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,14 @@ class DecoderConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+
+def lora_linears(cfg: DecoderConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Our linear -> (fan-in, output size of each piece), for LoRA's shape checks."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"qkv": (h, (q, kv, kv)), "attn_out": (q, (h,)), "gate_up": (h, (i, i)),
+            "down": (i, (h,))}
 
 
 class RMSNorm(nn.Module):
