@@ -256,3 +256,23 @@ def test_lora_on_decoder_linears_equals_peft_merged(folders, tmp_path) -> None:
     assert_cosines(tuned, np.stack(ref), "lora")
     assert_cosines(plain, st_encode(base, texts), "base rows")
     assert min(float(a.dense @ b.dense) for a, b in zip(tuned, plain)) < 0.999  # it did change
+
+
+@pytest.mark.parametrize("tokenizer_from", ["qwen3-embedding", "qwen3-reranker"])
+def test_truncation_equals_sentence_transformers(folders, tmp_path, tokenizer_from) -> None:
+    """Over-long texts cut as Hugging Face cuts them: with an EOS-appending tokenizer the EOS
+    stays last; with a Qwen base tokenizer (no post-processor tokens) the text just ends."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(folders["qwen3-embedding"], folder)
+    shutil.copy(folders[tokenizer_from] / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
+    eng = Engine(Settings(models={"m": str(folder)}, default_models=[], device="cpu"))
+    try:
+        texts = SHORT_TEXTS[:30]
+        ours = eng.encode("m", texts)
+    finally:
+        eng.close()
+    assert any(r.truncated for r in ours) and all(r.token_count <= 24 for r in ours)
+    assert_cosines(ours, st_encode(folder, texts), f"truncated, tokenizer of {tokenizer_from}")

@@ -9,7 +9,8 @@ prompt), as `SentenceTransformer.encode(prompt_name=...)` prepends them. `instru
 the query prompt through the catalog's `instruction_template` (Qwen3-Embedding:
 `Instruct: {instruction}\\nQuery:{text}`). Last-token pooling reads each sequence's last real
 token: the EOS that the model's tokenizer.json appends (Qwen3-Embedding's does); packing has no
-padding, so the left/right padding of the reference does not matter.
+padding, so the left/right padding of the reference does not matter. Over-long texts are cut
+as Hugging Face cuts them: the text loses its end, the appended special tokens stay.
 """
 
 from __future__ import annotations
@@ -17,11 +18,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+from tokenizers import Tokenizer
+
 from ..runtime.decoder import Decoder
 from ..runtime.device import Placement
-from ..runtime.tokenizer import Tokenized
+from ..runtime.tokenizer import TextTokenizer, Tokenized
 from .base import ModelSpec, family
 from .dense import SentenceTransformer
+
+NO_LIMIT = 1 << 62
+
+
+def special_tail(path: Path) -> int:
+    """How many special tokens a tokenizer.json's post-processor appends after the text
+    (Qwen3-Embedding's: 1, `<|endoftext|>`; Qwen base tokenizers: 0)."""
+    tok = Tokenizer.from_file(str(path))
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a").ids
+    lead = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+    return len(full) - lead - len(plain)
+
+
+def cut(ids: np.ndarray, limit: int, tail: int) -> np.ndarray:
+    """Hugging Face's truncation of an encoded text: the content loses its end, the `tail`
+    special tokens appended after it stay."""
+    if len(ids) <= limit:
+        return ids
+    return np.concatenate([ids[:limit - tail], ids[len(ids) - tail:]]) if tail else ids[:limit]
 
 
 def read_prompts(folder: Path) -> tuple[str, str]:
@@ -51,6 +75,9 @@ class DecoderEmbedder(SentenceTransformer):
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         super().__init__(spec, folder, placement)
         self.extra_weights = {}  # an lm_head, if the folder has one, is not needed here
+        # truncation happens in prepare(), as Hugging Face's: the tokenizer itself never cuts
+        self.tokenizer = TextTokenizer(folder / "tokenizer.json", NO_LIMIT)
+        self.tail = special_tail(folder / "tokenizer.json")
         query, document = read_prompts(folder)
         self.query_prompt = spec.query_prefix or query
         self.document_prompt = spec.document_prefix or document
@@ -66,4 +93,6 @@ class DecoderEmbedder(SentenceTransformer):
             prompt = self.query_prompt if is_query else self.document_prompt
             if prompt:
                 texts = [prompt + t for t in texts]
-        return self.tokenizer.encode(texts)
+        tok = self.tokenizer.encode(texts)
+        return Tokenized([cut(ids, self.max_tokens, self.tail) for ids in tok.ids],
+                         tok.original_lengths)

@@ -29,6 +29,7 @@ from ..runtime.decoder import Decoder
 from ..runtime.device import Placement
 from ..runtime.tokenizer import TextTokenizer, Tokenized
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
+from .decoder_embedder import NO_LIMIT, cut, special_tail
 
 PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the '
           'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
@@ -60,7 +61,8 @@ class LlmReranker(EncoderModel):
         # (2, hidden): the "no" and "yes" rows, in float32 whatever the stack's dtype
         self.yes_no = head[ids].to(placement.device, torch.float32)
         # no cut inside the tokenizer: prepare_pairs truncates the middle part itself
-        self.tokenizer = TextTokenizer(folder / "tokenizer.json", 1 << 62)
+        self.tokenizer = TextTokenizer(folder / "tokenizer.json", NO_LIMIT)
+        self.tail = special_tail(folder / "tokenizer.json")
         raw = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as the card: no specials
         self.prefix, self.suffix = (np.asarray(raw.encode(t, add_special_tokens=False).ids,
                                                dtype=np.int64) for t in (PREFIX, SUFFIX))
@@ -77,7 +79,8 @@ class LlmReranker(EncoderModel):
         specials = len(self.prefix) + len(self.suffix)
         fixed = specials + tok.original_lengths[0]
         room = self.max_tokens - specials
-        ids = [np.concatenate([self.prefix, body[:room], self.suffix]) for body in tok.ids[1:]]
+        ids = [np.concatenate([self.prefix, cut(body, room, self.tail), self.suffix])
+               for body in tok.ids[1:]]
         return fixed, Tokenized(ids, [specials + n for n in tok.original_lengths[1:]])
 
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
