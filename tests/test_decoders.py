@@ -276,3 +276,34 @@ def test_truncation_equals_sentence_transformers(folders, tmp_path, tokenizer_fr
         eng.close()
     assert any(r.truncated for r in ours) and all(r.token_count <= 24 for r in ours)
     assert_cosines(ours, st_encode(folder, texts), f"truncated, tokenizer of {tokenizer_from}")
+
+
+def test_add_eos_token_of_tokenizer_config(folders, tmp_path) -> None:
+    """gte-Qwen2's tokenizer class appends EOS when tokenizer_config.json says add_eos_token
+    (tokenizer.json does not): as its model card computes it, Qwen2Model on text + EOS, last
+    token, normalised."""
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path / "gte"
+    shutil.copytree(folders["qwen2-embedding"], folder)
+    shutil.copy(folders["qwen3-reranker"] / "tokenizer.json", folder / "tokenizer.json")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
+    texts = SHORT_TEXTS[:15]
+    eng = Engine(Settings(models={"m": str(folder)}, default_models=[], device="cpu"))
+    try:
+        ours = eng.encode("m", texts)
+    finally:
+        eng.close()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    ref = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t)["input_ids"] + [tok.eos_token_id]
+            h = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            ref.append(torch.nn.functional.normalize(h, dim=-1).numpy())
+    assert_cosines(ours, np.stack(ref), "add_eos_token")
+    assert ours[0].token_count == len(tok(texts[0])["input_ids"]) + 1

@@ -8,7 +8,8 @@ the catalog's `query_prefix` / `document_prefix`, else from `config_sentence_tra
 prompt), as `SentenceTransformer.encode(prompt_name=...)` prepends them. `instruction` replaces
 the query prompt through the catalog's `instruction_template` (Qwen3-Embedding:
 `Instruct: {instruction}\\nQuery:{text}`). Last-token pooling reads each sequence's last real
-token: the EOS that the model's tokenizer.json appends (Qwen3-Embedding's does); packing has no
+token: the EOS that the model's tokenizer.json appends (Qwen3-Embedding's does), or that its
+tokenizer_config.json asks for with `add_eos_token` (gte-Qwen2's); packing has no
 padding, so the left/right padding of the reference does not matter. Over-long texts are cut
 as Hugging Face cuts them: the text loses its end, the appended special tokens stay.
 """
@@ -59,6 +60,22 @@ def read_prompts(folder: Path) -> tuple[str, str]:
     return query, document
 
 
+def eos_to_append(folder: Path, tail: int) -> int | None:
+    """The EOS id to append when tokenizer_config.json asks for one (`add_eos_token`, as
+    gte-Qwen2's own tokenizer class and Llama's fast tokenizer honour it) and tokenizer.json
+    does not append it already; else None."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if tail or not config.get("add_eos_token") or not eos:
+        return None
+    eos_id = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
+    if eos_id is None:
+        raise ValueError(f"{folder}: add_eos_token is set but {eos!r} is not in the vocabulary")
+    return eos_id
+
+
 def include_prompt(folder: Path) -> bool:
     modules = json.loads((folder / "modules.json").read_text())
     entry = next((m for m in modules if m["type"].endswith("Pooling")), None)
@@ -78,6 +95,7 @@ class DecoderEmbedder(SentenceTransformer):
         # truncation happens in prepare(), as Hugging Face's: the tokenizer itself never cuts
         self.tokenizer = TextTokenizer(folder / "tokenizer.json", NO_LIMIT)
         self.tail = special_tail(folder / "tokenizer.json")
+        self.eos = eos_to_append(folder, self.tail)
         query, document = read_prompts(folder)
         self.query_prompt = spec.query_prefix or query
         self.document_prompt = spec.document_prefix or document
@@ -94,5 +112,9 @@ class DecoderEmbedder(SentenceTransformer):
             if prompt:
                 texts = [prompt + t for t in texts]
         tok = self.tokenizer.encode(texts)
-        return Tokenized([cut(ids, self.max_tokens, self.tail) for ids in tok.ids],
-                         tok.original_lengths)
+        if self.eos is None:
+            return Tokenized([cut(ids, self.max_tokens, self.tail) for ids in tok.ids],
+                             tok.original_lengths)
+        eos = np.array([self.eos], dtype=np.int64)
+        return Tokenized([np.concatenate([ids[:self.max_tokens - 1], eos]) for ids in tok.ids],
+                         [n + 1 for n in tok.original_lengths])
