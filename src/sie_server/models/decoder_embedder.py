@@ -24,17 +24,16 @@ from tokenizers import Tokenizer
 
 from ..runtime.decoder import Decoder
 from ..runtime.device import Placement
-from ..runtime.tokenizer import TextTokenizer, Tokenized
+from ..runtime.tokenizer import Tokenized
 from .base import ModelSpec, family
 from .dense import SentenceTransformer
 
 NO_LIMIT = 1 << 62
 
 
-def special_tail(path: Path) -> int:
-    """How many special tokens a tokenizer.json's post-processor appends after the text
+def special_tail(tok: Tokenizer) -> int:
+    """How many special tokens a tokenizer's post-processor appends after the text
     (Qwen3-Embedding's: 1, `<|endoftext|>`; Qwen base tokenizers: 0)."""
-    tok = Tokenizer.from_file(str(path))
     plain = tok.encode("a", add_special_tokens=False).ids
     full = tok.encode("a").ids
     lead = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
@@ -60,7 +59,7 @@ def read_prompts(folder: Path) -> tuple[str, str]:
     return query, document
 
 
-def eos_to_append(folder: Path, tail: int) -> int | None:
+def eos_to_append(folder: Path, tok: Tokenizer, tail: int) -> int | None:
     """The EOS id to append when tokenizer_config.json asks for one (`add_eos_token`, as
     gte-Qwen2's own tokenizer class and Llama's fast tokenizer honour it) and tokenizer.json
     does not append it already; else None."""
@@ -70,7 +69,7 @@ def eos_to_append(folder: Path, tail: int) -> int | None:
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if tail or not config.get("add_eos_token") or not eos:
         return None
-    eos_id = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
+    eos_id = tok.token_to_id(eos)
     if eos_id is None:
         raise ValueError(f"{folder}: add_eos_token is set but {eos!r} is not in the vocabulary")
     return eos_id
@@ -93,9 +92,10 @@ class DecoderEmbedder(SentenceTransformer):
         super().__init__(spec, folder, placement)
         self.extra_weights = {}  # an lm_head, if the folder has one, is not needed here
         # truncation happens in prepare(), as Hugging Face's: the tokenizer itself never cuts
-        self.tokenizer = TextTokenizer(folder / "tokenizer.json", NO_LIMIT)
-        self.tail = special_tail(folder / "tokenizer.json")
-        self.eos = eos_to_append(folder, self.tail)
+        self.tokenizer.max_tokens = NO_LIMIT
+        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tail = special_tail(raw)
+        self.eos = eos_to_append(folder, raw, self.tail)
         query, document = read_prompts(folder)
         self.query_prompt = spec.query_prefix or query
         self.document_prompt = spec.document_prefix or document

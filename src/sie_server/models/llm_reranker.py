@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from ..runtime.batch import PackedBatch
 from ..runtime.decoder import Decoder
 from ..runtime.device import Placement
-from ..runtime.tokenizer import TextTokenizer, Tokenized
+from ..runtime.tokenizer import Tokenized
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
 from .decoder_embedder import NO_LIMIT, cut, special_tail
 
@@ -61,9 +61,10 @@ class LlmReranker(EncoderModel):
         # (2, hidden): the "no" and "yes" rows, in float32 whatever the stack's dtype
         self.yes_no = head[ids].to(placement.device, torch.float32)
         # no cut inside the tokenizer: prepare_pairs truncates the middle part itself
-        self.tokenizer = TextTokenizer(folder / "tokenizer.json", NO_LIMIT)
-        self.tail = special_tail(folder / "tokenizer.json")
-        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))  # as the card: no specials
+        self.tokenizer.max_tokens = NO_LIMIT
+        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tail = special_tail(raw)
+        # prefix and suffix as the card encodes them: without special tokens
         self.prefix, self.suffix = (np.asarray(raw.encode(t, add_special_tokens=False).ids,
                                                dtype=np.int64) for t in (PREFIX, SUFFIX))
 

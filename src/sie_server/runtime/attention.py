@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
     varlen_attn = None
 # how this torch's varlen_attn takes causality and GQA (its keywords changed between releases)
 _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+_VARLEN_CAUSAL = bool(_VARLEN_ARGS & {"window_size", "is_causal"})
 
 # A group grows while its padded size stays within this factor of its real tokens.
 _PAD_SLACK = 1.25
@@ -113,6 +114,7 @@ class BucketedAttention:
 def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype,
                    causal: bool = False):
     """The best attention for this device and dtype; `causal` for decoders."""
-    if device.type == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and varlen_attn is not None and half and (_VARLEN_CAUSAL or not causal):
         return VarlenAttention(cu_seqlens, device, causal)
     return BucketedAttention(cu_seqlens, device, causal)

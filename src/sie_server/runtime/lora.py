@@ -6,8 +6,8 @@ PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module 
 alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear (and a
 decoder's gate and up projections our `gate_up`), so their updates are fused too: A stacks the
 A matrices, B is block-diagonal over the output slices (`LoraLayout` says which module maps to
-which slice, for encoders and decoders). Everything that does not fit the base model is refused with InvalidAdapter naming the
-adapter and the reason, before anything is kept.
+which slice, for encoders and decoders). Everything that does not fit the base model is
+refused with InvalidAdapter naming the adapter and the reason, before anything is kept.
 
 Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
 encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
