@@ -90,6 +90,15 @@ def test_qwen3_query_prompt_and_instruction(engine, folders) -> None:
     assert_cosines(ours, ref, "instruction")
 
 
+def test_score_by_dense_cosine_with_the_query_prompt(engine, folders) -> None:
+    """/v1/score on an embedder: the query encoded with its prompt, cosine with each item."""
+    got = engine.score("qwen3-embedding", QUERIES[0], DOCS)
+    q = st_encode(folders["qwen3-embedding"], [QUERIES[0]], prompt_name="query")[0]
+    d = st_encode(folders["qwen3-embedding"], DOCS)
+    assert got.score_type == "dense"
+    assert np.abs(got.scores - d @ q).max() <= 1e-5
+
+
 def test_packed_mixed_lengths_equal_texts_alone(engine, folders) -> None:
     batch = engine.encode("qwen3-embedding", SHORT_TEXTS + LONG_TEXTS[:2])
     for i in range(0, len(SHORT_TEXTS) + 2, 5):
@@ -163,7 +172,11 @@ def test_reranker_equals_model_card_formula(rr_engine, folders, variant) -> None
         want = reference_scores(folders[variant], query, DOCS, None, RR_MAX)
         assert np.abs(got.scores - want).max() <= 1e-4, query
         assert got.order.tolist() == np.argsort(-want, kind="stable").tolist()
-        assert got.activation == "none"
+        assert got.activation == "sigmoid"
+    # activation none: the raw log-odds, logit("yes") - logit("no")
+    raw = rr_engine.score(variant, QUERIES[0], DOCS, {"activation": "none"}).scores
+    want = reference_scores(folders[variant], QUERIES[0], DOCS, None, RR_MAX)
+    assert np.abs(raw - (np.log(want) - np.log1p(-want))).max() <= 1e-3
 
 
 def test_reranker_instruction_and_concurrent_batches(rr_engine, folders) -> None:

@@ -87,6 +87,8 @@ def include_prompt(folder: Path) -> bool:
 @family("decoder-embedder")
 class DecoderEmbedder(SentenceTransformer):
     stack = Decoder
+    # /v1/score: the query (with its prompt) and the items encoded, cosine of the dense vectors
+    score_types = ("dense",)
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         super().__init__(spec, folder, placement)

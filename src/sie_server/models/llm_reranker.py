@@ -2,8 +2,11 @@
 the score is the probability of "yes" against "no" as the next token.
 
 As the model card computes it, on `*ForCausalLM` logits at the last position:
-`score = softmax([logit("no"), logit("yes")])[1]`. Only the two lm_head rows of "no" and "yes"
-are kept, so the full vocabulary projection never runs. The prompt is the card's:
+`score = softmax([logit("no"), logit("yes")])[1]`, which is `sigmoid(logit("yes") -
+logit("no"))`: the heads return that log-odds as the raw score and the engine's default
+activation for this family, sigmoid, makes it the card's probability (`activation: none` gives
+the log-odds). Only the two lm_head rows of "no" and "yes" are kept, so the full vocabulary
+projection never runs. The prompt is the card's:
 
     <|im_start|>system\\nJudge whether the Document meets the requirements based on the Query
     and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\\n
@@ -29,6 +32,7 @@ from ..runtime.decoder import Decoder
 from ..runtime.device import Placement
 from ..runtime.tokenizer import Tokenized
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
+from .cross_encoder import ACTIVATIONS
 from .decoder_embedder import NO_LIMIT, cut, special_tail
 
 PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the '
@@ -46,10 +50,12 @@ class LlmReranker(EncoderModel):
     score_types = ("relevance",)
     pair_scoring = True
     stack = Decoder
-    default_activation = "none"  # the score is already a probability
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         super().__init__(spec, folder, placement)
+        self.default_activation = spec.score_activation or "sigmoid"
+        if self.default_activation not in ACTIVATIONS:
+            raise ValueError(f"{spec.name}: score_activation must be one of {ACTIVATIONS}")
         head = self.extra_weights.pop("lm_head.weight", None)
         self.extra_weights = {}
         if head is None:
@@ -87,4 +93,4 @@ class LlmReranker(EncoderModel):
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
         last = torch.from_numpy(batch.cu_seqlens[1:] - 1).to(hidden.device)
         logits = hidden[last].float() @ self.yes_no.T  # (B, 2): no, yes
-        return BatchOutputs(scores=torch.softmax(logits, dim=-1)[:, 1])
+        return BatchOutputs(scores=logits[:, 1] - logits[:, 0])  # log-odds of "yes"
