@@ -320,3 +320,27 @@ def test_add_eos_token_of_tokenizer_config(folders, tmp_path) -> None:
             ref.append(torch.nn.functional.normalize(h, dim=-1).numpy())
     assert_cosines(ours, np.stack(ref), "add_eos_token")
     assert ours[0].token_count == len(tok(texts[0])["input_ids"]) + 1
+
+
+def test_prompt_config_and_unsupported_configs(folders, tmp_path) -> None:
+    """read_prompts: `query`, then `document` / `passage`, else default_prompt_name's prompt;
+    unsupported decoder configs are refused at load with the reason."""
+    import shutil
+
+    from sie_server.models.decoder_embedder import read_prompts
+    from sie_server.runtime.decoder import DecoderConfig
+
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "q: ", "passage": "p: "}, "default_prompt_name": None}))
+    assert read_prompts(tmp_path) == ("q: ", "p: ")
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"web": "Instruct: web\nQuery: "}, "default_prompt_name": "web"}))
+    assert read_prompts(tmp_path) == ("Instruct: web\nQuery: ",) * 2
+    folder = tmp_path / "m"
+    shutil.copytree(folders["llama-mean"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for bad, why in (({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+                     ({"model_type": "gemma"}, "gemma"), ({"hidden_act": "gelu"}, "gelu")):
+        (folder / "config.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises(ValueError, match=why):
+            DecoderConfig.from_folder(folder)
