@@ -11,6 +11,7 @@
 #      HTTP, naive transformers loop, FlagEmbedding-style loop  -> $OUT/passages.json
 #   c. short queries: 64 clients x 16 queries, 1 query per request, idle latency -> $OUT/queries.json
 #   d. LoRA: 8 adapters interleaved vs none; mixed vs one batch per adapter -> $OUT/lora.json
+#   f. decoder embedder, Qwen3-Embedding-0.6B's shape: engine vs sentence-transformers -> $OUT/decoder.json
 #   e. long documents (2k-8k tokens), if time is left                          -> $OUT/long.json
 #   f. images: CLIP ViT-B/32 shape, engine vs transformers loop (bench/images.py) -> $OUT/images.json
 # Everything printed also goes to $OUT/gpu_log.txt; a summary table ends the output.
@@ -25,10 +26,10 @@ PY="${PYTHON:-python3}"
 MODEL_DIR="${MODEL_DIR:-/tmp/bge-m3-large}"
 # for a dry run of this script on a CPU machine: GPU_BENCH_DRY=1 (small model, --quick)
 if [[ "${GPU_BENCH_DRY:-0}" == 1 ]]; then
-  DEVICE=cpu SIZE=small MODEL=bge-m3-small MODEL_DIR=/tmp/bge-m3-small-dry
+  DEVICE=cpu SIZE=small MODEL=bge-m3-small MODEL_DIR=/tmp/bge-m3-small-dry DECODER=qwen3-small
   N() { echo --quick; }
 else
-  DEVICE=cuda SIZE=large MODEL=bge-m3-large
+  DEVICE=cuda SIZE=large MODEL=bge-m3-large DECODER=qwen3-0.6b
   N() { echo "$@"; }
 fi
 
@@ -87,10 +88,13 @@ step "c. short queries" 150 "${RUN[@]}" --corpus queries $(N --n 32768) --output
   --paths inprocess,http,naive,flag --json-out "$OUT/queries.json" >/dev/null
 step "d. LoRA" 140 "${RUN[@]}" --paths lora --adapters 8 --outputs dense,sparse \
   $(N --lora-passages 4096 --lora-queries 16384) --json-out "$OUT/lora.json" >/dev/null
+step "f. decoder embedder" 120 "$PY" -m bench.run --device "$DEVICE" --model "$DECODER" \
+  --model-dir "/tmp/$DECODER" --corpus passages $(N --n 2048) --paths inprocess,st \
+  --json-out "$OUT/decoder.json" >/dev/null
 step "e. long documents" 90 "${RUN[@]}" --corpus long $(N --n 64) --outputs dense,sparse \
   --paths inprocess,flag --json-out "$OUT/long.json" >/dev/null
 step "f. images" 60 "$PY" -m bench.images --device "$DEVICE" $(N --images 1024) \
   --clients 8 --request-size 32 --cache /tmp/sie-bench-cache > "$OUT/images.json"
 
 echo "== summary [${SECONDS}s]"
-"$PY" -m bench.summarize "$OUT"/passages.json "$OUT"/queries.json "$OUT"/lora.json "$OUT"/long.json
+"$PY" -m bench.summarize "$OUT"/passages.json "$OUT"/queries.json "$OUT"/lora.json "$OUT"/decoder.json "$OUT"/long.json

@@ -11,7 +11,11 @@ import numpy as np
 from . import make_model
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("minilm", "bge-m3-small", "bge-m3-large")
+MODELS = ("minilm", "bge-m3-small", "bge-m3-large", "qwen3-small", "qwen3-0.6b")
+DENSE_ONLY = ("minilm", "qwen3-small", "qwen3-0.6b")
+# decoder embedders (scripts/make_decoder_test_models.py, random weights): a small one for the
+# CPU, and Qwen3-Embedding-0.6B's real shape (28 layers, hidden 1024, GQA 16/8) for the GPU
+DECODER_SHAPES = {"qwen3-small": "small", "qwen3-0.6b": "qwen3-0.6b"}
 
 
 def minilm_folder() -> Path:
@@ -26,6 +30,15 @@ def model_folder(name: str, model_dir: Path | None, cache_dir: Path) -> Path:
     """The folder for a benchmark model name, building the random BGE-M3 folders if needed."""
     if name == "minilm":
         return Path(model_dir) if model_dir else minilm_folder()
+    if name in DECODER_SHAPES:
+        folder = Path(model_dir) if model_dir else cache_dir / name
+        if not (folder / "config.json").exists():
+            import make_decoder_test_models as makers  # scripts/ (on sys.path via make_model)
+            import torch
+
+            makers.build(folder, "qwen3-embedding", shape=DECODER_SHAPES[name],
+                         dtype=torch.float32 if name == "qwen3-small" else torch.bfloat16)
+        return folder
     size = {"bge-m3-small": "small", "bge-m3-large": "large"}[name]
     if model_dir and not (Path(model_dir) / make_model.STAMP).exists() and \
             (Path(model_dir) / "config.json").exists():
@@ -41,6 +54,10 @@ def flops_per_token(folder: Path, outputs: list[str]) -> tuple[float, float, dic
     cfg = json.loads((folder / "config.json").read_text())
     h, n, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     per_layer = 4 * h * h + 2 * h * i
+    if "num_key_value_heads" in cfg:  # decoders: GQA projections and a 3-matrix SwiGLU
+        d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+        q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * i
     linear = 2.0 * n * per_layer
     if (folder / "colbert_linear.pt").exists():
         if "sparse" in outputs:

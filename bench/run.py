@@ -35,7 +35,7 @@ from . import corpus as corpus_mod
 from . import stats
 from .load import chunk, closed_loop_threads, default_procs, engine_call, http_closed_loop, \
     http_sequential
-from .models import MODELS, REPO, corpus_flops, flops_per_token, model_folder
+from .models import DENSE_ONLY, MODELS, REPO, corpus_flops, flops_per_token, model_folder
 
 ENGINE_PATHS = ("inprocess", "http")
 REF_PATHS = ("naive", "flag", "st")
@@ -605,7 +605,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for c in a.corpus:
         if c not in corpus_mod.KINDS:
             ap.error(f"unknown corpus {c!r}")
-    served = ("dense",) if a.model == "minilm" else ("dense", "sparse", "multivector")
+    served = ("dense",) if a.model in DENSE_ONLY else ("dense", "sparse", "multivector")
     sets = a.outputs or [",".join(o for o in ("dense", "sparse") if o in served)]
     a.outputs = []
     for s in sets:

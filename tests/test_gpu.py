@@ -119,6 +119,27 @@ def encode_images(folder: Path, device: str, dtype: str) -> np.ndarray:
                           dtype=dtype))
     try:
         return np.stack([r.dense for r in eng.encode("m", items)])
+# ------------------------------------------------------------------ decoders (issue 14)
+# Same stated half-precision tolerances for the decoder embedder (dense cosine >= 0.999); the
+# LLM reranker's yes/no probabilities within 0.01 in bf16 (fp32 on CUDA: 1e-4, like the CPU).
+
+@pytest.fixture(scope="module")
+def decoder_dirs(tmp_path_factory) -> dict[str, Path]:
+    import make_decoder_test_models as makers
+
+    root = tmp_path_factory.mktemp("gpu-decoders")
+    return {v: makers.build(root / v, v) for v in ("qwen3-embedding", "qwen3-reranker")}
+
+
+def decoder_outputs(dirs: dict[str, Path], device: str, dtype: str = "auto"):
+    from texts import LONG_TEXTS
+
+    eng = Engine(Settings(models={k: str(v) for k, v in dirs.items()}, default_models=[],
+                          device=device, dtype=dtype))
+    try:
+        dense = np.stack([r.dense for r in eng.encode("qwen3-embedding", TEXTS + LONG_TEXTS[:3])])
+        scores = eng.score("qwen3-reranker", "What is the capital of France?", SHORT_TEXTS).scores
+        return dense, scores
     finally:
         eng.close()
 
@@ -137,3 +158,42 @@ def test_clip_siglip_on_cuda(clip_models, family, dtype) -> None:
     want = encode_images(clip_models[family], "cpu", "float32")
     got = encode_images(clip_models[family], "cuda", dtype)
     assert (got * want).sum(1).min() >= (0.99999 if dtype == "float32" else 0.999)
+@pytest.fixture(scope="module")
+def decoder_cpu_fp32(decoder_dirs):
+    return decoder_outputs(decoder_dirs, "cpu")
+
+
+def assert_decoder_close(got, want, score_tol: float) -> None:
+    (gd, gs), (wd, ws) = got, want
+    cos = (gd * wd).sum(1)
+    assert cos.min() >= (0.999 if score_tol > 1e-4 else 0.99999), f"text {int(cos.argmin())}"
+    assert np.abs(gs - ws).max() <= score_tol
+
+
+def test_decoders_bfloat16_on_cpu(decoder_dirs, decoder_cpu_fp32) -> None:
+    assert_decoder_close(decoder_outputs(decoder_dirs, "cpu", "bfloat16"), decoder_cpu_fp32, 0.01)
+
+
+@needs_cuda
+def test_decoders_on_cuda_varlen_causal(decoder_dirs, decoder_cpu_fp32) -> None:
+    """bf16 takes varlen_attn with causal masking (GQA); fp32 takes the bucketed SDPA path."""
+    assert_decoder_close(decoder_outputs(decoder_dirs, "cuda", "bfloat16"), decoder_cpu_fp32, 0.01)
+    assert_decoder_close(decoder_outputs(decoder_dirs, "cuda", "float32"), decoder_cpu_fp32, 1e-4)
+
+
+@needs_cuda
+def test_causal_varlen_equals_bucketed_sdpa() -> None:
+    """The two attention paths agree on a packed batch of mixed lengths, GQA and causal."""
+    from sie_server.runtime import attention
+    from sie_server.runtime.attention import BucketedAttention, VarlenAttention
+
+    if not attention._VARLEN_CAUSAL:
+        pytest.skip("this torch's varlen_attn takes no causal flag (bucketed SDPA serves it)")
+    torch.manual_seed(0)
+    cu = np.array([0, 1, 7, 40, 41, 300], dtype=np.int64)
+    q = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for causal in (True, False):
+        a = VarlenAttention(cu, torch.device("cuda"), causal)(q, k, v).float()
+        b = BucketedAttention(cu, torch.device("cuda"), causal)(q, k, v).float()
+        assert (a - b).abs().max() <= 0.02, causal

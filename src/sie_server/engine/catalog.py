@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
 from ..models.base import ModelSpec
+from ..runtime.decoder import MODEL_TYPES as DECODER_TYPES
+from ..runtime.weights import DamagedFile, read_json
 from .sources import package_folder
 
 BUILTIN = Path(__file__).resolve().parent.parent / "catalog.yaml"
@@ -45,13 +46,18 @@ def detect_family(source: str) -> str:
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
     config = folder / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
-    if model_type in ("clip", "siglip"):  # CLIPModel / SiglipModel: both towers
-        return model_type
+    try:
+        cfg = read_json(config) if config.exists() else {}
+    except DamagedFile:
+        cfg = {}  # loading it will refuse the damaged file by name
+    if cfg.get("model_type") in ("clip", "siglip"):  # CLIPModel / SiglipModel: both towers
+        return cfg["model_type"]
+    if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline
+        return "decoder-embedder" if (folder / "modules.json").exists() else "llm-reranker"
     if (folder / "modules.json").exists():
         return "sentence-transformers"
     if config.exists():
-        arch = " ".join(json.loads(config.read_text()).get("architectures") or [])
+        arch = " ".join(cfg.get("architectures") or [])
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:

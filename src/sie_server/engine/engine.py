@@ -125,7 +125,7 @@ class Engine:
         if m.pair_scoring:
             self._check_images(m, [query], "query")
             self._check_images(m, list(texts))
-            fixed, tok = m.prepare_pairs(query, list(texts))
+            fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
             if fixed >= m.max_tokens:
                 raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
                                    f"tokens; {model} takes at most {m.max_tokens} per pair, "

@@ -35,15 +35,15 @@ class ScoreOptions:
     score_type: str | None = None  # None: the model's default (its first score type)
     weights: dict[str, float] | None = None  # hybrid weights; None: DEFAULT_WEIGHTS
     activation: str | None = None  # cross-encoders; None: the model's/catalog's own
+    instruction: str | None = None  # LLM rerankers: the task; embedders: for the query
     lora_id: str | None = None
     timeout_s: float | None = None
-    instruction: str | None = None  # embedding scoring: applied to the query
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ScoreOptions":
         """Validate a score request's options; errors name the offending field."""
         kinds = {"truncate": bool, "score_type": str, "weights": dict, "activation": str,
-                 "lora_id": str, "timeout_s": (int, float), "instruction": str}
+                 "instruction": str, "lora_id": str, "timeout_s": (int, float)}
         options = check_options(options, kinds, "options")
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
@@ -71,9 +71,6 @@ class ScoreOptions:
         if self.activation is not None and not pair_scoring:
             raise InvalidRequest(f"options.activation applies to cross-encoders, not to "
                                  f"{model_name}")
-        if self.instruction is not None and pair_scoring:
-            raise InvalidRequest(f"instruction: {model_name} scores pairs and takes no "
-                                 "instruction")
         return score_type
 
 

@@ -19,6 +19,7 @@ REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
     "sentence-transformers": [("modules.json",)],
     "clip": [("preprocessor_config.json",)],
     "siglip": [("preprocessor_config.json",)],
+    "decoder-embedder": [("modules.json",)],
 }
 # Families whose tokenizer is another file than the common tokenizer.json.
 TOKENIZER_FILES: dict[str, tuple[str, ...]] = {"siglip": ("spiece.model",)}

@@ -36,6 +36,7 @@ class ModelSpec:
     instruction_template: str = "{instruction}{text}"
     output_types: tuple[str, ...] | None = None  # None: the family's own
     matryoshka: bool = False  # dense vectors may be cut to fewer dimensions (OpenAI `dimensions`)
+    matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
 
@@ -121,12 +122,15 @@ class EncoderModel(abc.ABC):
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
     supports_lora: bool = True
+    # The transformer stack (runtime): `Encoder` (bidirectional) or `decoder.Decoder` (causal);
+    # both load with from_folder(folder) -> (stack, unused weights) and share one call.
+    stack: type = Encoder
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec
         self.folder = folder
         self.placement = placement
-        encoder, self.extra_weights = Encoder.from_folder(folder)
+        encoder, self.extra_weights = self.stack.from_folder(folder)
         self.encoder = encoder.to(placement.device, placement.dtype)
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
@@ -203,7 +207,8 @@ class EncoderModel(abc.ABC):
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype)
+        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype,
+                                   getattr(self.encoder, "causal", False))
         hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
                               self.adapter_hook(batch))
         return self.heads(batch, hidden, ids)

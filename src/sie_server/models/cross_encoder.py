@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidRequest
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
 from ..runtime.tokenizer import Tokenized
@@ -73,8 +74,12 @@ class CrossEncoder(EncoderModel):
     def dims(self) -> dict[str, int]:
         return {}
 
-    def prepare_pairs(self, query: str, texts: list[str]) -> tuple[int, Tokenized]:
+    def prepare_pairs(self, query: str, texts: list[str],
+                      instruction: str | None = None) -> tuple[int, Tokenized]:
         """(tokens the query takes with the pair's special tokens, the tokenized pairs)."""
+        if instruction is not None:
+            raise InvalidRequest(f"options.instruction: {self.spec.name} (cross-encoder) takes "
+                                 "no instruction")
         fixed, tok = self.tokenizer.encode_pairs(query, texts)
         if not self.use_token_types:
             tok = Tokenized(tok.ids, tok.original_lengths)

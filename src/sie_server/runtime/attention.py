@@ -3,7 +3,9 @@
 `VarlenAttention` (CUDA) runs torch's varlen kernel on the packed tokens directly.
 `BucketedAttention` (anywhere) scatters sequences of similar length into small padded groups
 and runs SDPA per group, so padding stays small without changing the packed layout.
-Both are built once per batch and reused by every layer.
+Both are built once per batch and reused by every layer. With `causal=True` (decoders) each
+token attends to itself and the tokens before it in its own sequence; keys and values may have
+fewer heads than queries (grouped-query attention).
 """
 
 from __future__ import annotations
@@ -18,20 +20,9 @@ try:  # torch >= 2.10 on CUDA
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
     varlen_attn = None
-
-
-def _varlen_causal() -> dict | None:
-    """varlen_attn's keyword for causal attention in this torch (2.13: window_size=(-1, 0);
-    earlier: is_causal=True); None when it has neither."""
-    if varlen_attn is None:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        return {"window_size": (-1, 0)}
-    return {"is_causal": True} if "is_causal" in params else None
-
-
-_CAUSAL_KWARGS = _varlen_causal()
+# how this torch's varlen_attn takes causality and GQA (its keywords changed between releases)
+_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+_VARLEN_CAUSAL = bool(_VARLEN_ARGS & {"window_size", "is_causal"})
 
 # A group grows while its padded size stays within this factor of its real tokens.
 _PAD_SLACK = 1.25
@@ -40,20 +31,30 @@ _PAD_SLACK = 1.25
 class VarlenAttention:
     """Padding-free attention with torch.nn.attention.varlen (CUDA, fp16/bf16)."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, causal: bool = False) -> None:
         self.cu = torch.from_numpy(cu_seqlens.astype(np.int32)).to(device, non_blocking=True)
         self.max_len = int(np.diff(cu_seqlens).max())
-        self.kwargs = _CAUSAL_KWARGS if causal else {}
+        self.kwargs = {}
+        if causal:
+            self.kwargs = ({"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS
+                           else {"is_causal": True})
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, **self.kwargs)
+        kwargs = self.kwargs
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in _VARLEN_ARGS:
+                kwargs = {**kwargs, "enable_gqa": True}
+            else:
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, **kwargs)
 
 
 class BucketedAttention:
     """SDPA over length-bucketed padded groups; q/k/v and the result are (T, heads, dim).
-    `causal`: each token attends to itself and the tokens before it in its sequence."""
+    Causal groups need no padding mask: a real token's keys (itself and before) are all real."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, causal: bool = False) -> None:
         self.causal = causal
         lengths = np.diff(cu_seqlens)
         order = np.argsort(lengths, kind="stable")
@@ -67,7 +68,8 @@ class BucketedAttention:
             real += lengths[seq]
         self.groups.append(self._group(cu_seqlens, lengths, order[start:], device))
 
-    def _group(self, cu: np.ndarray, lengths: np.ndarray, seqs: np.ndarray, device: torch.device):
+    def _group(self, cu: np.ndarray, lengths: np.ndarray, seqs: np.ndarray,
+               device: torch.device):
         lens = lengths[seqs]
         width = int(lens.max())
         # token index in the packed batch for every real slot of the padded (n, width) group
@@ -76,14 +78,12 @@ class BucketedAttention:
         packed_idx = cu[seqs][rows] + cols
         padded_idx = rows * width + cols
         mask = None
-        if (lens != width).any():
-            m = (np.arange(width)[None, :] < lens[:, None])[:, None, None, :]
-            if self.causal:
-                m = m & np.tri(width, dtype=bool)
-            mask = torch.from_numpy(m).to(device)
+        if (lens != width).any() and not self.causal:
+            m = np.arange(width)[None, :] < lens[:, None]
+            mask = torch.from_numpy(m[:, None, None, :]).to(device)
         return (
             torch.from_numpy(packed_idx).to(device),
-            torch.from_numpy(padded_idx).to(device) if mask is not None else None,
+            torch.from_numpy(padded_idx).to(device) if (lens != width).any() else None,
             len(seqs),
             width,
             mask,
@@ -92,17 +92,18 @@ class BucketedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         heads, dim = q.shape[1], q.shape[2]
+        gqa = {"enable_gqa": True} if k.shape[1] != heads else {}
         for packed_idx, padded_idx, n, width, mask in self.groups:
             parts = []
             for t in (q, k, v):
                 x = t.index_select(0, packed_idx)
                 if padded_idx is not None:
-                    buf = x.new_zeros(n * width, heads, dim)
+                    buf = x.new_zeros(n * width, t.shape[1], dim)
                     buf.index_copy_(0, padded_idx, x)
                     x = buf
-                parts.append(x.view(n, width, heads, dim).transpose(1, 2))
+                parts.append(x.view(n, width, t.shape[1], dim).transpose(1, 2))
             o = F.scaled_dot_product_attention(*parts, attn_mask=mask,
-                                               is_causal=self.causal and mask is None)
+                                               is_causal=self.causal and width > 1, **gqa)
             o = o.transpose(1, 2).reshape(n * width, heads, dim)
             if padded_idx is not None:
                 o = o.index_select(0, padded_idx)
@@ -110,10 +111,10 @@ class BucketedAttention:
         return out
 
 
-def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype, *,
+def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype,
                    causal: bool = False):
-    """The best attention for this device and dtype; `causal` for decoder-style masks."""
-    if device.type == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16) \
-            and (not causal or _CAUSAL_KWARGS is not None):
-        return VarlenAttention(cu_seqlens, device, causal=causal)
-    return BucketedAttention(cu_seqlens, device, causal=causal)
+    """The best attention for this device and dtype; `causal` for decoders."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and varlen_attn is not None and half and (_VARLEN_CAUSAL or not causal):
+        return VarlenAttention(cu_seqlens, device, causal)
+    return BucketedAttention(cu_seqlens, device, causal)

@@ -3,10 +3,11 @@
 Loading (`load_adapter`): adapter_config.json + adapter_model.safetensors (or .bin) become, for
 every (layer, linear) the adapter touches, one low-rank pair A (R, in) and B (out, R) with
 PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module rank_pattern /
-alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear, so their
-updates are fused too: A stacks the three A matrices, B is block-diagonal over the three output
-slices. Everything that does not fit the base model is refused with InvalidAdapter naming the
-adapter and the reason, before anything is kept.
+alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear (and a
+decoder's gate and up projections our `gate_up`), so their updates are fused too: A stacks the
+A matrices, B is block-diagonal over the output slices (`LoraLayout` says which module maps to
+which slice, for encoders and decoders). Everything that does not fit the base model is
+refused with InvalidAdapter naming the adapter and the reason, before anything is kept.
 
 Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
 encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
@@ -37,6 +38,7 @@ import torch
 
 from ..errors import AdapterNotFound, InvalidAdapter
 from .batch import PackedBatch
+from . import decoder
 from .encoder import LORA_TARGETS, EncoderConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -65,15 +67,36 @@ _UNSUPPORTED = {
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
-_LAYER = re.compile(r"(?:^|\.)layer\.(?P<index>\d+)\.(?P<rel>.+)$")
+_LAYER = re.compile(r"(?:^|\.)layers?\.(?P<index>\d+)\.(?P<rel>.+)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _target(rel: str) -> tuple[str, int | None] | None:
-    """Our (linear, output slice) for a module path inside one layer: the longest LORA_TARGETS
-    name that `rel` is or ends with (so "attention.output.dense" is not "output.dense")."""
-    hits = [k for k in LORA_TARGETS if rel == k or rel.endswith("." + k)]
-    return LORA_TARGETS[max(hits, key=len)] if hits else None
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where LoRA applies in a stack (BERT / XLM-R encoder or decoder)."""
+
+    targets: dict[str, tuple[str, int | None]]  # module inside a layer -> (our linear, piece)
+    linears: dict[str, tuple[int, tuple[int, ...]]]  # our linear -> (fan-in, piece sizes)
+    module_names: tuple[str, ...]  # every module a target_modules entry may name
+
+
+def layout_for(cfg: "EncoderConfig | decoder.DecoderConfig") -> LoraLayout:
+    if isinstance(cfg, decoder.DecoderConfig):
+        names = [f"layers.{i}.{m}" for i in range(cfg.num_layers) for m in decoder.LAYER_MODULES]
+        return LoraLayout(decoder.LORA_TARGETS, decoder.lora_linears(cfg),
+                          tuple(names + list(decoder.OTHER_MODULES)))
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    names = [f"encoder.layer.{i}.{m}" for i in range(cfg.num_layers) for m in LAYER_MODULES]
+    return LoraLayout(LORA_TARGETS, {"qkv": (h, (h, h, h)), "attn_out": (h, (h,)),
+                                     "ffn_in": (h, (inter,)), "ffn_out": (inter, (h,))},
+                      tuple(names + list(OTHER_MODULES)))
+
+
+def _target(rel: str, targets: dict[str, tuple[str, int | None]]) -> tuple[str, int | None] | None:
+    """Our (linear, output slice) for a module path inside one layer: the longest target name
+    that `rel` is or ends with (so "attention.output.dense" is not "output.dense")."""
+    hits = [k for k in targets if rel == k or rel.endswith("." + k)]
+    return targets[max(hits, key=len)] if hits else None
 
 
 @dataclass
@@ -118,7 +141,7 @@ class BaseModelId:
 
     names: tuple[str, ...]  # served name, catalog source, ...
     folder: Path
-    cfg: EncoderConfig
+    cfg: "EncoderConfig | decoder.DecoderConfig"
     model_type: str | None
 
 
@@ -175,17 +198,12 @@ def _check_config(name: str, config: dict[str, Any]) -> None:
             raise _invalid(name, f"{CONFIG_FILE}: {key} must be a positive number, not {value!r}")
 
 
-def _module_names(num_layers: int) -> list[str]:
-    names = [f"encoder.layer.{i}.{m}" for i in range(num_layers) for m in LAYER_MODULES]
-    return names + list(OTHER_MODULES)
-
-
-def _check_targets(name: str, config: dict[str, Any], num_layers: int) -> None:
-    """Every target_modules entry must name a module a BERT / XLM-R encoder has."""
+def _check_targets(name: str, config: dict[str, Any], layout: LoraLayout) -> None:
+    """Every target_modules entry must name a module the model has."""
     targets = config.get("target_modules")
     if targets is None:
         return
-    names = _module_names(num_layers)
+    names = layout.module_names
     if isinstance(targets, str):
         prefixes = ("", "bert.", "roberta.", "model.", "0.auto_model.")
         if not any(re.fullmatch(targets, p + n) for n in names for p in prefixes):
@@ -196,8 +214,7 @@ def _check_targets(name: str, config: dict[str, Any], num_layers: int) -> None:
     unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) for n in names)]
     if unknown:
         raise _invalid(name, f"target_modules {unknown} name modules this model does not have "
-                             f"(it has {', '.join(LAYER_MODULES[:3])}, attention.output.dense, "
-                             f"intermediate.dense, output.dense)")
+                             f"(its adaptable linears: {', '.join(layout.targets)})")
 
 
 def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
@@ -245,7 +262,8 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
     config = read_config(name, folder)
     _check_config(name, config)
     _check_base(name, config, base)
-    _check_targets(name, config, cfg.num_layers)
+    layout = layout_for(cfg)
+    _check_targets(name, config, layout)
     state = read_weights(name, folder)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rslora = bool(config.get("use_rslora", False))
@@ -264,13 +282,11 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
             continue
         pairs.setdefault(module, {})[m["ab"]] = tensor
 
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"qkv": (h, h), "attn_out": (h, h), "ffn_in": (h, inter), "ffn_out": (inter, h)}
     parts: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
     targets, layers = set(), set()
     for module, ab in sorted(pairs.items()):
         lm = _LAYER.search(module)
-        target = _target(lm["rel"]) if lm else None
+        target = _target(lm["rel"], layout.targets) if lm else None
         if target is None:
             raise _invalid(name, f"it targets module {module!r}, which this model does not "
                                  "have or cannot adapt (LoRA applies to the attention query, "
@@ -284,7 +300,8 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
             raise _invalid(name, f"{module} has no {missing} weight")
         a, b = ab["A"], ab["B"]
         linear, piece = target
-        fan_in, fan_out = shapes[linear]
+        fan_in, sizes = layout.linears[linear]
+        fan_out = sizes[piece or 0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out \
                 or b.shape[1] != a.shape[0]:
             raise _invalid(name, f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
@@ -309,13 +326,15 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
 
     deltas: dict[tuple[int, str], Delta] = {}
     for (layer, linear), ps in parts.items():
-        if linear == "qkv":
+        sizes = layout.linears[linear][1]
+        if len(sizes) > 1:  # a fused linear (qkv, gate_up): B is block-diagonal over its pieces
             ps.sort(key=lambda p: p[0])
             a = torch.cat([p[1] for p in ps])
-            b = torch.zeros(3 * h, a.shape[0])
+            b = torch.zeros(sum(sizes), a.shape[0])
+            starts = np.concatenate([[0], np.cumsum(sizes)])
             col = 0
             for piece, pa, pb in ps:
-                b[piece * h:(piece + 1) * h, col:col + pa.shape[0]] = pb
+                b[starts[piece]:starts[piece + 1], col:col + pa.shape[0]] = pb
                 col += pa.shape[0]
         else:
             (_, a, b), = ps
