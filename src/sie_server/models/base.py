@@ -117,12 +117,15 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # The runtime encoder of this family's checkpoints: from_folder(folder) -> (encoder, the
+    # weights it did not use); families of other architectures set their own.
+    encoder_cls: type = Encoder
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec
         self.folder = folder
         self.placement = placement
-        encoder, self.extra_weights = Encoder.from_folder(folder)
+        encoder, self.extra_weights = self.encoder_cls.from_folder(folder)
         self.encoder = encoder.to(placement.device, placement.dtype)
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
@@ -187,10 +190,14 @@ class EncoderModel(abc.ABC):
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype)
+        attention = self.attention(batch)
         hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
                               self.adapter_hook(batch))
         return self.heads(batch, hidden, ids)
+
+    def attention(self, batch: PackedBatch):
+        """The attention the encoder's layers use on this batch (built once per batch)."""
+        return make_attention(batch.cu_seqlens, self.placement.device, self.placement.dtype)
 
     def seq_index(self, batch: PackedBatch) -> torch.Tensor:
         """For every packed token, the index of its sequence in the batch."""

@@ -3,10 +3,13 @@
 `VarlenAttention` (CUDA) runs torch's varlen kernel on the packed tokens directly.
 `BucketedAttention` (anywhere) scatters sequences of similar length into small padded groups
 and runs SDPA per group, so padding stays small without changing the packed layout.
-Both are built once per batch and reused by every layer.
+Both are built once per batch and reused by every layer. With `window=w` a token attends
+only to tokens at most w positions away in its sequence (ModernBERT's local layers).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import torch
@@ -16,6 +19,8 @@ try:  # torch >= 2.10 on CUDA
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
     varlen_attn = None
+# torch 2.13's varlen_attn takes window_size=(left, right); older builds have no window
+_VARLEN_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
 
 # A group grows while its padded size stays within this factor of its real tokens.
 _PAD_SLACK = 1.25
@@ -24,18 +29,22 @@ _PAD_SLACK = 1.25
 class VarlenAttention:
     """Padding-free attention with torch.nn.attention.varlen (CUDA, fp16/bf16)."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *,
+                 window: int | None = None) -> None:
         self.cu = torch.from_numpy(cu_seqlens.astype(np.int32)).to(device, non_blocking=True)
         self.max_len = int(np.diff(cu_seqlens).max())
+        self.options = {} if window is None else {"window_size": (window, window)}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len)
+        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, **self.options)
 
 
 class BucketedAttention:
     """SDPA over length-bucketed padded groups; q/k/v and the result are (T, heads, dim)."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *,
+                 window: int | None = None) -> None:
+        self.window = window
         lengths = np.diff(cu_seqlens)
         order = np.argsort(lengths, kind="stable")
         self.groups = []
@@ -48,8 +57,7 @@ class BucketedAttention:
             real += lengths[seq]
         self.groups.append(self._group(cu_seqlens, lengths, order[start:], device))
 
-    @staticmethod
-    def _group(cu: np.ndarray, lengths: np.ndarray, seqs: np.ndarray, device: torch.device):
+    def _group(self, cu: np.ndarray, lengths: np.ndarray, seqs: np.ndarray, device: torch.device):
         lens = lengths[seqs]
         width = int(lens.max())
         # token index in the packed batch for every real slot of the padded (n, width) group
@@ -58,12 +66,21 @@ class BucketedAttention:
         packed_idx = cu[seqs][rows] + cols
         padded_idx = rows * width + cols
         mask = None
-        if (lens != width).any():
+        padded = bool((lens != width).any())
+        if padded:
             m = np.arange(width)[None, :] < lens[:, None]
             mask = torch.from_numpy(m[:, None, None, :]).to(device)
+        if self.window is not None and width > self.window + 1:
+            pos = np.arange(width)
+            band = np.abs(pos[:, None] - pos[None, :]) <= self.window  # (query, key)
+            real = pos[None, :] < lens[:, None]
+            # padding keys never count; padding queries (dropped later) see every real key,
+            # so no row is empty
+            m = real[:, None, :] & (band[None] | ~real[:, :, None])
+            mask = torch.from_numpy(m[:, None]).to(device)
         return (
             torch.from_numpy(packed_idx).to(device),
-            torch.from_numpy(padded_idx).to(device) if mask is not None else None,
+            torch.from_numpy(padded_idx).to(device) if padded else None,
             len(seqs),
             width,
             mask,
@@ -89,8 +106,11 @@ class BucketedAttention:
         return out
 
 
-def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype):
-    """The best attention for this device and dtype."""
-    if device.type == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
-        return VarlenAttention(cu_seqlens, device)
-    return BucketedAttention(cu_seqlens, device)
+def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype, *,
+                   window: int | None = None):
+    """The best attention for this device and dtype; `window`: attend only to tokens at most
+    this many positions away (None: the whole sequence)."""
+    if device.type == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16) \
+            and (window is None or _VARLEN_WINDOW):
+        return VarlenAttention(cu_seqlens, device, window=window)
+    return BucketedAttention(cu_seqlens, device, window=window)
