@@ -44,11 +44,14 @@ def detect_family(source: str) -> str:
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
+    config = folder / "config.json"
+    info = json.loads(config.read_text()) if config.exists() else {}
+    arch = " ".join(info.get("architectures") or [])
+    if info.get("model_type") == "modernbert":
+        return "modernbert-cross-encoder" if "ForSequenceClassification" in arch else "modernbert"
     if (folder / "modules.json").exists():
         return "sentence-transformers"
-    config = folder / "config.json"
     if config.exists():
-        arch = " ".join(json.loads(config.read_text()).get("architectures") or [])
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:
