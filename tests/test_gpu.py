@@ -94,3 +94,25 @@ def test_batches_of_8192_token_inputs_run(bge_m3_dir) -> None:
     finally:
         eng.close()
     assert all(r.token_count == 8192 and r.multivector.shape[0] == 8191 for r in out)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.999), ("float32", 0.99999)])
+def test_modernbert_on_cuda_matches_the_cpu(tmp_path, dtype, tolerance) -> None:
+    """Packed ModernBERT on CUDA (varlen with its local window where torch has one) against
+    the fp32 CPU engine, which tests/test_modernbert.py proves equal to transformers."""
+    from make_modernbert_test_models import build
+
+    folder = build(tmp_path / "gte", "gte")
+
+    def dense(device: str, dt: str = "auto") -> np.ndarray:
+        eng = Engine(Settings(models={"gte": str(folder)}, default_models=[], device=device,
+                              dtype=dt))
+        try:
+            return np.stack([r.dense for r in eng.encode("gte", TEXTS)])
+        finally:
+            eng.close()
+
+    want, got = dense("cpu"), dense("cuda", dtype)
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= tolerance, f"worst cosine {cos.min()} at text {int(cos.argmin())}"

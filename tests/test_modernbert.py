@@ -159,3 +159,49 @@ def test_bfloat16_on_cpu_stays_close(folders, engine) -> None:
         eng.close()
     assert cosines(got, want).min() >= 0.999
 
+
+
+def test_windowed_attention_equals_a_banded_mask_per_sequence() -> None:
+    """make_attention(window=w) on a packed batch (groups with padding) equals SDPA on each
+    sequence alone with the mask |i - j| <= w, as transformers builds it."""
+    import torch.nn.functional as F
+
+    from sie_server.runtime.attention import make_attention
+
+    lengths = [1, 5, 9, 10, 30, 33, 64, 70]
+    cu = np.r_[0, np.cumsum(lengths)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(int(cu[-1]), 2, 8, generator=g) for _ in range(3))
+    got = make_attention(cu, torch.device("cpu"), torch.float32, window=8)(q, k, v)
+    full = make_attention(cu, torch.device("cpu"), torch.float32)(q, k, v)
+    for s, e in zip(cu[:-1], cu[1:]):
+        pos = torch.arange(e - s)
+        band = (pos[:, None] - pos[None, :]).abs() <= 8
+        ref = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                             attn_mask=band).transpose(0, 1)
+        torch.testing.assert_close(got[s:e], ref, atol=1e-6, rtol=0)
+        if e - s > 9:  # longer than the window: the band changes the result
+            assert not torch.allclose(got[s:e], full[s:e], atol=1e-3)
+
+
+def test_http_encode_score_and_openai_dimensions(start_server, folders) -> None:
+    """A real server: the catalog's ModernBERT entries served from the test folders."""
+    import httpx
+
+    from sie_sdk import Item, SIEClient
+
+    embed, rerank = "nomic-ai/modernbert-embed-base", "Alibaba-NLP/gte-reranker-modernbert-base"
+    server = start_server(["--model", f"{embed}={folders['embed']}",
+                           "--model", f"{rerank}={folders['rerank-mean']}",
+                           "--default-model", embed, "--default-model", rerank])
+    texts = SHORT_TEXTS[:6]
+    ref = st_model(folders["embed"]).encode(texts, prompt_name="query", convert_to_numpy=True)
+    with SIEClient(server.url) as client:
+        got = client.encode(embed, [Item(text=t) for t in texts], options={"is_query": True})
+        assert cosines(np.stack([r["dense"] for r in got]), ref).min() >= 0.99999
+        res = client.score(rerank, QUERIES[0], DOCS[:4], {"activation": "none"})
+        assert len(res["scores"]) == 4
+    body = {"model": embed, "input": texts[:2], "dimensions": 32}
+    out = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=30).json()
+    vec = np.array(out["data"][0]["embedding"], dtype=np.float32)
+    assert vec.shape == (32,) and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
