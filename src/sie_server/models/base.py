@@ -117,15 +117,15 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
-    # The runtime encoder of this family's checkpoints: from_folder(folder) -> (encoder, the
-    # weights it did not use); families of other architectures set their own.
-    encoder_cls: type = Encoder
+    # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R) or
+    # another architecture's; each loads with from_folder(folder) -> (stack, unused weights).
+    stack: type = Encoder
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec = spec
         self.folder = folder
         self.placement = placement
-        encoder, self.extra_weights = self.encoder_cls.from_folder(folder)
+        encoder, self.extra_weights = self.stack.from_folder(folder)
         self.encoder = encoder.to(placement.device, placement.dtype)
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)

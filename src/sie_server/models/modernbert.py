@@ -34,7 +34,7 @@ _DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 class _ModernBertEncoded:
     """What every ModernBERT family shares: the encoder and its two attentions per batch."""
 
-    encoder_cls = ModernBertEncoder
+    stack = ModernBertEncoder
 
     def attention(self, batch: PackedBatch) -> LayerAttention:
         return self.encoder.attention(batch.cu_seqlens, self.placement.device,

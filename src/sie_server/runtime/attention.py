@@ -19,8 +19,8 @@ try:  # torch >= 2.10 on CUDA
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
     varlen_attn = None
-# torch 2.13's varlen_attn takes window_size=(left, right); older builds have no window
-_VARLEN_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+# the keywords this torch's varlen_attn takes (window_size=(left, right) from torch 2.13)
+_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
 
 # A group grows while its padded size stays within this factor of its real tokens.
 _PAD_SLACK = 1.25
@@ -33,10 +33,10 @@ class VarlenAttention:
                  window: int | None = None) -> None:
         self.cu = torch.from_numpy(cu_seqlens.astype(np.int32)).to(device, non_blocking=True)
         self.max_len = int(np.diff(cu_seqlens).max())
-        self.options = {} if window is None else {"window_size": (window, window)}
+        self.kwargs = {} if window is None else {"window_size": (window, window)}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, **self.options)
+        return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len, **self.kwargs)
 
 
 class BucketedAttention:
@@ -66,8 +66,7 @@ class BucketedAttention:
         packed_idx = cu[seqs][rows] + cols
         padded_idx = rows * width + cols
         mask = None
-        padded = bool((lens != width).any())
-        if padded:
+        if (lens != width).any():
             m = np.arange(width)[None, :] < lens[:, None]
             mask = torch.from_numpy(m[:, None, None, :]).to(device)
         if self.window is not None and width > self.window + 1:
@@ -80,7 +79,7 @@ class BucketedAttention:
             mask = torch.from_numpy(m[:, None]).to(device)
         return (
             torch.from_numpy(packed_idx).to(device),
-            torch.from_numpy(padded_idx).to(device) if padded else None,
+            torch.from_numpy(padded_idx).to(device) if (lens != width).any() else None,
             len(seqs),
             width,
             mask,
@@ -111,6 +110,6 @@ def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dt
     """The best attention for this device and dtype; `window`: attend only to tokens at most
     this many positions away (None: the whole sequence)."""
     if device.type == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16) \
-            and (window is None or _VARLEN_WINDOW):
+            and (window is None or "window_size" in _VARLEN_ARGS):
         return VarlenAttention(cu_seqlens, device, window=window)
     return BucketedAttention(cu_seqlens, device, window=window)
