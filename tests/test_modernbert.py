@@ -205,3 +205,53 @@ def test_http_encode_score_and_openai_dimensions(start_server, folders) -> None:
     out = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=30).json()
     vec = np.array(out["data"][0]["embedding"], dtype=np.float32)
     assert vec.shape == (32,) and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
+
+
+def test_lora_adapters_match_peft_merged(folders, tmp_path) -> None:
+    """PEFT adapters on Wqkv / attn.Wo / mlp.Wi / mlp.Wo against peft's merged model (CLS +
+    normalize, as gte-modernbert); two adapters and the base model share packed batches."""
+    from concurrent.futures import wait
+
+    import torch.nn.functional as F
+    from lora_adapters import hidden_states, make_adapter, tokenize
+
+    base = folders["gte"]
+    made = {"all": make_adapter(base, tmp_path / "all", r=4, seed=5,
+                                targets=["Wqkv", "Wo", "Wi"]),
+            "attn": make_adapter(base, tmp_path / "attn", r=8, seed=6, targets=["attn.Wqkv"])}
+    texts = SHORT_TEXTS[:8] + [LONG_TEXTS[0]]
+    ids = tokenize(base, texts, max_length=MAX_POS)
+    eng = Engine(Settings(device="cpu", default_models=[], adapter_roots=[tmp_path],
+                          models={"gte": str(base)}))
+    try:
+        plain = np.stack([r.dense for r in eng.encode("gte", texts)])
+        jobs = [(name, i) for i in range(len(texts)) for name in (*made, None)]
+        futures = [eng.submit("gte", [texts[i]], None, {"lora_id": n} if n else None)
+                   for n, i in jobs]
+        wait(futures)
+        for (name, i), f in zip(jobs, futures):
+            got = f.result()[0].dense
+            if name is None:
+                assert float(got @ plain[i]) >= 0.99999
+                continue
+            ref = F.normalize(hidden_states(made[name]["merged"], ids[i])[0], dim=-1).numpy()
+            assert float(got @ ref) >= 0.99999, (name, i)
+            assert float(got @ plain[i]) < 0.9999  # the adapter changes the vector
+    finally:
+        eng.close()
+
+
+def test_a_bert_adapter_is_refused_naming_the_modules(folders, tmp_path) -> None:
+    from sie_server.errors import InvalidAdapter
+
+    folder = tmp_path / "bert-style"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
+    eng = Engine(Settings(device="cpu", default_models=[], adapter_roots=[tmp_path],
+                          models={"gte": str(folders["gte"])}))
+    try:
+        with pytest.raises(InvalidAdapter, match=r"\['query', 'value'\].*attn\.Wqkv"):
+            eng.encode("gte", ["hello"], None, {"lora_id": "bert-style"})
+    finally:
+        eng.close()

@@ -38,8 +38,8 @@ from ..errors import AdapterLoading, AdapterNotFound, InvalidAdapter, InvalidReq
 from ..metrics import Metrics
 from ..models.base import EncoderModel
 from ..runtime.batch import PackedBatch
-from ..runtime.lora import (CONFIG_FILE, WEIGHT_FILES, BaseModelId, BatchLora, LoraAdapter,
-                            StackCache, batch_lora, load_adapter)
+from ..runtime.lora import (BERT_LAYOUT, CONFIG_FILE, WEIGHT_FILES, BaseModelId, BatchLora,
+                            LoraAdapter, StackCache, batch_lora, load_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class AdapterManager:
         cfg_file = model.folder / "config.json"
         model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
         self.base = BaseModelId(names=(spec.name, spec.source), folder=model.folder,
-                                cfg=model.encoder.cfg, model_type=model_type)
+                                cfg=model.encoder.cfg, model_type=model_type,
+                                layout=getattr(model.encoder, "lora_layout", BERT_LAYOUT))
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by lora_id, LRU order
         self._by_slot: dict[int, LoraAdapter] = {}  # loaded and retired, by slot

@@ -6,7 +6,9 @@ PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module 
 alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear, so their
 updates are fused too: A stacks the three A matrices, B is block-diagonal over the three output
 slices. Everything that does not fit the base model is refused with InvalidAdapter naming the
-adapter and the reason, before anything is kept.
+adapter and the reason, before anything is kept. Which modules an adapter may touch, and how
+they map onto our linears, is the base model's `LoraLayout` (BERT / XLM-R by default; another
+architecture's stack declares its own as `lora_layout`).
 
 Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
 encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
@@ -30,7 +32,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,12 +44,35 @@ from .encoder import LORA_TARGETS, EncoderConfig
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where LoRA goes in one architecture, in PEFT's module names."""
+
+    # module inside a layer -> (our linear, which third of the fused qkv output, or None)
+    targets: dict[str, tuple[str, int | None]]
+    layer_modules: tuple[str, ...]  # every module inside a layer (LoRA target or not)
+    other_modules: tuple[str, ...]  # modules outside the layers
+    layer_prefix: str  # the layer list's name: "encoder.layer" (BERT), "layers" (ModernBERT)
+    # (in, out) of each target module for a config
+    shapes: Callable[[Any], dict[str, tuple[int, int]]]
+
+
+def _bert_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
+            "intermediate.dense": (h, inter), "output.dense": (inter, h)}
+
+
 # Module names (relative to one encoder layer) in BERT / XLM-R, as PEFT sees them.
 LAYER_MODULES = ("attention.self.query", "attention.self.key", "attention.self.value",
                  "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
                  "output.dense", "output.LayerNorm")
 OTHER_MODULES = ("embeddings.word_embeddings", "embeddings.position_embeddings",
                  "embeddings.token_type_embeddings", "embeddings.LayerNorm", "pooler.dense")
+BERT_LAYOUT = LoraLayout(LORA_TARGETS, LAYER_MODULES, OTHER_MODULES, "encoder.layer",
+                         _bert_shapes)
 # LoRA on these changes nothing we output (embedders read the last hidden state): skipped.
 IGNORED_MODULES = ("pooler.dense",)
 # adapter_config.json fields whose non-default values change what the adapter computes in ways
@@ -65,15 +90,15 @@ _UNSUPPORTED = {
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
-_LAYER = re.compile(r"(?:^|\.)layer\.(?P<index>\d+)\.(?P<rel>.+)$")
+_LAYER = re.compile(r"(?:^|\.)layers?\.(?P<index>\d+)\.(?P<rel>.+)$")  # layer.N / layers.N
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _target(rel: str) -> tuple[str, int | None] | None:
-    """Our (linear, output slice) for a module path inside one layer: the longest LORA_TARGETS
-    name that `rel` is or ends with (so "attention.output.dense" is not "output.dense")."""
-    hits = [k for k in LORA_TARGETS if rel == k or rel.endswith("." + k)]
-    return LORA_TARGETS[max(hits, key=len)] if hits else None
+def _target(rel: str, layout: LoraLayout) -> str | None:
+    """The target module name for a module path inside one layer: the longest one that `rel`
+    is or ends with (so "attention.output.dense" is not "output.dense")."""
+    hits = [k for k in layout.targets if rel == k or rel.endswith("." + k)]
+    return max(hits, key=len) if hits else None
 
 
 @dataclass
@@ -120,6 +145,7 @@ class BaseModelId:
     folder: Path
     cfg: EncoderConfig
     model_type: str | None
+    layout: LoraLayout = BERT_LAYOUT
 
 
 def _invalid(name: str, reason: str) -> InvalidAdapter:
@@ -175,17 +201,19 @@ def _check_config(name: str, config: dict[str, Any]) -> None:
             raise _invalid(name, f"{CONFIG_FILE}: {key} must be a positive number, not {value!r}")
 
 
-def _module_names(num_layers: int) -> list[str]:
-    names = [f"encoder.layer.{i}.{m}" for i in range(num_layers) for m in LAYER_MODULES]
-    return names + list(OTHER_MODULES)
+def _module_names(num_layers: int, layout: LoraLayout) -> list[str]:
+    names = [f"{layout.layer_prefix}.{i}.{m}" for i in range(num_layers)
+             for m in layout.layer_modules]
+    return names + list(layout.other_modules)
 
 
-def _check_targets(name: str, config: dict[str, Any], num_layers: int) -> None:
-    """Every target_modules entry must name a module a BERT / XLM-R encoder has."""
+def _check_targets(name: str, config: dict[str, Any], num_layers: int,
+                   layout: LoraLayout) -> None:
+    """Every target_modules entry must name a module the base model has."""
     targets = config.get("target_modules")
     if targets is None:
         return
-    names = _module_names(num_layers)
+    names = _module_names(num_layers, layout)
     if isinstance(targets, str):
         prefixes = ("", "bert.", "roberta.", "model.", "0.auto_model.")
         if not any(re.fullmatch(targets, p + n) for n in names for p in prefixes):
@@ -196,8 +224,7 @@ def _check_targets(name: str, config: dict[str, Any], num_layers: int) -> None:
     unknown = [t for t in targets if t not in names and not any(n.endswith("." + t) for n in names)]
     if unknown:
         raise _invalid(name, f"target_modules {unknown} name modules this model does not have "
-                             f"(it has {', '.join(LAYER_MODULES[:3])}, attention.output.dense, "
-                             f"intermediate.dense, output.dense)")
+                             f"(its linears: {', '.join(layout.targets)})")
 
 
 def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
@@ -245,7 +272,7 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
     config = read_config(name, folder)
     _check_config(name, config)
     _check_base(name, config, base)
-    _check_targets(name, config, cfg.num_layers)
+    _check_targets(name, config, cfg.num_layers, base.layout)
     state = read_weights(name, folder)
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rslora = bool(config.get("use_rslora", False))
@@ -264,13 +291,13 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
             continue
         pairs.setdefault(module, {})[m["ab"]] = tensor
 
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"qkv": (h, h), "attn_out": (h, h), "ffn_in": (h, inter), "ffn_out": (inter, h)}
+    h = cfg.hidden_size
+    shapes = base.layout.shapes(cfg)
     parts: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
     targets, layers = set(), set()
     for module, ab in sorted(pairs.items()):
         lm = _LAYER.search(module)
-        target = _target(lm["rel"]) if lm else None
+        target = _target(lm["rel"], base.layout) if lm else None
         if target is None:
             raise _invalid(name, f"it targets module {module!r}, which this model does not "
                                  "have or cannot adapt (LoRA applies to the attention query, "
@@ -283,8 +310,8 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
             missing = "lora_B" if "A" in ab else "lora_A"
             raise _invalid(name, f"{module} has no {missing} weight")
         a, b = ab["A"], ab["B"]
-        linear, piece = target
-        fan_in, fan_out = shapes[linear]
+        linear, piece = base.layout.targets[target]
+        fan_in, fan_out = shapes[target]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out \
                 or b.shape[1] != a.shape[0]:
             raise _invalid(name, f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
@@ -309,7 +336,7 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
 
     deltas: dict[tuple[int, str], Delta] = {}
     for (layer, linear), ps in parts.items():
-        if linear == "qkv":
+        if ps[0][0] is not None:  # query, key and value into our fused qkv
             ps.sort(key=lambda p: p[0])
             a = torch.cat([p[1] for p in ps])
             b = torch.zeros(3 * h, a.shape[0])

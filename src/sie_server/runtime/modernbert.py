@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import make_attention
 from .encoder import _ACTIVATIONS, LinearHook
+from .lora import LoraLayout
 from .weights import load_state_dict
 
 # checkpoint names (ModernBertModel; "model." in front inside *ForSequenceClassification and
@@ -37,6 +38,19 @@ _KEY = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.(?P<module>attn_norm
                   r"final_norm))\.(?P<param>weight|bias)$")
 _TOP_NAMES = {"embeddings.tok_embeddings": "word", "embeddings.norm": "emb_norm",
               "final_norm": "final_norm"}
+
+
+def _lora_shapes(cfg: "ModernBertConfig") -> dict[str, tuple[int, int]]:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    return {"attn.Wqkv": (h, 3 * h), "attn.Wo": (h, h), "mlp.Wi": (h, 2 * inter),
+            "mlp.Wo": (inter, h)}
+
+
+# LoRA on the four linears of a layer (PEFT's names), each onto our linear as a whole
+LORA_LAYOUT = LoraLayout(
+    targets={k: (v, None) for k, v in _LAYER_NAMES.items() if "." in k},
+    layer_modules=tuple(_LAYER_NAMES), other_modules=tuple(_TOP_NAMES), layer_prefix="layers",
+    shapes=_lora_shapes)
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,8 @@ class ModernBertLayer(nn.Module):
 
 class ModernBertEncoder(nn.Module):
     """Embeddings + ModernBERT layers + final norm; the last hidden state of every token."""
+
+    lora_layout = LORA_LAYOUT
 
     def __init__(self, cfg: ModernBertConfig) -> None:
         super().__init__()
