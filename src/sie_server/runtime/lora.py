@@ -45,7 +45,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-
 @dataclass(frozen=True)
 class LoraLayout:
     """Where LoRA goes in one architecture, in PEFT's module names."""
