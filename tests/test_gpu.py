@@ -24,6 +24,7 @@ from texts import OVER_LIMIT_TEXTS, SHORT_TEXTS
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
+from sie_server.runtime import attention
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -101,18 +102,25 @@ def test_batches_of_8192_token_inputs_run(bge_m3_dir) -> None:
 def test_modernbert_on_cuda_matches_the_cpu(tmp_path, dtype, tolerance) -> None:
     """Packed ModernBERT on CUDA (varlen with its local window where torch has one) against
     the fp32 CPU engine, which tests/test_modernbert.py proves equal to transformers."""
-    from make_modernbert_test_models import build
+    from make_modernbert_test_models import LOCAL_ATTENTION, build
 
     folder = build(tmp_path / "gte", "gte")
 
-    def dense(device: str, dt: str = "auto") -> np.ndarray:
+    def dense(device: str, dt: str = "auto") -> tuple[np.ndarray, object]:
         eng = Engine(Settings(models={"gte": str(folder)}, default_models=[], device=device,
                               dtype=dt))
         try:
-            return np.stack([r.dense for r in eng.encode("gte", TEXTS)])
+            vectors = np.stack([r.dense for r in eng.encode("gte", TEXTS)])
+            # the attentions of a batch longer than the window
+            enc = eng.registry.get("gte").model.encoder
+            return vectors, enc.attention(np.array([0, 100, 300]), torch.device(device),
+                                          next(enc.parameters()).dtype)
         finally:
             eng.close()
 
-    want, got = dense("cpu"), dense("cuda", dtype)
+    (want, _), (got, att) = dense("cpu"), dense("cuda", dtype)
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cos.min() >= tolerance, f"worst cosine {cos.min()} at text {int(cos.argmin())}"
+    if dtype == "bfloat16" and "window_size" in attention._VARLEN_ARGS:
+        assert isinstance(att.local, attention.VarlenAttention)
+        assert att.local.kwargs == {"window_size": (LOCAL_ATTENTION // 2,) * 2}
