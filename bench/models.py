@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from . import make_model
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("minilm", "bge-m3-small", "bge-m3-large")
+MODELS = ("minilm", "bge-m3-small", "bge-m3-large", "modernbert-small", "modernbert-base")
 
 
 def minilm_folder() -> Path:
@@ -26,6 +27,14 @@ def model_folder(name: str, model_dir: Path | None, cache_dir: Path) -> Path:
     """The folder for a benchmark model name, building the random BGE-M3 folders if needed."""
     if name == "minilm":
         return Path(model_dir) if model_dir else minilm_folder()
+    if name.startswith("modernbert-"):  # random weights, built by the test-model script
+        sys.path.insert(0, str(REPO / "scripts"))
+        import make_modernbert_test_models as modernbert
+
+        folder = Path(model_dir) if model_dir else cache_dir / name
+        if (folder / "config.json").exists():
+            return folder
+        return modernbert.build(folder, "gte", size=name.removeprefix("modernbert-"))
     size = {"bge-m3-small": "small", "bge-m3-large": "large"}[name]
     if model_dir and not (Path(model_dir) / make_model.STAMP).exists() and \
             (Path(model_dir) / "config.json").exists():
@@ -40,7 +49,8 @@ def flops_per_token(folder: Path, outputs: list[str]) -> tuple[float, float, dic
     AV, 2 x 2 x L x hidden per token and layer, so 4 x hidden x layers x L^2 per sequence."""
     cfg = json.loads((folder / "config.json").read_text())
     h, n, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    per_layer = 4 * h * h + 2 * h * i
+    glu = cfg.get("model_type") == "modernbert"  # GeGLU: Wi is h -> 2i
+    per_layer = 4 * h * h + (3 if glu else 2) * h * i
     linear = 2.0 * n * per_layer
     if (folder / "colbert_linear.pt").exists():
         if "sparse" in outputs:
