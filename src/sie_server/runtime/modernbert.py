@@ -33,11 +33,16 @@ from .weights import load_state_dict
 # *ForMaskedLM) -> ours
 _LAYER_NAMES = {"attn_norm": "attn_norm", "attn.Wqkv": "qkv", "attn.Wo": "attn_out",
                 "mlp_norm": "mlp_norm", "mlp.Wi": "ffn_in", "mlp.Wo": "ffn_out"}
-_KEY = re.compile(r"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.(?P<module>attn_norm|attn\.Wqkv|attn\.Wo|"
-                  r"mlp_norm|mlp\.Wi|mlp\.Wo)|(?P<top>embeddings\.tok_embeddings|embeddings\.norm|"
-                  r"final_norm))\.(?P<param>weight|bias)$")
 _TOP_NAMES = {"embeddings.tok_embeddings": "word", "embeddings.norm": "emb_norm",
               "final_norm": "final_norm"}
+
+
+def _any(names) -> str:
+    return "|".join(map(re.escape, names))
+
+
+_KEY = re.compile(rf"^(?:model\.)?(?:layers\.(?P<layer>\d+)\.(?P<module>{_any(_LAYER_NAMES)})|"
+                  rf"(?P<top>{_any(_TOP_NAMES)}))\.(?P<param>weight|bias)$")
 
 
 def _lora_shapes(cfg: "ModernBertConfig") -> dict[str, tuple[int, int]]:
