@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import numpy as np
 from . import make_model
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("minilm", "bge-m3-small", "bge-m3-large", "qwen3-small", "qwen3-0.6b")
-DENSE_ONLY = ("minilm", "qwen3-small", "qwen3-0.6b")
+MODELS = ("minilm", "bge-m3-small", "bge-m3-large", "qwen3-small", "qwen3-0.6b",
+          "modernbert-small", "modernbert-base")
+DENSE_ONLY = ("minilm", "qwen3-small", "qwen3-0.6b", "modernbert-small", "modernbert-base")
 # decoder embedders (scripts/make_decoder_test_models.py, random weights): a small one for the
 # CPU, and Qwen3-Embedding-0.6B's real shape (28 layers, hidden 1024, GQA 16/8) for the GPU
 DECODER_SHAPES = {"qwen3-small": "small", "qwen3-0.6b": "qwen3-0.6b"}
@@ -39,6 +41,14 @@ def model_folder(name: str, model_dir: Path | None, cache_dir: Path) -> Path:
             makers.build(folder, "qwen3-embedding", shape=DECODER_SHAPES[name],
                          dtype=torch.float32 if name == "qwen3-small" else torch.bfloat16)
         return folder
+    if name.startswith("modernbert-"):  # random weights, built by the test-model script
+        sys.path.insert(0, str(REPO / "scripts"))
+        import make_modernbert_test_models as modernbert
+
+        folder = Path(model_dir) if model_dir else cache_dir / name
+        if (folder / "config.json").exists():
+            return folder
+        return modernbert.build(folder, "gte", size=name.removeprefix("modernbert-"))
     size = {"bge-m3-small": "small", "bge-m3-large": "large"}[name]
     if model_dir and not (Path(model_dir) / make_model.STAMP).exists() and \
             (Path(model_dir) / "config.json").exists():
@@ -53,7 +63,8 @@ def flops_per_token(folder: Path, outputs: list[str]) -> tuple[float, float, dic
     AV, 2 x 2 x L x hidden per token and layer, so 4 x hidden x layers x L^2 per sequence."""
     cfg = json.loads((folder / "config.json").read_text())
     h, n, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    per_layer = 4 * h * h + 2 * h * i
+    glu = cfg.get("model_type") == "modernbert"  # GeGLU: Wi is h -> 2i
+    per_layer = 4 * h * h + (3 if glu else 2) * h * i
     if "num_key_value_heads" in cfg:  # decoders: GQA projections and a 3-matrix SwiGLU
         d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
         q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d

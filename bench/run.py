@@ -562,7 +562,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=None, help="texts per corpus (default by device)")
     ap.add_argument("--outputs", action="append", default=None,
                     help="comma list of output types; repeat for several sets "
-                         "(default dense,sparse; dense for minilm)")
+                         "(default dense,sparse; dense for minilm and modernbert)")
     ap.add_argument("--clients", type=int, default=None,
                     help="concurrent clients (default 8; 64 for queries)")
     ap.add_argument("--request-size", type=int, default=None,

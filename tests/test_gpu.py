@@ -24,6 +24,7 @@ from texts import OVER_LIMIT_TEXTS, SHORT_TEXTS
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
+from sie_server.runtime import attention
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -194,6 +195,33 @@ def test_causal_varlen_equals_bucketed_sdpa() -> None:
     q = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for causal in (True, False):
-        a = VarlenAttention(cu, torch.device("cuda"), causal)(q, k, v).float()
-        b = BucketedAttention(cu, torch.device("cuda"), causal)(q, k, v).float()
+        a = VarlenAttention(cu, torch.device("cuda"), causal=causal)(q, k, v).float()
+        b = BucketedAttention(cu, torch.device("cuda"), causal=causal)(q, k, v).float()
         assert (a - b).abs().max() <= 0.02, causal
+@needs_cuda
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.999), ("float32", 0.99999)])
+def test_modernbert_on_cuda_matches_the_cpu(tmp_path, dtype, tolerance) -> None:
+    """Packed ModernBERT on CUDA (varlen with its local window where torch has one) against
+    the fp32 CPU engine, which tests/test_modernbert.py proves equal to transformers."""
+    from make_modernbert_test_models import LOCAL_ATTENTION, build
+
+    folder = build(tmp_path / "gte", "gte")
+
+    def dense(device: str, dt: str = "auto") -> tuple[np.ndarray, object]:
+        eng = Engine(Settings(models={"gte": str(folder)}, default_models=[], device=device,
+                              dtype=dt))
+        try:
+            vectors = np.stack([r.dense for r in eng.encode("gte", TEXTS)])
+            # the attentions of a batch longer than the window
+            enc = eng.registry.get("gte").model.encoder
+            return vectors, enc.attention(np.array([0, 100, 300]), torch.device(device),
+                                          next(enc.parameters()).dtype)
+        finally:
+            eng.close()
+
+    (want, _), (got, att) = dense("cpu"), dense("cuda", dtype)
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= tolerance, f"worst cosine {cos.min()} at text {int(cos.argmin())}"
+    if dtype == "bfloat16" and "window_size" in attention._VARLEN_ARGS:
+        assert isinstance(att.local, attention.VarlenAttention)
+        assert att.local.kwargs == {"window_size": (LOCAL_ATTENTION // 2,) * 2}

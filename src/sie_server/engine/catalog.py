@@ -50,14 +50,16 @@ def detect_family(source: str) -> str:
         cfg = read_json(config) if config.exists() else {}
     except DamagedFile:
         cfg = {}  # loading it will refuse the damaged file by name
+    arch = " ".join(cfg.get("architectures") or [])
     if cfg.get("model_type") in ("clip", "siglip"):  # CLIPModel / SiglipModel: both towers
         return cfg["model_type"]
     if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline
         return "decoder-embedder" if (folder / "modules.json").exists() else "llm-reranker"
+    if cfg.get("model_type") == "modernbert":
+        return "modernbert-cross-encoder" if "ForSequenceClassification" in arch else "modernbert"
     if (folder / "modules.json").exists():
         return "sentence-transformers"
     if config.exists():
-        arch = " ".join(cfg.get("architectures") or [])
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:

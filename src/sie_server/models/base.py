@@ -122,8 +122,9 @@ class EncoderModel(abc.ABC):
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
     supports_lora: bool = True
-    # The transformer stack (runtime): `Encoder` (bidirectional) or `decoder.Decoder` (causal);
-    # both load with from_folder(folder) -> (stack, unused weights) and share one call.
+    # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
+    # `decoder.Decoder` (causal) or another architecture's; each loads with
+    # from_folder(folder) -> (stack, unused weights).
     stack: type = Encoder
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
@@ -207,11 +208,15 @@ class EncoderModel(abc.ABC):
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-        attention = make_attention(batch.cu_seqlens, dev, self.placement.dtype,
-                                   getattr(self.encoder, "causal", False))
+        attention = self.attention(batch)
         hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
                               self.adapter_hook(batch))
         return self.heads(batch, hidden, ids)
+
+    def attention(self, batch: PackedBatch):
+        """The attention the encoder's layers use on this batch (built once per batch)."""
+        return make_attention(batch.cu_seqlens, self.placement.device, self.placement.dtype,
+                              causal=getattr(self.encoder, "causal", False))
 
     def seq_index(self, batch: PackedBatch) -> torch.Tensor:
         """For every packed token, the index of its sequence in the batch."""

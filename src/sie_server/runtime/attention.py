@@ -5,7 +5,8 @@
 and runs SDPA per group, so padding stays small without changing the packed layout.
 Both are built once per batch and reused by every layer. With `causal=True` (decoders) each
 token attends to itself and the tokens before it in its own sequence; keys and values may have
-fewer heads than queries (grouped-query attention).
+fewer heads than queries (grouped-query attention). With `window=w` a token attends only to
+tokens at most w positions away in its sequence (ModernBERT's local layers).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ try:  # torch >= 2.10 on CUDA
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
     varlen_attn = None
-# how this torch's varlen_attn takes causality and GQA (its keywords changed between releases)
+# how this torch's varlen_attn takes causality, windows and GQA (its keywords changed between
+# releases; window_size=(left, right) from torch 2.13)
 _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
 _VARLEN_CAUSAL = bool(_VARLEN_ARGS & {"window_size", "is_causal"})
 
@@ -31,13 +33,16 @@ _PAD_SLACK = 1.25
 class VarlenAttention:
     """Padding-free attention with torch.nn.attention.varlen (CUDA, fp16/bf16)."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, causal: bool = False) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False,
+                 window: int | None = None) -> None:
         self.cu = torch.from_numpy(cu_seqlens.astype(np.int32)).to(device, non_blocking=True)
         self.max_len = int(np.diff(cu_seqlens).max())
         self.kwargs = {}
         if causal:
             self.kwargs = ({"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS
                            else {"is_causal": True})
+        elif window is not None:
+            self.kwargs = {"window_size": (window, window)}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kwargs = self.kwargs
@@ -54,8 +59,10 @@ class BucketedAttention:
     """SDPA over length-bucketed padded groups; q/k/v and the result are (T, heads, dim).
     Causal groups need no padding mask: a real token's keys (itself and before) are all real."""
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, causal: bool = False) -> None:
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False,
+                 window: int | None = None) -> None:
         self.causal = causal
+        self.window = window
         lengths = np.diff(cu_seqlens)
         order = np.argsort(lengths, kind="stable")
         self.groups = []
@@ -81,6 +88,14 @@ class BucketedAttention:
         if (lens != width).any() and not self.causal:
             m = np.arange(width)[None, :] < lens[:, None]
             mask = torch.from_numpy(m[:, None, None, :]).to(device)
+        if self.window is not None and width > self.window + 1:
+            pos = np.arange(width)
+            band = np.abs(pos[:, None] - pos[None, :]) <= self.window  # (query, key)
+            real = pos[None, :] < lens[:, None]
+            # padding keys never count; padding queries (dropped later) see every real key,
+            # so no row is empty
+            m = real[:, None, :] & (band[None] | ~real[:, :, None])
+            mask = torch.from_numpy(m[:, None]).to(device)
         return (
             torch.from_numpy(packed_idx).to(device),
             torch.from_numpy(padded_idx).to(device) if (lens != width).any() else None,
@@ -111,10 +126,13 @@ class BucketedAttention:
         return out
 
 
-def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype,
-                   causal: bool = False):
-    """The best attention for this device and dtype; `causal` for decoders."""
+def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype, *,
+                   causal: bool = False, window: int | None = None):
+    """The best attention for this device and dtype; `causal` for decoders, `window`: attend
+    only to tokens at most this many positions away (None: the whole sequence)."""
     half = dtype in (torch.float16, torch.bfloat16)
-    if device.type == "cuda" and varlen_attn is not None and half and (_VARLEN_CAUSAL or not causal):
-        return VarlenAttention(cu_seqlens, device, causal)
-    return BucketedAttention(cu_seqlens, device, causal)
+    kernel_has_it = ((not causal or _VARLEN_CAUSAL)
+                     and (window is None or "window_size" in _VARLEN_ARGS))
+    if device.type == "cuda" and varlen_attn is not None and half and kernel_has_it:
+        return VarlenAttention(cu_seqlens, device, causal=causal, window=window)
+    return BucketedAttention(cu_seqlens, device, causal=causal, window=window)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import LinearHook
+from .lora import LoraLayout
 from .weights import load_state_dict
 
 MODEL_TYPES = ("qwen3", "qwen2", "mistral", "llama")
@@ -98,6 +99,11 @@ class DecoderConfig:
             sliding_window=window,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
+
+    def lora_layout(self) -> LoraLayout:
+        """Where LoRA applies: the q/k/v/o/gate/up/down linears of every layer."""
+        names = [f"layers.{i}.{m}" for i in range(self.num_layers) for m in LAYER_MODULES]
+        return LoraLayout(LORA_TARGETS, lora_linears(self), tuple(names + list(OTHER_MODULES)))
 
     @property
     def max_tokens(self) -> int:

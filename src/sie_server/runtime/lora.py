@@ -38,7 +38,6 @@ import torch
 
 from ..errors import AdapterNotFound, InvalidAdapter
 from .batch import PackedBatch
-from . import decoder
 from .encoder import LORA_TARGETS, EncoderConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -80,11 +79,11 @@ class LoraLayout:
     module_names: tuple[str, ...]  # every module a target_modules entry may name
 
 
-def layout_for(cfg: "EncoderConfig | decoder.DecoderConfig") -> LoraLayout:
-    if isinstance(cfg, decoder.DecoderConfig):
-        names = [f"layers.{i}.{m}" for i in range(cfg.num_layers) for m in decoder.LAYER_MODULES]
-        return LoraLayout(decoder.LORA_TARGETS, decoder.lora_linears(cfg),
-                          tuple(names + list(decoder.OTHER_MODULES)))
+def layout_for(cfg: Any) -> LoraLayout:
+    """A stack's config that is not BERT / XLM-R's (decoder, ModernBERT) gives its own layout
+    (`cfg.lora_layout()`); BERT / XLM-R's is built here."""
+    if hasattr(cfg, "lora_layout"):
+        return cfg.lora_layout()
     h, inter = cfg.hidden_size, cfg.intermediate_size
     names = [f"encoder.layer.{i}.{m}" for i in range(cfg.num_layers) for m in LAYER_MODULES]
     return LoraLayout(LORA_TARGETS, {"qkv": (h, (h, h, h)), "attn_out": (h, (h,)),
@@ -141,7 +140,7 @@ class BaseModelId:
 
     names: tuple[str, ...]  # served name, catalog source, ...
     folder: Path
-    cfg: "EncoderConfig | decoder.DecoderConfig"
+    cfg: Any
     model_type: str | None
 
 
