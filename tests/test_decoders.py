@@ -217,13 +217,16 @@ def test_http_embeddings_dimensions_and_score(start_server, folders) -> None:
     full = st_encode(folders["qwen3-embedding"], texts)[:, :32]
     full /= np.linalg.norm(full, axis=1, keepdims=True)
     assert got.shape == (6, 32) and ((got * full).sum(1) >= 0.99999).all()
+    r = httpx.post(f"{server.url}/v1/embeddings",
+                   json={"model": "emb", "input": texts, "dimensions": 16}, timeout=60)
+    assert r.status_code == 400 and "at least 32" in r.json()["error"]["message"], r.text
     r = httpx.post(f"{server.url}/v1/score/rr",
                    json={"query": {"text": QUERIES[0]}, "items": [{"text": d} for d in DOCS]},
                    timeout=60)
     assert r.status_code == 200, r.text
     want = reference_scores(folders["qwen3-reranker"], QUERIES[0], DOCS, None, RR_MAX)
     scores = {s["item_id"]: s["score"] for s in r.json()["scores"]}
-    assert max(abs(scores[i] - want[i]) for i in range(len(DOCS))) <= 1e-4
+    assert max(abs(scores[f"item-{i}"] - want[i]) for i in range(len(DOCS))) <= 1e-4
 
 
 @pytest.mark.parametrize("variant", makers.VARIANTS)

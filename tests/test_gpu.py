@@ -120,6 +120,26 @@ def encode_images(folder: Path, device: str, dtype: str) -> np.ndarray:
                           dtype=dtype))
     try:
         return np.stack([r.dense for r in eng.encode("m", items)])
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_clip_siglip_bfloat16_on_cpu(clip_models, family) -> None:
+    want = encode_images(clip_models[family], "cpu", "float32")
+    got = encode_images(clip_models[family], "cpu", "bfloat16")
+    assert (got * want).sum(1).min() >= 0.999
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_clip_siglip_on_cuda(clip_models, family, dtype) -> None:
+    want = encode_images(clip_models[family], "cpu", "float32")
+    got = encode_images(clip_models[family], "cuda", dtype)
+    assert (got * want).sum(1).min() >= (0.99999 if dtype == "float32" else 0.999)
+
+
 # ------------------------------------------------------------------ decoders (issue 14)
 # Same stated half-precision tolerances for the decoder embedder (dense cosine >= 0.999); the
 # LLM reranker's yes/no probabilities within 0.01 in bf16 (fp32 on CUDA: 1e-4, like the CPU).
@@ -145,20 +165,6 @@ def decoder_outputs(dirs: dict[str, Path], device: str, dtype: str = "auto"):
         eng.close()
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_clip_siglip_bfloat16_on_cpu(clip_models, family) -> None:
-    want = encode_images(clip_models[family], "cpu", "float32")
-    got = encode_images(clip_models[family], "cpu", "bfloat16")
-    assert (got * want).sum(1).min() >= 0.999
-
-
-@needs_cuda
-@pytest.mark.parametrize("family", ["clip", "siglip"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_clip_siglip_on_cuda(clip_models, family, dtype) -> None:
-    want = encode_images(clip_models[family], "cpu", "float32")
-    got = encode_images(clip_models[family], "cuda", dtype)
-    assert (got * want).sum(1).min() >= (0.99999 if dtype == "float32" else 0.999)
 @pytest.fixture(scope="module")
 def decoder_cpu_fp32(decoder_dirs):
     return decoder_outputs(decoder_dirs, "cpu")
@@ -198,6 +204,8 @@ def test_causal_varlen_equals_bucketed_sdpa() -> None:
         a = VarlenAttention(cu, torch.device("cuda"), causal=causal)(q, k, v).float()
         b = BucketedAttention(cu, torch.device("cuda"), causal=causal)(q, k, v).float()
         assert (a - b).abs().max() <= 0.02, causal
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 0.999), ("float32", 0.99999)])
 def test_modernbert_on_cuda_matches_the_cpu(tmp_path, dtype, tolerance) -> None:

@@ -54,8 +54,12 @@ def shorten(vectors: np.ndarray, dims: int | None, model: str, engine: Engine) -
     """Cut to `dims` and re-normalise, for models whose catalog entry allows it."""
     if dims is None or dims == vectors.shape[1]:
         return vectors
-    if not engine.registry.get(model).spec.matryoshka:
+    spec = engine.registry.get(model).spec
+    if not spec.matryoshka:
         raise InvalidRequest(f"dimensions: {model} does not support shortened embeddings")
+    if spec.matryoshka_min_dims and dims < spec.matryoshka_min_dims:
+        raise InvalidRequest(f"dimensions: {model} was trained for at least "
+                             f"{spec.matryoshka_min_dims} dimensions, {dims} asked for")
     if dims > vectors.shape[1]:
         raise InvalidRequest(f"dimensions: {model} has {vectors.shape[1]} dimensions, "
                              f"{dims} asked for")
