@@ -121,7 +121,7 @@ class Engine:
         if m.pair_scoring:
             fixed, tok = m.prepare_pairs(query, list(texts))
             if fixed >= m.max_tokens:
-                raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
+                raise InputTooLong(f"query.text takes {fixed}+ tokens with the pair's special "
                                    f"tokens; {model} takes at most {m.max_tokens} per pair, "
                                    "which leaves no room for the item")
             self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
@@ -155,8 +155,9 @@ class Engine:
             return
         for i, n in enumerate(lengths):
             if n > limit:
-                raise InputTooLong(f"{field.format(i=i)} has {n} tokens; {model} takes at most "
-                                   f"{limit} (set options.truncate to true to cut it)")
+                # n is exact up to the limit, a lower bound above it (the text is cut early)
+                raise InputTooLong(f"{field.format(i=i)} has more than {limit} tokens; {model} "
+                                   f"takes at most {limit} (set options.truncate to true to cut it)")
 
     def _then(self, inner: Future, fn: Callable[[Any], Any]) -> Future:
         """A future for fn(inner's result), computed on the post-processing pool; cancelling
