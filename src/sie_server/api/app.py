@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..engine import Engine
-from ..errors import BodyTooLarge, DeadlineExceeded, InternalError, InvalidRequest, SIEError
+from ..errors import BodyTooLarge, DeadlineExceeded, InvalidRequest, SIEError
 from . import openai
 from .middleware import ServerMiddleware
 from .validate import parse_encode, parse_score
@@ -111,6 +112,11 @@ async def await_result(request: Request, future: concurrent.futures.Future,
     raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
 
 
+def tenant_of(request: Request) -> str | None:
+    """The API key's identity set by ServerMiddleware (None without keys)."""
+    return request.scope.get("state", {}).get("tenant")
+
+
 class ClientDisconnected(Exception):
     """Nobody is left to answer."""
 
@@ -167,10 +173,12 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         if (sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
                 and engine.registry.is_ready(model)):
             # a few short texts: tokenizing them costs less than a hop to a worker thread
-            future = engine.submit(model, call.texts, call.output_types, options)
+            future = engine.submit(model, call.texts, call.output_types, options,
+                                   tenant=tenant_of(request))
         else:  # loading, adapter loads and long tokenization never run on the event loop
-            future = await anyio.to_thread.run_sync(
-                engine.submit, model, call.texts, call.output_types, options)
+            future = await anyio.to_thread.run_sync(functools.partial(
+                engine.submit, model, call.texts, call.output_types, options,
+                tenant=tenant_of(request)))
         results = await await_result(request, future, options.get("timeout_s"), loop_waker())
         binary = wants_msgpack(request.headers.get("accept", ""))
 
@@ -184,8 +192,9 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def score(request: Request) -> Response:
         model, call, options = await read_call(request, parse_score)
-        future = await anyio.to_thread.run_sync(
-            engine.submit_score, model, call.query, call.texts, options, call.top_k)
+        future = await anyio.to_thread.run_sync(functools.partial(
+            engine.submit_score, model, call.query, call.texts, options, call.top_k,
+            tenant=tenant_of(request)))
         result = await await_result(request, future, options.get("timeout_s"), loop_waker())
         return respond(request, score_to_wire(model, call.ids, result))
 
@@ -224,8 +233,9 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.state.model = body["model"]
         call = openai.parse(body)
-        future = await anyio.to_thread.run_sync(
-            engine.submit, call.model, call.texts, ["dense"], with_deadline(request, {}))
+        future = await anyio.to_thread.run_sync(functools.partial(
+            engine.submit, call.model, call.texts, ["dense"], with_deadline(request, {}),
+            tenant=tenant_of(request)))
         timeout = request.headers.get(TIMEOUT_HEADER)
         results = await await_result(request, future, float(timeout) if timeout else None,
                                      loop_waker())
@@ -260,10 +270,6 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     async def on_disconnect(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it; the status is for logs and metrics
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if load_defaults:
@@ -285,6 +291,6 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         SIEError: on_sie_error, HTTPException: on_http_error,
-        ClientDisconnected: on_disconnect, Exception: on_unexpected})
+        ClientDisconnected: on_disconnect})  # anything else: ServerMiddleware logs it, 500
     app.add_middleware(ServerMiddleware, api_keys=settings.api_keys, metrics=engine.metrics)
     return app

@@ -60,8 +60,10 @@ class Engine:
         self._post.shutdown(wait=True)
 
     def submit(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
-               options: dict[str, Any] | EncodeOptions | None = None) -> Future:
-        """Queue texts for encoding; the future resolves to one ItemResult per text, in order."""
+               options: dict[str, Any] | EncodeOptions | None = None, *,
+               tenant: str | None = None) -> Future:
+        """Queue texts for encoding; the future resolves to one ItemResult per text, in order.
+        `tenant` (e.g. the caller's API key id) groups requests for fair scheduling."""
         opts = options if isinstance(options, EncodeOptions) else EncodeOptions.parse(options)
         types = list(output_types) if output_types else ["dense"]
         with self.registry.use(model) as handle:
@@ -75,7 +77,8 @@ class Engine:
                 self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-                request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
+                request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
+                                  tenant=tenant)
                 self._enqueue(handle, request)
             return request.future
 
@@ -86,7 +89,7 @@ class Engine:
 
     def submit_score(self, model: str, query: str, texts: Sequence[str],
                      options: dict[str, Any] | ScoreOptions | None = None,
-                     top_k: int | None = None) -> Future:
+                     top_k: int | None = None, *, tenant: str | None = None) -> Future:
         """Queue the scoring of `texts` against `query`; the future resolves to a ScoreResult.
 
         A cross-encoder runs one (query, item) pair per item; BGE-M3 encodes the query once and
@@ -111,6 +114,7 @@ class Engine:
             with self._adapter(handle, opts.lora_id) as slot:
                 request, finish = self._score_request(m, model, query, texts, opts, top_k,
                                                       score_type, slot, deadline)
+                request.tenant = tenant
                 self._enqueue(handle, request)
             return self._then(request.future, finish)
 
