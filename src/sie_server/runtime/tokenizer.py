@@ -31,8 +31,8 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    Viterbi best path of the whole text is the best path to x (a function of the text before
    x) followed by the rest: the tokens before such a "forced cut" are settled once the window
    holds the pieces' maximal length after x.
-5. Past `_MAX_WINDOW` characters without enough settled tokens (one word of more than a
-   million characters and no forced cut, or runs of a million spaces) the window's settled
+5. Past `_MAX_WINDOW` characters without enough settled tokens (one word of more than
+   262,144 characters and no forced cut, or such a run of spaces) the window's
    tokens are used and the text counts as truncated: the one approximation, documented.
 
 A text cut this way reports a lower bound for its token count (more than the model takes),
@@ -74,7 +74,7 @@ class PairTemplate:
 SMALL_INPUT_CHARS = 4096  # up to this many characters in all: `encode`, keeping the GIL
 _CHARS_PER_TOKEN = 8  # first window: this many characters per token wanted (tokens average ~4)
 _MIN_WINDOW = 4096
-_MAX_WINDOW = 1 << 20  # see the module docstring, point 5
+_MAX_WINDOW = 1 << 18  # see the module docstring, point 5
 _MARGIN = 64  # characters before a window's end whose words are not trusted
 _SCAN_CHUNK = 1 << 16  # WordPiece: characters per step when looking for a huge word's end
 _FORCED_CUT_TRIES = 1024  # Unigram: token boundaries tried per window, from the end
