@@ -125,8 +125,7 @@ class TextTokenizer:
         self._max_word_chars = model.get("max_input_chars_per_word", 100)
         self._unk = model.get("unk_id") if self._kind == "Unigram" else \
             self._tok.token_to_id(model.get("unk_token", "[UNK]"))
-        self._pieces: set[str] | None = None  # Unigram vocabulary, built on first need
-        self._longest = 0
+        self._pieces: tuple[set[str], int] | None = None  # Unigram (vocabulary, longest piece)
         a = self._tok.encode("a", add_special_tokens=False)
         single = self._tok.post_process(a, None, add_special_tokens=True).ids
         at = single.index(a.ids[0]) if len(a.ids) == 1 and a.ids[0] in single else -1
@@ -179,7 +178,8 @@ class TextTokenizer:
                     ids, base = got, base + start
                     continue
                 if self._huge_word(text, base, enc, window):  # one [UNK], then after the word
-                    ids, base = got + [self._unk], self._word_end(text, base + enc.offsets[0][1] - 1)
+                    end = self._word_end(text, base + enc.offsets[0][1] - 1)
+                    ids, base = got + [self._unk], end
                     continue
             if window >= _MAX_WINDOW:  # point 5 of the module docstring
                 return ids + enc.ids, False
@@ -212,10 +212,10 @@ class TextTokenizer:
     def _forced_cut(self, enc: Encoding, settled: int, limit: int) -> int:
         """Unigram: the most tokens of `enc` ending at a forced cut whose following pieces
         all lie before `limit` (so they are the whole text's); `settled` if none is found."""
-        if self._pieces is None:
-            self._pieces = set(self._tok.get_vocab(with_added_tokens=False))
-            self._longest = max(map(len, self._pieces))
-        pieces, longest = self._pieces, self._longest
+        if self._pieces is None:  # built once, assigned whole (threads may race to build it)
+            vocab = set(self._tok.get_vocab(with_added_tokens=False))
+            self._pieces = (vocab, max(map(len, vocab)))
+        pieces, longest = self._pieces
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
         last = len(ids) - longest - 1  # the `longest` tokens after the cut must be settled
         while last > settled and offsets[last + longest][1] > limit:
@@ -245,7 +245,6 @@ class TextTokenizer:
                 arr = np.concatenate([arr[: self.max_tokens - 1], arr[-1:]])
             ids.append(arr)
         return Tokenized(ids, lengths)
-
 
     def pair_template(self) -> PairTemplate:
         """The model's pair template, learnt once by post-processing two one-token sequences."""
