@@ -10,6 +10,7 @@ import time
 import itertools
 import os
 
+from ..config import check_api_keys
 from ..logs import request_id
 from ..metrics import Metrics
 from .wire import JSON, MSGPACK, encode_body, wants_msgpack
@@ -42,8 +43,6 @@ class ServerMiddleware:
     answered 500; it does not reach the ASGI server (which would log it a second time)."""
 
     def __init__(self, app, *, api_keys: list[str], metrics: Metrics) -> None:
-        from ..config import check_api_keys
-
         check_api_keys(api_keys)
         self.app = app
         self.keys = [k.encode() for k in api_keys]

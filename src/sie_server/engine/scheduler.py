@@ -173,49 +173,57 @@ class Scheduler:
             if not self._clients:
                 return None
             batch: list[Entry] = []
-            tokens = 0
             now = time.monotonic()
-            quantum = max(1, self.max_batch_tokens // 4)
-            while self._clients and len(batch) < self.max_batch_items:
+            tokens, progress = 0, True
+            while self._clients and len(batch) < self.max_batch_items and (
+                    progress or self._could_add(tokens)):  # else: the batch is full
                 progress = False
                 for key in list(self._clients):
                     client = self._clients[key]
-                    pending = self._head(client, now)
-                    if pending is None:
-                        del self._clients[key]
-                        continue
-                    client.deficit = min(client.deficit + quantum, self.max_batch_tokens)
-                    while pending is not None and len(batch) < self.max_batch_items:
-                        req, i = pending.request, pending.next
-                        n = len(req.tokens[i])
-                        if batch and (tokens + n > self.max_batch_tokens or n > client.deficit):
-                            break
-                        batch.append((req, i))
-                        tokens += n
-                        client.deficit -= n
-                        pending.next += 1
-                        pending.tokens -= n
-                        client.tokens -= n
-                        self._queued_tokens -= n
-                        progress = True
-                        if pending.next == len(req.tokens):
-                            client.requests.popleft()
-                            pending = self._head(client, now)
+                    added = self._serve(client, batch, tokens, now)
+                    tokens, progress = tokens + added, progress or added > 0
                     if client.requests:
                         client.requests.rotate(-1)  # its requests take turns
                         self._clients.move_to_end(key)
                     else:
                         del self._clients[key]
-                if not progress and (not batch or all(  # nothing fits: the batch is full
-                        len(c.requests[0].request.tokens[c.requests[0].next]) + tokens
-                        > self.max_batch_tokens for c in self._clients.values() if c.requests)):
-                    break
             batch.sort(key=lambda entry: entry[0].adapter_slot)  # each adapter's rows contiguous
             for req in {id(r): r for r, _ in batch}.values():
                 self.metrics.queue_seconds.labels(self._label).observe(now - req.enqueued_at)
             self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
             self._in_flight += len(batch)
             return batch
+
+    def _serve(self, client: _Client, batch: list[Entry], tokens: int, now: float) -> int:
+        """One turn of `client`: add a quantum of credit and spend it on its items (an empty
+        batch always takes one); returns the tokens added to `batch`."""
+        pending = self._head(client, now)
+        if pending is None:
+            return 0
+        client.deficit = min(client.deficit + max(1, self.max_batch_tokens // 4),
+                             self.max_batch_tokens)
+        added = 0
+        while pending is not None and len(batch) < self.max_batch_items:
+            req, i = pending.request, pending.next
+            n = len(req.tokens[i])
+            if batch and (tokens + added + n > self.max_batch_tokens or n > client.deficit):
+                break
+            batch.append((req, i))
+            added += n
+            client.deficit -= n
+            pending.next += 1
+            pending.tokens -= n
+            client.tokens -= n
+            self._queued_tokens -= n
+            if pending.next == len(req.tokens):
+                client.requests.popleft()
+                pending = self._head(client, now)
+        return added
+
+    def _could_add(self, tokens: int) -> bool:
+        """Whether some client's next item fits beside `tokens` (it may lack credit yet)."""
+        return any(len(c.requests[0].request.tokens[c.requests[0].next]) + tokens
+                   <= self.max_batch_tokens for c in self._clients.values() if c.requests)
 
     def _finished(self, batch: list[Entry]) -> None:
         with self._cond:
