@@ -66,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
-    s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
+    s.add_argument("--max-queued-tokens", type=int,
+                   help="tokens queued per model (default 2M): a larger request is a 413, a "
+                   "full queue a 429 except for clients under their fair share")
     s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
                    metavar="DIR", help="folder holding LoRA adapters (repeatable)")
     s.add_argument("--adapter-download-allow", action="append", dest="adapter_download_allow",
