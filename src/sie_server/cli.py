@@ -16,6 +16,7 @@ import uvicorn
 
 from . import __version__, logs
 from .config import Settings, read_config_file
+from .connections import ConnectionLimits, limited_protocol
 
 log = logging.getLogger("sie_server.cli")
 
@@ -74,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
-    s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
+    s.add_argument("--max-queued-tokens", type=int,
+                   help="tokens queued per model (default 2M): a larger request is a 413, a "
+                   "full queue a 429 except for clients under their fair share")
     s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
                    metavar="DIR", help="folder holding LoRA adapters (repeatable)")
     s.add_argument("--adapter-download-allow", action="append", dest="adapter_download_allow",
@@ -87,6 +90,19 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its adapter's first load (default 60)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
+    s.add_argument("--header-timeout", type=float, dest="header_timeout_s",
+                   help="seconds for a request head to arrive, from the connection opening or "
+                   "the previous response (default 10); slower connections are closed")
+    s.add_argument("--keep-alive-timeout", type=float, dest="keep_alive_timeout_s",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    s.add_argument("--body-idle-timeout", type=float, dest="body_idle_timeout_s",
+                   help="seconds a request body may stall before the connection is closed "
+                   "(default 30)")
+    s.add_argument("--max-header-bytes", type=int,
+                   help="request line and headers, in bytes; more is a 431 (default 32768)")
+    s.add_argument("--max-headers", type=int, help="headers per request; more is a 431 (default 100)")
+    s.add_argument("--max-connections", type=int,
+                   help="open connections; new ones past it are closed at once (default 4096)")
     s.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
                    "how long the model's compute thread may keep the event loop waiting")
@@ -185,10 +201,32 @@ def announce(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = apply_config_file(parser().parse_args(argv), argv)
+    cli = parser()
+    args = apply_config_file(cli.parse_args(argv), argv)
     logs.configure(args.log_level)
     sys.setswitchinterval(args.switch_interval_ms / 1000)
-    settings = Settings.from_env(
+    try:
+        settings = _settings(args)
+    except ValueError as err:
+        cli.error(str(err))  # exits 2 with the message and the usage line
+    announce(settings)
+    from .api import create_app
+    from .engine import Engine
+
+    app = create_app(Engine(settings))
+    # access lines come from our middleware, with the request id
+    limits = ConnectionLimits(settings.header_timeout_s, settings.keep_alive_timeout_s,
+                              settings.body_idle_timeout_s, settings.max_header_bytes,
+                              settings.max_headers, settings.max_connections)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level=args.log_level.lower(), log_config=None,
+                            timeout_graceful_shutdown=60, http=limited_protocol(limits),
+                            timeout_keep_alive=limits.keep_alive_timeout_s)
+    GracefulServer(config).run()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
         host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         models=dict(args.model), default_models=args.default_models,
         catalog_files=args.catalog, allow_download=args.allow_download,
@@ -201,17 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         api_keys=args.api_keys, pinned_models=args.pinned_models,
         memory_budget_bytes=args.memory_budget_bytes,
         model_load_timeout_s=args.model_load_timeout_s,
-        load_retry_cooldown_s=args.load_retry_cooldown_s)
-    announce(settings)
-    from .api import create_app
-    from .engine import Engine
-
-    app = create_app(Engine(settings))
-    # access lines come from our middleware, with the request id
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                            log_level=args.log_level.lower(), log_config=None,
-                            timeout_graceful_shutdown=60)
-    GracefulServer(config).run()
+        load_retry_cooldown_s=args.load_retry_cooldown_s,
+        header_timeout_s=args.header_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
+        body_idle_timeout_s=args.body_idle_timeout_s, max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers, max_connections=args.max_connections)
 
 
 if __name__ == "__main__":

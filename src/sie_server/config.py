@@ -35,7 +35,7 @@ class Settings:
     # Limits and backpressure.
     max_items_per_request: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024
-    max_queued_tokens: int = 2_000_000  # per model; beyond it requests get 429
+    max_queued_tokens: int = 2_000_000  # per model: 413 above it, 429 past it (scheduler.py)
     # LoRA adapters. Hub adapters are fetched with allow_download, or when their id matches
     # one of adapter_download_allow's glob patterns (e.g. "my-org/*").
     adapter_roots: list[Path] = field(default_factory=list)
@@ -44,6 +44,14 @@ class Settings:
     max_adapter_bytes: int = 2 * 1024**3
     adapter_load_timeout_s: float = 60.0
     api_keys: list[str] = field(default_factory=list)
+    # Connections (see connections.py): request head deadline, idle keep-alive, stalled body,
+    # head size and header count (431), open connections.
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    body_idle_timeout_s: float = 30.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_connections: int = 4096
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -51,7 +59,8 @@ class Settings:
         s = cls()
         env = os.environ
         if "SIE_API_KEYS" in env:
-            s.api_keys = [k for k in env["SIE_API_KEYS"].split(",") if k]
+            s.api_keys = env["SIE_API_KEYS"].split(",")
+            check_api_keys(s.api_keys, "SIE_API_KEYS")
         if "SIE_ADAPTER_ROOTS" in env:
             s.adapter_roots = [Path(p) for p in env["SIE_ADAPTER_ROOTS"].split(os.pathsep) if p]
         if "SIE_ADAPTER_DOWNLOAD_ALLOW" in env:
@@ -63,6 +72,7 @@ class Settings:
         for key, value in overrides.items():
             if value is not None:
                 setattr(s, key, value)
+        check_api_keys(s.api_keys)
         return s
 
     def may_download_adapter(self, lora_id: str) -> bool:
@@ -84,3 +94,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: expected a mapping of flag names to values, "
                          "e.g. `port: 8080`")
     return doc
+def check_api_keys(keys: list[str], source: str = "--api-key") -> None:
+    """Refuse keys that are empty or padded with whitespace (a bearer token is stripped, so
+    such a key either matches an empty token or nothing); `SIE_API_KEYS=","` is not 'no keys'."""
+    for i, key in enumerate(keys):
+        if not key.strip() or key != key.strip():
+            what = "empty" if not key.strip() else "padded with whitespace"
+            raise ValueError(f"{source}: API key #{i + 1} is {what}; give non-empty keys "
+                             "(or none, for no authentication)")

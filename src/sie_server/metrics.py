@@ -45,7 +45,7 @@ class Metrics:
                                          ["model"], registry=r)
         self.oom_splits = Counter("sie_oom_splits", "batches split after running out of memory",
                                   ["model"], registry=r)
-        self.rejected = Counter("sie_rejected", "requests refused by backpressure (429)",
+        self.rejected = Counter("sie_rejected", "requests refused at admission (503 QUEUE_FULL, or 413 for one over the queue limit)",
                                 ["model"], registry=r)
 
     def render(self) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..engine import Engine
-from ..errors import (BodyTooLarge, DeadlineExceeded, InternalError, ModelNotFound, SIEError)
+from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, SIEError
 from ..logs import request_id
 from . import models as model_info
 from . import openai
@@ -128,6 +129,11 @@ async def await_result(request: Request, future: concurrent.futures.Future,
     raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
 
 
+def tenant_of(request: Request) -> str | None:
+    """The API key's identity set by ServerMiddleware (None without keys)."""
+    return request.scope.get("state", {}).get("tenant")
+
+
 class ClientDisconnected(Exception):
     """Nobody is left to answer."""
 
@@ -185,10 +191,12 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                 and sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
                 and engine.registry.is_ready(model)):
             # a few short texts: tokenizing them costs less than a hop to a worker thread
-            future = engine.submit(model, call.texts, call.output_types, options)
+            future = engine.submit(model, call.texts, call.output_types, options,
+                                   tenant=tenant_of(request))
         else:  # loading, adapter loads and long tokenization never run on the event loop
-            future = await anyio.to_thread.run_sync(
-                engine.submit, model, call.texts, call.output_types, options)
+            future = await anyio.to_thread.run_sync(functools.partial(
+                engine.submit, model, call.texts, call.output_types, options,
+                tenant=tenant_of(request)))
         results = await await_result(request, future, options.get("timeout_s"), loop_waker())
         if call.normalize:
             results = normalized(results)
@@ -208,8 +216,9 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def score(request: Request) -> Response:
         model, call, options = await read_call(request, parse_score)
-        future = await anyio.to_thread.run_sync(
-            engine.submit_score, model, call.query, call.texts, options, call.top_k)
+        future = await anyio.to_thread.run_sync(functools.partial(
+            engine.submit_score, model, call.query, call.texts, options, call.top_k,
+            tenant=tenant_of(request)))
         result = await await_result(request, future, options.get("timeout_s"), loop_waker())
         return respond(request, score_to_wire(model, call.query_id, call.ids, result,
                                               result.input_tokens))
@@ -247,8 +256,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             request.state.model = body["model"][:200]
         call = openai.parse(body)
         options = with_deadline(request, {})
-        future = await anyio.to_thread.run_sync(
-            engine.submit, call.model, call.texts, ["dense"], options)
+        future = await anyio.to_thread.run_sync(functools.partial(
+            engine.submit, call.model, call.texts, ["dense"], options, tenant=tenant_of(request)))
         results = await await_result(request, future, options.get("timeout_s"), loop_waker())
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
@@ -315,10 +324,10 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
 
 def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
-    """Every outcome of a route becomes its response here, so nothing reaches Starlette's
-    server-error middleware (which logs a second traceback and re-raises, and the ASGI server
-    then drops the keep-alive connection): SIE errors get their status, a client gone away
-    499, anything else one logged 500."""
+    """A route's expected outcomes become responses here: SIE errors get their status and
+    envelope, a client gone away 499. Anything else is a bug, left to ServerMiddleware, the one
+    place that logs it (once, with the request id) and answers 500; none of these closes the
+    keep-alive connection."""
 
     async def run(request: Request) -> Response:
         try:
@@ -327,11 +336,6 @@ def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return error_response(request, err)
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; for logs and metrics
-        except HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug: one log line with its request id
-            log.exception("unhandled error on %s", request.url.path)
-            return error_response(request, InternalError(f"internal error: {type(exc).__name__}"))
 
     return run
 

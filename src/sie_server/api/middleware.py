@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, API keys and request metrics, around every route."""
+"""ASGI middleware: request ids, API keys, request metrics and the last word on unexpected
+errors, around every route."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import time
 import itertools
 import os
 
+from ..config import check_api_keys
 from ..logs import request_id
 from ..metrics import Metrics
-from .wire import SIE_PROTOCOL_VERSION
+from .wire import JSON, SIE_PROTOCOL_VERSION, encode_body
 
 log = logging.getLogger("sie_server.access")
 
@@ -37,9 +39,13 @@ def route_of(path: str) -> str:
 
 
 class ServerMiddleware:
-    """Echoes or creates X-Request-ID, checks bearer tokens, counts and times requests."""
+    """Echoes or creates X-Request-ID, checks bearer tokens (the matched key's index becomes
+    the request's tenant, `scope["state"]["tenant"]`, for fair scheduling), counts and times
+    requests. An exception no route handled is logged here, once, with the request id, and
+    answered 500; it does not reach the ASGI server (which would log it a second time)."""
 
     def __init__(self, app, *, api_keys: list[str], metrics: Metrics) -> None:
+        check_api_keys(api_keys)
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.metrics = metrics
@@ -54,19 +60,28 @@ class ServerMiddleware:
         started = time.perf_counter()
         status = 500
 
+        started_response = False
+
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
                                       (b"x-sie-server-version", _VERSION)]
             await send(message)
 
         try:
-            if self.keys and not scope["path"].startswith(OPEN_PATHS) and not self._authorized(headers):
+            tenant = self._tenant(headers) if self.keys else None
+            if self.keys and tenant is None and not scope["path"].startswith(OPEN_PATHS):
                 await self._unauthorized(send_with_id)
             else:
+                scope.setdefault("state", {})["tenant"] = tenant
                 await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are logged
+            log.exception("unhandled error on %s", scope["path"])
+            status = 500
+            if not started_response:
+                await self._internal_error(send_with_id, exc)
         finally:
             model = scope.get("state", {}).get("model", "")
             seconds = time.perf_counter() - started
@@ -77,13 +92,25 @@ class ServerMiddleware:
                     "status": status, "model": model, "ms": round(seconds * 1000, 2)}})
             request_id.reset(token)
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _tenant(self, headers: dict[bytes, bytes]) -> str | None:
+        """The index of the bearer token's key ("0", "1", ...), or None if none matches."""
         auth = headers.get(b"authorization", b"")
         if not auth.lower().startswith(b"bearer "):
-            return False
+            return None
         given = auth[7:].strip()
         # compare against every key, always, in constant time per key
-        return any([hmac.compare_digest(given, key) for key in self.keys])
+        matches = [hmac.compare_digest(given, key) for key in self.keys]
+        return str(matches.index(True)) if any(matches) else None
+
+    @staticmethod
+    async def _internal_error(send, exc: Exception) -> None:
+        """SIE's envelope, always JSON (as every error)."""
+        body = encode_body({"detail": {"code": "INTERNAL_ERROR", "message": f"internal error: "
+                                       f"{type(exc).__name__}", "request_id": request_id.get()}},
+                           False)
+        await send({"type": "http.response.start", "status": 500, "headers": [
+            (b"content-type", JSON.encode()), (b"x-sie-error-code", b"INTERNAL_ERROR")]})
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     async def _unauthorized(send) -> None:

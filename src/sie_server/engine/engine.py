@@ -63,9 +63,11 @@ class Engine:
 
     def submit(self, model: str, texts: Sequence[str | ImageInput],
                output_types: Sequence[str] | None = None,
-               options: dict[str, Any] | EncodeOptions | None = None) -> Future:
+               options: dict[str, Any] | EncodeOptions | None = None, *,
+               tenant: str | None = None) -> Future:
         """Queue items for encoding: texts, and for image models also images (ImageInput);
-        the future resolves to one ItemResult per item, in order."""
+        the future resolves to one ItemResult per item, in order. `tenant` (e.g. the caller's
+        API key id) groups requests for fair scheduling."""
         opts = options if isinstance(options, EncodeOptions) else EncodeOptions.parse(options)
         types = list(output_types) if output_types else ["dense"]
         with self.registry.use(model) as handle:
@@ -79,7 +81,8 @@ class Engine:
                 self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-                request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline)
+                request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
+                                  tenant=tenant)
                 self._enqueue(handle, request)
             return request.future
 
@@ -90,7 +93,7 @@ class Engine:
 
     def submit_score(self, model: str, query: str, texts: Sequence[str],
                      options: dict[str, Any] | ScoreOptions | None = None,
-                     top_k: int | None = None) -> Future:
+                     top_k: int | None = None, *, tenant: str | None = None) -> Future:
         """Queue the scoring of `texts` against `query`; the future resolves to a ScoreResult.
 
         A cross-encoder runs one (query, item) pair per item; BGE-M3 encodes the query once and
@@ -115,6 +118,7 @@ class Engine:
             with self._adapter(handle, opts.lora_id) as slot:
                 request, finish = self._score_request(m, model, query, texts, opts, top_k,
                                                       score_type, slot, deadline)
+                request.tenant = tenant
                 self._enqueue(handle, request)
             return self._then(request.future, finish)
 
@@ -127,7 +131,7 @@ class Engine:
             self._check_images(m, list(texts))
             fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
             if fixed >= m.max_tokens:
-                raise InputTooLong(f"query.text takes {fixed} tokens with the pair's special "
+                raise InputTooLong(f"query.text takes {fixed}+ tokens with the pair's special "
                                    f"tokens; {model} takes at most {m.max_tokens} per pair, "
                                    "which leaves no room for the item")
             self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
@@ -190,8 +194,9 @@ class Engine:
             return
         for i, n in enumerate(lengths):
             if n > limit:
-                raise InputTooLong(f"{field.format(i=i)} has {n} tokens; {model} takes at most "
-                                   f"{limit} (set options.truncate to true to cut it)")
+                # n is exact up to the limit, a lower bound above it (the text is cut early)
+                raise InputTooLong(f"{field.format(i=i)} has more than {limit} tokens; {model} "
+                                   f"takes at most {limit} (set options.truncate to true to cut it)")
 
     def _then(self, inner: Future, fn: Callable[[Any], Any]) -> Future:
         """A future for fn(inner's result), computed on the post-processing pool; cancelling

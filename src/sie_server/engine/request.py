@@ -33,6 +33,7 @@ class Request:
     adapter_slot: int = -1
     deadline: float | None = None  # time.monotonic() value
     token_types: list[np.ndarray] | None = None  # per item, for sentence pairs
+    tenant: str | None = None  # who sent it (an API key's identity): fair share per tenant
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     results: list[ItemResult | None] = field(init=False)

@@ -1,0 +1,132 @@
+"""Issue 11, item 4: fair scheduling and one admission rule (real engine, real MiniLM weights;
+the worker is held with a gate around the real forward so that what follows stays queued)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from sie_server.config import Settings
+from sie_server.engine import Engine
+from sie_server.errors import BodyTooLarge, Overloaded
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(Settings(default_models=[], device="cpu", max_batch_tokens=64,
+                          max_queued_tokens=4000))
+    eng.encode(MINILM, ["warm"])
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def held(engine):
+    """(scheduler, release, batches): the worker blocks on its next batch until release();
+    `batches` records every batch's entries in launch order."""
+    sched = engine.registry.get(MINILM).scheduler
+    gate, running = threading.Event(), threading.Event()
+    batches: list = []
+    launch = sched._launch
+
+    def recording(batch):
+        batches.append(list(batch))
+        running.set()
+        gate.wait(60)
+        launch(batch)
+
+    sched._launch = recording
+    blocker = engine.submit(MINILM, ["holds the worker"])
+    assert running.wait(30)
+    yield sched, gate.set, batches
+    gate.set()
+    blocker.result(30)
+    del sched._launch
+    sched.max_queued_tokens = engine.settings.max_queued_tokens
+
+
+def position(batches, future_request) -> int:
+    """Index of the first batch holding an item of the request."""
+    return next(k for k, b in enumerate(batches) if any(r is future_request for r, _ in b))
+
+
+def requests_of(batches) -> list:
+    return [r for b in batches for r, _ in b]
+
+
+def test_small_request_behind_a_giant_one_runs_in_the_next_batches(engine, held):
+    sched, release, batches = held
+    giant_texts = [f"giant item number {i} with a few words" for i in range(200)]
+    giant = engine.submit(MINILM, giant_texts)
+    small = engine.submit(MINILM, ["a small one", "and its second item"])
+    release()
+    giant_out, small_out = giant.result(60), small.result(60)
+    # batch 0 is the blocker; the small request's items are in batch 1 (at worst 2)
+    reqs = [{id(r) for r, _ in b} for b in batches]
+    giant_id = next(id(r) for r, _ in batches[1] if len(r.tokens) == 200)
+    small_batches = [k for k, ids in enumerate(reqs) if ids - {giant_id} and k > 0]
+    assert small_batches and max(small_batches) <= 2, small_batches
+    assert len(batches) > 10  # the giant one really spans many batches
+    # nothing lost or mixed: every item equals its own single encode
+    for text, r in zip(giant_texts[:5] + ["a small one"], giant_out[:5] + small_out[:1]):
+        np.testing.assert_allclose(r.dense, engine.encode(MINILM, [text])[0].dense, atol=1e-5)
+    assert len(giant_out) == 200 and len(small_out) == 2
+
+
+def test_tenants_share_batches_round_robin(engine, held):
+    """Tenant a sends three requests, tenant b one: b is served in the first batch after the
+    blocker even though a queued more and first; a's requests take turns among themselves."""
+    sched, release, batches = held
+    a = [engine.submit(MINILM, [f"tenant a request {k} item {i}" for i in range(40)],
+                       tenant="a") for k in range(3)]
+    b = engine.submit(MINILM, ["tenant b asks once"], tenant="b")
+    release()
+    for f in a + [b]:
+        f.result(60)
+    first = {r.tenant for r, _ in batches[1]}
+    assert first == {"a", "b"}, first
+    a_requests = {id(r) for r, _ in batches[1] + batches[2] if r.tenant == "a"}
+    assert len(a_requests) >= 2  # not one of a's requests after the other
+
+
+def test_request_over_the_queue_limit_is_refused_at_once_even_when_idle(engine):
+    sched = engine.registry.get(MINILM).scheduler
+    sched.max_queued_tokens = 100
+    try:
+        assert not sched.busy
+        with pytest.raises(BodyTooLarge) as err:
+            engine.submit(MINILM, ["twelve tokens of text in this item, more or less"] * 20)
+        assert "queues at most 100" in err.value.message and "smaller" in err.value.message
+        assert engine.encode(MINILM, ["fits"])[0].token_count > 0  # the model still serves
+    finally:
+        sched.max_queued_tokens = engine.settings.max_queued_tokens
+
+
+def test_full_queue_still_admits_other_clients_within_their_share(engine, held):
+    sched, release, _ = held
+    sched.max_queued_tokens = 400
+    giant = engine.submit(MINILM, ["nine tokens of text in each item"] * 35, tenant="a")
+    assert sched._queued_tokens > 300  # the queue is (nearly) full of tenant a
+    other = engine.submit(MINILM, ["another client"] * 3, tenant="b")  # within b's share
+    with pytest.raises(Overloaded):  # a already holds more than its share
+        engine.submit(MINILM, ["more from a"] * 20, tenant="a")
+    with pytest.raises(Overloaded):  # b asks for more than half the queue
+        engine.submit(MINILM, ["nine tokens of text in each item"] * 30, tenant="b")
+    release()
+    assert len(giant.result(60)) == 35 and len(other.result(60)) == 3
+
+
+def test_cancelled_work_is_dropped_and_adapter_order_kept(engine, held):
+    sched, release, batches = held
+    doomed = engine.submit(MINILM, [f"cancelled item {i}" for i in range(30)])
+    kept = engine.submit(MINILM, [f"kept item {i}" for i in range(30)])
+    assert doomed.cancel()
+    release()
+    assert len(kept.result(60)) == 30
+    assert all(not r.future.cancelled() for r in requests_of(batches[1:]))
+    for b in batches:
+        slots = [r.adapter_slot for r, _ in b]
+        assert slots == sorted(slots)
