@@ -42,6 +42,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the HTTP API")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
+    add_engine_flags(s)
+    s.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
+                   "how long the model's compute thread may keep the event loop waiting")
+    s.add_argument("--log-level", default="info")
+    from .ray.cli import add_parser as add_ray_parser  # imports no ray until it runs
+
+    add_ray_parser(sub)
+    return p
+
+
+def add_engine_flags(s: argparse.ArgumentParser) -> None:
+    """The model, catalog, batching, limit and auth flags: shared by `serve` and `ray`."""
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     s.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
@@ -78,19 +91,12 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its adapter's first load (default 60)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
-    s.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
-                   "how long the model's compute thread may keep the event loop waiting")
-    s.add_argument("--log-level", default="info")
-    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    logs.configure(args.log_level)
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
-    settings = Settings.from_env(
-        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
+    """Settings from the flags of `add_engine_flags` (environment below them)."""
+    return Settings.from_env(
+        device=args.device, dtype=args.dtype,
         models=dict(args.model), default_models=args.default_models,
         catalog_files=args.catalog, allow_download=args.allow_download,
         max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
@@ -102,7 +108,18 @@ def main(argv: list[str] | None = None) -> None:
         api_keys=args.api_keys, pinned_models=args.pinned_models,
         memory_budget_bytes=args.memory_budget_bytes,
         model_load_timeout_s=args.model_load_timeout_s,
-        load_retry_cooldown_s=args.load_retry_cooldown_s)
+        load_retry_cooldown_s=args.load_retry_cooldown_s, **extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command == "ray":
+        from .ray.cli import run
+
+        return run(args)
+    logs.configure(args.log_level)
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
+    settings = settings_from_args(args, host=args.host, port=args.port)
     from .api import create_app
     from .engine import Engine
 
