@@ -129,6 +129,27 @@ def test_ray_data_embeds_every_row_in_order(ray_cluster, engine) -> None:
     assert result.column("token_count").to_pylist() == [w.token_count for w in want]
 
 
+def readme_ray_data_example() -> str:
+    """The README's Ray Data block (the python fence calling embed_dataset)."""
+    fences = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return next(code for code in fences if "embed_dataset(" in code)
+
+
+def test_readme_ray_data_example_runs(ray_cluster, engine, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"passage {i}: {SHORT_TEXTS[i % len(SHORT_TEXTS)]}" for i in range(64)]
+    pq.write_table(pa.table({"id": list(range(64)), "text": texts}), tmp_path / "passages.parquet")
+    exec(readme_ray_data_example().replace("/data/", f"{tmp_path}/"), {})
+    out = pq.read_table(tmp_path / "passages-embedded")
+    assert sorted(out.column("id").to_pylist()) == list(range(64))
+    assert out.schema.field("dense").type == pa.list_(pa.float16(), 384)
+    by_id = dict(zip(out.column("id").to_pylist(), out.column("dense").to_pylist()))
+    for i, w in enumerate(engine.encode(MINILM, texts)):  # float16: 3 significant digits
+        np.testing.assert_allclose(np.array(by_id[i], np.float32), w.dense, atol=1e-3)
+
+
 def test_cluster_stays_on_loopback(ray_cluster) -> None:
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
 
@@ -275,3 +296,56 @@ def test_app_builder_arguments(bge_m3_dir: Path) -> None:
     assert replica.switch_interval_ms == 1 and gateway.retries == 5
     with pytest.raises(ValueError, match="unknown argument 'replicas'"):
         split_args({"replicas": 2})
+
+
+def test_serve_config_file_is_valid() -> None:
+    """deploy/ray/serve.yaml passes Serve's own schema, and its args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()))
+    assert {a.import_path for a in config.applications} == {"sie_server.ray:app"}
+    from sie_server.ray import app
+
+    for application in config.applications:
+        assert isinstance(app(application.args), serve.Application)
+
+
+def test_sie_server_ray_command_joins_the_cluster(serve_app, engine, tmp_path: Path) -> None:
+    """`sie-server ray --address ...` deploys a second application on the running cluster,
+    serves under its route prefix, and deletes it on SIGTERM (exit 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = serve_app["url"].rsplit(":", 1)[1]
+    log_path = tmp_path / "sie-server-ray.log"
+    log = log_path.open("w")
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sie_server.cli", "ray", "--address", address, "--port", port,
+         "--name", "cli", "--route-prefix", "/cli", "--device", "cpu",
+         "--default-model", MINILM, "--num-cpus", "0.25", "--num-replicas", "1"],
+        env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"{serve_app['url']}/cli"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "serving on" in log_path.read_text():  # deployed and answering
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the command did not serve: {proc.poll()}")
+        with SIEClient(url) as client:
+            got = client.encode(MINILM, [Item(text=t) for t in SHORT_TEXTS[:5]])
+        for g, w in zip(got, engine.encode(MINILM, SHORT_TEXTS[:5])):
+            assert_same(g, w, ["dense"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+    output = log_path.read_text()
+    assert proc.returncode == 0, output
+    assert f"serving on http://127.0.0.1:{port}/cli" in output
+    assert httpx.get(f"{url}/readyz").status_code == 404

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--host", default="127.0.0.1", help="Serve's HTTP proxy address "
                    "(default 127.0.0.1; 0.0.0.0 to serve the network)")
     r.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default 8000)")
+    r.add_argument("--name", default="sie", help="the Serve application's name (default sie)")
+    r.add_argument("--route-prefix", default="/",
+                   help="where the application's routes start (default /; e.g. /small)")
     add_engine_flags(r)
     r.add_argument("--num-replicas", type=int, default=1)
     r.add_argument("--autoscaling-config", type=json.loads, metavar="JSON",
@@ -51,6 +54,9 @@ def run(args: argparse.Namespace) -> None:
 
     logs.configure(args.log_level)
     connect(args.address, num_cpus=args.num_local_cpus)  # before ray is imported
+    stop = threading.Event()  # after ray.init: Ray installs its own SIGTERM handler there
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     from ray import serve
 
     from .serve import GatewayOptions, ReplicaOptions, build_app
@@ -67,12 +73,10 @@ def run(args: argparse.Namespace) -> None:
                              max_models_per_replica=args.max_models_per_replica,
                              metrics_port=args.metrics_port)
     app = build_app(settings_from_args(args), replica, GatewayOptions(), **deployment)
-    serve.run(app, name="sie", route_prefix="/")
-    print(f"serving on http://{args.host}:{args.port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.delete("sie")  # replicas drain: each engine finishes what it accepted
+    serve.run(app, name=args.name, route_prefix=args.route_prefix)
+    print(f"serving on http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    serve.delete(args.name)  # replicas drain: each engine finishes what it accepted
     if args.address is None:
         serve.shutdown()

@@ -246,7 +246,9 @@ class GatewayApp:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        path = scope["path"]
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # an application with a route_prefix
+            path = path[len(root):]
         request = {"method": scope["method"], "path": path,
                    "query": scope.get("query_string", b""), "headers": scope["headers"],
                    "body": b"".join(chunks), "client": scope.get("client")}
