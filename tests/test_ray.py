@@ -299,7 +299,8 @@ def test_app_builder_arguments(bge_m3_dir: Path) -> None:
 
 
 def test_serve_config_file_is_valid() -> None:
-    """deploy/ray/serve.yaml passes Serve's own schema, and its args build the application."""
+    """deploy/ray/serve.yaml (and the RayService's serveConfigV2) pass Serve's own schema,
+    and their args build the application."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -310,6 +311,20 @@ def test_serve_config_file_is_valid() -> None:
 
     for application in config.applications:
         assert isinstance(app(application.args), serve.Application)
+    # the KubeRay manifest's serveConfigV2 too (its CRD check needs KubeRay's CRD file:
+    # deploy/ray/check_rayservice.py, see docs/RAY.md)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_rayservice",
+                                                  ROOT / "deploy/ray/check_rayservice.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    manifest = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
+    assert check.check_serve_config(manifest) == 1
+    manifest["spec"]["serveConfigV2"] = manifest["spec"]["serveConfigV2"].replace(
+        "num_gpus: 1", "num_gpu: 1")
+    with pytest.raises(ValueError, match="num_gpu"):
+        check.check_serve_config(manifest)
 
 
 def test_sie_server_ray_command_joins_the_cluster(serve_app, engine, tmp_path: Path) -> None:
