@@ -296,6 +296,13 @@ def test_app_builder_arguments(bge_m3_dir: Path) -> None:
     assert replica.switch_interval_ms == 1 and gateway.retries == 5
     with pytest.raises(ValueError, match="unknown argument 'replicas'"):
         split_args({"replicas": 2})
+    # the path `serve run sie_server.ray:app k=v` takes: import, then Serve calls the builder
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    built = call_user_app_builder_with_args_if_necessary(
+        import_attr("sie_server.ray:app"), {"device": "cpu", "num_replicas": "2"})
+    assert isinstance(built, serve.Application)
 
 
 def test_serve_config_file_is_valid() -> None:
