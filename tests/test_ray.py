@@ -154,7 +154,7 @@ def test_cluster_stays_on_loopback(ray_cluster) -> None:
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
 
 
-def test_sdk_through_serve_equals_in_process_engine(serve_app, engine) -> None:
+def test_sdk_through_serve_equals_in_process_engine(serve_app, engine, cli_command) -> None:
     texts = SHORT_TEXTS
     want = engine.encode(MINILM, texts)
     with SIEClient(serve_app["url"], max_items_per_request=8) as client:
@@ -334,23 +334,35 @@ def test_serve_config_file_is_valid() -> None:
         check.check_serve_config(manifest)
 
 
-def test_sie_server_ray_command_joins_the_cluster(serve_app, engine, tmp_path: Path) -> None:
-    """`sie-server ray --address ...` deploys a second application on the running cluster,
-    serves under its route prefix, and deletes it on SIGTERM (exit 0)."""
-    import signal
+@pytest.fixture(scope="module")
+def cli_command(serve_app, tmp_path_factory):
+    """`sie-server ray --address <this cluster>` with a second application under /cli,
+    started early: it deploys while the other tests run."""
     import subprocess
     import sys
 
     port = serve_app["url"].rsplit(":", 1)[1]
-    log_path = tmp_path / "sie-server-ray.log"
+    log_path = tmp_path_factory.mktemp("cli") / "sie-server-ray.log"
     log = log_path.open("w")
-    address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sie_server.cli", "ray", "--address", address, "--port", port,
-         "--name", "cli", "--route-prefix", "/cli", "--device", "cpu",
-         "--default-model", MINILM, "--num-cpus", "0.25", "--num-replicas", "1"],
+        [sys.executable, "-m", "sie_server.cli", "ray", "--address",
+         ray.get_runtime_context().gcs_address, "--port", port, "--name", "cli",
+         "--route-prefix", "/cli", "--device", "cpu", "--default-model", MINILM,
+         "--num-cpus", "0.25", "--num-replicas", "1"],
         env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"{serve_app['url']}/cli"
+    yield {"proc": proc, "log": log_path, "port": port, "url": f"{serve_app['url']}/cli"}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_sie_server_ray_command_joins_the_cluster(cli_command, engine) -> None:
+    """The command deploys its application on the running cluster, serves under its route
+    prefix, and deletes it on SIGTERM (exit 0)."""
+    import signal
+
+    proc, log_path, url = cli_command["proc"], cli_command["log"], cli_command["url"]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -358,7 +370,7 @@ def test_sie_server_ray_command_joins_the_cluster(serve_app, engine, tmp_path: P
                 break
             time.sleep(0.5)
         else:
-            pytest.fail(f"the command did not serve: {proc.poll()}")
+            pytest.fail(f"the command did not serve: {proc.poll()}\n{log_path.read_text()}")
         with SIEClient(url) as client:
             got = client.encode(MINILM, [Item(text=t) for t in SHORT_TEXTS[:5]])
         for g, w in zip(got, engine.encode(MINILM, SHORT_TEXTS[:5])):
@@ -366,8 +378,7 @@ def test_sie_server_ray_command_joins_the_cluster(serve_app, engine, tmp_path: P
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-        log.close()
     output = log_path.read_text()
     assert proc.returncode == 0, output
-    assert f"serving on http://127.0.0.1:{port}/cli" in output
+    assert f"serving on http://127.0.0.1:{cli_command['port']}/cli" in output
     assert httpx.get(f"{url}/readyz").status_code == 404
