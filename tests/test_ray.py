@@ -10,6 +10,7 @@ here, and the packed forward is independent of batch composition only up to roun
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, free_port
+from conftest import LEGAL_LORA, ROOT, free_port
 from texts import SHORT_TEXTS, miracl_passages
 
 from sie_server.ray import cluster  # noqa: E402  (imports no ray)
@@ -44,8 +45,9 @@ REPLICA_LABEL = re.compile(r'^sie_replica\{[^}]*\breplica="([^"]+)"[^}]*\} 1\.0$
 
 
 @pytest.fixture(scope="module")
-def settings(bge_m3_dir: Path) -> Settings:
-    return Settings(device="cpu", models={BGE: str(bge_m3_dir)}, default_models=[MINILM])
+def settings(bge_m3_dir: Path, legal_lora) -> Settings:
+    return Settings(device="cpu", models={BGE: str(bge_m3_dir)}, default_models=[MINILM],
+                    adapter_roots=[legal_lora["root"]])
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +200,13 @@ def test_second_model_loads_on_demand_and_is_routed_by_path(serve_app, engine) -
         got = client.encode(BGE, [Item(text=t) for t in texts], output_types=ALL)
     for g, w in zip(got, engine.encode(BGE, texts, ALL)):
         assert_same(g, w, ALL)
+    # a LoRA adapter hot-loads inside the replica, as in the server
+    with SIEClient(url) as client:
+        adapted = client.encode(BGE, [Item(text=t) for t in texts], output_types=ALL,
+                                options={"lora_id": LEGAL_LORA})
+    for g, w, base in zip(adapted, engine.encode(BGE, texts, ALL, {"lora_id": LEGAL_LORA}), got):
+        assert_same(g, w, ALL)
+        assert not np.allclose(g["dense"], base["dense"], atol=1e-3)  # the adapter acts
     holders = set()
     for _ in range(3):  # which replicas loaded it: the one(s) that answered so far
         holders.add(post_encode(url, BGE, ["warm"]).headers["x-sie-replica"])
@@ -348,7 +357,8 @@ def cli_command(serve_app, tmp_path_factory):
         [sys.executable, "-m", "sie_server.cli", "ray", "--address",
          ray.get_runtime_context().gcs_address, "--port", port, "--name", "cli",
          "--route-prefix", "/cli", "--device", "cpu", "--default-model", MINILM,
-         "--num-cpus", "0.25", "--num-replicas", "1"],
+         "--num-cpus", "0.25", "--num-replicas", "1",
+         "--max-ongoing-requests", "1", "--max-queued-requests", "1"],
         env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     yield {"proc": proc, "log": log_path, "port": port, "url": f"{serve_app['url']}/cli"}
     if proc.poll() is None:
@@ -375,6 +385,14 @@ def test_sie_server_ray_command_joins_the_cluster(cli_command, engine) -> None:
             got = client.encode(MINILM, [Item(text=t) for t in SHORT_TEXTS[:5]])
         for g, w in zip(got, engine.encode(MINILM, SHORT_TEXTS[:5])):
             assert_same(g, w, ["dense"])
+        # one request at a time and one queued (--max-ongoing/queued-requests 1): the rest
+        # of a burst gets our 429 with Retry-After, the SDK's OverloadedError
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            burst = list(pool.map(lambda i: post_encode(url, MINILM, SHORT_TEXTS[:16]), range(12)))
+        refused = [r for r in burst if r.status_code == 429]
+        assert refused and {r.status_code for r in burst} == {200, 429}
+        assert refused[0].json()["error"]["code"] == "overloaded"
+        assert refused[0].headers["retry-after"] == "1"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
