@@ -1,12 +1,12 @@
 """The Ray Serve application: replicas that each build an Engine and host our HTTP app.
 
-Two deployments. `SIEDeployment` replicas each build an Engine and host `create_app(engine)`
-itself (`@serve.ingress()` with `__serve_build_asgi_app__`), so every route, error, limit
-and metric of `sie-server serve` comes along; each response names its replica
-(`X-SIE-Replica`, and a `sie_replica` gauge in `/metrics`). `Gateway`, the HTTP entry, is a
-thin forwarder: it routes each request by the model id in its path through Serve's model
-multiplexing, retries a request whose replica died on another one, and answers Serve's
-backpressure with our 429 (`max_queued_requests`).
+Two deployments. `SIEDeployment` replicas each build an Engine and run every request through
+`create_app(engine)`, so every route, error, limit and metric of `sie-server serve` comes
+along; each response names its replica (`X-SIE-Replica`, and a `sie_replica` gauge in
+`/metrics`). `Gateway`, the HTTP ingress (`@serve.ingress()` with `__serve_build_asgi_app__`),
+is a thin forwarder: it routes each request by the model id in its path through Serve's model
+multiplexing, sends a request whose replica died to another one, and answers Serve's queue
+limit (`max_queued_requests`) with our 429. See docs/RAY.md for why there are two.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..api import create_app
+from ..api.wire import JSON, MSGPACK, encode_body, wants_msgpack
 from ..config import Settings
 from ..engine import Engine
 from ..errors import ModelUnavailable, Overloaded, SIEError
@@ -116,12 +117,12 @@ class SIEDeployment:
         """Serve calls this at replica shutdown: finish queued work, stop the workers."""
         await self.lifespan.stop()
 
-    def check_health(self) -> None:
-        """Serve replaces a replica whose model worker died."""
-        dead = [h.spec.name for h in self.engine.registry.handles()
-                if h.scheduler is not None and not h.scheduler.alive]
-        if dead:
-            raise RuntimeError(f"model workers died: {', '.join(dead)}")
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose /healthz fails (a model worker died)."""
+        response = await call_asgi(self.http, {"method": "GET", "path": "/healthz", "query": b"",
+                                               "headers": [], "body": b""})
+        if response["status"] != 200:
+            raise RuntimeError(f"unhealthy: {response['body'].decode(errors='replace')}")
 
 
 class ReplicaApp:
@@ -258,17 +259,19 @@ class GatewayApp:
         try:
             response = await self.gateway.relay(handle, request)
         except SIEError as err:
-            response = error_response(err)
+            accept = dict(scope["headers"]).get(b"accept", b"").decode("latin-1")
+            response = error_response(err, wants_msgpack(accept))
         await send({"type": "http.response.start", "status": response["status"],
                     "headers": response["headers"]})
         await send({"type": "http.response.body", "body": response["body"]})
 
 
 
-def error_response(err: SIEError) -> dict[str, Any]:
-    """Our JSON error body, as api.app answers it."""
-    body = json.dumps({"error": {"code": err.code, "message": err.message}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+def error_response(err: SIEError, binary: bool) -> dict[str, Any]:
+    """Our error body and Retry-After, as api.app answers them."""
+    body = encode_body({"error": {"code": err.code, "message": err.message}}, binary)
+    headers = [(b"content-type", (MSGPACK if binary else JSON).encode()),
+               (b"content-length", str(len(body)).encode())]
     if err.retry_after:
         headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
     return {"status": err.status, "headers": headers, "body": body}
