@@ -273,6 +273,10 @@ def test_replica_killed_under_load_loses_nothing(serve_app, engine) -> None:
     killed_at = time.monotonic()
     [t.join() for t in threads]
     assert min(finished) < killed_at < max(finished)  # the kill came mid-load
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"  # Serve's
+    retried = sum(f.read_text(errors="replace").count("replica died during a request")
+                  for f in logs.glob("replica_sie_gateway_*.log"))
+    assert retried >= 1  # some requests were on the victim when it died, and were sent again
     assert not failures, failures
     assert set(statuses) <= set(RETRYABLE)
     assert set(got) == set(texts)

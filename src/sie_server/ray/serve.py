@@ -32,7 +32,7 @@ from ..config import Settings
 from ..engine import Engine
 from ..errors import ModelUnavailable, Overloaded, SIEError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # into Serve's replica logs, with request ids
 
 REPLICA_HEADER = b"x-sie-replica"
 # Serve options of the SIE deployment; the other arguments of an app are Settings fields
