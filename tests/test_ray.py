@@ -10,6 +10,7 @@ here, and the packed forward is independent of batch composition only up to roun
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import re
@@ -29,7 +30,7 @@ os.environ.update(cluster.LOCAL_ENV)  # before ray is imported: Ray reads them a
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from sie_sdk import SIEClient  # noqa: E402
+from sie_sdk import SIEAsyncClient, SIEClient  # noqa: E402
 from sie_sdk.errors import InvalidRequestError, SIEServerError  # noqa: E402
 from sie_sdk.types import Item  # noqa: E402
 from sie_server.config import Settings  # noqa: E402
@@ -180,16 +181,24 @@ def test_sdk_through_serve_equals_in_process_engine(serve_app, engine, cli_comma
     assert seen == set(replica_actors())
 
 
-def test_errors_and_openai_route_come_along(serve_app, engine) -> None:
+def test_errors_async_sdk_and_openai_client_come_along(serve_app, engine) -> None:
     url = serve_app["url"]
     r = post_encode(url, "no/such-model", ["x"])
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     with SIEClient(url) as client, pytest.raises(InvalidRequestError, match="colour"):
         client.encode(MINILM, Item(text="x"), output_types=["colour"])
-    r = httpx.post(f"{url}/v1/embeddings", json={"model": MINILM, "input": ["hello there"]})
-    assert r.status_code == 200, r.text
+    from openai import OpenAI
+
     want = engine.encode(MINILM, ["hello there"])[0].dense
-    np.testing.assert_allclose(r.json()["data"][0]["embedding"], want, atol=ATOL)
+    openai_client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    got = openai_client.embeddings.create(model=MINILM, input=["hello there"])
+    np.testing.assert_allclose(got.data[0].embedding, want, atol=ATOL)
+
+    async def with_async_sdk() -> dict:
+        async with SIEAsyncClient(url) as client:
+            return await client.encode(MINILM, Item(text="hello there"))
+
+    np.testing.assert_allclose(asyncio.run(with_async_sdk())["dense"], want, atol=ATOL)
     assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
 
 
