@@ -52,6 +52,20 @@ def parser() -> argparse.ArgumentParser:
                    "variables override it")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
+    add_engine_flags(s)
+    add_connection_flags(s)
+    s.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
+                   "how long the model's compute thread may keep the event loop waiting")
+    s.add_argument("--log-level", default="info")
+    from .ray.cli import add_parser as add_ray_parser  # imports no ray until it runs
+
+    add_ray_parser(sub)
+    return p
+
+
+def add_engine_flags(s: argparse.ArgumentParser) -> None:
+    """The model, catalog, batching, limit and auth flags: shared by `serve` and `ray`."""
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     s.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
@@ -90,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its adapter's first load (default 60)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require this bearer token (repeatable; or SIE_API_KEYS=k1,k2)")
+
+
+def add_connection_flags(s: argparse.ArgumentParser) -> None:
+    """The HTTP connection limits of `serve` (connections.py)."""
     s.add_argument("--header-timeout", type=float, dest="header_timeout_s",
                    help="seconds for a request head to arrive, from the connection opening or "
                    "the previous response (default 10); slower connections are closed")
@@ -103,11 +121,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-headers", type=int, help="headers per request; more is a 431 (default 100)")
     s.add_argument("--max-connections", type=int,
                    help="open connections; new ones past it are closed at once (default 4096)")
-    s.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
-                   "how long the model's compute thread may keep the event loop waiting")
-    s.add_argument("--log-level", default="info")
-    return p
 
 
 def _subparser(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -202,11 +215,20 @@ def announce(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
-    args = apply_config_file(cli.parse_args(argv), argv)
+    args = cli.parse_args(argv)
+    if args.command == "ray":
+        from .ray.cli import run
+
+        return run(args)
+    args = apply_config_file(args, argv)
     logs.configure(args.log_level)
     sys.setswitchinterval(args.switch_interval_ms / 1000)
     try:
-        settings = _settings(args)
+        settings = settings_from_args(
+            args, host=args.host, port=args.port, header_timeout_s=args.header_timeout_s,
+            keep_alive_timeout_s=args.keep_alive_timeout_s,
+            body_idle_timeout_s=args.body_idle_timeout_s, max_header_bytes=args.max_header_bytes,
+            max_headers=args.max_headers, max_connections=args.max_connections)
     except ValueError as err:
         cli.error(str(err))  # exits 2 with the message and the usage line
     announce(settings)
@@ -225,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     GracefulServer(config).run()
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
+    """Settings from the flags of `add_engine_flags` (environment below them)."""
     return Settings.from_env(
-        host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype,
         models=dict(args.model), default_models=args.default_models,
         catalog_files=args.catalog, allow_download=args.allow_download,
         max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
@@ -239,10 +262,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         api_keys=args.api_keys, pinned_models=args.pinned_models,
         memory_budget_bytes=args.memory_budget_bytes,
         model_load_timeout_s=args.model_load_timeout_s,
-        load_retry_cooldown_s=args.load_retry_cooldown_s,
-        header_timeout_s=args.header_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
-        body_idle_timeout_s=args.body_idle_timeout_s, max_header_bytes=args.max_header_bytes,
-        max_headers=args.max_headers, max_connections=args.max_connections)
+        load_retry_cooldown_s=args.load_retry_cooldown_s, **extra)
 
 
 if __name__ == "__main__":
