@@ -19,7 +19,7 @@ def encode(client: httpx.Client, key: str, texts: list[str]) -> tuple[int, list,
     started = time.monotonic()
     r = client.post(f"/v1/encode/{MINILM}", json={"items": [{"text": t} for t in texts]},
                     headers={"authorization": f"Bearer {key}"}, timeout=600)
-    vectors = [np.asarray(i["dense"], np.float32) for i in r.json()["items"]] \
+    vectors = [np.asarray(i["dense"]["values"], np.float32) for i in r.json()["items"]] \
         if r.status_code == 200 else []
     return r.status_code, vectors, time.monotonic() - started
 

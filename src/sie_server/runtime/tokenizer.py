@@ -126,8 +126,9 @@ class TextTokenizer:
             and _local(cfg.get("pre_tokenizer"), "pre_tokenizer")
             and longest_added < _MARGIN) else None  # None: texts are tokenized whole
         self._max_word_chars = model.get("max_input_chars_per_word", 100)
+        unk = model.get("unk_token")  # WordPiece's; BPE models may have none (null)
         self._unk = model.get("unk_id") if self._kind == "Unigram" else \
-            self._tok.token_to_id(model.get("unk_token", "[UNK]"))
+            (self._tok.token_to_id(unk) if unk else None)
         self._pieces: tuple[set[str], int] | None = None  # Unigram (vocabulary, longest piece)
         a = self._tok.encode("a", add_special_tokens=False)
         single = self._tok.post_process(a, None, add_special_tokens=True).ids
