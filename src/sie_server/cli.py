@@ -36,17 +36,32 @@ def _model_flag(value: str) -> tuple[str, str]:
     return name, source
 
 
+def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Where models come from and how they run: shared by `serve` and `encode` (which has
+    its own `--model`)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    if model_flag:
+        p.add_argument("--model", action="append", type=_model_flag, default=[],
+                       metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")
+    p.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
+                   help="extra catalog YAML (repeatable)")
+    p.add_argument("--allow-download", action="store_true", default=None,
+                   help="fetch missing weights and adapters from the Hugging Face hub")
+    p.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
+                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sie-server", description="Embedding inference server")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the HTTP API")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    s.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
-    s.add_argument("--model", action="append", type=_model_flag, default=[], metavar="NAME=PATH",
-                   help="serve NAME from a folder or hub id (repeatable)")
+    add_model_flags(s)
     s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
                    help="load NAME at start (repeatable; default: the catalog's defaults)")
     s.add_argument("--pin", action="append", dest="pinned_models", metavar="NAME",
@@ -57,17 +72,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its model to load, then 503 (default 120)")
     s.add_argument("--load-retry-cooldown", type=float, dest="load_retry_cooldown_s",
                    help="seconds a failed model load is not retried (default 30)")
-    s.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
-                   help="extra catalog YAML (repeatable)")
-    s.add_argument("--allow-download", action="store_true", default=None,
-                   help="fetch missing weights and adapters from the Hugging Face hub")
-    s.add_argument("--max-batch-tokens", type=int, help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
     s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
     s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")
-    s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
-                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
     s.add_argument("--adapter-download-allow", action="append", dest="adapter_download_allow",
                    metavar="PATTERN", help="fetch hub adapters whose id matches this glob, e.g. "
                    "'my-org/*', even without --allow-download (repeatable)")
@@ -82,11 +90,18 @@ def parser() -> argparse.ArgumentParser:
                    help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
                    "how long the model's compute thread may keep the event loop waiting")
     s.add_argument("--log-level", default="info")
+    from .corpus.cli import add_parser as add_encode
+
+    add_encode(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.command == "encode":
+        from .corpus.cli import main as encode
+
+        sys.exit(encode(args))
     logs.configure(args.log_level)
     sys.setswitchinterval(args.switch_interval_ms / 1000)
     settings = Settings.from_env(
