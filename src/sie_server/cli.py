@@ -53,6 +53,7 @@ def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None
                    metavar="DIR", help="folder holding LoRA adapters (repeatable)")
     p.add_argument("--max-batch-tokens", type=int,
                    help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
+    p.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +73,6 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for its model to load, then 503 (default 120)")
     s.add_argument("--load-retry-cooldown", type=float, dest="load_retry_cooldown_s",
                    help="seconds a failed model load is not retried (default 30)")
-    s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
     s.add_argument("--max-queued-tokens", type=int, help="per model, then 429 (default 2M)")

@@ -87,7 +87,8 @@ def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
     settings = Settings.from_env(
         device=args.device, dtype=args.dtype, models={name: source} if source else {},
         default_models=[], catalog_files=args.catalog, allow_download=args.allow_download,
-        adapter_roots=args.adapter_roots, max_batch_tokens=args.max_batch_tokens)
+        adapter_roots=args.adapter_roots, max_batch_tokens=args.max_batch_tokens,
+        max_batch_items=args.max_batch_items)
     engine = Engine(settings)
     try:
         return InProcessBackend(engine, model, args.output_types, options)

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..columns import schema_for, to_columns
 from .progress import Progress
-from .readers import BadRow, count_rows, describe, read_rows
+from .readers import BadRow, count_rows, describe, file_format, read_rows
 from .writer import FIRST_BAD, OutputFolder, ShardStats, ShardWriter, shard_name
 
 ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per Parquet row group
@@ -172,9 +172,20 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
         writer.put(("end", stats))
 
 
+def _count(job: Job, progress: Progress) -> None:
+    """The total for the progress bar, read beside the run (a failure only loses the ETA:
+    the reading thread reports unreadable inputs)."""
+    try:
+        progress.set_total(count_rows(job.files, job.format))
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def run(job: Job, backend, progress: Progress | None = None) -> dict[str, Any]:
     """Encode every row of `job.files` not yet in `job.output`; returns the run's summary."""
     started = time.monotonic()
+    for path in job.files:
+        file_format(path, job.format)  # an unknown format fails before any work
     dims = _probe_dims(backend, job.output_types)
     schema = output_schema(job.output_types, job.output_dtype, dims)
     info = {"backend": backend.name, "dims": dims,
@@ -182,10 +193,11 @@ def run(job: Job, backend, progress: Progress | None = None) -> dict[str, Any]:
     out = OutputFolder(job.output, job.config(backend.identity), info)
     if out.complete:
         return summary(out, 0, 0, time.monotonic() - started, already_complete=True)
-    done_before = sum(s.rows + s.skipped for s in out.done.values())
-    progress = progress or Progress(done_before, interval_s=job.log_interval_s)
-    threading.Thread(target=lambda: progress.set_total(count_rows(job.files, job.format)),
-                     name="sie-corpus-count", daemon=True).start()
+    rows_before = sum(s.rows for s in out.done.values())
+    progress = progress or Progress(sum(s.rows + s.skipped for s in out.done.values()),
+                                    interval_s=job.log_interval_s)
+    threading.Thread(target=_count, args=(job, progress), name="sie-corpus-count",
+                     daemon=True).start()
     writer = _Writer(job, out, schema, dims, progress)
     writer.start()
     first = next(k for k in range(len(out.done) + 1) if k not in out.done)
@@ -197,7 +209,8 @@ def run(job: Job, backend, progress: Progress | None = None) -> dict[str, Any]:
     if error is not None:
         raise error
     out.write_manifest("complete")
-    return summary(out, progress.rows - done_before, progress.tokens, time.monotonic() - started)
+    rows = sum(s.rows for s in out.done.values()) - rows_before
+    return summary(out, rows, progress.tokens, time.monotonic() - started)
 
 
 def summary(out: OutputFolder, rows: int, tokens: int, seconds: float,

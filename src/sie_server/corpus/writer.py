@@ -183,3 +183,11 @@ def check_config(previous: dict[str, Any], current: dict[str, Any]) -> None:
     if diffs:
         raise ManifestMismatch("the output folder holds a run with other settings; use another "
                                "--output or the same settings:\n  " + "\n  ".join(diffs))
+
+
+def read_output(folder: Path) -> pa.Table:
+    """Every shard of an output folder as one table, in input order."""
+    paths = sorted(Path(folder).glob("part-*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"{folder} holds no part-*.parquet shard")
+    return pa.concat_tables(pq.read_table(p) for p in paths)
