@@ -32,26 +32,36 @@ def weights_digest(folder: Path) -> str:
     return total.hexdigest()
 
 
+def model_identity(settings, model: str, dtype: str | None) -> dict[str, Any]:
+    """What the manifest records of a local model: name, family, weights digest, hub revision."""
+    from ..engine.catalog import load_catalog, spec_for_source
+    from ..engine.sources import resolve
+
+    specs, _ = load_catalog(settings.catalog_files)
+    source = settings.models.get(model)
+    spec = spec_for_source(model, source, specs.get(model)) if source else specs.get(model)
+    if spec is None:
+        raise ValueError(f"model {model!r} is not in the catalog; pass --model NAME=PATH")
+    folder = resolve(spec.name, spec.source, spec.family, settings.allow_download)
+    revision = re.search(r"snapshots/([0-9a-f]{40})", str(folder))
+    return {"name": model, "family": spec.family, "weights_sha256": weights_digest(folder),
+            "revision": revision.group(1) if revision else None, "dtype": dtype}
+
+
 class InProcessBackend:
     """The engine in this process (loads the model on start)."""
 
     name = "in-process"
 
     def __init__(self, engine, model: str, output_types: Sequence[str], options: dict[str, Any]):
-        from ..engine.sources import resolve
         from ..errors import Overloaded
 
         self.engine, self.model = engine, model
         self.output_types, self.options = list(output_types), options
         self._overloaded = Overloaded
-        handle = engine.registry.get(model)
-        spec = handle.spec
-        folder = resolve(spec.name, spec.source, spec.family, allow_download=False)
-        revision = re.search(r"snapshots/([0-9a-f]{40})", str(folder))
-        self.identity = {"name": model, "family": spec.family,
-                         "weights_sha256": weights_digest(folder),
-                         "revision": revision.group(1) if revision else None,
-                         "dtype": str(engine.placement.dtype).removeprefix("torch.")}
+        engine.registry.get(model)  # load now: a missing model fails before any work
+        self.identity = model_identity(engine.settings, model,
+                                       str(engine.placement.dtype).removeprefix("torch."))
 
     def submit(self, texts: list[str]) -> Future:
         while True:
@@ -62,6 +72,48 @@ class InProcessBackend:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class RayBackend:
+    """Ray Data actors (`sie_server.ray.data.embed_dataset`), each holding an Engine built
+    from `settings`. One Dataset per submitted batch, so the caller submits whole shards."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None, settings, model: str, output_types: Sequence[str],
+                 options: dict[str, Any], num_actors: int = 2, num_cpus: float = 0.5,
+                 num_gpus: float = 0, batch_size: int = 64):
+        from ..ray import cluster
+
+        cluster.connect(address)
+        self.settings, self.model = settings, model
+        self.output_types, self.options = list(output_types), options
+        self.actor_args = {"num_actors": num_actors, "num_cpus": num_cpus, "num_gpus": num_gpus,
+                           "batch_size": batch_size}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sie-corpus-ray")
+        dtype = None if settings.dtype == "auto" else settings.dtype
+        self.identity = model_identity(settings, model, dtype)
+
+    def submit(self, texts: list[str]) -> Future:
+        return self.pool.submit(self._encode, texts)
+
+    def _encode(self, texts: list[str]) -> list[ItemResult]:
+        import pyarrow as pa
+        import ray
+
+        from ..columns import from_columns
+        from ..ray.data import embed_dataset
+
+        ds = ray.data.from_arrow(pa.table({"text": pa.array(texts, pa.string())}))
+        out = embed_dataset(ds, self.model, self.output_types, self.options, self.settings,
+                            **self.actor_args)
+        table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+        if table.num_rows != len(texts):
+            raise RuntimeError(f"Ray returned {table.num_rows} rows for {len(texts)} texts")
+        return from_columns(table)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ServerBackend:

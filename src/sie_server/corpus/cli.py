@@ -62,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--api-key", help="the server's API key (default: env SIE_API_KEY)")
     e.add_argument("--retry-timeout", type=float, default=300.0,
                    help="--server: seconds to keep retrying 429/5xx/lost connections (default 300)")
+    e.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="encode on Ray Data actors: a cluster address ('auto', 'ray://host:10001')"
+                   ", or a local cluster when no address is given; one Ray job per shard")
+    e.add_argument("--ray-actors", type=int, default=2, help="--ray: actors (default 2)")
+    e.add_argument("--ray-cpus", type=float, default=0.5, help="--ray: CPUs per actor (default 0.5)")
+    e.add_argument("--ray-gpus", type=float, default=0, help="--ray: GPUs per actor (default 0)")
     e.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress lines when not on a terminal (default 10)")
     e.add_argument("--log-level", default="warning")
@@ -74,7 +80,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
-    from .backends import InProcessBackend, ServerBackend
+    from .backends import InProcessBackend, RayBackend, ServerBackend
 
     if args.server:
         return ServerBackend(args.server, model, args.output_types, options,
@@ -89,6 +95,10 @@ def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
         default_models=[], catalog_files=args.catalog, allow_download=args.allow_download,
         adapter_roots=args.adapter_roots, max_batch_tokens=args.max_batch_tokens,
         max_batch_items=args.max_batch_items)
+    if args.ray:
+        return RayBackend(None if args.ray == "local" else args.ray, settings, model,
+                          args.output_types, options, num_actors=args.ray_actors,
+                          num_cpus=args.ray_cpus, num_gpus=args.ray_gpus)
     engine = Engine(settings)
     try:
         return InProcessBackend(engine, model, args.output_types, options)
@@ -109,14 +119,18 @@ def main(args: argparse.Namespace) -> int:
     if args.server and args.model[1]:
         return _fail("--model NAME=PATH loads weights in this process; with --server pass the "
                      "server's model name")
+    if args.server and args.ray:
+        return _fail("--server and --ray are two backends; pick one")
     try:
         files = expand(args.inputs)
         shard_rows = args.shard_rows or (10_000 if "multivector" in args.output_types else 100_000)
         job = Job(files=files, output=args.output, output_types=args.output_types,
                   output_dtype=args.output_dtype, options=_options(args),
                   text_field=args.text_field, id_field=args.id_field, format=args.format,
-                  shard_rows=shard_rows, batch_size=args.batch_size,
-                  concurrency=args.concurrency, on_bad_row=args.on_bad_row,
+                  shard_rows=shard_rows, on_bad_row=args.on_bad_row,
+                  # Ray: one Dataset per shard, the next one read while this one runs
+                  batch_size=shard_rows if args.ray else args.batch_size,
+                  concurrency=1 if args.ray else args.concurrency,
                   log_interval_s=args.log_every)
         backend = _backend(args, model, job.options)
         try:
@@ -125,6 +139,9 @@ def main(args: argparse.Namespace) -> int:
             backend.close()
     except (InputError, BadRowError, ManifestMismatch, SIEError, ValueError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        print("sie-server encode: interrupted; the same command resumes", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - e.g. the SDK's errors; shown, not a traceback
         if type(e).__module__.startswith("sie_sdk"):
             return _fail(f"{type(e).__name__}: {e}")
