@@ -303,3 +303,54 @@ def test_cli_plain_progress_and_summary(minilm_dir: Path, tmp_path: Path) -> Non
     again = subprocess.run(cmd + ["--output-types", "dense", "--is-query"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "options: {} then, {'is_query': True} now" in again.stderr
+
+
+@pytest.mark.parametrize("name,fmt", [("r.jsonl", "jsonl"), ("r.jsonl.gz", "jsonl"),
+                                      ("r.csv", "csv"), ("r.tsv.zst", "tsv"),
+                                      ("r.parquet", "parquet"), ("r.txt", "text")])
+def test_reader_resume_start_and_count(tmp_path: Path, name: str, fmt: str) -> None:
+    """read_rows(start=k) gives exactly the rows from position k of a full read (Parquet
+    row groups skipped by their metadata); count_rows counts every row (a CSV cell may hold
+    newlines)."""
+    from sie_server.corpus.readers import count_rows, read_rows
+
+    rows = [{"id": f"r{i}", "text": f"line {i}" + ("\nsecond line" if fmt in ("csv", "tsv")
+                                                   and i % 3 == 0 else "")} for i in range(23)]
+    src = write(tmp_path / name, fmt, rows)
+    id_field = None if fmt == "text" else "id"
+    full = list(read_rows([src, src], id_field=id_field))
+    assert len(full) == 46 == count_rows([src, src])
+    assert [r.position for r in full] == list(range(46))
+    if fmt in ("csv", "tsv"):
+        assert full[3].text == "line 3\nsecond line"
+    for start in (0, 5, 7, 22, 23, 30, 46):
+        assert list(read_rows([src, src], id_field=id_field, start=start)) == full[start:]
+
+
+def test_plain_text_blank_line_is_a_bad_row(tmp_path: Path) -> None:
+    from sie_server.corpus.readers import BadRow, read_rows
+
+    (tmp_path / "t.txt").write_text("one\n\n  \nfour\n")
+    rows = list(read_rows([tmp_path / "t.txt"]))
+    assert [type(r).__name__ for r in rows] == ["Row", "BadRow", "BadRow", "Row"]
+    assert rows[3].id == "3" and rows[3].text == "four"
+    assert isinstance(rows[1], BadRow) and rows[1].reason == "empty line"
+
+
+def test_progress_lines_and_bar() -> None:
+    import io
+
+    from sie_server.corpus.progress import Progress
+
+    plain = io.StringIO()
+    p = Progress(initial=10, stream=plain, interval_s=0, tty=False)
+    p.set_total(40)
+    p.update(10, 500)
+    line = plain.getvalue().strip()
+    assert line.startswith("encode: 20/40 rows (50.0%), ETA ") and "tokens/s" in line
+    bar = io.StringIO()
+    p = Progress(initial=0, stream=bar, tty=True)
+    p.set_total(8)
+    p.update(8, 100)
+    p.close()
+    assert "8/8" in bar.getvalue() and "tok/s" in bar.getvalue()

@@ -12,6 +12,7 @@ import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -106,9 +107,10 @@ def _lines(f: IO[str]) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
-def _records(path: Path, fmt: str, fields: list[str]) -> Iterator[Any]:
+def _records(path: Path, fmt: str, fields: list[str], skip: int = 0) -> Iterator[Any]:
     """The file's rows: dicts (jsonl, csv, tsv, parquet), strings (text), or an Exception
-    for a row that cannot be parsed."""
+    for a row that cannot be parsed; the first `skip` rows come as None, unparsed (a resume
+    does not decode what it will not use)."""
     if fmt == "parquet":
         if _split(path)[1]:
             raise InputError(f"{path}: compress Parquet inside the file (its codecs), not around it")
@@ -119,14 +121,27 @@ def _records(path: Path, fmt: str, fields: list[str]) -> Iterator[Any]:
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r} (columns: "
                              f"{', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(batch_size=4096, columns=fields):
-            yield from batch.to_pylist()
+        groups = []
+        for g in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(g).num_rows
+            if skip >= rows:
+                skip -= rows
+                yield from itertools.repeat(None, rows)
+            else:
+                skip = 0  # row groups from here on are read
+                groups.append(g)
+        if groups:
+            for batch in pf.iter_batches(batch_size=4096, columns=fields, row_groups=groups):
+                yield from batch.to_pylist()
         return
     with open_text(path) as f:
         if fmt == "text":
             yield from _lines(f)
         elif fmt == "jsonl":
-            for line in _lines(f):
+            for i, line in enumerate(_lines(f)):
+                if i < skip:
+                    yield None
+                    continue
                 try:
                     yield json.loads(line)
                 except ValueError as e:
@@ -144,12 +159,12 @@ def _records(path: Path, fmt: str, fields: list[str]) -> Iterator[Any]:
 def read_rows(files: Sequence[Path], text_field: str = "text", id_field: str | None = None,
               fmt: str | None = None, start: int = 0) -> Iterator[Row | BadRow]:
     """Every row of `files` in order, as Row or BadRow; rows before position `start` are
-    counted but not built."""
+    counted, not decoded."""
     position = 0
     for path in files:
         kind = file_format(path, fmt)
         fields = [] if kind == "text" else [text_field] + ([id_field] if id_field else [])
-        for record in _records(path, kind, fields):
+        for record in _records(path, kind, fields, max(start - position, 0)):
             if position >= start:
                 yield _row(position, record, text_field, id_field)
             position += 1
