@@ -354,3 +354,23 @@ def test_progress_lines_and_bar() -> None:
     p.update(8, 100)
     p.close()
     assert "8/8" in bar.getvalue() and "tok/s" in bar.getvalue()
+
+
+def test_lora_option(bge_m3_dir: Path, legal_lora, tmp_path: Path) -> None:
+    """--lora-id reaches the engine: the output equals Engine.encode with the adapter and
+    differs from the base model's."""
+    from conftest import LEGAL_LORA
+
+    eng = Engine(Settings(models={M3: str(bge_m3_dir)}, default_models=[], device="cpu",
+                          adapter_roots=[legal_lora["root"]], max_batch_items=1))
+    try:
+        src = write(tmp_path / "d.jsonl", "jsonl", docs(6))
+        encode(eng, [src], tmp_path / "out", model=M3, options={"lora_id": LEGAL_LORA})
+        want = eng.encode(M3, TEXTS[:6], ["dense"], {"lora_id": LEGAL_LORA})
+        base = eng.encode(M3, TEXTS[:6], ["dense"])
+    finally:
+        eng.close()
+    assert_equals_engine(read_output(tmp_path / "out"), want)
+    assert not np.array_equal(want[0].dense, base[0].dense)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["options"] == {"lora_id": LEGAL_LORA}

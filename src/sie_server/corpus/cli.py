@@ -20,6 +20,13 @@ def _model(value: str) -> tuple[str, str | None]:
     return name, source or None
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def _types(value: str) -> list[str]:
     types = [t.strip() for t in value.split(",") if t.strip()]
     bad = [t for t in types if t not in ("dense", "sparse", "multivector")]
@@ -51,10 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--on-bad-row", choices=("fail", "skip"), default="fail",
                    help="rows without usable text or id: stop the run (default) or skip and "
                    "report them")
-    e.add_argument("--shard-rows", type=int,
+    e.add_argument("--shard-rows", type=_positive,
                    help="input rows per shard (default 100000; 10000 with multivector)")
-    e.add_argument("--batch-size", type=int, default=256, help="texts per request (default 256)")
-    e.add_argument("--concurrency", type=int, default=8,
+    e.add_argument("--batch-size", type=_positive, default=256, help="texts per request (default 256)")
+    e.add_argument("--concurrency", type=_positive, default=8,
                    help="requests in flight (default 8)")
     add_model_flags(e, model_flag=False)
     e.add_argument("--server", metavar="URL", help="encode through this sie-server instead of "
@@ -65,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="encode on Ray Data actors: a cluster address ('auto', 'ray://host:10001')"
                    ", or a local cluster when no address is given; one Ray job per shard")
-    e.add_argument("--ray-actors", type=int, default=2, help="--ray: actors (default 2)")
+    e.add_argument("--ray-actors", type=_positive, default=2, help="--ray: actors (default 2)")
     e.add_argument("--ray-cpus", type=float, default=0.5, help="--ray: CPUs per actor (default 0.5)")
     e.add_argument("--ray-gpus", type=float, default=0, help="--ray: GPUs per actor (default 0)")
     e.add_argument("--log-every", type=float, default=10.0,
