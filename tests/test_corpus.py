@@ -260,6 +260,12 @@ def test_finished_run_rerun_does_nothing(engine, tmp_path: Path) -> None:
     assert summary["already_complete"] and summary["rows_this_run"] == 0
     assert summary["rows"] == len(TEXTS)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    # a shard deleted from a finished folder is encoded again, the others are kept
+    (tmp_path / "out" / "part-00001.parquet").unlink()
+    summary = encode(engine, [src], tmp_path / "out")
+    assert not summary["already_complete"] and summary["rows_this_run"] == 16
+    assert read_output(tmp_path / "out").column("id").to_pylist() == [
+        str(i) for i in range(len(TEXTS))]
 
 
 def test_changed_settings_refuse_with_reason(engine, tmp_path: Path) -> None:

@@ -126,7 +126,9 @@ class OutputFolder:
         previous = self._read_manifest()
         if previous is not None:
             check_config(previous.get("config", {}), config)
-        self.complete = previous is not None and previous.get("status") == "complete"
+        # complete, and no listed shard deleted since (a deleted shard is encoded again)
+        self.complete = previous is not None and previous.get("status") == "complete" and all(
+            (folder / s["file"]).exists() for s in previous.get("shards", []))
         for tmp in folder.glob("*.tmp"):  # a killed run's unfinished writes
             tmp.unlink()
         self.done: dict[int, ShardStats] = {}
