@@ -42,6 +42,26 @@ def _model_flag(value: str) -> tuple[str, str]:
     return name, source
 
 
+def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Where models come from and how they run: shared by `serve` and `encode` (which has
+    its own `--model`)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    if model_flag:
+        p.add_argument("--model", action="append", type=_model_flag, default=[],
+                       metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")
+    p.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
+                   help="extra catalog YAML (repeatable)")
+    p.add_argument("--allow-download", action="store_true", default=None,
+                   help="fetch missing weights and adapters from the Hugging Face hub")
+    p.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
+                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
+    p.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sie-server", description="Embedding inference server")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -58,19 +78,39 @@ def parser() -> argparse.ArgumentParser:
                    help="the interpreter's GIL switch interval (default 0.5; Python's own is 5): "
                    "how long the model's compute thread may keep the event loop waiting")
     s.add_argument("--log-level", default="info")
+    from .corpus.cli import add_parser as add_encode_parser
     from .ray.cli import add_parser as add_ray_parser  # imports no ray until it runs
 
+    add_encode_parser(sub)
     add_ray_parser(sub)
     return p
 
 
+def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Where models come from and how they run: shared by `serve`, `ray` and `encode` (which
+    has its own `--model`)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 where the device computes it natively, else fp32) | "
+                   "float32 | float16 | bfloat16")
+    if model_flag:
+        p.add_argument("--model", action="append", type=_model_flag, default=[],
+                       metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")
+    p.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
+                   help="extra catalog YAML (repeatable)")
+    p.add_argument("--allow-download", action="store_true", default=None,
+                   help="fetch missing weights and adapters from the Hugging Face hub")
+    p.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
+                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
+    p.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
+
+
 def add_engine_flags(s: argparse.ArgumentParser) -> None:
-    """The model, catalog, batching, limit and auth flags: shared by `serve` and `ray`."""
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    s.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
-    s.add_argument("--model", action="append", type=_model_flag, default=[], metavar="NAME=PATH",
-                   help="serve NAME from a folder or hub id (repeatable)")
+    """The model flags plus the loading, limit, adapter and auth flags of a serving engine:
+    shared by `serve` and `ray`."""
+    add_model_flags(s)
     s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
                    help="load NAME at start (repeatable; default: the catalog's defaults)")
     s.add_argument("--pin", action="append", dest="pinned_models", metavar="NAME",
@@ -81,19 +121,11 @@ def add_engine_flags(s: argparse.ArgumentParser) -> None:
                    help="seconds a request waits for its model to load, then 503 (default 120)")
     s.add_argument("--load-retry-cooldown", type=float, dest="load_retry_cooldown_s",
                    help="seconds a failed model load is not retried (default 30)")
-    s.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
-                   help="extra catalog YAML (repeatable)")
-    s.add_argument("--allow-download", action="store_true", default=None,
-                   help="fetch missing weights and adapters from the Hugging Face hub")
-    s.add_argument("--max-batch-tokens", type=int, help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
-    s.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
     s.add_argument("--max-items-per-request", type=int, help="default 1024")
     s.add_argument("--max-body-bytes", type=int, help="default 64 MiB")
     s.add_argument("--max-queued-tokens", type=int,
                    help="tokens queued per model (default 2M): a larger request is a 413, a "
-                   "full queue a 429 except for clients under their fair share")
-    s.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
-                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
+                   "full queue a 503 QUEUE_FULL except for clients under their fair share")
     s.add_argument("--adapter-download-allow", action="append", dest="adapter_download_allow",
                    metavar="PATTERN", help="fetch hub adapters whose id matches this glob, e.g. "
                    "'my-org/*', even without --allow-download (repeatable)")
@@ -220,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         from .ray.cli import run
 
         return run(args)
+    if args.command == "encode":
+        from .corpus.cli import main as encode
+
+        sys.exit(encode(args))
     args = apply_config_file(args, argv)
     logs.configure(args.log_level)
     sys.setswitchinterval(args.switch_interval_ms / 1000)

@@ -88,8 +88,9 @@ def _offsets(lengths: list[int]) -> np.ndarray:
 
 
 def _fixed(flat: np.ndarray, vector: pa.ListType) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=vector.value_type),
-                                             type=vector)
+    values = pa.array(flat.reshape(-1))  # zero-copy (passing type= would copy)
+    assert values.type == vector.value_type, (values.type, vector.value_type)
+    return pa.FixedSizeListArray.from_arrays(values, type=vector)
 
 
 def _missing(results: Sequence[ItemResult], kind: str) -> None:
