@@ -117,7 +117,8 @@ class RayBackend:
 
 
 class ServerBackend:
-    """A running `sie-server` over HTTP (the SDK): 429, 503, 5xx and lost connections are
+    """A running `sie-server` over HTTP (the SDK): 429, 503 (QUEUE_FULL, MODEL_LOADING, ...),
+    other 5xx and lost connections are
     retried with backoff for up to `retry_s` seconds without any success (a server restart
     mid-run is waited out); other errors fail the run."""
 
@@ -130,7 +131,8 @@ class ServerBackend:
 
         self.model, self.output_types, self.options = model, list(output_types), options
         self.retry_s = retry_s
-        self.client = SIEClient(url, api_key=api_key, timeout=timeout_s,
+        # retries are this backend's (one window, `retry_s`, for refusals, 5xx and restarts)
+        self.client = SIEClient(url, api_key=api_key, timeout=timeout_s, max_retries=0,
                                 max_items_per_request=1 << 20, max_concurrency=1)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="sie-corpus")
         self.identity = {"name": model, "family": None, "weights_sha256": None,
