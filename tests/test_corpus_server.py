@@ -72,9 +72,9 @@ def job(src: Path, out: Path, **kw) -> Job:
 
 
 def test_cli_with_queue_full_refusals_retried(start_server, minilm_dir: Path, expected, tmp_path: Path) -> None:
-    """The real command with --server and --api-key; the server's queue holds 40 tokens, so
+    """The real command with --server and --api-key; the server's queue holds 300 tokens (one request of 4 texts fits), so
     most of the 8 concurrent requests get 503 QUEUE_FULL and are retried."""
-    server = start_server(server_args(minilm_dir, "--max-queued-tokens", "40"))
+    server = start_server(server_args(minilm_dir, "--max-queued-tokens", "300"))
     src = corpus(tmp_path / "d.jsonl", 120)
     cmd = [sys.executable, "-m", "sie_server.cli", "encode", str(src), "--model", MODEL,
            "--server", server.url, "--api-key", KEY, "--output", str(tmp_path / "out"),

@@ -227,7 +227,7 @@ def test_second_model_loads_on_demand_and_is_routed_by_path(serve_app, engine) -
     for _ in range(50):  # /v1/models names no model: any replica answers
         r = httpx.get(f"{url}/v1/models")
         if r.headers["x-sie-replica"] in holders:
-            assert {m["id"]: m["state"] for m in r.json()["models"]}[BGE] == "ready"
+            assert {m["id"]: m["state"] for m in r.json()["models"]}[BGE] == "loaded"
             break
     else:
         pytest.fail("no holder of the model answered /v1/models")
