@@ -183,7 +183,9 @@ class EncoderModel(abc.ABC):
         """Run the encoder on a packed batch and the heads on its output."""
         dev = self.placement.device
         ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
-        pos = torch.from_numpy(positions(batch.cu_seqlens, self.encoder.cfg.position_offset))
+        cfg = self.encoder.cfg
+        pos = torch.from_numpy(positions(batch.cu_seqlens, cfg.position_offset, batch.input_ids,
+                                         cfg.position_pad_id))
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
