@@ -46,6 +46,7 @@ class ModelInfo:
     output_types: tuple[str, ...]
     dims: dict[str, int]
     max_input_tokens: int
+    dtype: str  # what the encoder computes in: "float32" | "bfloat16" | "float16"
 
 
 @dataclass
@@ -143,7 +144,7 @@ class EncoderModel(abc.ABC):
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.spec.family, self.output_types, self.dims(),
-                         self.max_tokens)
+                         self.max_tokens, self.placement.dtype_name)
 
     def load_adapter_heads(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         """Head weights an adapter folder carries for this family ({} = none; raise ValueError
