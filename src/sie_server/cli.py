@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     s.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+                   help="auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32) | "
+                        "float32 | float16 | bfloat16")
     s.add_argument("--model", action="append", type=_model_flag, default=[], metavar="NAME=PATH",
                    help="serve NAME from a folder or hub id (repeatable)")
     s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
