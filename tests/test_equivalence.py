@@ -81,7 +81,7 @@ def test_over_limit_input_is_truncated_and_reported(engine: Engine) -> None:
 
 def test_batching_does_not_change_results(engine: Engine, flag_outputs: list[dict]) -> None:
     """Each text alone equals the same text inside a batch of mixed lengths (and the reference)."""
-    for i in range(0, len(SHORT_TEXTS), 7):
+    for i in range(0, len(SHORT_TEXTS) + len(SPECIAL_TOKEN_TEXTS), 7):
         alone = engine.encode("BAAI/bge-m3", [TEXTS[i]], ALL)[0]
         assert_matches_flag(alone, flag_outputs[i], f"text {i} alone")
 
@@ -181,7 +181,8 @@ def xlmr_st_dir(bge_m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             shutil.copy(f, out / f.name)
     (out / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize",
          "type": "sentence_transformers.models.Normalize"}]))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512,
@@ -194,7 +195,7 @@ def xlmr_st_dir(bge_m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_xlmr_sentence_transformer_equals_sentence_transformers(xlmr_st_dir: Path) -> None:
-    texts = SHORT_TEXTS
+    texts = SHORT_TEXTS + SPECIAL_TOKEN_TEXTS
     eng = Engine(Settings(models={"xlmr-st": str(xlmr_st_dir)}, default_models=[], device="cpu",
                           dtype="float32"))
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from texts import OVER_LIMIT_TEXTS, SHORT_TEXTS
+from texts import OVER_LIMIT_TEXTS, SHORT_TEXTS, SPECIAL_TOKEN_TEXTS
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
@@ -36,7 +36,7 @@ from sie_server.runtime.device import Placement, cpu_bf16_native, cpu_flags
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 ALL = ["dense", "sparse", "multivector"]
-TEXTS = SHORT_TEXTS + OVER_LIMIT_TEXTS
+TEXTS = SHORT_TEXTS + SPECIAL_TOKEN_TEXTS + OVER_LIMIT_TEXTS
 
 
 def encode(folder: Path, device: str, dtype: str = "float32") -> list:

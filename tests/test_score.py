@@ -123,8 +123,9 @@ def flag_scores(folder: str, query: str, docs: tuple[str, ...],
 @pytest.fixture(scope="module")
 def engine(bge_m3_dir: Path, ce_bert_dir: Path, ce_xlmr_dir: Path):
     # a small token budget: every request below is split over several batches
-    eng = Engine(Settings(device="cpu", dtype="float32", max_batch_tokens=256, default_models=[], models={
-        "m3": str(bge_m3_dir), "ce-bert": str(ce_bert_dir), "ce-xlmr": str(ce_xlmr_dir)}))
+    eng = Engine(Settings(device="cpu", dtype="float32", max_batch_tokens=256, default_models=[],
+                          models={"m3": str(bge_m3_dir), "ce-bert": str(ce_bert_dir),
+                                  "ce-xlmr": str(ce_xlmr_dir)}))
     yield eng
     eng.close()
 

@@ -5,9 +5,10 @@
   then 3 long multilingual texts (~0.7k, 3.2k, 4k tokens) and 2 texts over 8,192 tokens.
 - ``LONG_TEXTS``: the long tail of ``TEXTS`` (the last 5 entries).
 - ``OVER_LIMIT_TEXTS``: the 2 entries of ``TEXTS`` over 8,192 XLM-R tokens (truncation).
-- ``SHORT_TEXTS``: ``TEXTS`` without ``LONG_TEXTS`` (cheap to run everywhere); its tail is
-  ``SPECIAL_TOKEN_TEXTS``: the literal text of XLM-R's special tokens (``<s>`` ``</s>``
-  ``<pad>`` ``<unk>`` ``<mask>``) at the start, middle and end of texts, repeated.
+- ``SHORT_TEXTS``: the short texts of ``TEXTS`` (cheap to run everywhere).
+- ``SPECIAL_TOKEN_TEXTS``: in ``TEXTS`` between the short and the long texts: the literal text
+  of XLM-R's special tokens (``<s>`` ``</s>`` ``<pad>`` ``<unk>`` ``<mask>``) at the start,
+  middle and end of texts, repeated.
 - ``BERT_SPECIAL_TOKEN_TEXTS``: the same for BERT's (``[CLS]`` ``[SEP]`` ``[PAD]`` ``[UNK]``
   ``[MASK]``); not in ``TEXTS``.
 - ``EDGE_TEXTS``: not in ``TEXTS``: empty / whitespace-only strings and inputs of exactly
@@ -167,8 +168,8 @@ OVER_LIMIT_TEXTS: list[str] = LONG_TEXTS[-2:]
 # XLM-R's special tokens typed into texts (RoBERTa positions skip a literal <pad>)
 SPECIAL_TOKEN_TEXTS: list[str] = special_token_texts(XLMR_SPECIALS)
 BERT_SPECIAL_TOKEN_TEXTS: list[str] = special_token_texts(BERT_SPECIALS)
-SHORT_TEXTS: list[str] = list(_SHORT) + SPECIAL_TOKEN_TEXTS
-TEXTS: list[str] = SHORT_TEXTS + LONG_TEXTS
+SHORT_TEXTS: list[str] = list(_SHORT)
+TEXTS: list[str] = SHORT_TEXTS + SPECIAL_TOKEN_TEXTS + LONG_TEXTS
 
 EDGE_TEXTS: list[str] = [
     "",  # -> [<s>, </s>]: no sparse weights, one multivector row (</s>)
