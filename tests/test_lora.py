@@ -73,7 +73,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def m3_engine(m3_dir, root):
     eng = Engine(Settings(models={M3: str(m3_dir)}, default_models=[], adapter_roots=[root],
-                          device="cpu"))
+                          device="cpu", dtype="float32"))
     eng.registry.get(M3)
     yield eng
     eng.close()
@@ -133,7 +133,7 @@ def test_minilm_adapters_equal_peft_merged(tmp_path):
         refs[name] = mean_pool_reference(make_adapter(folder, tmp_path / name, **kw)["merged"],
                                          ids)
     eng = Engine(Settings(models={MINILM: str(folder)}, default_models=[],
-                          adapter_roots=[tmp_path], device="cpu"))
+                          adapter_roots=[tmp_path], device="cpu", dtype="float32"))
     try:
         for name, want in refs.items():
             got = eng.encode(MINILM, TEXTS, ["dense"], {"lora_id": name})

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     (root / "broken/adapter_model.safetensors").write_bytes(b"not a safetensors file")
     want = mean_pool_reference(made["merged"], tokenize(minilm_dir(), TEXTS, 256))
     engine = Engine(Settings(models={MODEL: str(minilm_dir())}, default_models=[MODEL],
-                             adapter_roots=[root], device="cpu"))
+                             adapter_roots=[root], device="cpu", dtype="float32"))
     engine.start()
     yield engine, want
     engine.close()

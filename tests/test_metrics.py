@@ -35,7 +35,8 @@ def moved(before: dict, after: dict, name: str) -> bool:
 @pytest.fixture()
 def engine(bge_m3_dir: Path):
     eng = Engine(Settings(models={"BAAI/bge-m3": str(bge_m3_dir)}, default_models=[],
-                          device="cpu", memory_budget_bytes=120_000_000, max_batch_tokens=64))
+                          device="cpu", dtype="float32", memory_budget_bytes=120_000_000,
+                          max_batch_tokens=64))
     yield eng
     eng.close()
 
@@ -102,7 +103,8 @@ def test_adapter_metrics_move(tmp_path: Path, minilm_dir: Path) -> None:
     from lora_adapters import make_adapter
 
     make_adapter(minilm_dir, tmp_path / "team/a1", r=4, targets=["query", "value"], seed=1)
-    eng = Engine(Settings(default_models=[], device="cpu", adapter_roots=[tmp_path]))
+    eng = Engine(Settings(default_models=[], device="cpu", dtype="float32",
+                          adapter_roots=[tmp_path]))
     try:
         before = samples(eng)
         eng.encode(MINILM, ["with an adapter"], options={"lora_id": "team/a1"})

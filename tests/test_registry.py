@@ -18,7 +18,7 @@ BUDGET = 120_000_000  # fits all-MiniLM-L6-v2 (~91 MB) or the BGE-M3 test model 
 def engine(folder: Path, **kw) -> Engine:
     kw.setdefault("memory_budget_bytes", BUDGET)
     return Engine(Settings(models={"BAAI/bge-m3": str(folder)}, default_models=[], device="cpu",
-                           **kw))
+                           dtype="float32", **kw))
 
 
 def test_pinned_model_is_never_evicted(bge_m3_dir: Path) -> None:
@@ -64,7 +64,7 @@ def minilm_adapter(tmp_path_factory, minilm_dir: Path) -> dict:
     root = tmp_path_factory.mktemp("budget-adapters")
     make_adapter(minilm_dir, root / "big", r=64, seed=5,
                         targets=["query", "key", "value", "dense"])
-    eng = Engine(Settings(default_models=[], device="cpu", adapter_roots=[root]))
+    eng = Engine(Settings(default_models=[], device="cpu", dtype="float32", adapter_roots=[root]))
     try:
         eng.encode(MINILM, ["x"], options={"lora_id": "big"})
         nbytes = eng.adapters(MINILM)[0]["bytes"]

@@ -21,7 +21,7 @@ from sie_server.config import Settings
 from sie_server.engine import Engine
 from sie_server.errors import InputTooLong, InvalidRequest
 from sie_server.models.cross_encoder import config_activation
-from texts import LONG_TEXTS, SHORT_TEXTS
+from texts import BERT_SPECIAL_TOKEN_TEXTS, LONG_TEXTS, SHORT_TEXTS, SPECIAL_TOKEN_TEXTS
 
 CE_MAX = 64  # both test cross-encoders take 64 tokens per pair (tiny position tables)
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -35,6 +35,10 @@ DOCS = [*SHORT_TEXTS[:10],
         "Москва — столица России. Moscow is the capital of Russia.",
         "",
         LONG_TEXTS[0]]  # ~0.7k tokens: truncated by the cross-encoders, whole for BGE-M3
+# special tokens typed into queries and items (issue 12), per tokenizer family
+SPECIAL_QUERIES = {"bert": "what does [MASK] mean after [SEP] and [PAD] [PAD]? [UNK]",
+                   "xlmr": "<s>what</s> does <mask> mean <pad><pad> here? <unk>"}
+SPECIAL_DOCS = {"bert": BERT_SPECIAL_TOKEN_TEXTS, "xlmr": SPECIAL_TOKEN_TEXTS}
 
 
 # ---------------------------------------------------------------- test models
@@ -119,8 +123,9 @@ def flag_scores(folder: str, query: str, docs: tuple[str, ...],
 @pytest.fixture(scope="module")
 def engine(bge_m3_dir: Path, ce_bert_dir: Path, ce_xlmr_dir: Path):
     # a small token budget: every request below is split over several batches
-    eng = Engine(Settings(device="cpu", max_batch_tokens=256, default_models=[], models={
-        "m3": str(bge_m3_dir), "ce-bert": str(ce_bert_dir), "ce-xlmr": str(ce_xlmr_dir)}))
+    eng = Engine(Settings(device="cpu", dtype="float32", max_batch_tokens=256, default_models=[],
+                          models={"m3": str(bge_m3_dir), "ce-bert": str(ce_bert_dir),
+                                  "ce-xlmr": str(ce_xlmr_dir)}))
     yield eng
     eng.close()
 
@@ -179,6 +184,25 @@ def test_cross_encoder_logits_match_transformers(engine, monkeypatch, name, ce_b
     assert len(batches) >= 2 * len(QUERIES) and all(b.num_tokens <= 256 for b in batches)
 
 
+@pytest.mark.parametrize("name", ["ce-bert", "ce-xlmr"])
+def test_cross_encoder_special_token_texts_match_transformers(engine, name, ce_bert_dir,
+                                                              ce_xlmr_dir):
+    """Typed special tokens in the query and the items: same ids and logits as transformers."""
+    from transformers import AutoTokenizer
+
+    folder = str(ce_bert_dir if name == "ce-bert" else ce_xlmr_dir)
+    kind = name.removeprefix("ce-")
+    docs, m = SPECIAL_DOCS[kind], engine.registry.get(name).model
+    hf = AutoTokenizer.from_pretrained(folder)
+    for q in (QUERIES[0], SPECIAL_QUERIES[kind]):
+        _, tok = m.prepare_pairs(q, docs)
+        enc = hf([q] * len(docs), docs, truncation="only_second", max_length=CE_MAX)
+        assert [t.tolist() for t in tok.ids] == enc["input_ids"]
+        res = engine.score(name, q, docs, {"activation": "none"})
+        np.testing.assert_allclose(res.scores, hf_logits(folder, q, tuple(docs)), atol=1e-4,
+                                   rtol=0, err_msg=q)
+
+
 def test_cross_encoder_activation_and_top_k(engine):
     q = QUERIES[0]
     raw = engine.score("ce-bert", q, DOCS)  # no ST config, no catalog setting: the raw logit
@@ -205,7 +229,8 @@ def test_cross_encoder_sigmoid_from_config(tmp_path, ce_bert_dir):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["sbert_ce_default_activation_function"] = "torch.nn.modules.activation.Sigmoid"
     (folder / "config.json").write_text(json.dumps(cfg))
-    eng = Engine(Settings(device="cpu", default_models=[], models={"ce": str(folder)}))
+    eng = Engine(Settings(device="cpu", dtype="float32", default_models=[],
+                          models={"ce": str(folder)}))
     try:
         res = eng.score("ce", QUERIES[0], DOCS[:4])
         assert res.activation == "sigmoid" and ((res.scores > 0) & (res.scores < 1)).all()
@@ -232,6 +257,18 @@ def test_bge_m3_scores_match_flagembedding(engine, bge_m3_dir, weights):
     # the sparse score is really exercised (shared tokens with positive weights)
     sparse = flag_scores(str(bge_m3_dir), QUERIES[1], tuple(DOCS), weights)["sparse"]
     assert (sparse > 0).sum() >= 2
+
+
+def test_bge_m3_scores_on_special_token_texts_match_flagembedding(engine, bge_m3_dir):
+    weights = (0.4, 0.2, 0.4)
+    docs = tuple(SPECIAL_TOKEN_TEXTS)
+    for q in (QUERIES[0], SPECIAL_QUERIES["xlmr"]):
+        ref = flag_scores(str(bge_m3_dir), q, docs, weights)
+        res = engine.score("m3", q, list(docs),
+                           {"weights": dict(zip(("dense", "sparse", "multivector"), weights))})
+        for key in ("dense", "sparse", "multivector", "hybrid"):
+            np.testing.assert_allclose(res.components[key], ref[key], atol=1e-4, rtol=0,
+                                       err_msg=f"{q!r} {key}")
 
 
 @pytest.mark.parametrize("score_type", ["dense", "sparse", "multivector", "hybrid"])

@@ -5,7 +5,12 @@
   then 3 long multilingual texts (~0.7k, 3.2k, 4k tokens) and 2 texts over 8,192 tokens.
 - ``LONG_TEXTS``: the long tail of ``TEXTS`` (the last 5 entries).
 - ``OVER_LIMIT_TEXTS``: the 2 entries of ``TEXTS`` over 8,192 XLM-R tokens (truncation).
-- ``SHORT_TEXTS``: ``TEXTS`` without ``LONG_TEXTS`` (cheap to run everywhere).
+- ``SHORT_TEXTS``: the short texts of ``TEXTS`` (cheap to run everywhere).
+- ``SPECIAL_TOKEN_TEXTS``: in ``TEXTS`` between the short and the long texts: the literal text
+  of XLM-R's special tokens (``<s>`` ``</s>`` ``<pad>`` ``<unk>`` ``<mask>``) at the start,
+  middle and end of texts, repeated.
+- ``BERT_SPECIAL_TOKEN_TEXTS``: the same for BERT's (``[CLS]`` ``[SEP]`` ``[PAD]`` ``[UNK]``
+  ``[MASK]``); not in ``TEXTS``.
 - ``EDGE_TEXTS``: not in ``TEXTS``: empty / whitespace-only strings and inputs of exactly
   8,192 and 8,193 tokens with specials (``"a a a ..."``: every ``a`` is one token).
 
@@ -128,6 +133,24 @@ _SHORT: list[str] = [
 ]
 
 
+XLMR_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
+BERT_SPECIALS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]")
+
+
+def special_token_texts(specials: tuple[str, ...]) -> list[str]:
+    """Texts holding the literal text of a tokenizer's special tokens (typed by a user, or in
+    code, docs, scraped HTML): each kind at the start, in the middle, at the end and repeated,
+    then all kinds together and a text made of one special token only."""
+    out = []
+    for t in specials:
+        out += [f"{t} at the start of the text", f"in the middle {t} of the text",
+                f"at the end of the text {t}", f"{t}{t} repeated {t} {t} twice{t}{t}{t} {t}"]
+    out += ["".join(specials), " and ".join(specials * 3), specials[2],
+            f"<div>{specials[0]}old price{specials[1]} {specials[2]}new{specials[2]}</div> "
+            f"Preis {specials[3]} 价格 {specials[4]} цена"]
+    return out
+
+
 def _long_texts() -> list[str]:
     p = miracl_passages()
     ascii_only = [x for x in p if x.isascii()]
@@ -142,8 +165,11 @@ def _long_texts() -> list[str]:
 
 LONG_TEXTS: list[str] = _long_texts()
 OVER_LIMIT_TEXTS: list[str] = LONG_TEXTS[-2:]
+# XLM-R's special tokens typed into texts (RoBERTa positions skip a literal <pad>)
+SPECIAL_TOKEN_TEXTS: list[str] = special_token_texts(XLMR_SPECIALS)
+BERT_SPECIAL_TOKEN_TEXTS: list[str] = special_token_texts(BERT_SPECIALS)
 SHORT_TEXTS: list[str] = list(_SHORT)
-TEXTS: list[str] = SHORT_TEXTS + LONG_TEXTS
+TEXTS: list[str] = SHORT_TEXTS + SPECIAL_TOKEN_TEXTS + LONG_TEXTS
 
 EDGE_TEXTS: list[str] = [
     "",  # -> [<s>, </s>]: no sparse weights, one multivector row (</s>)
@@ -154,5 +180,6 @@ EDGE_TEXTS: list[str] = [
 
 __all__ = [
     "TEXTS", "SHORT_TEXTS", "LONG_TEXTS", "OVER_LIMIT_TEXTS", "EDGE_TEXTS",
+    "SPECIAL_TOKEN_TEXTS", "BERT_SPECIAL_TOKEN_TEXTS", "XLMR_SPECIALS", "BERT_SPECIALS",
     "MAX_TOKENS", "a_run", "miracl_passages",
 ]

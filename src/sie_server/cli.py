@@ -91,8 +91,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     has its own `--model`)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 where the device computes it natively, else fp32) | "
-                   "float32 | float16 | bfloat16")
+                   help="auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32) | "
+                        "float32 | float16 | bfloat16")
     if model_flag:
         p.add_argument("--model", action="append", type=_model_flag, default=[],
                        metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")

@@ -18,7 +18,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8080
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    dtype: str = "auto"  # auto (bf16 on CUDA / CPUs with native bf16, else fp32) | float32 | ...
     # Models: NAME -> folder or hub id, on top of the catalog. `default_models` are loaded at start.
     models: dict[str, str] = field(default_factory=dict)
     default_models: list[str] | None = None  # None: the catalog's defaults

@@ -48,6 +48,7 @@ class ModelInfo:
     output_types: tuple[str, ...]
     dims: dict[str, int]
     max_input_tokens: int | None  # None: not known before the model is loaded
+    dtype: str | None = None  # what the encoder computes in ("float32" | "bfloat16" | "float16")
 
 
 @dataclass
@@ -152,7 +153,7 @@ class EncoderModel(abc.ABC):
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.spec.family, self.output_types, self.dims(),
-                         self.max_tokens)
+                         self.max_tokens, self.placement.dtype_name)
 
     @classmethod
     def describe(cls, spec: ModelSpec, folder: Path) -> ModelInfo:
@@ -204,7 +205,11 @@ class EncoderModel(abc.ABC):
         """Run the encoder on a packed batch and the heads on its output."""
         dev = self.placement.device
         ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
-        pos = torch.from_numpy(positions(batch.cu_seqlens, self.encoder.cfg.position_offset))
+        cfg = self.encoder.cfg
+        # RoBERTa / XLM-R number positions from the ids (a typed <pad> keeps the padding
+        # position); stacks without a padding position (BERT, decoders) count 0..n-1
+        pos = torch.from_numpy(positions(batch.cu_seqlens, cfg.position_offset, batch.input_ids,
+                                         getattr(cfg, "position_pad_id", None)))
         types = None
         if batch.token_type_ids is not None:
             types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)

@@ -63,11 +63,24 @@ def pack(
     )
 
 
-def positions(cu_seqlens: np.ndarray, offset: int) -> np.ndarray:
-    """Position of each token inside its sequence, plus `offset` (XLM-R starts at pad_id + 1)."""
+def positions(cu_seqlens: np.ndarray, offset: int, input_ids: np.ndarray | None = None,
+              pad_id: int | None = None) -> np.ndarray:
+    """Position id of every packed token, as the model's reference numbers them.
+
+    Without `pad_id` (BERT): 0..n-1 inside each sequence, plus `offset`, whatever the ids.
+    With `pad_id` (RoBERTa / XLM-R, transformers' `create_position_ids_from_input_ids`): a
+    token whose id is `pad_id` (a literal `<pad>` in the text) takes position `pad_id` and does
+    not advance the count; the others count from `offset` (= pad_id + 1) over non-pad tokens.
+    """
     lengths = np.diff(cu_seqlens)
-    starts = np.repeat(cu_seqlens[:-1], lengths)
-    return np.arange(int(cu_seqlens[-1]), dtype=np.int64) - starts + offset
+    if pad_id is None:
+        starts = np.repeat(cu_seqlens[:-1], lengths)
+        return np.arange(int(cu_seqlens[-1]), dtype=np.int64) - starts + offset
+    real = input_ids != pad_id
+    counted = np.cumsum(real, dtype=np.int64)
+    before = np.concatenate(([0], counted))[cu_seqlens[:-1]]  # real tokens before each sequence
+    within = counted - np.repeat(before, lengths)  # real tokens so far in this sequence
+    return np.where(real, within - 1 + offset, pad_id)
 
 
 def split_rows(rows: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:

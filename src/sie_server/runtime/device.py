@@ -1,35 +1,104 @@
-"""Choosing the device and dtype the runtime computes in."""
+"""Choosing the device and dtype the runtime computes in.
+
+`--dtype auto` is bf16 on CUDA, and on a CPU whose matmuls run natively in bf16 (x86 AMX-BF16
+or AVX512-BF16, Arm BF16, through oneDNN); fp32 on any other CPU, where bf16 matmuls are
+emulated and slower than fp32. The CPU check reads what the CPU reports (torch's cpuinfo and
+/proc/cpuinfo); it never times anything.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 matmuls
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as the kernel reports them (x86 `flags`, Arm `Features`)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _torch_cpu_check(name: str) -> bool:
+    check = getattr(torch.cpu, name, None)  # private helpers of torch.cpu (cpuinfo library)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # noqa: BLE001 - a missing or failing probe is "no"
+        return False
+
+
+def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None,
+                    ask_torch: bool = True) -> tuple[bool, str]:
+    """(whether this CPU computes bf16 matmuls natively, why), from what the CPU reports:
+    its /proc/cpuinfo flags (or `flags`) and, on x86, torch's own cpuinfo probes."""
+    if not torch.backends.mkldnn.is_available():
+        return False, "torch is built without oneDNN, so bf16 matmuls are not native"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if isa and not any(k in isa.upper() for k in ("ALL", "BF16", "AMX", "FP16", "AVX10")):
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN from its bf16 instructions"
+    flags = cpu_flags() if flags is None else flags
+    x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
+    found = [f for f in _BF16_FLAGS if f in flags and not (x86 and f == "bf16")]  # Arm's flag
+    if x86 and ask_torch:
+        if _torch_cpu_check("_is_avx512_bf16_supported") and "avx512_bf16" not in found:
+            found.append("avx512_bf16 (torch)")
+        if _torch_cpu_check("_is_amx_tile_supported") and "amx_bf16" not in found:
+            found.append("amx (torch)")
+    if found:
+        return True, f"the CPU computes bf16 natively ({', '.join(found)})"
+    return False, "the CPU has no native bf16 matmul (no AMX-BF16 / AVX512-BF16 / Arm BF16)"
 
 
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
     dtype: torch.dtype
+    reason: str = ""  # why this dtype (logged at start)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     @classmethod
     def resolve(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
-        """auto: CUDA when available with bf16, else CPU with fp32."""
+        """auto device: CUDA when available, else CPU. auto dtype: bf16 on CUDA and on CPUs
+        with native bf16 matmuls, fp32 on other CPUs. The choice and its reason are logged."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         if dtype == "auto":
-            dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            if dev.type == "cuda":
+                dt, why = torch.bfloat16, "auto on CUDA"
+            else:
+                native, why = cpu_bf16_native()
+                dt = torch.bfloat16 if native else torch.float32
+                why = f"auto on CPU: {why}"
         elif dtype in _DTYPES:
-            dt = _DTYPES[dtype]
+            dt, why = _DTYPES[dtype], "asked for with --dtype"
         else:
             raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-        return cls(dev, dt)
+        placement = cls(dev, dt, why)
+        log.info("computing in %s on %s (%s)", placement.dtype_name, dev, why)
+        return placement
 
     def is_oom(self, exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError)

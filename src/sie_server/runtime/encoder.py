@@ -47,6 +47,9 @@ class EncoderConfig:
     hidden_act: str
     pad_token_id: int
     position_offset: int  # XLM-R/RoBERTa positions start at pad_token_id + 1, BERT at 0
+    # XLM-R/RoBERTa number positions from the ids: a token equal to this id (a literal <pad>)
+    # keeps the padding position (runtime.batch.positions); None (BERT): 0..n-1 whatever the ids
+    position_pad_id: int | None = None
 
     @classmethod
     def from_folder(cls, folder: Path) -> "EncoderConfig":
@@ -67,6 +70,7 @@ class EncoderConfig:
                 hidden_act=c.get("hidden_act", "gelu"),
                 pad_token_id=pad,
                 position_offset=pad + 1 if roberta else 0,
+                position_pad_id=pad if roberta else None,
             )
 
     @property
