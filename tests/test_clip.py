@@ -46,7 +46,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(folders):
-    eng = Engine(Settings(models={k: str(v) for k, v in folders.items()}, default_models=[],
+    eng = Engine(Settings(dtype="float32", models={k: str(v) for k, v in folders.items()}, default_models=[],
                           device="cpu"))
     yield eng
     eng.close()
@@ -163,7 +163,7 @@ def test_images_refused_where_they_do_not_fit(engine, images, minilm_dir) -> Non
     pic = image_items(images)[0]
     with pytest.raises(InvalidRequest, match="lora_id"):
         engine.submit("clip", ["a"], options={"lora_id": "some/adapter"})
-    eng = Engine(Settings(models={"minilm": str(minilm_dir)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={"minilm": str(minilm_dir)}, default_models=[], device="cpu"))
     try:
         with pytest.raises(InvalidRequest, match=r"^items\[1\]\.images: minilm .*does not embed"):
             eng.submit("minilm", ["a", pic])
@@ -177,7 +177,7 @@ def test_patch_size_not_dividing_the_image_size(tmp_path, images) -> None:
 
     folder = build_siglip(tmp_path / "siglip-62", TEXTS[:20], image_size=62, patch_size=14)
     want = Reference("siglip", folder).images(decoded(images[:3]))
-    eng = Engine(Settings(models={"s": str(folder)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={"s": str(folder)}, default_models=[], device="cpu"))
     try:
         got = eng.encode("s", image_items(images[:3]))
     finally:
@@ -195,7 +195,7 @@ def test_clip_with_a_real_eos_token_id(tmp_path, images) -> None:
     assert ref.model.config.text_config.eos_token_id != 2
     texts = TEXTS[:30] + TEXTS[-2:]
     want = np.concatenate([ref.texts(texts), ref.images(decoded(images[:2]))])
-    eng = Engine(Settings(models={"c": str(folder)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={"c": str(folder)}, default_models=[], device="cpu"))
     try:
         got = dense(eng.encode("c", texts + image_items(images[:2])))
     finally:

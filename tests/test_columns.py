@@ -25,7 +25,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def engine(bge_m3_dir: Path, minilm_dir: Path):
-    eng = Engine(Settings(models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
+    eng = Engine(Settings(dtype="float32", models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
                           default_models=[], device="cpu"))
     yield eng
     eng.close()

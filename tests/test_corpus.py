@@ -41,7 +41,7 @@ TEXTS = [t for t in SHORT_TEXTS if "\n" not in t and "\r" not in t and t.strip()
 
 @pytest.fixture(scope="module")
 def engine(bge_m3_dir: Path, minilm_dir: Path):
-    eng = Engine(Settings(models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
+    eng = Engine(Settings(dtype="float32", models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
                           default_models=[], device="cpu", max_batch_items=1))
     yield eng
     eng.close()
@@ -141,7 +141,7 @@ def test_bge_m3_all_outputs_bit_equal(engine, expected, tmp_path: Path) -> None:
 def test_default_batching_within_tolerance(bge_m3_dir: Path, tmp_path: Path) -> None:
     """Default batching, many requests in flight: each item equals a one-call Engine.encode
     of all texts within 1e-5 (float32 rounding of differently shaped batches)."""
-    eng = Engine(Settings(models={M3: str(bge_m3_dir)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={M3: str(bge_m3_dir)}, default_models=[], device="cpu"))
     try:
         want = eng.encode(M3, TEXTS, ALL)
         src = write(tmp_path / "d.jsonl", "jsonl", docs())
@@ -298,7 +298,8 @@ def test_cli_plain_progress_and_summary(minilm_dir: Path, tmp_path: Path) -> Non
     src = write(tmp_path / "d.jsonl", "jsonl", docs())
     cmd = [sys.executable, "-m", "sie_server.cli", "encode", str(src), "--model",
            f"mini={minilm_dir}", "--output", str(tmp_path / "out"), "--device", "cpu",
-           "--id-field", "id", "--shard-rows", "10", "--batch-size", "4", "--log-every", "0"]
+           "--dtype", "float32", "--id-field", "id", "--shard-rows", "10", "--batch-size", "4",
+           "--log-every", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -367,7 +368,7 @@ def test_lora_option(bge_m3_dir: Path, legal_lora, tmp_path: Path) -> None:
     differs from the base model's."""
     from conftest import LEGAL_LORA
 
-    eng = Engine(Settings(models={M3: str(bge_m3_dir)}, default_models=[], device="cpu",
+    eng = Engine(Settings(dtype="float32", models={M3: str(bge_m3_dir)}, default_models=[], device="cpu",
                           adapter_roots=[legal_lora["root"]], max_batch_items=1))
     try:
         src = write(tmp_path / "d.jsonl", "jsonl", docs(6))

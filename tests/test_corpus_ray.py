@@ -46,7 +46,7 @@ def ray_cluster():
 
 
 def test_ray_backend_equals_in_process(ray_cluster, minilm_dir: Path, tmp_path: Path) -> None:
-    settings = Settings(models={MODEL: str(minilm_dir)}, default_models=[], device="cpu",
+    settings = Settings(dtype="float32", models={MODEL: str(minilm_dir)}, default_models=[], device="cpu",
                         max_batch_items=1)
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n"

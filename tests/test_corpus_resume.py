@@ -27,7 +27,8 @@ ROWS, SHARD_ROWS = 150, 10
 
 def command(src: Path, out: Path, minilm_dir: Path) -> list[str]:
     return [sys.executable, "-m", "sie_server.cli", "encode", str(src), "--model",
-            f"mini={minilm_dir}", "--output", str(out), "--device", "cpu", "--id-field", "id",
+            f"mini={minilm_dir}", "--output", str(out), "--device", "cpu", "--dtype", "float32",
+            "--id-field", "id",
             "--shard-rows", str(SHARD_ROWS), "--batch-size", "4", "--concurrency", "4",
             "--max-batch-items", "1", "--log-every", "3600"]
 

@@ -44,7 +44,7 @@ def server_args(minilm_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def expected(minilm_dir: Path) -> list:
-    eng = Engine(Settings(models={MODEL: str(minilm_dir)}, default_models=[], device="cpu",
+    eng = Engine(Settings(dtype="float32", models={MODEL: str(minilm_dir)}, default_models=[], device="cpu",
                           max_batch_items=1))
     try:
         return eng.encode(MODEL, [TEXTS[i % len(TEXTS)] for i in range(200)], ["dense"])

@@ -39,7 +39,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(folders):
-    eng = Engine(Settings(models={v: str(p) for v, p in folders.items()}, default_models=[],
+    eng = Engine(Settings(dtype="float32", models={v: str(p) for v, p in folders.items()}, default_models=[],
                           device="cpu"))
     yield eng
     eng.close()
@@ -160,7 +160,7 @@ def rr_engine(folders):
                for v in ("qwen3-reranker", "qwen3-reranker-untied")}
     path = folders["qwen3-reranker"].parent / "rr_catalog.json"
     path.write_text(json.dumps({"models": catalog}))  # YAML is a superset of JSON
-    eng = Engine(Settings(catalog_files=[path], default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", catalog_files=[path], default_models=[], device="cpu"))
     yield eng
     eng.close()
 
@@ -251,7 +251,7 @@ def test_lora_on_decoder_linears_equals_peft_merged(folders, tmp_path) -> None:
     made = make_adapter(base, tmp_path / "org" / "qwen-lora", r=4, seed=5,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                  "up_proj", "down_proj"])
-    eng = Engine(Settings(models={"q": str(base)}, default_models=[], device="cpu",
+    eng = Engine(Settings(dtype="float32", models={"q": str(base)}, default_models=[], device="cpu",
                           adapter_roots=[tmp_path]))
     try:
         texts = SHORT_TEXTS[:12]
@@ -284,7 +284,7 @@ def test_truncation_equals_sentence_transformers(folders, tmp_path, tokenizer_fr
     shutil.copytree(folders["qwen3-embedding"], folder)
     shutil.copy(folders[tokenizer_from] / "tokenizer.json", folder / "tokenizer.json")
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 24}))
-    eng = Engine(Settings(models={"m": str(folder)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={"m": str(folder)}, default_models=[], device="cpu"))
     try:
         texts = SHORT_TEXTS[:30]
         ours = eng.encode("m", texts)
@@ -308,7 +308,7 @@ def test_add_eos_token_of_tokenizer_config(folders, tmp_path) -> None:
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
     texts = SHORT_TEXTS[:15]
-    eng = Engine(Settings(models={"m": str(folder)}, default_models=[], device="cpu"))
+    eng = Engine(Settings(dtype="float32", models={"m": str(folder)}, default_models=[], device="cpu"))
     try:
         ours = eng.encode("m", texts)
     finally:

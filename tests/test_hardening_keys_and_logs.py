@@ -45,7 +45,7 @@ def test_settings_and_app_refuse_empty_keys(monkeypatch):
     monkeypatch.setenv("SIE_API_KEYS", "a,,b")
     with pytest.raises(ValueError, match="SIE_API_KEYS: API key #2 is empty"):
         Settings.from_env()
-    engine = Engine(Settings(default_models=[], device="cpu", api_keys=[""]))
+    engine = Engine(Settings(dtype="float32", default_models=[], device="cpu", api_keys=[""]))
     with pytest.raises(ValueError, match="empty"):
         create_app(engine, load_defaults=False).build_middleware_stack()
     engine.close()
@@ -72,7 +72,7 @@ def live(monkeypatch):
     root.addHandler(records)
     old_level = root.level
     root.setLevel(logging.INFO)
-    engine = Engine(Settings(default_models=[], device="cpu"))
+    engine = Engine(Settings(dtype="float32", default_models=[], device="cpu"))
     port = free_port()
     config = uvicorn.Config(create_app(engine, load_defaults=False), host="127.0.0.1", port=port,
                             log_config=None, access_log=False,

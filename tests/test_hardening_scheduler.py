@@ -16,7 +16,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine(Settings(default_models=[], device="cpu", max_batch_tokens=64,
+    eng = Engine(Settings(dtype="float32", default_models=[], device="cpu", max_batch_tokens=64,
                           max_queued_tokens=4000))
     eng.encode(MINILM, ["warm"])
     yield eng

@@ -35,7 +35,7 @@ RRF_K, CANDIDATES = 60, 12
 
 @pytest.fixture(scope="module")
 def engine(bge_m3_dir: Path, minilm_dir: Path):
-    eng = Engine(Settings(models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
+    eng = Engine(Settings(dtype="float32", models={M3: str(bge_m3_dir), MINILM: str(minilm_dir)},
                           default_models=[], device="cpu"))
     yield eng
     eng.close()

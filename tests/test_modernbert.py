@@ -48,7 +48,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(folders: dict[str, Path]):
-    eng = Engine(Settings(device="cpu", default_models=[],
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
                           models={k: str(v) for k, v in folders.items()}))
     yield eng
     eng.close()
@@ -127,7 +127,7 @@ def test_reranker_matches_transformers(folders, name) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     # a small token budget: pairs of one request go through several packed batches
-    eng = Engine(Settings(device="cpu", default_models=[], max_batch_tokens=512,
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], max_batch_tokens=512,
                           models={name: str(folders[name])}))
     tok = AutoTokenizer.from_pretrained(str(folders[name]))
     hf = AutoModelForSequenceClassification.from_pretrained(str(folders[name]), **EAGER).eval()
@@ -221,7 +221,7 @@ def test_lora_adapters_match_peft_merged(folders, tmp_path) -> None:
             "attn": make_adapter(base, tmp_path / "attn", r=8, seed=6, targets=["attn.Wqkv"])}
     texts = SHORT_TEXTS[:8] + [LONG_TEXTS[0]]
     ids = tokenize(base, texts, max_length=MAX_POS)
-    eng = Engine(Settings(device="cpu", default_models=[], adapter_roots=[tmp_path],
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], adapter_roots=[tmp_path],
                           models={"gte": str(base)}))
     try:
         plain = np.stack([r.dense for r in eng.encode("gte", texts)])
@@ -248,7 +248,7 @@ def test_a_bert_adapter_is_refused_naming_the_modules(folders, tmp_path) -> None
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
-    eng = Engine(Settings(device="cpu", default_models=[], adapter_roots=[tmp_path],
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], adapter_roots=[tmp_path],
                           models={"gte": str(folders["gte"])}))
     try:
         with pytest.raises(InvalidAdapter, match=r"\['query', 'value'\].*attn\.Wqkv"):

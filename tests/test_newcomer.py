@@ -116,13 +116,13 @@ def test_server_started_from_a_config_file(start_server, bge_m3_dir: Path,
 def test_announce_warns_when_open_to_other_machines_without_a_key(
         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="sie_server.cli"):
-        cli.announce(Settings(host="0.0.0.0", port=8080))
+        cli.announce(Settings(dtype="float32", host="0.0.0.0", port=8080))
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert lines[0] == ("INFO", "listening on 0.0.0.0:8080 (every network interface); "
                                 "auth off (no --api-key)")
     assert lines[1][0] == "WARNING" and "--api-key" in lines[1][1] and "127.0.0.1" in lines[1][1]
-    for quiet in (Settings(host="127.0.0.1"), Settings(host="localhost"), Settings(host="::1"),
-                  Settings(host="0.0.0.0", api_keys=["k1", "k2"])):
+    for quiet in (Settings(dtype="float32", host="127.0.0.1"), Settings(dtype="float32", host="localhost"), Settings(dtype="float32", host="::1"),
+                  Settings(dtype="float32", host="0.0.0.0", api_keys=["k1", "k2"])):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sie_server.cli"):
             cli.announce(quiet)

@@ -47,7 +47,7 @@ REPLICA_LABEL = re.compile(r'^sie_replica\{[^}]*\breplica="([^"]+)"[^}]*\} 1\.0$
 
 @pytest.fixture(scope="module")
 def settings(bge_m3_dir: Path, legal_lora) -> Settings:
-    return Settings(device="cpu", models={BGE: str(bge_m3_dir)}, default_models=[MINILM],
+    return Settings(dtype="float32", device="cpu", models={BGE: str(bge_m3_dir)}, default_models=[MINILM],
                     adapter_roots=[legal_lora["root"]])
 
 
@@ -112,7 +112,7 @@ def test_ray_data_embeds_every_row_in_order(ray_cluster, engine) -> None:
     texts = miracl_passages()[:300]
     table = pa.table({"id": list(range(len(texts))), "text": texts})
     ds = ray.data.from_arrow(table).repartition(6)
-    out = embed_dataset(ds, BGE, ALL, settings=Settings(device="cpu",
+    out = embed_dataset(ds, BGE, ALL, settings=Settings(dtype="float32", device="cpu",
                                                         models=engine.settings.models,
                                                         default_models=[]),
                         num_actors=2, batch_size=32).to_arrow_refs()
@@ -369,7 +369,8 @@ def cli_command(serve_app, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sie_server.cli", "ray", "--address",
          ray.get_runtime_context().gcs_address, "--port", port, "--name", "cli",
-         "--route-prefix", "/cli", "--device", "cpu", "--default-model", MINILM,
+         "--route-prefix", "/cli", "--device", "cpu", "--dtype", "float32",
+         "--default-model", MINILM,
          "--num-cpus", "0.25", "--num-replicas", "1",
          "--max-ongoing-requests", "1", "--max-queued-requests", "1"],
         env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)

@@ -298,7 +298,7 @@ def test_bge_m3_query_encoded_once_per_request(engine, monkeypatch):
 
 
 def test_score_errors(engine, minilm_dir):
-    eng = Engine(Settings(device="cpu", default_models=[], models={MINILM: str(minilm_dir)}))
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], models={MINILM: str(minilm_dir)}))
     try:
         with pytest.raises(InvalidRequest, match="cannot score"):
             eng.score(MINILM, "q", ["a"])
