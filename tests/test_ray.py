@@ -149,8 +149,11 @@ def test_readme_ray_data_example_runs(ray_cluster, engine, tmp_path: Path) -> No
     assert sorted(out.column("id").to_pylist()) == list(range(64))
     assert out.schema.field("dense").type == pa.list_(pa.float16(), 384)
     by_id = dict(zip(out.column("id").to_pylist(), out.column("dense").to_pylist()))
-    for i, w in enumerate(engine.encode(MINILM, texts)):  # float16: 3 significant digits
-        np.testing.assert_allclose(np.array(by_id[i], np.float32), w.dense, atol=1e-3)
+    # the example runs at the default dtype (bf16 on CPUs that compute it natively), stored as
+    # float16: against the fp32 engine, bf16's stated dense tolerance (cosine >= 0.999)
+    for i, w in enumerate(engine.encode(MINILM, texts)):
+        got = np.array(by_id[i], np.float32)
+        assert float(got @ w.dense) / float(np.linalg.norm(got)) >= 0.999, i
 
 
 def test_cluster_stays_on_loopback(ray_cluster) -> None:

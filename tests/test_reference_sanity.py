@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reference as R  # tests/ and scripts/ are put on sys.path by conftest.py
-from texts import EDGE_TEXTS, LONG_TEXTS, OVER_LIMIT_TEXTS, SHORT_TEXTS, TEXTS
+from texts import EDGE_TEXTS, LONG_TEXTS, OVER_LIMIT_TEXTS, SHORT_TEXTS, SPECIAL_TOKEN_TEXTS, TEXTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_bge_m3_test_model.py"
 SAMPLE = [
@@ -38,7 +38,8 @@ def m3_dir(bge_m3_dir: Path) -> Path:
 
 def test_texts_cover_the_cases() -> None:
     assert len(TEXTS) >= 60 and len(set(TEXTS)) == len(TEXTS)
-    assert TEXTS == SHORT_TEXTS + LONG_TEXTS and OVER_LIMIT_TEXTS == LONG_TEXTS[-2:]
+    assert TEXTS == SHORT_TEXTS + SPECIAL_TOKEN_TEXTS + LONG_TEXTS
+    assert OVER_LIMIT_TEXTS == LONG_TEXTS[-2:]
     assert len(R.miracl_passages()) == 360 and len(EDGE_TEXTS) == 4
 
 

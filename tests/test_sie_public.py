@@ -13,6 +13,7 @@ run as subprocesses (tests/sie_public/driver.py). What they return is compared h
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -47,13 +48,19 @@ def sie_python() -> str:
 @pytest.fixture(scope="module")
 def docs(sie_python: str) -> list[str]:
     out = subprocess.run([sie_python, "-c", "import driver; print(__import__('json').dumps(driver.DOCS))"],
-                         cwd=ROOT / "tests" / "sie_public", capture_output=True, text=True, check=True)
+                         cwd=ROOT / "tests" / "sie_public", capture_output=True, text=True, check=True,
+                         env=CLEAN_ENV)
     return json.loads(out.stdout)
+
+
+# The public packages' own environment: a PYTHONPATH pointing at our src/ would shadow SIE's
+# `sie_sdk` with ours.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def run(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, dict]:
     done = subprocess.run([sie_python, str(ROOT / "tests" / "sie_public" / "driver.py"), check, url, str(tmp)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=CLEAN_ENV)
     assert done.returncode == 0, done.stderr[-4000:]
     with np.load(tmp / f"{check}.npz") as z:
         arrays = {k: z[k] for k in z.files}
