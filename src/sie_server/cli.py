@@ -42,26 +42,6 @@ def _model_flag(value: str) -> tuple[str, str]:
     return name, source
 
 
-def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
-    """Where models come from and how they run: shared by `serve` and `encode` (which has
-    its own `--model`)."""
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
-    if model_flag:
-        p.add_argument("--model", action="append", type=_model_flag, default=[],
-                       metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")
-    p.add_argument("--catalog", action="append", type=Path, default=[], metavar="FILE",
-                   help="extra catalog YAML (repeatable)")
-    p.add_argument("--allow-download", action="store_true", default=None,
-                   help="fetch missing weights and adapters from the Hugging Face hub")
-    p.add_argument("--adapter-root", action="append", type=Path, dest="adapter_roots",
-                   metavar="DIR", help="folder holding LoRA adapters (repeatable)")
-    p.add_argument("--max-batch-tokens", type=int,
-                   help="tokens per batch (default 16384 on CUDA, 2048 on CPU)")
-    p.add_argument("--max-batch-items", type=int, help="items per batch (default 1024)")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sie-server", description="Embedding inference server")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
