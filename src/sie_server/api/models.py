@@ -50,7 +50,7 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
         "last_used": h.last_used or None,
         "output_types": list(info.output_types) if info is not None else None,
         "score_types": score_types,
-        "dtype": str(model.placement.dtype).removeprefix("torch.") if model is not None else None,
+        "dtype": info.dtype if info is not None else None,  # set once the model is loaded
     }
     if model is not None:
         out["adapters"] = engine.adapters(h.spec.name)
