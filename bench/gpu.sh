@@ -11,9 +11,9 @@
 #      HTTP, naive transformers loop, FlagEmbedding-style loop  -> $OUT/passages.json
 #   c. short queries: 64 clients x 16 queries, 1 query per request, idle latency -> $OUT/queries.json
 #   d. LoRA: 8 adapters interleaved vs none; mixed vs one batch per adapter -> $OUT/lora.json
-#   f. decoder embedder, Qwen3-Embedding-0.6B's shape: engine vs sentence-transformers -> $OUT/decoder.json
-#   e. long documents (2k-8k tokens), if time is left                          -> $OUT/long.json
-#   f. images: CLIP ViT-B/32 shape, engine vs transformers loop (bench/images.py) -> $OUT/images.json
+#   e. decoder embedder, Qwen3-Embedding-0.6B's shape: engine vs sentence-transformers -> $OUT/decoder.json
+#   f. long documents (2k-8k tokens), if time is left                          -> $OUT/long.json
+#   g. images: CLIP ViT-B/32 shape, engine vs transformers loop (bench/images.py) -> $OUT/images.json
 # Everything printed also goes to $OUT/gpu_log.txt; a summary table ends the output.
 set -uo pipefail  # no -e: a failed step must not lose the others
 cd "$(dirname "$0")/.."
@@ -88,12 +88,12 @@ step "c. short queries" 150 "${RUN[@]}" --corpus queries $(N --n 32768) --output
   --paths inprocess,http,naive,flag --json-out "$OUT/queries.json" >/dev/null
 step "d. LoRA" 140 "${RUN[@]}" --paths lora --adapters 8 --outputs dense,sparse \
   $(N --lora-passages 4096 --lora-queries 16384) --json-out "$OUT/lora.json" >/dev/null
-step "f. decoder embedder" 120 "$PY" -m bench.run --device "$DEVICE" --model "$DECODER" \
+step "e. decoder embedder" 120 "$PY" -m bench.run --device "$DEVICE" --model "$DECODER" \
   --model-dir "/tmp/$DECODER" --corpus passages $(N --n 2048) --paths inprocess,st \
   --json-out "$OUT/decoder.json" >/dev/null
-step "e. long documents" 90 "${RUN[@]}" --corpus long $(N --n 64) --outputs dense,sparse \
+step "f. long documents" 90 "${RUN[@]}" --corpus long $(N --n 64) --outputs dense,sparse \
   --paths inprocess,flag --json-out "$OUT/long.json" >/dev/null
-step "f. images" 60 "$PY" -m bench.images --device "$DEVICE" $(N --images 1024) \
+step "g. images" 60 "$PY" -m bench.images --device "$DEVICE" $(N --images 1024) \
   --clients 8 --request-size 32 --cache /tmp/sie-bench-cache > "$OUT/images.json"
 
 echo "== summary [${SECONDS}s]"
