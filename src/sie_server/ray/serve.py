@@ -220,8 +220,8 @@ class Gateway:
             except BackPressureError as err:
                 raise Overloaded(f"every replica is busy: {err.message}", retry_after=1) from None
             except DeploymentUnavailableError as err:
-                raise ModelUnavailable(f"no replica can serve: {err.message}",
-                                       retry_after=1) from None
+                raise ModelLoading(f"no replica can serve: {err.message}",
+                                   retry_after=1) from None
             except RayActorError as err:  # the replica died with the request; try another
                 log.warning("replica died during a request (attempt %d): %s", attempt + 1, err)
         raise ModelLoading(f"replicas died {self.retries + 1} times during this request",
