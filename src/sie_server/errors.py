@@ -10,6 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def shown(key: object) -> str:
+    """A client-chosen name (a field or option key) as an error message may echo it: a string
+    cut to 64 characters, anything else by its type."""
+    return key[:64] if isinstance(key, str) else type(key).__name__
+
+
 class SIEError(Exception):
     """An error with a stable code and a message meant for the client; `detail` holds extra
     fields of the error body (MODEL_LOAD_FAILED's error_class, attempts, permanent)."""

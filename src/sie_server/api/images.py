@@ -13,7 +13,7 @@ import base64
 import binascii
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, shown
 from ..runtime.images import FORMATS, ImageInput
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # one encoded image
@@ -41,8 +41,7 @@ def _image(value: Any, field: str) -> ImageInput:
         raise InvalidRequest(f"{field} must be an object {{\"data\": bytes, \"format\": str}}")
     unknown = [k for k in value if k not in ("data", "format")]
     if unknown:
-        shown = unknown[0][:64] if isinstance(unknown[0], str) else type(unknown[0]).__name__
-        raise InvalidRequest(f"{field}.{shown} is not a known field")
+        raise InvalidRequest(f"{field}.{shown(unknown[0])} is not a known field")
     data = value.get("data")
     if isinstance(data, str):
         if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, shown
 from ..quantize import OUTPUT_DTYPES
 from .images import ImageInput, parse_images
 
@@ -51,9 +51,7 @@ def _obj(value: Any, field: str) -> dict:
 def _known(obj: dict, allowed: set[str], field: str) -> None:
     unknown = [k for k in obj if k not in allowed]
     if unknown:
-        key = unknown[0]
-        shown = key[:64] if isinstance(key, str) else type(key).__name__
-        raise InvalidRequest(f"{field}.{shown} is not a known field "
+        raise InvalidRequest(f"{field}.{shown(unknown[0])} is not a known field "
                              f"(known: {', '.join(sorted(allowed))})")
 
 

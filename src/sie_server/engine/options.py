@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, shown
 
 
 def check_options(options: Any, kinds: dict[str, type | tuple[type, ...]], field: str) -> dict:
@@ -16,8 +16,7 @@ def check_options(options: Any, kinds: dict[str, type | tuple[type, ...]], field
         raise InvalidRequest(f"{field} must be an object")
     for key, value in options.items():
         if key not in kinds:
-            shown = key[:64] if isinstance(key, str) else type(key).__name__
-            raise InvalidRequest(f"{field}.{shown} is not a known option "
+            raise InvalidRequest(f"{field}.{shown(key)} is not a known option "
                                  f"(known: {', '.join(kinds)})")
         expected = kinds[key]
         if value is not None and (not isinstance(value, expected) or

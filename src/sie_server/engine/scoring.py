@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, shown
 from .options import check_options
 from .request import ItemResult
 
@@ -51,7 +51,7 @@ class ScoreOptions:
         if weights is not None:
             for key, value in weights.items():
                 if key not in COMPONENTS:
-                    raise InvalidRequest(f"options.weights.{str(key)[:64]} is not a score "
+                    raise InvalidRequest(f"options.weights.{shown(key)} is not a score "
                                          f"component (known: {', '.join(COMPONENTS)})")
                 if not _finite_weight(value):
                     raise InvalidRequest(f"options.weights.{key} must be a finite number >= 0")
