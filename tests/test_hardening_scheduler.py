@@ -109,14 +109,77 @@ def test_full_queue_still_admits_other_clients_within_their_share(engine, held):
     sched, release, _ = held
     sched.max_queued_tokens = 400
     giant = engine.submit(MINILM, ["nine tokens of text in each item"] * 35, tenant="a")
-    assert sched._queued_tokens > 300  # the queue is (nearly) full of tenant a
-    other = engine.submit(MINILM, ["another client"] * 3, tenant="b")  # within b's share
+    more_a = engine.submit(MINILM, ["nine tokens of text in each item"] * 10, tenant="a")
+    assert sched._queued_tokens >= 400  # the queue is full, all of it tenant a's
+    other = engine.submit(MINILM, ["another client"] * 3, tenant="b")  # b holds nothing
+    big_b = engine.submit(MINILM, ["nine tokens of text in each item"] * 30, tenant="b")
     with pytest.raises(Overloaded):  # a already holds more than its share
-        engine.submit(MINILM, ["more from a"] * 20, tenant="a")
-    with pytest.raises(Overloaded):  # b asks for more than half the queue
-        engine.submit(MINILM, ["nine tokens of text in each item"] * 30, tenant="b")
+        engine.submit(MINILM, ["more from a"], tenant="a")
+    with pytest.raises(Overloaded):  # b now holds more than its share too
+        engine.submit(MINILM, ["more from b"], tenant="b")
     release()
-    assert len(giant.result(60)) == 35 and len(other.result(60)) == 3
+    assert [len(f.result(60)) for f in (giant, more_a, other, big_b)] == [35, 10, 3, 30]
+
+
+def test_many_small_requests_do_not_starve_a_larger_one(engine, held):
+    """Small requests from many clients keep the queue below the limit but too full for a
+    request of 3/4 of it to fit beside them: it is queued all the same (admission reads what
+    is queued, not the size of what asks). Past the limit, small and large requests get the
+    same answer: both queued while one client holds more than its share, both refused once
+    the queue holds twice the limit."""
+    sched, release, _ = held
+    sched.max_queued_tokens = 400
+    large_texts = ["nine tokens of text in each item"] * 30  # 300 tokens
+    small = [engine.submit(MINILM, [f"small client {i} asks"]) for i in range(40)]
+    assert 400 - 300 < sched._queued_tokens < 400
+    large = [engine.submit(MINILM, large_texts)]
+    assert sched._queued_tokens > 400
+    small.append(engine.submit(MINILM, ["one more small one"]))  # a client holds 300: a hog
+    large.append(engine.submit(MINILM, large_texts))
+    assert sched._queued_tokens >= 800
+    for texts in (["one more small one"], large_texts):
+        with pytest.raises(Overloaded):
+            engine.submit(MINILM, texts)
+    release()
+    assert all(len(f.result(60)) == 30 for f in large) and all(len(f.result(60)) == 1 for f in small)
+
+
+def test_admission_reads_the_queue_not_the_request_size(engine, held):
+    """For many queue states (tenants holding random amounts, the queue below, at, past and
+    far past the limit), a client's request of 1 token and one of the whole limit are either
+    both queued or both refused."""
+    sched, release, _ = held
+    sched.max_queued_tokens = limit = 300
+    rng = np.random.default_rng(7)
+    item = "a few tokens of text"
+    per_item = len(sched.model.prepare([item], False, None).ids[0])
+    for _ in range(12):
+        for _ in range(int(rng.integers(1, 8))):
+            n = int(rng.integers(1, limit // per_item // 2))
+            try:
+                engine.submit(MINILM, [item] * n, tenant=f"t{int(rng.integers(0, 5))}")
+            except Overloaded:
+                pass
+        for tenant in ("t0", "t3", "new"):
+            outcomes = []
+            for size in (1, limit // per_item):  # one item; the whole limit
+                before = sched._queued_tokens
+                try:
+                    f = engine.submit(MINILM, [item] * size, tenant=tenant)
+                except Overloaded:
+                    outcomes.append(False)
+                    continue
+                outcomes.append(True)
+                f.cancel()  # undo it for the next size: forget its queued tokens
+                with sched._cond:
+                    client = sched._clients[("tenant", tenant)]
+                    sched._drop(client, client.requests[-1])
+                    if not client.requests:
+                        del sched._clients[("tenant", tenant)]
+                assert sched._queued_tokens == before
+            assert outcomes[0] == outcomes[1], (tenant, sched._queued_tokens, outcomes)
+    assert sched._queued_tokens <= 3 * limit
+    release()
 
 
 def test_cancelled_work_is_dropped_and_adapter_order_kept(engine, held):

@@ -35,7 +35,7 @@ class Settings:
     # Limits and backpressure.
     max_items_per_request: int = 1024
     max_body_bytes: int = 64 * 1024 * 1024
-    max_queued_tokens: int = 2_000_000  # per model: 413 above it, 429 past it (scheduler.py)
+    max_queued_tokens: int = 2_000_000  # per model: 413 above it, 503 past it (scheduler.py)
     # LoRA adapters. Hub adapters are fetched with allow_download, or when their id matches
     # one of adapter_download_allow's glob patterns (e.g. "my-org/*").
     adapter_roots: list[Path] = field(default_factory=list)

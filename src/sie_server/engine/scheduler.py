@@ -12,11 +12,15 @@ the request itself. A batch is filled by deficit round robin over clients (each 
 client, round robin over its requests. So a small request arriving behind a giant one joins the
 next batch instead of waiting for the giant one to finish.
 
-Admission, in `submit` only: a request of more than `max_queued_tokens` tokens is refused at
-once (413: it could never be queued whole). Otherwise it is queued if the queue then holds at
-most `max_queued_tokens`, or, past that, if its client would still hold no more than its fair
-share (`max_queued_tokens` / clients waiting) and the queue no more than twice the limit; else
-429 with Retry-After. So one client filling the queue does not lock the others out.
+Admission, in `submit` only. A request of more than `max_queued_tokens` (L) tokens is refused
+at once (413: it could never be queued whole). Any other request is queued while the queue
+holds fewer than L tokens, whatever its own size (so it may take the queue past L by one
+request). Past L, a client holding less than its fair share (L / clients waiting) is still
+queued, while some other client holds more than its share and the queue fewer than 2L tokens:
+one client filling the queue does not lock the others out. Else 503 QUEUE_FULL with
+Retry-After. The decision reads only what is already queued, never the size of the request, so
+a large request is refused exactly when a small one from the same client would be: a stream of
+small requests cannot starve a larger one. The queue never holds more than 3L tokens.
 """
 
 from __future__ import annotations
@@ -117,9 +121,7 @@ class Scheduler:
             key = client_key(request)
             client = self._clients.get(key)
             holding = client.tokens if client is not None else 0
-            share = limit / (len(self._clients) + (client is None))
-            total = self._queued_tokens + tokens
-            if total > limit and (holding + tokens > share or total > 2 * limit):
+            if not self._admits(client):
                 self.metrics.rejected.labels(self._label).inc()
                 raise Overloaded(f"{name}: queue full ({self._queued_tokens} tokens waiting, "
                                  f"limit {limit}; this client holds {holding}); retry later",
@@ -131,6 +133,18 @@ class Scheduler:
             self._queued_tokens += tokens
             self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
             self._cond.notify()
+
+    def _admits(self, client: _Client | None) -> bool:
+        """Whether `client` (None: one with nothing queued) may queue one more request (the
+        module docstring); independent of the request's size."""
+        queued, limit = self._queued_tokens, self.max_queued_tokens
+        if queued < limit:
+            return True
+        if queued >= 2 * limit:
+            return False
+        share = limit / (len(self._clients) + (client is None))
+        holding = client.tokens if client is not None else 0
+        return holding < share and any(c.tokens > share for c in self._clients.values())
 
     def close(self, drain: bool = True) -> None:
         """Stop the threads; with drain, after everything queued has run."""
