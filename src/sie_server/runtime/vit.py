@@ -103,8 +103,8 @@ class TowersLora:
         if self.pool:
             stacks.append(LoraStack("vision_model.head", "head", None, POOL_LORA_TARGETS))
             lin.update(linears("head", self.vision, False))
-        return LoraLayout({**LORA_TARGETS, **POOL_LORA_TARGETS}, lin, self.module_names,
-                          tuple(stacks))
+        every = {k: v for stack in stacks for k, v in stack.targets.items()}  # for messages
+        return LoraLayout(every, lin, self.module_names, tuple(stacks))
 
 
 class _Hooked(nn.Module):
