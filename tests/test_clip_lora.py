@@ -213,3 +213,44 @@ def test_adapter_listing_names_towers(engine) -> None:
     assert {"text.self_attn.q_proj", "vision.mlp.fc2", "head.attention.out_proj",
             "head.mlp.fc1"} <= set(info["targets"])
     assert info["layers"] == 5  # 2 text, 2 vision layers, the head
+
+
+@pytest.mark.slow
+def test_http_encode_and_score_with_adapters(start_server, folders, made, images) -> None:
+    """A real server (float32): texts and images with SigLIP's "both" adapter and CLIP's
+    "vision" one equal peft's merged models; text-vs-image scores with the adapter; an
+    adapter the model cannot take is a 422 naming it."""
+    import httpx
+    import msgpack
+
+    root, refs = made
+    server = start_server(["--model", f"clip-test={folders['clip']}",
+                           "--model", f"siglip-test={folders['siglip']}",
+                           "--adapter-root", str(root)])
+    wire = [{"text": t} for t in TEXTS] + [{"id": f"img-{i}", "images": [{"data": d, "format": f}]}
+                                           for i, (d, f) in enumerate(images)]
+    headers = {"content-type": "application/msgpack", "accept": "application/msgpack"}
+
+    def post(path: str, body: dict) -> dict:
+        r = httpx.post(f"{server.url}{path}", content=msgpack.packb(body, use_bin_type=True),
+                       headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return msgpack.unpackb(r.content)
+
+    for family, name in (("siglip", "both"), ("clip", "vision")):
+        out = post(f"/v1/encode/{family}-test",
+                   {"items": wire, "params": {"options": {"lora_id": f"{family}/{name}"}}})
+        got = np.stack([np.frombuffer(i["dense"]["values"][b"data"], "<f4") for i in out["items"]])
+        want = np.concatenate(refs[family, name])
+        assert (got * want).sum(1).min() >= COS, (family, name)
+    texts, pics = refs["siglip", "both"]
+    out = post("/v1/score/siglip-test", {"query": {"text": TEXTS[0]}, "items": wire[len(TEXTS):],
+                                         "options": {"lora_id": "siglip/both"}})
+    scores = {s["item_id"]: s["score"] for s in out["scores"]}
+    np.testing.assert_allclose([scores[f"img-{i}"] for i in range(len(images))],
+                               pics @ texts[0], atol=1e-4)
+    r = httpx.post(f"{server.url}/v1/encode/clip-test", timeout=60,
+                   json={"items": [{"text": "x"}], "params": {"options": {"lora_id": "siglip/head"}}})
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"]
+    assert err["code"] == "INVALID_ADAPTER" and "siglip/head" in err["message"], err
