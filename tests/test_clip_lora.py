@@ -98,7 +98,8 @@ def test_adapters_equal_peft_merged(engine, made, images, family) -> None:
     base = dense(engine.encode(family, items_of(images)))
     n = len(TEXTS)
     for name, (_, _, changes) in adapters_of(family).items():
-        got = dense(engine.encode(family, items_of(images), options={"lora_id": f"{family}/{name}"}))
+        options = {"lora_id": f"{family}/{name}"}
+        got = dense(engine.encode(family, items_of(images), options=options))
         want = np.concatenate(refs[family, name])
         cos = (got * want).sum(1)
         assert cos.min() >= COS, (family, name, int(cos.argmin()), float(cos.min()))
@@ -249,8 +250,8 @@ def test_http_encode_and_score_with_adapters(start_server, folders, made, images
     scores = {s["item_id"]: s["score"] for s in out["scores"]}
     np.testing.assert_allclose([scores[f"img-{i}"] for i in range(len(images))],
                                pics @ texts[0], atol=1e-4)
-    r = httpx.post(f"{server.url}/v1/encode/clip-test", timeout=60,
-                   json={"items": [{"text": "x"}], "params": {"options": {"lora_id": "siglip/head"}}})
+    r = httpx.post(f"{server.url}/v1/encode/clip-test", timeout=60, json={
+        "items": [{"text": "x"}], "params": {"options": {"lora_id": "siglip/head"}}})
     assert r.status_code == 422, r.text
     err = r.json()["detail"]
     assert err["code"] == "INVALID_ADAPTER" and "siglip/head" in err["message"], err
