@@ -255,3 +255,22 @@ def test_http_encode_and_score_with_adapters(start_server, folders, made, images
     assert r.status_code == 422, r.text
     err = r.json()["detail"]
     assert err["code"] == "INVALID_ADAPTER" and "siglip/head" in err["message"], err
+
+
+def test_adapter_of_a_wrapped_model_applies_the_same(engine, made, images) -> None:
+    """Module paths with a wrapper's prefix in front of `vision_model.` (a CLIPModel inside
+    another module) find their tower as the plain ones do."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = made[0]
+    src, dst = root / "clip" / "vision", root / "wrapped" / "clip-vision"
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k.replace("base_model.model.", "base_model.model.wrapper.clip."): v
+               for k, v in state.items()}, str(dst / "adapter_model.safetensors"))
+    items = items_of(images)[-3:]
+    want = dense(engine.encode("clip", items, options={"lora_id": "clip/vision"}))
+    got = dense(engine.encode("clip", items, options={"lora_id": "wrapped/clip-vision"}))
+    np.testing.assert_array_equal(got, want)

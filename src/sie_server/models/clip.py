@@ -34,11 +34,11 @@ from ..errors import InvalidRequest
 from ..runtime.attention import make_attention
 from ..runtime.batch import PackedBatch, positions
 from ..runtime.device import Placement
+from ..runtime.encoder import LinearHook
 from ..runtime.images import (DECODE_SLOTS, ImageError, ImageInput, ImageProcessor, decode,
                               to_patches)
 from ..runtime.spm_tokenizer import SiglipTextTokenizer
 from ..runtime.tokenizer import TextTokenizer
-from ..runtime.encoder import LinearHook
 from ..runtime.vit import TowerConfig, TowersLora, attention_pool, text_tower, vision_tower
 from ..runtime.weights import load_state_dict
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
@@ -89,7 +89,7 @@ class ImageTextModel(EncoderModel):
         self.text = text_tower(tcfg, state, "text_model.").to(dev, dt)
         self.vision = vision_tower(vcfg, state, "vision_model.").to(dev, dt)
         self.load_heads(state)
-        self._lora = TowersLora(tcfg, vcfg, hasattr(self, "pool"), modules)
+        self._lora = TowersLora(tcfg, vcfg, hasattr(self, "pool"), modules)  # SigLIP: a head
         self.max_tokens = min(spec.max_input_tokens or tcfg.max_positions, tcfg.max_positions)
         self.processor = ImageProcessor.from_file(folder / "preprocessor_config.json")
         size = vcfg.image_size  # a non-square input shows whether the output size is fixed

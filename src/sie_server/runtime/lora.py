@@ -6,8 +6,11 @@ PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module 
 alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear (and a
 decoder's gate and up projections our `gate_up`), so their updates are fused too: A stacks the
 A matrices, B is block-diagonal over the output slices (`LoraLayout` says which module maps to
-which slice, for encoders and decoders). Everything that does not fit the base model is
-refused with InvalidAdapter naming the adapter and the reason, before anything is kept.
+which slice, for encoders and decoders). A model with several stacks (CLIP / SigLIP's text
+and vision towers) lists them in `LoraLayout.stacks`: a module belongs to the stack whose path
+precedes its `layers.N`, and our linears carry the stack's name ("text.qkv", "vision.fc1").
+Everything that does not fit the base model is refused with InvalidAdapter naming the adapter
+and the reason, before anything is kept.
 
 Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
 encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
@@ -118,11 +121,12 @@ def _locate(module: str, layout: LoraLayout, cfg: Any):
         lm = _LAYER.search(module)
         target = _target(lm["rel"], layout.targets) if lm else None
         return None if target is None else (int(lm["index"]), *target, lm["rel"], cfg.num_layers)
-    path = module.removeprefix("base_model.model.")
-    stack = next((s for s in layout.stacks if path.startswith(s.path + ".")), None)
-    if stack is None:
+    for stack in layout.stacks:  # the stack's path, after any wrapper's prefix
+        if m := re.search(rf"(?:^|\.){re.escape(stack.path)}\.(?P<rest>.+)$", module):
+            rest = m["rest"]
+            break
+    else:
         return None
-    rest = path[len(stack.path) + 1:]
     if stack.layers is None:
         layer, rel = 0, rest
     elif lm := re.fullmatch(r"layers\.(\d+)\.(.+)", rest):
@@ -153,9 +157,10 @@ class LoraAdapter:
     rank: int
     alpha: float
     rslora: bool
-    targets: tuple[str, ...]  # PEFT module names inside a layer, e.g. "attention.self.query"
-    # ("text.self_attn.q_proj" where the model has several stacks)
-    layers: int  # layers it adapts (over all stacks)
+    # PEFT module names inside a layer, e.g. "attention.self.query" (with several stacks the
+    # stack's name in front: "text.self_attn.q_proj")
+    targets: tuple[str, ...]
+    layers: int  # layers it adapts (over all stacks; a stack without layers counts as one)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     uid: int = -1  # the slot, set by the adapter manager
