@@ -3,7 +3,8 @@
 Models: the small random-weight `CLIPModel` / `SiglipModel` checkpoints of
 scripts/make_clip_test_models.py. Adapters: made with peft 0.21 on those folders (random
 non-zero B), on both towers (peft's usual q/k/v/out_proj + fc1/fc2 list, which on SigLIP also
-adapts the pooling head's `attention.out_proj` and `mlp.fc1/fc2`), on the text tower only, on
+adapts the pooling head's `attention.out_proj` and `mlp.fc1/fc2`; with a rank_pattern and an
+alpha_pattern on modules of each tower), on the text tower only, on
 part of one vision layer only (rslora), on SigLIP's head only. Reference:
 `PeftModel.merge_and_unload()` through transformers' processors and `get_text_features` /
 `get_image_features`, L2-normalised. Stated tolerances: dense cosine >= 0.99999 per text and
@@ -35,7 +36,9 @@ TEXTS = SHORT_TEXTS[:10]
 ALL = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # name -> (peft target_modules, options, towers it changes: text, image)
 ADAPTERS = {
-    "both": (ALL, {"r": 4}, (True, True)),
+    "both": (ALL, {"r": 4, "rank_pattern": {"vision_model.encoder.layers.0.mlp.fc1": 8},
+                   "alpha_pattern": {r"text_model\.encoder\.layers\.1\.self_attn\.v_proj": 3}},
+             (True, True)),
     "text": (r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.fc2)", {"r": 8},
              (True, False)),
     "vision": (r"vision_model\.encoder\.layers\.1\.(self_attn\.(k|out)_proj|mlp\.fc1)",
