@@ -12,6 +12,9 @@ from the encoded bytes and include decoding and preprocessing:
 - `transformers_loop`: Pillow decode, CLIPProcessor (the slow, Pillow-based image processor),
   `CLIPModel.get_image_features` under inference_mode, batches of 32, in corpus order.
 Prints images/s of each, their ratio, and the minimum cosine between the two paths' vectors.
+With `--adapters K`: also `engine_lora`, the engine load again with K peft LoRA adapters
+(rank `--lora-rank`, every linear of both towers, made here), request i using adapter i mod K,
+and its ratio to the engine without adapters.
 """
 
 from __future__ import annotations
@@ -57,19 +60,48 @@ def model_folder(cache: Path) -> Path:
     return folder
 
 
-def run_engine(folder: Path, data: list[bytes], device: str, clients: int, size: int):
+def make_adapters(folder: Path, root: Path, count: int, rank: int) -> list[str]:
+    """`count` peft adapters on every linear of both towers (random non-zero B), in root."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPModel
+
+    ids = []
+    for k in range(count):
+        torch.manual_seed(k)
+        model = get_peft_model(CLIPModel.from_pretrained(folder), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj",
+                                                          "out_proj", "fc1", "fc2"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.02)
+        model.save_pretrained(str(root / f"clip-lora-{k}"))
+        ids.append(f"clip-lora-{k}")
+    return ids
+
+
+def run_engine(folder: Path, data: list[bytes], device: str, clients: int, size: int,
+               adapters: Path | None = None, ids: list[str] = ()):
+    """With `ids`: request i uses adapter ids[i % len(ids)] (from the root `adapters`)."""
     from sie_server.config import Settings
     from sie_server.engine import Engine
     from sie_server.runtime.images import ImageInput
 
-    eng = Engine(Settings(models={"clip": str(folder)}, default_models=[], device=device))
+    eng = Engine(Settings(models={"clip": str(folder)}, default_models=[], device=device,
+                          adapter_roots=[adapters] if adapters else []))
     items = [ImageInput(d, "jpeg") for d in data]
     requests = [items[i:i + size] for i in range(0, len(items), size)]
+    options = [{"lora_id": ids[i % len(ids)]} if ids else None for i in range(len(requests))]
     try:
         eng.encode("clip", items[:size])  # load + warm
+        for lora_id in ids:
+            eng.encode("clip", items[:1], None, {"lora_id": lora_id})
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(lambda r: eng.submit("clip", r).result(), requests))
+            results = list(pool.map(lambda i: eng.submit("clip", requests[i], None,
+                                                         options[i]).result(),
+                                    range(len(requests))))
         wall = time.perf_counter() - started
     finally:
         eng.close()
@@ -105,12 +137,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--request-size", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     ap.add_argument("--quick", action="store_true", help="16 images (a dry run)")
+    ap.add_argument("--adapters", type=int, default=0, help="also run with K LoRA adapters")
+    ap.add_argument("--lora-rank", type=int, default=16)
     args = ap.parse_args(argv)
     folder = model_folder(args.cache)
     data = corpus(16 if args.quick else args.images)
     ref_s, ref = run_transformers(folder, data, args.device)
     eng_s, got = run_engine(folder, data, args.device, args.clients, args.request_size)
     n = len(data)
+    lora = {}
+    if args.adapters:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ids = make_adapters(folder, Path(tmp), args.adapters, args.lora_rank)
+            lora_s, _ = run_engine(folder, data, args.device, args.clients, args.request_size,
+                                   Path(tmp), ids)
+        lora = {"engine_lora": {"adapters": args.adapters, "rank": args.lora_rank,
+                                "wall_s": round(lora_s, 3), "images_per_s": round(n / lora_s, 2),
+                                "vs_engine": round(eng_s / lora_s, 2)}}
     print(json.dumps({
         "model": "clip-vit-base-patch32 shape, random weights", "device": args.device,
         "images": n, "clients": args.clients, "request_size": args.request_size,
@@ -118,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "transformers_loop": {"wall_s": round(ref_s, 3), "images_per_s": round(n / ref_s, 2)},
         "speedup": round(ref_s / eng_s, 2),
         "cosine_min": float((got * ref).sum(1).min()),
+        **lora,
     }, indent=2))
 
 

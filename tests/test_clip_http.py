@@ -129,9 +129,9 @@ def test_images_where_they_do_not_fit(server, images) -> None:
     message = _error(post(server, "/v1/encode/sentence-transformers/all-MiniLM-L6-v2",
                           {"items": [pic]}))
     assert message.startswith("items[0].images:") and "does not embed images" in message
-    message = _error(post(server, "/v1/encode/clip-test",
-                          {"items": [pic], "params": {"options": {"lora_id": "x/y"}}}))
-    assert "does not take LoRA adapters" in message
+    resp = post(server, "/v1/encode/clip-test",
+                {"items": [pic], "params": {"options": {"lora_id": "x/y"}}})
+    assert resp.status_code == 404 and resp.json()["detail"]["code"] == "LORA_NOT_FOUND"
 
 
 def _peak_rss(pid: int) -> int:

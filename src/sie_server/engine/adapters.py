@@ -109,7 +109,7 @@ class AdapterManager:
         cfg_file = model.folder / "config.json"
         model_type = json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
         self.base = BaseModelId(names=(spec.name, spec.source), folder=model.folder,
-                                cfg=model.encoder.cfg, model_type=model_type)
+                                cfg=model.lora_config, model_type=model_type)
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # by lora_id, LRU order
         self._by_slot: dict[int, LoraAdapter] = {}  # loaded and retired, by slot

@@ -10,7 +10,7 @@ import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,11 +137,22 @@ class EncoderModel(abc.ABC):
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
         self.tokenizer = TextTokenizer(folder / "tokenizer.json", self.max_tokens)
-        # Set by the engine's adapter manager (engine/adapters.py) once LoRA is used: the
-        # per-batch linear hook, and per head name the (token rows, weights) replacing a head.
-        self.adapter_hook: Callable[[PackedBatch], LinearHook | None] = lambda batch: None
-        self.adapter_heads: Callable[[PackedBatch, str], list[tuple[torch.Tensor, dict]]] = (
-            lambda batch, head: [])
+
+    # Replaced by the engine's adapter manager (engine/adapters.py) once LoRA is used: the
+    # per-batch linear hook, and per head name the (token rows, weights) replacing a head.
+    @staticmethod
+    def adapter_hook(batch: PackedBatch) -> LinearHook | None:
+        return None
+
+    @staticmethod
+    def adapter_heads(batch: PackedBatch, head: str) -> list[tuple[torch.Tensor, dict]]:
+        return []
+
+    @property
+    def lora_config(self) -> Any:
+        """What runtime/lora.py reads adapters against: a config with `num_layers` and the
+        stack's dimensions, or one with `lora_layout()` (lora.layout_for)."""
+        return self.encoder.cfg
 
     @property
     def memory_bytes(self) -> int:

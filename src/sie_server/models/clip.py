@@ -14,7 +14,10 @@ for CLIP or `spiece.model` for SigLIP). The vectors equal transformers'
 - SigLIP image: patches, layers, post-LayerNorm, the attention-pooling head.
 Images are decoded and preprocessed in the submitting thread (`prepare_images`); a batch's
 images go through the vision tower together and its texts through the text tower.
-No LoRA: requests with `lora_id` are refused.
+LoRA (PEFT adapters of `CLIPModel` / `SiglipModel`): the q/k/v/out projections and fc1/fc2 of
+either tower's layers and of SigLIP's pooling head (`attention.out_proj`, `mlp.fc1/fc2`),
+per item: each tower's hook sees its own rows (text tokens; image tokens; SigLIP's head one
+row per image) with the item's adapter (runtime/vit.py `TowersLora`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from ..errors import InvalidRequest
 from ..runtime.attention import make_attention
 from ..runtime.batch import PackedBatch, positions
 from ..runtime.device import Placement
+from ..runtime.encoder import LinearHook
 from ..runtime.images import (DECODE_SLOTS, ImageError, ImageInput, ImageProcessor, decode,
                               to_patches)
 from ..runtime.spm_tokenizer import SiglipTextTokenizer
 from ..runtime.tokenizer import TextTokenizer
-from ..runtime.vit import TowerConfig, attention_pool, text_tower, vision_tower
+from ..runtime.vit import TowerConfig, TowersLora, attention_pool, text_tower, vision_tower
 from ..runtime.weights import load_state_dict
 from .base import BatchOutputs, EncoderModel, ModelSpec, family
 
@@ -66,7 +70,6 @@ class ImageTextModel(EncoderModel):
     output_types = ("dense",)
     score_types = ("dense",)
     embeds_images = True
-    supports_lora = False
     causal_text = False
     defaults: tuple[dict, dict]
 
@@ -81,10 +84,12 @@ class ImageTextModel(EncoderModel):
         tcfg = TowerConfig.from_dict(self.text_config, self.defaults[0])
         vcfg = TowerConfig.from_dict(tower("vision"), self.defaults[1])
         state = load_state_dict(folder)
+        modules = tuple(sorted({k.rpartition(".")[0] or k for k in state}))
         dev, dt = placement.device, placement.dtype
         self.text = text_tower(tcfg, state, "text_model.").to(dev, dt)
         self.vision = vision_tower(vcfg, state, "vision_model.").to(dev, dt)
         self.load_heads(state)
+        self._lora = TowersLora(tcfg, vcfg, hasattr(self, "pool"), modules)  # SigLIP: a head
         self.max_tokens = min(spec.max_input_tokens or tcfg.max_positions, tcfg.max_positions)
         self.processor = ImageProcessor.from_file(folder / "preprocessor_config.json")
         size = vcfg.image_size  # a non-square input shows whether the output size is fixed
@@ -97,12 +102,19 @@ class ImageTextModel(EncoderModel):
         """Take the family's poolings / projections (and tokenizer) from the remaining weights."""
 
     @abc.abstractmethod
-    def text_features(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
+    def text_features(self, ids: np.ndarray, cu: np.ndarray,
+                      hook: LinearHook | None) -> torch.Tensor:
         """(texts, dim) unnormalised features of packed token ids."""
 
     @abc.abstractmethod
-    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
-        """(images, dim) unnormalised features of (images, patches, patch_dim) uint8 patches."""
+    def image_features(self, pixels: np.ndarray, hook: LinearHook | None,
+                       head_hook: LinearHook | None) -> torch.Tensor:
+        """(images, dim) unnormalised features of (images, patches, patch_dim) uint8 patches;
+        `hook` sees every image token, `head_hook` one row per image."""
+
+    @property
+    def lora_config(self) -> TowersLora:
+        return self._lora
 
     def _weight(self, state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
         if key not in state:
@@ -137,27 +149,42 @@ class ImageTextModel(EncoderModel):
         out = torch.empty(batch.num_seqs, self.dims()["dense"], device=dev)
         images = batch.image_rows if batch.image_rows is not None else np.zeros(0, np.int64)
         texts = np.setdiff1d(np.arange(batch.num_seqs), images)
-        if len(texts):
+        if len(texts):  # image rows hold no tokens: the batch's hook sees the text tokens
             cu = np.r_[0, batch.cu_seqlens[1:][texts]]
-            out[torch.from_numpy(texts).to(dev)] = self.text_features(batch.input_ids, cu).float()
+            features = self.text_features(batch.input_ids, cu, self.adapter_hook(batch))
+            out[torch.from_numpy(texts).to(dev)] = features.float()
         if len(images):
-            out[torch.from_numpy(images).to(dev)] = self.image_features(batch.pixels).float()
+            hook = head_hook = None
+            if (batch.adapter_slots[images] >= 0).any():
+                hook = self.adapter_hook(_image_rows(batch, images, self.vision.seq))
+                head_hook = self.adapter_hook(_image_rows(batch, images, 1))
+            features = self.image_features(batch.pixels, hook, head_hook)
+            out[torch.from_numpy(images).to(dev)] = features.float()
         return BatchOutputs(dense=F.normalize(out, dim=-1))
 
-    def text_hidden(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
+    def text_hidden(self, ids: np.ndarray, cu: np.ndarray,
+                    hook: LinearHook | None) -> torch.Tensor:
         dev = self.placement.device
         attention = make_attention(cu, dev, self.placement.dtype, causal=self.causal_text)
         return self.text(torch.from_numpy(ids).to(dev, non_blocking=True),
-                         torch.from_numpy(positions(cu, 0)).to(dev, non_blocking=True), attention)
+                         torch.from_numpy(positions(cu, 0)).to(dev, non_blocking=True), attention,
+                         hook)
 
-    def vision_hidden(self, pixels: np.ndarray) -> torch.Tensor:
+    def vision_hidden(self, pixels: np.ndarray, hook: LinearHook | None) -> torch.Tensor:
         """(images, sequence, hidden) before the post-LayerNorm."""
         dev, dt = self.placement.device, self.placement.dtype
         n = pixels.shape[0]
         x = torch.from_numpy(pixels).to(dev, non_blocking=True).reshape(-1, pixels.shape[2])
         x = self.processor.normalize_patches(x, self.vision.cfg.patch_size).to(dt)
         cu = np.arange(n + 1, dtype=np.int64) * self.vision.seq
-        return self.vision(x, make_attention(cu, dev, dt))
+        return self.vision(x, make_attention(cu, dev, dt), hook)
+
+
+def _image_rows(batch: PackedBatch, images: np.ndarray, per_image: int) -> PackedBatch:
+    """The batch's image rows as sequences of `per_image` rows each, with their adapters: what
+    the adapter hook of a vision-tower linear (or of SigLIP's head) sees."""
+    return PackedBatch(np.zeros(0, np.int64), np.arange(len(images) + 1) * per_image, None,
+                       batch.adapter_slots[images], batch.output_types)
 
 
 @family("clip")
@@ -175,15 +202,17 @@ class Clip(ImageTextModel):
     def dims(self) -> dict[str, int]:
         return {"dense": self.text_proj.shape[0]}
 
-    def text_features(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
-        hidden = self.text_hidden(ids, cu)
+    def text_features(self, ids: np.ndarray, cu: np.ndarray,
+                      hook: LinearHook | None) -> torch.Tensor:
+        hidden = self.text_hidden(ids, cu, hook)
         # transformers: eos_token_id 2 is the legacy config: the highest id marks the end
         keys = ids if self.eos_id == 2 else (ids == self.eos_id).astype(np.int64)
         eos = torch.from_numpy(first_max(keys, cu)).to(hidden.device)
         return F.linear(hidden[eos], self.text_proj)
 
-    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
-        cls = self.vision.post_ln(self.vision_hidden(pixels)[:, 0])
+    def image_features(self, pixels: np.ndarray, hook: LinearHook | None,
+                       head_hook: LinearHook | None) -> torch.Tensor:
+        cls = self.vision.post_ln(self.vision_hidden(pixels, hook)[:, 0])
         return F.linear(cls, self.visual_proj)
 
 
@@ -202,9 +231,12 @@ class Siglip(ImageTextModel):
     def dims(self) -> dict[str, int]:
         return {"dense": self.text_head_w.shape[0]}
 
-    def text_features(self, ids: np.ndarray, cu: np.ndarray) -> torch.Tensor:
+    def text_features(self, ids: np.ndarray, cu: np.ndarray,
+                      hook: LinearHook | None) -> torch.Tensor:
         last = torch.from_numpy(cu[1:] - 1).to(self.placement.device)
-        return F.linear(self.text_hidden(ids, cu)[last], self.text_head_w, self.text_head_b)
+        hidden = self.text_hidden(ids, cu, hook)[last]
+        return F.linear(hidden, self.text_head_w, self.text_head_b)
 
-    def image_features(self, pixels: np.ndarray) -> torch.Tensor:
-        return self.pool(self.vision.post_ln(self.vision_hidden(pixels)))
+    def image_features(self, pixels: np.ndarray, hook: LinearHook | None,
+                       head_hook: LinearHook | None) -> torch.Tensor:
+        return self.pool(self.vision.post_ln(self.vision_hidden(pixels, hook)), head_hook)

@@ -6,8 +6,11 @@ PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora; per-module 
 alpha_pattern) folded into B. Query, key and value share our fused `qkv` linear (and a
 decoder's gate and up projections our `gate_up`), so their updates are fused too: A stacks the
 A matrices, B is block-diagonal over the output slices (`LoraLayout` says which module maps to
-which slice, for encoders and decoders). Everything that does not fit the base model is
-refused with InvalidAdapter naming the adapter and the reason, before anything is kept.
+which slice, for encoders and decoders). A model with several stacks (CLIP / SigLIP's text
+and vision towers) lists them in `LoraLayout.stacks`: a module belongs to the stack whose path
+precedes its `layers.N`, and our linears carry the stack's name ("text.qkv", "vision.fc1").
+Everything that does not fit the base model is refused with InvalidAdapter naming the adapter
+and the reason, before anything is kept.
 
 Applying (`BatchLora`): built once per batch from `PackedBatch.adapter_slots`, it is the
 encoder's LinearHook. It adds `x @ A^T @ B^T` to the output rows of the tokens whose sequence
@@ -71,12 +74,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
+class LoraStack:
+    """One of several stacks of a model (CLIP / SigLIP: the text and the vision tower, and
+    SigLIP's pooling head), for `LoraLayout.stacks`."""
+
+    path: str  # the module path in front of `layers.N`, e.g. "text_model.encoder"
+    name: str  # our linears of this stack are called "<name>.<linear>", e.g. "text.qkv"
+    layers: int | None  # None: one block whose modules sit right under `path` (layer 0)
+    targets: dict[str, tuple[str, int | None]]  # module inside a layer -> (our linear, piece)
+
+
+@dataclass(frozen=True)
 class LoraLayout:
-    """Where LoRA applies in a stack (BERT / XLM-R encoder or decoder)."""
+    """Where LoRA applies in a model: one stack of layers (BERT / XLM-R, decoder, ModernBERT),
+    or several (`stacks`, whose linears carry the stack's name)."""
 
     targets: dict[str, tuple[str, int | None]]  # module inside a layer -> (our linear, piece)
     linears: dict[str, tuple[int, tuple[int, ...]]]  # our linear -> (fan-in, piece sizes)
     module_names: tuple[str, ...]  # every module a target_modules entry may name
+    stacks: tuple[LoraStack, ...] = ()  # empty: one stack of cfg.num_layers layers
 
 
 def layout_for(cfg: Any) -> LoraLayout:
@@ -98,6 +114,31 @@ def _target(rel: str, targets: dict[str, tuple[str, int | None]]) -> tuple[str, 
     return targets[max(hits, key=len)] if hits else None
 
 
+def _locate(module: str, layout: LoraLayout, cfg: Any):
+    """(layer, our linear, piece, module name inside its layer, layers of its stack) for an
+    adapter's module path, or None when LoRA cannot apply there."""
+    if not layout.stacks:
+        lm = _LAYER.search(module)
+        target = _target(lm["rel"], layout.targets) if lm else None
+        return None if target is None else (int(lm["index"]), *target, lm["rel"], cfg.num_layers)
+    for stack in layout.stacks:  # the stack's path, after any wrapper's prefix
+        if m := re.search(rf"(?:^|\.){re.escape(stack.path)}\.(?P<rest>.+)$", module):
+            rest = m["rest"]
+            break
+    else:
+        return None
+    if stack.layers is None:
+        layer, rel = 0, rest
+    elif lm := re.fullmatch(r"layers\.(\d+)\.(.+)", rest):
+        layer, rel = int(lm[1]), lm[2]
+    else:
+        return None
+    target = stack.targets.get(rel)
+    if target is None:
+        return None
+    return layer, f"{stack.name}.{target[0]}", target[1], f"{stack.name}.{rel}", stack.layers or 1
+
+
 @dataclass
 class Delta:
     """One linear's low-rank update: y += x @ a.T @ b.T (scaling folded into b)."""
@@ -116,8 +157,10 @@ class LoraAdapter:
     rank: int
     alpha: float
     rslora: bool
-    targets: tuple[str, ...]  # PEFT module names inside a layer, e.g. "attention.self.query"
-    layers: tuple[int, ...]
+    # PEFT module names inside a layer, e.g. "attention.self.query" (with several stacks the
+    # stack's name in front: "text.self_attn.q_proj")
+    targets: tuple[str, ...]
+    layers: int  # layers it adapts (over all stacks; a stack without layers counts as one)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     uid: int = -1  # the slot, set by the adapter manager
@@ -130,7 +173,7 @@ class LoraAdapter:
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
-                "targets": list(self.targets), "layers": len(self.layers),
+                "targets": list(self.targets), "layers": self.layers,
                 "heads": sorted(self.heads), "bytes": self.nbytes}
 
 
@@ -233,17 +276,22 @@ def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
         except Exception:  # noqa: BLE001 - an unreadable foreign config decides nothing
             return
         fields = ("hidden_size", "num_layers", "intermediate_size", "vocab_size")
-        differ = [f for f in fields if getattr(theirs, f) != getattr(base.cfg, f)]
+        differ = [f for f in fields if getattr(theirs, f) != getattr(base.cfg, f, None)]
         if differ or (their_type and base.model_type and their_type != base.model_type):
-            raise _invalid(name, f"it was made for another base model ({claimed}: {their_type}, "
-                                 f"hidden {theirs.hidden_size}, {theirs.num_layers} layers), not "
-                                 f"{base.names[0]} ({base.model_type}, hidden "
-                                 f"{base.cfg.hidden_size}, {base.cfg.num_layers} layers)")
+            raise _invalid(name, f"it was made for another base model ({claimed}: "
+                                 f"{_shape(their_type, theirs)}), not {base.names[0]} "
+                                 f"({_shape(base.model_type, base.cfg)})")
         return
     ours = [n for n in base.names if _HUB_ID.match(n)]
     if _HUB_ID.match(claimed) and ours and claimed.lower() not in {n.lower() for n in ours}:
         raise _invalid(name, f"it was made for base model {claimed!r}, not {base.names[0]!r} "
                              f"(base_model_name_or_path in {CONFIG_FILE})")
+
+
+def _shape(model_type: str | None, cfg: Any) -> str:
+    if not hasattr(cfg, "hidden_size"):  # several stacks (CLIP / SigLIP): the type says it
+        return str(model_type)
+    return f"{model_type}, hidden {cfg.hidden_size}, {cfg.num_layers} layers"
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -284,21 +332,19 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
     parts: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
     targets, layers = set(), set()
     for module, ab in sorted(pairs.items()):
-        lm = _LAYER.search(module)
-        target = _target(lm["rel"], layout.targets) if lm else None
-        if target is None:
+        where = _locate(module, layout, cfg)
+        if where is None:
             raise _invalid(name, f"it targets module {module!r}, which this model does not "
                                  "have or cannot adapt (LoRA applies to the attention query, "
                                  "key, value and output and the feed-forward linears)")
-        layer = int(lm["index"])
-        if layer >= cfg.num_layers:
-            raise _invalid(name, f"it adapts layer {layer} but the model has {cfg.num_layers} "
+        layer, linear, piece, rel, num_layers = where
+        if layer >= num_layers:
+            raise _invalid(name, f"it adapts layer {layer} but the model has {num_layers} "
                                  f"layers (made for a deeper model?)")
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise _invalid(name, f"{module} has no {missing} weight")
         a, b = ab["A"], ab["B"]
-        linear, piece = target
         fan_in, sizes = layout.linears[linear]
         fan_out = sizes[piece or 0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out \
@@ -318,8 +364,8 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
         mod_alpha = _pattern(config.get("alpha_pattern"), rel_key, alpha)
         scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
         parts.setdefault((layer, linear), []).append((piece, a.float(), b.float() * scale))
-        targets.add(lm["rel"])
-        layers.add(layer)
+        targets.add(rel)
+        layers.add((linear.rpartition(".")[0], layer))
     if not parts:
         raise _invalid(name, "it holds no LoRA weights for any encoder layer")
 
@@ -340,7 +386,7 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
         deltas[(layer, linear)] = Delta(a.to(device, dtype).contiguous(),
                                         b.to(device, dtype).contiguous())
     return LoraAdapter(name=name, folder=folder, deltas=deltas, rank=int(r), alpha=float(alpha),
-                       rslora=rslora, targets=tuple(sorted(targets)), layers=tuple(sorted(layers)),
+                       rslora=rslora, targets=tuple(sorted(targets)), layers=len(layers),
                        ignored=tuple(sorted(ignored)))
 
 

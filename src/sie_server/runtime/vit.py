@@ -6,6 +6,9 @@ on the packed (tokens, hidden) matrix and attention comes from `attention.make_a
 strided convolution in the checkpoint, is one matmul over patches flattened on the host
 (`images.to_patches`: channel, row, column order, as the convolution's weight is laid out).
 Poolings and projections are the model family's (models/clip.py).
+LoRA (runtime/lora.py): every linear of a tower layer and of SigLIP's pooling head calls the
+batch's LinearHook with our name of it qualified by its stack ("text.qkv", "vision.fc1",
+"head.out"); `TowersLora.lora_layout` maps PEFT's module names onto those.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .encoder import LinearHook
+from .lora import LoraLayout, LoraStack
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -64,10 +70,59 @@ class TowerConfig:
         return self.channels * self.patch_size ** 2
 
 
-class PreLNLayer(nn.Module):
-    def __init__(self, cfg: TowerConfig) -> None:
+# LoRA: PEFT's module names inside a tower layer / SigLIP's head -> (our linear, piece)
+LORA_TARGETS: dict[str, tuple[str, int | None]] = {
+    "self_attn.q_proj": ("qkv", 0), "self_attn.k_proj": ("qkv", 1),
+    "self_attn.v_proj": ("qkv", 2), "self_attn.out_proj": ("out", None),
+    "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
+POOL_LORA_TARGETS: dict[str, tuple[str, int | None]] = {
+    "attention.out_proj": ("out", None), "mlp.fc1": ("fc1", None), "mlp.fc2": ("fc2", None)}
+
+
+@dataclass(frozen=True)
+class TowersLora:
+    """What LoRA needs of a CLIP / SigLIP model (its adapter config, for runtime/lora.py)."""
+
+    text: TowerConfig
+    vision: TowerConfig
+    pool: bool  # SigLIP's attention-pooling head
+    module_names: tuple[str, ...]  # every module of the checkpoint
+
+    def lora_layout(self) -> LoraLayout:
+        """The text tower's layers, the vision tower's, SigLIP's head: three stacks."""
+        def linears(stack: str, cfg: TowerConfig, qkv: bool) -> dict:
+            h, i = cfg.hidden_size, cfg.intermediate_size
+            out = {f"{stack}.out": (h, (h,)), f"{stack}.fc1": (h, (i,)),
+                   f"{stack}.fc2": (i, (h,))}
+            return {f"{stack}.qkv": (h, (h, h, h)), **out} if qkv else out
+
+        stacks = [LoraStack("text_model.encoder", "text", self.text.num_layers, LORA_TARGETS),
+                  LoraStack("vision_model.encoder", "vision", self.vision.num_layers,
+                            LORA_TARGETS)]
+        lin = {**linears("text", self.text, True), **linears("vision", self.vision, True)}
+        if self.pool:
+            stacks.append(LoraStack("vision_model.head", "head", None, POOL_LORA_TARGETS))
+            lin.update(linears("head", self.vision, False))
+        every = {k: v for stack in stacks for k, v in stack.targets.items()}  # for messages
+        return LoraLayout(every, lin, self.module_names, tuple(stacks))
+
+
+class _Hooked(nn.Module):
+    """A block whose linears go through the batch's LinearHook (LoRA) under `stack.name`."""
+
+    index = 0
+    stack = ""
+
+    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+        y = getattr(self, name)(x)
+        return y if hook is None else hook(self.index, f"{self.stack}.{name}", x, y)
+
+
+class PreLNLayer(_Hooked):
+    def __init__(self, cfg: TowerConfig, index: int, stack: str) -> None:
         super().__init__()
         h = cfg.hidden_size
+        self.index, self.stack = index, stack
         self.heads = cfg.num_heads
         self.ln1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.qkv = nn.Linear(h, 3 * h)
@@ -77,11 +132,12 @@ class PreLNLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, h)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor, attention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention, hook: LinearHook | None) -> torch.Tensor:
         t, h = x.shape
-        qkv = self.qkv(self.ln1(x)).view(t, 3, self.heads, h // self.heads)
-        x = x + self.out(attention(qkv[:, 0], qkv[:, 1], qkv[:, 2]).reshape(t, h))
-        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+        qkv = self._linear("qkv", self.ln1(x), hook).view(t, 3, self.heads, h // self.heads)
+        a = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2]).reshape(t, h)
+        x = x + self._linear("out", a, hook)
+        return x + self._linear("fc2", self.act(self._linear("fc1", self.ln2(x), hook)), hook)
 
 
 class TextTower(nn.Module):
@@ -92,13 +148,14 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.token = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
-        self.layers = nn.ModuleList(PreLNLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(PreLNLayer(cfg, i, "text") for i in range(cfg.num_layers))
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention,
+                hook: LinearHook | None = None) -> torch.Tensor:
         x = self.token(ids) + self.position(positions)
         for layer in self.layers:
-            x = layer(x, attention)
+            x = layer(x, attention, hook)
         return self.final_ln(x)
 
 
@@ -116,10 +173,11 @@ class VisionTower(nn.Module):
         self.seq = cfg.grid + int(class_token)
         self.position = nn.Embedding(self.seq, h)
         self.pre_ln = nn.LayerNorm(h, eps=cfg.layer_norm_eps) if class_token else None
-        self.layers = nn.ModuleList(PreLNLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(PreLNLayer(cfg, i, "vision") for i in range(cfg.num_layers))
         self.post_ln = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, patches: torch.Tensor, attention) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, attention,
+                hook: LinearHook | None = None) -> torch.Tensor:
         h = self.cfg.hidden_size
         x = self.patch(patches).view(-1, self.cfg.grid, h)
         if self.cls is not None:
@@ -130,13 +188,15 @@ class VisionTower(nn.Module):
         n = x.shape[0]
         x = x.reshape(n * self.seq, h)
         for layer in self.layers:
-            x = layer(x, attention)
+            x = layer(x, attention, hook)
         return x.view(n, self.seq, h)
 
 
-class AttentionPool(nn.Module):
+class AttentionPool(_Hooked):
     """SigLIP's `head`: one learnt probe attends over an image's tokens (multi-head), then
     LayerNorm + MLP with a residual; input (images, sequence, hidden), output (images, hidden)."""
+
+    stack = "head"
 
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
@@ -150,7 +210,8 @@ class AttentionPool(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, h)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
+        """`hook` sees one row per image."""
         n, s, h = x.shape
         d = h // self.heads
         wq, wk, wv = self.qkv.weight.chunk(3)
@@ -158,8 +219,8 @@ class AttentionPool(nn.Module):
         q = F.linear(self.probe, wq, bq).view(1, self.heads, 1, d).expand(n, -1, -1, -1)
         k = F.linear(x, wk, bk).view(n, s, self.heads, d).transpose(1, 2)
         v = F.linear(x, wv, bv).view(n, s, self.heads, d).transpose(1, 2)
-        a = self.out(F.scaled_dot_product_attention(q, k, v).reshape(n, h))
-        return a + self.fc2(self.act(self.fc1(self.ln(a))))
+        a = self._linear("out", F.scaled_dot_product_attention(q, k, v).reshape(n, h), hook)
+        return a + self._linear("fc2", self.act(self._linear("fc1", self.ln(a), hook)), hook)
 
 
 def _layer_names(prefix: str, i: int) -> dict[str, str]:
