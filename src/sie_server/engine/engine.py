@@ -237,9 +237,6 @@ class Engine:
         """The adapter manager of a ready model handle, created on first use. It lives on the
         model object, so a model unloaded (or evicted) takes its adapters with it."""
         model = handle.model
-        if not model.supports_lora:
-            raise InvalidRequest(f"lora_id: {handle.spec.name} ({handle.spec.family}) does not "
-                                 "take LoRA adapters")
         with self._adapter_lock:
             mgr = getattr(model, "adapter_manager", None)
             if mgr is None:

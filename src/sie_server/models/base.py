@@ -122,7 +122,6 @@ class EncoderModel(abc.ABC):
     pair_scoring: bool = False
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
-    supports_lora: bool = True
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
     # `decoder.Decoder` (causal) or another architecture's; each loads with
     # from_folder(folder) -> (stack, unused weights).
