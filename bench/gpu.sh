@@ -6,6 +6,8 @@
 #
 # Steps (each bounded by what is left of GPU_BENCH_BUDGET seconds, default 470, so the
 # script ends inside one 10-minute call even if a step hangs):
+#   t. tests/test_gpu.py (bf16/fp16 and CUDA varlen against the fp32 engine; the MiniLM tests
+#      are left out: its 83 MB wheel does not fit the device call's carry) -> $OUT/test_gpu.txt
 #   a. build the BGE-M3-shaped random model of the real size (XLM-R large) in /tmp
 #   b. passages, dense+sparse and dense+sparse+multivector: engine in-process, engine over
 #      HTTP, naive transformers loop, FlagEmbedding-style loop  -> $OUT/passages.json
@@ -79,6 +81,8 @@ step() {
 
 RUN=("$PY" -m bench.run --device "$DEVICE" --model "$MODEL" --model-dir "$MODEL_DIR")
 
+step "t. tests/test_gpu.py" 150 "$PY" -m pytest -q -p no:cacheprovider -k "not minilm" \
+  tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.txt" | tail -25
 step "a. build the model" 120 "$PY" -m bench.make_model "$MODEL_DIR" --size "$SIZE"
 step "b. passages" 200 "${RUN[@]}" --corpus passages $(N --n 4096) \
   --outputs dense,sparse --outputs dense,sparse,multivector \
