@@ -5,7 +5,9 @@ Equivalence is against the tokenizer itself on the whole text (tokenize everythi
 as the engine does): ids identical, and `truncated` (count above the limit) identical."""
 from __future__ import annotations
 
+import base64
 import json
+import random
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ from reference import minilm_dir, xlmr_tokenizer_json
 from test_score import ce_bert_dir  # noqa: F401 - fixture (a small BERT cross-encoder)
 from texts import EDGE_TEXTS, TEXTS, miracl_passages
 
-from sie_server.runtime.tokenizer import TextTokenizer
+from sie_server.runtime.tokenizer import _MAX_WINDOW, TextTokenizer, UnsettledWord
 
 TOKENIZERS = {"xlmr": xlmr_tokenizer_json, "minilm": lambda: minilm_dir() / "tokenizer.json"}
 
@@ -80,6 +82,60 @@ def test_cut_before_tokenizing_keeps_every_token(name, max_tokens) -> None:
             assert max_tokens < n <= want_n  # a lower bound above the limit
 
 
+def huge_words() -> list[str]:
+    """Texts with one word (pre-token) longer than the largest window, whose first tokens
+    the Unigram best paths settle (module docstring, point 4)."""
+    rnd = random.Random(11)
+    n = _MAX_WINDOW + 3000
+    b64 = base64.b64encode(rnd.randbytes(n)).decode()[:n]
+    return [
+        b64, "some words first, " + b64 + " and words after",  # random base64
+        "".join(chr(rnd.randint(0x4E00, 0x9FA5)) for _ in range(n)),  # CJK without spaces
+        "中文测试，这是一个句子。" * (n // 12),  # a repeated CJK sentence
+        "😀🎉👍🏽" * (n // 4),  # an emoji run (with a skin-tone modifier)
+        "e\u0301" * (n // 2),  # combining marks (composed by the normalizer)
+        "".join(rnd.choice("bcdfghklmnprstvz") + rnd.choice("aeiou") for _ in range(n // 2)),
+        " " * 1000 + "x" * 100 + "-" + b64,  # spaces, then a word glued to punctuation
+    ]
+
+
+@pytest.mark.parametrize("max_tokens", [16, 512, 8192])
+def test_a_word_longer_than_the_window_keeps_every_token(max_tokens) -> None:
+    tok = TextTokenizer(xlmr_tokenizer_json(), max_tokens)
+    texts = huge_words()
+    got = tok.encode(texts)
+    for text, ids, n in zip(texts, got.ids, got.original_lengths, strict=True):
+        want, want_n = whole(tok, text)
+        assert len(text) > _MAX_WINDOW and want_n > max_tokens
+        np.testing.assert_array_equal(ids, want, err_msg=repr(text[:60]))
+        assert max_tokens < n <= want_n
+
+
+@pytest.mark.parametrize("text", ["a" * (_MAX_WINDOW + 1000), "ab" * (_MAX_WINDOW // 2 + 7),
+                                  "x " + "abc" * (_MAX_WINDOW // 3 + 100)])
+def test_a_word_whose_start_depends_on_its_end_is_refused(text) -> None:
+    """XLM-R reads "▁" + "a" * k as "▁a", "a", "a", then "aaaaa"s when k % 5 == 3, but as
+    "▁", "aaaa", ... when k % 5 == 4: the first tokens depend on the word's length, so no
+    window settles them and the text is refused, not guessed."""
+    tok = TextTokenizer(xlmr_tokenizer_json(), 512)
+    heads = {tuple(tok._tok.encode(text[:k], add_special_tokens=False).ids[:6])
+             for k in range(1000, 1015)}
+    assert len(heads) > 1  # the premise: how the word starts depends on where it stops
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode(["fine", text])
+    assert e.value.index == 1  # the engine names the item: items[1].text
+
+
+def test_a_refused_word_in_a_pair_is_named() -> None:
+    tok, text = TextTokenizer(xlmr_tokenizer_json(), 512), "z" * (_MAX_WINDOW + 1)
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode_pairs(text, ["fine"])
+    assert e.value.index is None  # the query
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode_pairs("fine", ["fine", "fine", text])
+    assert e.value.index == 2
+
+
 @pytest.mark.parametrize("name", ["xlmr", "minilm"])
 def test_pairs_cut_before_tokenizing(name) -> None:
     tok = TextTokenizer(TOKENIZERS[name](), 64)
@@ -103,11 +159,18 @@ def test_tokenizer_sees_a_bounded_window(name) -> None:
     """A 10 MB text reaches the Rust tokenizer only in windows of at most 256Ki chars."""
     tok = TextTokenizer(TOKENIZERS[name](), 512)
     tok._tok = spy = Spy(tok._tok)
+    if tok._unigram:  # the model alone, which reads prefixes of a long word
+        tok._unigram = (model := Spy(tok._unigram[0]), *tok._unigram[1:])
     for text in ("hello world " * 900_000, "z" * 10_000_000, "中文" * 5_000_000):
         spy.longest = 0
-        out = tok.encode([text])
-        assert out.original_lengths[0] > 512 or name == "minilm"  # (one [UNK] for BERT's z...z)
-        assert spy.longest <= 1 << 18, (text[:10], spy.longest)
+        try:
+            out = tok.encode([text])
+        except UnsettledWord:  # XLM-R's "▁" + "z" * k starts as k % 3 says: refused
+            assert name == "xlmr" and text[0] == "z"
+        else:
+            assert out.original_lengths[0] > 512 or name == "minilm"  # (BERT's z...z: [UNK])
+        longest = max(spy.longest, model.longest if tok._unigram else 0)
+        assert longest <= 1 << 18, (text[:10], longest)
 
 
 def rss_kb(pid: int, field: str) -> int:

@@ -59,6 +59,17 @@ class Tokenized:
     type_ids: list[np.ndarray] | None = None  # per text, for sentence pairs
 
 
+class UnsettledWord(ValueError):
+    """A text holding one word of more than `_MAX_WINDOW` characters whose first tokens
+    depend on how it ends (module docstring, point 5). `index`: the text's position among
+    those tokenized, None for the first text of a pair."""
+
+    def __init__(self, index: int | None = 0) -> None:
+        super().__init__(f"one word of more than {_MAX_WINDOW:,} characters whose first "
+                         "tokens depend on how it ends")
+        self.index = index
+
+
 @dataclass(frozen=True)
 class PairTemplate:
     """Where the special tokens of a pair go: prefix A middle B suffix, with their type ids."""
@@ -79,7 +90,8 @@ _MIN_WINDOW = 4096
 _MAX_WINDOW = 1 << 18  # see the module docstring, point 5
 _MARGIN = 64  # characters before a window's end whose words are not trusted
 _SCAN_CHUNK = 1 << 16  # WordPiece: characters per step when looking for a huge word's end
-_FORCED_CUT_TRIES = 1024  # Unigram: token boundaries tried per window, from the end
+_CONVERGE_SLACK = 16  # Unigram: tokens past the wanted ones where best paths are compared
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 # Every character BERT may split a word at (whitespace, punctuation, CJK, controls) and more:
 # a run of other characters lies inside one word.
@@ -129,13 +141,20 @@ class TextTokenizer:
         unk = model.get("unk_token")  # WordPiece's; BPE models may have none (null)
         self._unk = model.get("unk_id") if self._kind == "Unigram" else \
             (self._tok.token_to_id(unk) if unk else None)
-        self._pieces: tuple[set[str], int] | None = None  # Unigram (vocabulary, longest piece)
         a = self._tok.encode("a", add_special_tokens=False)
         single = self._tok.post_process(a, None, add_special_tokens=True).ids
         at = single.index(a.ids[0]) if len(a.ids) == 1 and a.ids[0] in single else -1
         self._prefix, self._suffix = (single[:at], single[at + 1:]) if at >= 0 else ([], [])
         if at < 0 or not self._suffix:  # truncation needs a closing special token to keep
             self._kind = None
+        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces)
+        self._unigram: tuple[Tokenizer, int, set[int]] | None = None
+        if self._kind == "Unigram":
+            vocab = self._tok.get_vocab(with_added_tokens=False)
+            fallback = {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)} \
+                if model.get("byte_fallback") else set()
+            self._unigram = (Tokenizer(self._tok.model), max(map(len, vocab)),
+                             fallback | {self._unk})
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -155,7 +174,11 @@ class TextTokenizer:
             out[i] = (e.ids, True)
         for i, t in enumerate(texts):
             if out[i] is None:
-                out[i] = self._head(t, need, first)
+                try:
+                    out[i] = self._head(t, need, first)
+                except UnsettledWord as e:
+                    e.index = i
+                    raise
         return out  # type: ignore[return-value]
 
     def _head(self, text: str, need: int, window: int) -> tuple[list[int], bool]:
@@ -169,9 +192,9 @@ class TextTokenizer:
             enc = self._tok.encode(text[base:base + window], add_special_tokens=False)
             limit = window - _MARGIN
             n, start = _settled(enc, limit)
-            if self._kind == "Unigram" and start is not None and n < need - len(ids):
-                n = max(n, self._forced_cut(enc, n, limit))
             got = ids + enc.ids[:n]
+            if self._kind == "Unigram" and start is not None and len(got) < need:
+                got += self._converged(enc, n, limit, need - len(got))
             if len(got) >= need:
                 return got, False
             if self._kind == "WordPiece":
@@ -186,7 +209,7 @@ class TextTokenizer:
                     ids, base = got + [self._unk], end
                     continue
             if window >= _MAX_WINDOW:  # point 5 of the module docstring
-                return ids + enc.ids, False
+                raise UnsettledWord()
             window = min(2 * window, _MAX_WINDOW)
 
     def _huge_word(self, text: str, base: int, enc: Encoding, window: int) -> bool:
@@ -213,27 +236,40 @@ class TextTokenizer:
                 return inside + first_end
             inside += first_end - 1
 
-    def _forced_cut(self, enc: Encoding, settled: int, limit: int) -> int:
-        """Unigram: the most tokens of `enc` ending at a forced cut whose following pieces
-        all lie before `limit` (so they are the whole text's); `settled` if none is found."""
-        if self._pieces is None:  # built once, assigned whole (threads may race to build it)
-            vocab = set(self._tok.get_vocab(with_added_tokens=False))
-            self._pieces = (vocab, max(map(len, vocab)))
-        pieces, longest = self._pieces
+    def _converged(self, enc: Encoding, n: int, limit: int, want: int) -> list[int]:
+        """Unigram: the first tokens of the whole text's word that starts at token n (the
+        first unsettled one), at most a few more than `want` (module docstring, point 4)."""
+        model, longest, unknown = self._unigram  # type: ignore[misc]
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
-        last = len(ids) - longest - 1  # the `longest` tokens after the cut must be settled
-        while last > settled and offsets[last + longest][1] > limit:
-            last -= 1
-        for t in range(last, max(settled, last - _FORCED_CUT_TRIES), -1):
-            # the cut before token t: no piece over it, among the characters around it
-            if self._unk in ids[max(0, t - longest):t + longest]:
-                continue
-            left = "".join(tokens[max(0, t - longest):t])[-longest:]
-            right = "".join(tokens[t:t + longest])[:longest]
-            if not any(left[-a:] + right[:b] in pieces for a in range(1, len(left) + 1)
-                       for b in range(1, min(len(right), longest - a) + 1)):
-                return t
+        j, end = n, _group_end(enc.word_ids, n)
+        while j < end and offsets[j][1] <= limit:
+            j += 1
+        if unknown.intersection(ids[n:j]) - {self._unk}:  # byte pieces: not the word's text
+            return []
+        word = "".join(tokens[n:j])  # the start of the whole text's (normalized) word
+        top = len(word) - longest + 1
+        guess = len("".join(tokens[n:n + want + _CONVERGE_SLACK]))
+        settled: list[int] = []
+        for x in sorted({min(guess, top), top}):
+            if x >= 1:
+                settled = self._common_prefix(model, word, x, longest, unknown)
+                if len(settled) >= want:
+                    break
         return settled
+
+    @staticmethod
+    def _common_prefix(model: Tokenizer, word: str, x: int, longest: int,
+                       unknown: set[int]) -> list[int]:
+        """The ids that the best paths of word[:b], for every b in [x, x + longest), begin
+        with, less a trailing unknown piece (which the rest of the word may extend)."""
+        paths = [model.encode(word[:b], add_special_tokens=False) for b in range(x, x + longest)]
+        ends = [{e for _, e in p.offsets} for p in paths]
+        common = max(set.intersection(*ends), default=0)  # a node on every path
+        first = paths[0]
+        ids = first.ids[:sum(e <= common for _, e in first.offsets)]
+        while ids and ids[-1] in unknown:  # a fused [UNK] or its byte pieces may go on
+            ids.pop()
+        return ids
 
     def encode(self, texts: list[str]) -> Tokenized:
         keep = self.max_tokens - 1 - len(self._prefix)  # content tokens a truncated text keeps
@@ -280,7 +316,11 @@ class TextTokenizer:
         heads = self._heads if self._kind is not None else \
             (lambda texts, _: [(e.ids, True) for e in self._encode_all(texts, False)])
         # beyond `max_tokens - specials` tokens the count of `first` is a lower bound (refused)
-        a = np.asarray(heads([first], self.max_tokens - t.num_specials + 1)[0][0], np.int64)
+        try:
+            a = np.asarray(heads([first], self.max_tokens - t.num_specials + 1)[0][0], np.int64)
+        except UnsettledWord as e:
+            e.index = None
+            raise
         fixed = len(a) + t.num_specials
         room = max(self.max_tokens - fixed, 0)
         (pre, mid, suf), (tpre, tmid, tsuf) = t.parts, t.part_types
