@@ -92,6 +92,7 @@ _MARGIN = 64  # characters before a window's end whose words are not trusted
 _SCAN_CHUNK = 1 << 16  # WordPiece: characters per step when looking for a huge word's end
 _CONVERGE_SLACK = 16  # Unigram: tokens past the wanted ones where best paths are compared
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_LONG_SPACES = re.compile(" {%d,}" % (2 * _MARGIN + 1))
 
 # Every character BERT may split a word at (whitespace, punctuation, CJK, controls) and more:
 # a run of other characters lies inside one word.
@@ -147,6 +148,9 @@ class TextTokenizer:
         self._prefix, self._suffix = (single[:at], single[at + 1:]) if at >= 0 else ([], [])
         if at < 0 or not self._suffix:  # truncation needs a closing special token to keep
             self._kind = None
+        normalizer = self._tok.normalizer  # does it make any long run of spaces one thing?
+        self._squeeze = normalizer is not None and len({normalizer.normalize_str(
+            "a" + " " * (2 * _MARGIN + k) + "b") for k in (0, 1)}) == 1
         # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces)
         self._unigram: tuple[Tokenizer, int, set[int]] | None = None
         if self._kind == "Unigram":
@@ -184,6 +188,8 @@ class TextTokenizer:
     def _head(self, text: str, need: int, window: int) -> tuple[list[int], bool]:
         """One long text: see the module docstring. WordPiece moves on past what is settled
         (`base`); the others re-read a doubled window from the start."""
+        if self._squeeze:  # point 5 of the module docstring
+            text = _LONG_SPACES.sub(" " * (2 * _MARGIN), text)
         ids: list[int] = []
         base = 0
         while True:
