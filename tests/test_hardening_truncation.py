@@ -223,3 +223,24 @@ def test_tens_of_mb_through_every_route_bounded_memory(start_server, bge_m3_dir,
     assert peak - base < RSS_GROWTH_LIMIT, f"RSS grew {(peak - base) / MB:.0f} MB"
     print(f"server RSS {base / MB:.0f} MB -> peak {peak / MB:.0f} MB "
           f"({(peak - base) / MB:.0f} MB for {TEXT_BYTES // MB} MB texts)")
+
+
+def test_a_refused_word_is_a_413_naming_the_item(start_server, bge_m3_dir):
+    server = start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+                           "--default-model", "BAAI/bge-m3"])
+    word = "a" * (_MAX_WINDOW + 1)
+    calls = [("/v1/encode/BAAI/bge-m3", {"items": [{"text": "fine"}, {"text": word}]},
+              "items[1].text"),
+             ("/v1/score/BAAI/bge-m3", {"query": {"text": word}, "items": [{"text": "ok"}]},
+              "query.text"),
+             ("/v1/embeddings", {"model": "BAAI/bge-m3", "input": ["fine", "fine", word]},
+              "items[2].text")]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for path, body, field in calls:
+            r = client.post(path, json=body)
+            assert r.status_code == 413, (path, r.text[:300])
+            err = r.json().get("detail") or r.json()["error"]
+            assert err["code"] == "INPUT_TOO_LONG" and err["message"].startswith(field), err
+            assert "262,144" in err["message"]
+            ok = client.post("/v1/encode/BAAI/bge-m3", json={"items": [{"text": "fine"}]})
+            assert ok.status_code == 200  # the same connection serves the next request

@@ -26,14 +26,29 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
 4. One huge word settles nothing. WordPiece: a word longer than `max_input_chars_per_word`
    characters is one [UNK] whatever follows, so a window that holds more than that of a word
    settles it; BERT's pre-tokenization has no context, so the text after the word (found by
-   scanning in chunks) is tokenized on its own and the tokens appended. Unigram: a position x
-   that no vocabulary piece matching the text spans is cut by every segmentation, so the
-   Viterbi best path of the whole text is the best path to x (a function of the text before
-   x) followed by the rest: the tokens before such a "forced cut" are settled once the window
-   holds the pieces' maximal length after x.
-5. Past `_MAX_WINDOW` characters without enough settled tokens (one word of more than
-   262,144 characters and no forced cut, or such a run of spaces) the window's
-   tokens are used and the text counts as truncated: the one approximation, documented.
+   scanning in chunks) is tokenized on its own and the tokens appended. Unigram (Viterbi,
+   `encode_optimized` in tokenizers' models/unigram/model.rs): the best path to position b of
+   a word is computed from its first b characters only (each node takes the first best of
+   the pieces ending there, in left-to-right order), with the same floating-point sums
+   whatever follows, so the library run on the word's first b characters gives it exactly.
+   Pieces have at most m characters (unknown characters one each), so every segmentation has
+   a node in [x, x + m), and the whole word's path, which is the best path to each of its
+   nodes, begins with the best path to one b there. Where all m of those share a node (each
+   node has one best path, so they agree up to it), their tokens up to it are the whole
+   word's (m runs of the model on at most a window); a trailing [UNK] (or its byte pieces)
+   is dropped, as the word may go on fusing unknown characters into it. The word's text is
+   that of the window's tokens that end before L - margin (normalized, so a cut never changes
+   normalization; with byte pieces in them, nothing is settled this way). A "forced cut",
+   a point that no piece spans, is the special case where all paths share that point.
+5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A text whose first tokens are
+   still not settled there is refused (`UnsettledWord`, a 413 naming the item), never
+   guessed: one word of more than 262,144 characters whose best paths do not meet, as in
+   XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as k % 5 says,
+   so that its first tokens depend on where it ends (repeated one-, two- and three-character
+   patterns do this; prose, random text, CJK, emoji and combining marks meet within a few
+   pieces). Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
+   and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
+   each further space adds nothing, so the text normalizes, and tokenizes, the same.
 
 A text cut this way reports a lower bound for its token count (more than the model takes),
 which is all `truncated` and `truncate: false` need.
