@@ -56,6 +56,7 @@ which is all `truncated` and `truncate: false` need.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ class TextTokenizer:
             n, start = _settled(enc, limit)
             got = ids + enc.ids[:n]
             if self._kind == "Unigram" and start is not None and len(got) < need:
-                got += self._converged(enc, n, limit, need - len(got))
+                got += self._converged(enc, n, limit, need - len(got), window >= _MAX_WINDOW)
             if len(got) >= need:
                 return got, False
             if self._kind == "WordPiece":
@@ -257,9 +258,12 @@ class TextTokenizer:
                 return inside + first_end
             inside += first_end - 1
 
-    def _converged(self, enc: Encoding, n: int, limit: int, want: int) -> list[int]:
+    def _converged(self, enc: Encoding, n: int, limit: int, want: int,
+                   last: bool) -> list[int]:
         """Unigram: the first tokens of the whole text's word that starts at token n (the
-        first unsettled one), at most a few more than `want` (module docstring, point 4)."""
+        first unsettled one), if at least `want` are settled (module docstring, point 4),
+        else []. Tries just past the window's `want`-th token, and the most the window
+        holds if `last`."""
         model, longest, unknown = self._unigram  # type: ignore[misc]
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
         j, end = n, _group_end(enc.word_ids, n)
@@ -270,27 +274,10 @@ class TextTokenizer:
         word = "".join(tokens[n:j])  # the start of the whole text's (normalized) word
         top = len(word) - longest + 1
         guess = len("".join(tokens[n:n + want + _CONVERGE_SLACK]))
-        settled: list[int] = []
-        for x in sorted({min(guess, top), top}):
-            if x >= 1:
-                settled = self._common_prefix(model, word, x, longest, unknown)
-                if len(settled) >= want:
-                    break
-        return settled
-
-    @staticmethod
-    def _common_prefix(model: Tokenizer, word: str, x: int, longest: int,
-                       unknown: set[int]) -> list[int]:
-        """The ids that the best paths of word[:b], for every b in [x, x + longest), begin
-        with, less a trailing unknown piece (which the rest of the word may extend)."""
-        paths = [model.encode(word[:b], add_special_tokens=False) for b in range(x, x + longest)]
-        ends = [{e for _, e in p.offsets} for p in paths]
-        common = max(set.intersection(*ends), default=0)  # a node on every path
-        first = paths[0]
-        ids = first.ids[:sum(e <= common for _, e in first.offsets)]
-        while ids and ids[-1] in unknown:  # a fused [UNK] or its byte pieces may go on
-            ids.pop()
-        return ids
+        for x in sorted({min(guess, top), top} if last else {min(guess, top)}):
+            if x >= 1 and (settled := _common_prefix(model, word, x, longest, unknown, want)):
+                return settled
+        return []
 
     def encode(self, texts: list[str]) -> Tokenized:
         keep = self.max_tokens - 1 - len(self._prefix)  # content tokens a truncated text keeps
@@ -377,3 +364,25 @@ def _settled(enc: Encoding, limit: int) -> tuple[int, int | None]:
             return i, offsets[i][0]
         i = j
     return i, None
+
+
+def _common_prefix(model: Tokenizer, word: str, x: int, longest: int, unknown: set[int],
+                   want: int) -> list[int]:
+    """The ids that the best paths of word[:b], for every b in [x, x + longest), begin with,
+    less a trailing unknown piece (which the rest of the word may extend); [] if fewer than
+    `want` (found early: each path can only shorten what they share)."""
+    common: set[int] | None = None
+    for b in range(x, x + longest):
+        path = model.encode(word[:b], add_special_tokens=False)
+        ends = [e for _, e in path.offsets]
+        if common is None:
+            first_ids, first_ends, common = path.ids, ends, set(ends)
+        else:
+            common.intersection_update(ends)
+        node = max(common, default=0)  # the last node on every path so far
+        ids = first_ids[:bisect.bisect_right(first_ends, node)]
+        while ids and ids[-1] in unknown:  # a fused [UNK] or its byte pieces may go on
+            ids.pop()
+        if len(ids) < want:
+            return []
+    return ids
