@@ -40,13 +40,16 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    that of the window's tokens that end before L - margin (normalized, so a cut never changes
    normalization; with byte pieces in them, nothing is settled this way). A "forced cut",
    a point that no piece spans, is the special case where all paths share that point.
-5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A text whose first tokens are
-   still not settled there is refused (`UnsettledWord`, a 413 naming the item), never
-   guessed: one word of more than 262,144 characters whose best paths do not meet, as in
-   XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as k % 5 says,
-   so that its first tokens depend on where it ends (repeated one-, two- and three-character
-   patterns do this; prose, random text, CJK, emoji and combining marks meet within a few
-   pieces). Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
+5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A Unigram word still not
+   settled there is one of more than 262,144 characters whose best paths do not meet, as in
+   XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as k % 5 says:
+   its first tokens depend on where it ends (repeated one- to three-character patterns do
+   this; prose, random text, CJK, emoji and combining marks meet within a few pieces). If
+   it ends the text in a repetition whose Viterbi sums are provably exact, it is read from a
+   shorter copy (repeats.py: "a", "q", "x" * k for XLM-R); else the text is refused
+   (`UnsettledWord`, a 413 naming the item), never guessed ("z" * k, "ab" * k: some of
+   their pieces' scores take 49 fraction bits, so long sums round; or text after it).
+   Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
    and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
    each further space adds nothing, so the text normalizes, and tokenizes, the same.
 
@@ -65,6 +68,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from .repeats import repeated_tail
 from .weights import reading
 
 
@@ -231,8 +235,19 @@ class TextTokenizer:
                     ids, base = got + [self._unk], end
                     continue
             if window >= _MAX_WINDOW:  # point 5 of the module docstring
-                raise UnsettledWord()
+                got = self._repeated(text, start, need) if self._kind == "Unigram" and \
+                    start is not None else None
+                if got is None:
+                    raise UnsettledWord()
+                return got, False
             window = min(2 * window, _MAX_WINDOW)
+
+    def _repeated(self, text: str, start: int, need: int) -> list[int] | None:
+        """Unigram: a text ending in a huge repeating word, read from a shorter copy (see
+        repeats.py); its scores are read for the occasion (~0.6 s and 34 MB for XLM-R's)."""
+        model, longest, _ = self._unigram  # type: ignore[misc]
+        scores = {p: s for p, s in json.loads(self._tok.to_str())["model"]["vocab"]}
+        return repeated_tail(self._tok, model, scores, longest, text, start, need)
 
     def _huge_word(self, text: str, base: int, enc: Encoding, window: int) -> bool:
         """Whether the window is one word (no word after its first) longer than WordPiece's
