@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from tokenizers import Tokenizer
 
 _UNIT_MAX = 32  # raw characters in the repeated unit
@@ -51,10 +52,11 @@ class _Reading:
     exact_up_to: int  # the longest word for which point 1 holds
 
 
-def repeated_tail(tok: Tokenizer, model: Tokenizer, scores: dict[str, float], longest: int,
+def repeated_tail(tok: Tokenizer, model: Tokenizer, scores: np.ndarray, longest: int,
                   text: str, word_start: int, need: int) -> list[int] | None:
     """The first `need` (or more) ids of `text`, whose last word starts at `word_start` and
-    ends the text in a repetition; None where the module docstring's points do not hold."""
+    ends the text in a repetition; None where the module docstring's points do not hold.
+    `tok` is the whole tokenizer, `model` its model alone, `scores` the pieces' by id."""
     run = _repetition(text)
     if run is None:
         return None
@@ -105,7 +107,7 @@ def _repetition(text: str) -> tuple[int, int] | None:
     return i, p
 
 
-def _read(tok: Tokenizer, model: Tokenizer, scores: dict[str, float], longest: int,
+def _read(tok: Tokenizer, model: Tokenizer, scores: np.ndarray, longest: int,
           text: str, word_start: int) -> _Reading | None:
     """Points 1 to 3 on one copy (tokenized whole)."""
     enc = tok.encode(text, add_special_tokens=False)
@@ -115,7 +117,7 @@ def _read(tok: Tokenizer, model: Tokenizer, scores: dict[str, float], longest: i
         g -= 1
     pieces = enc.tokens[g:]
     w = "".join(pieces)
-    if offsets[g][0] != word_start or any(c not in scores for c in set(w)):
+    if offsets[g][0] != word_start or any(model.token_to_id(c) is None for c in set(w)):
         return None  # not one word from the huge word's start to the end; or [UNK]s
     a = len(w) // 2
     q = next((q for q in range(1, _STATE_PERIOD_MAX + 1)
@@ -130,13 +132,14 @@ def _read(tok: Tokenizer, model: Tokenizer, scores: dict[str, float], longest: i
     if a > _PREFIX_MAX:
         return None
     # point 1: the pieces that occur in w (its periodic part repeats those near a)
-    found = {w[i:i + n] for i in [*range(min(len(w), a + q + longest)),
-                                  *range(max(0, z - q - longest), len(w))]
-             for n in range(1, longest + 1)} & scores.keys()
-    j = max(scores[t].as_integer_ratio()[1] for t in found).bit_length() - 1
-    top = max(abs(scores[t]) for t in found)
+    found = {t: float(scores[i]) for t in {
+        w[i:i + n] for i in [*range(min(len(w), a + q + longest)),
+                             *range(max(0, z - q - longest), len(w))]
+        for n in range(1, longest + 1)} if (i := model.token_to_id(t)) is not None}
+    j = max(v.as_integer_ratio()[1] for v in found.values()).bit_length() - 1
+    top = max(abs(v) for v in found.values())
     exact_up_to = int(2 ** (53 - j) / top) if top else len(w) ** 2
-    fixed = {t: int(scores[t] * 2 ** j) for t in found}
+    fixed = {t: int(v * 2 ** j) for t, v in found.items()}
     # point 2
     best: dict[int, int] = {}
 

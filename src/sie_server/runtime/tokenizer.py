@@ -171,14 +171,15 @@ class TextTokenizer:
         normalizer = self._tok.normalizer  # does it make any long run of spaces one thing?
         self._squeeze = normalizer is not None and len({normalizer.normalize_str(
             "a" + " " * (2 * _MARGIN + k) + "b") for k in (0, 1)}) == 1
-        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces)
-        self._unigram: tuple[Tokenizer, int, set[int]] | None = None
+        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces,
+        # the pieces' scores by id)
+        self._unigram: tuple[Tokenizer, int, set[int], np.ndarray] | None = None
         if self._kind == "Unigram":
             vocab = self._tok.get_vocab(with_added_tokens=False)
             fallback = {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)} \
                 if model.get("byte_fallback") else set()
             self._unigram = (Tokenizer(self._tok.model), max(map(len, vocab)),
-                             fallback | {self._unk})
+                             fallback | {self._unk}, np.array([s for _, s in model["vocab"]]))
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -244,9 +245,8 @@ class TextTokenizer:
 
     def _repeated(self, text: str, start: int, need: int) -> list[int] | None:
         """Unigram: a text ending in a huge repeating word, read from a shorter copy (see
-        repeats.py); its scores are read for the occasion (~0.6 s and 34 MB for XLM-R's)."""
-        model, longest, _ = self._unigram  # type: ignore[misc]
-        scores = {p: s for p, s in json.loads(self._tok.to_str())["model"]["vocab"]}
+        repeats.py)."""
+        model, longest, _, scores = self._unigram  # type: ignore[misc]
         return repeated_tail(self._tok, model, scores, longest, text, start, need)
 
     def _huge_word(self, text: str, base: int, enc: Encoding, window: int) -> bool:
@@ -279,7 +279,7 @@ class TextTokenizer:
         first unsettled one), if at least `want` are settled (module docstring, point 4),
         else []. Tries just past the window's `want`-th token, and the most the window
         holds if `last`."""
-        model, longest, unknown = self._unigram  # type: ignore[misc]
+        model, longest, unknown, _ = self._unigram  # type: ignore[misc]
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
         j, end = n, _group_end(enc.word_ids, n)
         while j < end and offsets[j][1] <= limit:
