@@ -97,6 +97,8 @@ def huge_words() -> list[str]:
         "e\u0301" * (n // 2),  # combining marks (composed by the normalizer)
         "".join(rnd.choice("bcdfghklmnprstvz") + rnd.choice("aeiou") for _ in range(n // 2)),
         " " * 1000 + "x" * 100 + "-" + b64,  # spaces, then a word glued to punctuation
+        "".join(rnd.choice("abcdefghij") if rnd.random() < 0.7 else  # characters XLM-R
+                chr(0x10300 + rnd.randrange(30)) for _ in range(n)),  # lacks: fused [UNK]s
         " " * n + "tail " * 5000, "x" + " " * n + "y" + " \u0301" * 5000,  # runs of spaces
     ]
 

@@ -48,7 +48,8 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    it ends the text in a repetition whose Viterbi sums are provably exact, it is read from a
    shorter copy (repeats.py: "a", "q", "x" * k for XLM-R); else the text is refused
    (`UnsettledWord`, a 413 naming the item), never guessed ("z" * k, "ab" * k: some of
-   their pieces' scores take 49 fraction bits, so long sums round; or text after it).
+   their pieces' scores take 49 fraction bits, so long sums round; or text after it; or a
+   word whose characters the vocabulary lacks, one [UNK] that could go on).
    Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
    and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
    each further space adds nothing, so the text normalizes, and tokenizes, the same.
