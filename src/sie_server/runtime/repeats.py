@@ -13,14 +13,15 @@ are found exactly from a shorter copy of the text, tokenized whole, when all of 
    are the same at n0 and n0 + P (P a multiple of q, n0 - m >= a), they stay P-periodic as
    long as the text is (each step depends on them and on the last m characters only), so
    a node n in (n0, z] has its best last piece start at n - d(n mod P).
-3. Same tracebacks. W is W' with D more characters of the repetition (D = extra units *
-   characters per unit, checked on two copies), and D is a multiple of P: so after the
-   repetition both read the same text from the same state, and their tracebacks reach the
-   zone (n0, z] at the same node (W's D further on). In the zone each step goes from
-   residue r (mod P) to r - d(r): the residues cycle, moving back C characters per cycle,
-   and if D is a multiple of C, W's traceback after its extra cycles stands where W''s does
-   after its first repeated residue. From there down the two are one path: W''s tokens up
-   to that node are W's.
+3. Same tracebacks. W is W' with D more characters of the repetition (normalization is
+   local, tokenizer.py point 2, so more units in the text are more copies inside W; D =
+   extra units * characters per unit, checked on two copies), and D is a multiple of P: so
+   after the repetition both read the same text from the same state, and their tracebacks
+   reach the zone (n0, z] at the same node (W's D further on). In the zone each step goes
+   from residue r (mod P) to r - d(r): the residues cycle, moving back C characters per
+   cycle, and if D is a multiple of C, W's traceback after its extra cycles stands where
+   the copy's does after its first repeated residue. From there down the two are one path:
+   the copy's tokens up to that node are W's.
 
 The copy keeps the text up to the repetition plus enough of it; anything else (a unit over
 `_UNIT_MAX` characters, a repetition that does not run to the text's end, a long prefix
@@ -40,6 +41,7 @@ _PROBE = 4096  # characters at the end of the text that must repeat
 _CHUNK = 1 << 16  # characters compared per step when finding where the repetition starts
 _PREFIX_MAX = 1 << 15  # normalized characters of the word before its repetition
 _STATE_PERIOD_MAX = 64  # normalized characters
+_INSIDE = 128  # characters of the word kept before the repeats that the copy drops
 _SPARE = 8192  # characters of repetition in the copy beyond what the wanted tokens take
 
 
@@ -61,7 +63,7 @@ def repeated_tail(tok: Tokenizer, model: Tokenizer, scores: np.ndarray, longest:
     if run is None:
         return None
     s, p = run
-    s0 = s + -(-max(0, word_start + 128 - s) // p) * p  # well inside the word
+    s0 = s + -(-max(0, word_start + _INSIDE - s) // p) * p  # well inside the word
     if s0 - word_start > _PREFIX_MAX:
         return None
     r = (len(text) - s0) // p
