@@ -223,8 +223,8 @@ def test_tens_of_mb_through_every_route_bounded_memory(start_server, bge_m3_dir,
                            "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])
     pid = server.proc.pid
     base = rss_kb(pid, "VmRSS") * 1024
-    # many words; one huge word (random letters and digits: XLM-R settles it, BERT reads
-    # [UNK]; "q" * n would be refused, see test_a_refused_word_is_a_413_naming_the_item)
+    # many words; one huge word (random letters and digits: XLM-R's best paths meet in it,
+    # BERT reads [UNK]; a repeated letter takes repeats.py or is refused, tested above)
     word = base64.b64encode(random.Random(3).randbytes(TEXT_BYTES * 3 // 4)).decode()
     texts = ["ab " * (TEXT_BYTES // 3), word.translate(str.maketrans("+/", "xy"))]
     calls = []
