@@ -40,16 +40,18 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    that of the window's tokens that end before L - margin (normalized, so a cut never changes
    normalization; with byte pieces in them, nothing is settled this way). A "forced cut",
    a point that no piece spans, is the special case where all paths share that point.
-5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A Unigram word still not
-   settled there is one of more than 262,144 characters whose best paths do not meet, as in
-   XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as k % 5 says:
-   its first tokens depend on where it ends (repeated one- to three-character patterns do
-   this; prose, random text, CJK, emoji and combining marks meet within a few pieces). If
-   it ends the text in a repetition whose Viterbi sums are provably exact, it is read from a
-   shorter copy (repeats.py: "a", "q", "x" * k for XLM-R); else the text is refused
-   (`UnsettledWord`, a 413 naming the item), never guessed ("z" * k, "ab" * k: some of
-   their pieces' scores take 49 fraction bits, so long sums round; or text after it; or a
-   word whose characters the vocabulary lacks, one [UNK] that could go on).
+5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A word not settled there
+   (BPE: any; Unigram: one of more than 262,144 characters whose best paths do not meet,
+   as in XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as
+   k % 5 says, so that its first tokens depend on where it ends; repeated one- to
+   three-character patterns do this, while prose, random text, CJK, emoji and combining
+   marks meet within a few pieces) is, for Unigram, read from a shorter copy if it ends the
+   text in a
+   repetition whose Viterbi sums are provably exact (repeats.py: "a", "q", "x" * k for
+   XLM-R); else the text is refused (`UnsettledWord`, a 413 naming the item), never
+   guessed ("z" * k, "ab" * k: some of their pieces' scores take 49 fraction bits, so long
+   sums round; or text after it; or a word of characters the vocabulary lacks, one [UNK]
+   that could go on).
    Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
    and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
    each further space adds nothing, so the text normalizes, and tokenizes, the same.
