@@ -46,9 +46,8 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    k % 5 says, so that its first tokens depend on where it ends; repeated one- to
    three-character patterns do this, while prose, random text, CJK, emoji and combining
    marks meet within a few pieces) is, for Unigram, read from a shorter copy if it ends the
-   text in a
-   repetition whose Viterbi sums are provably exact (repeats.py: "a", "q", "x" * k for
-   XLM-R); else the text is refused (`UnsettledWord`, a 413 naming the item), never
+   text in a repetition whose Viterbi sums are provably exact (repeats.py: "a", "q",
+   "x" * k for XLM-R); else the text is refused (`UnsettledWord`, a 413 naming the item), never
    guessed ("z" * k, "ab" * k: some of their pieces' scores take 49 fraction bits, so long
    sums round; or text after it; or a word of characters the vocabulary lacks, one [UNK]
    that could go on).
