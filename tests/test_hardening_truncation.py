@@ -5,7 +5,9 @@ Equivalence is against the tokenizer itself on the whole text (tokenize everythi
 as the engine does): ids identical, and `truncated` (count above the limit) identical."""
 from __future__ import annotations
 
+import base64
 import json
+import random
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ from reference import minilm_dir, xlmr_tokenizer_json
 from test_score import ce_bert_dir  # noqa: F401 - fixture (a small BERT cross-encoder)
 from texts import EDGE_TEXTS, TEXTS, miracl_passages
 
-from sie_server.runtime.tokenizer import TextTokenizer
+from sie_server.runtime.tokenizer import _MAX_WINDOW, TextTokenizer, UnsettledWord
 
 TOKENIZERS = {"xlmr": xlmr_tokenizer_json, "minilm": lambda: minilm_dir() / "tokenizer.json"}
 
@@ -80,6 +82,88 @@ def test_cut_before_tokenizing_keeps_every_token(name, max_tokens) -> None:
             assert max_tokens < n <= want_n  # a lower bound above the limit
 
 
+def huge_words() -> list[str]:
+    """Texts with one word (pre-token) longer than the largest window, whose first tokens
+    the Unigram best paths settle (module docstring, point 4), and runs of more spaces than
+    the window that XLM-R's normalizer makes one (point 5)."""
+    rnd = random.Random(11)
+    n = _MAX_WINDOW + 3000
+    b64 = base64.b64encode(rnd.randbytes(n)).decode()[:n]
+    return [
+        b64, "some words first, " + b64 + " and words after",  # random base64
+        "".join(chr(rnd.randint(0x4E00, 0x9FA5)) for _ in range(n)),  # CJK without spaces
+        "中文测试，这是一个句子。" * (n // 12),  # a repeated CJK sentence
+        "😀🎉👍🏽" * (n // 4),  # an emoji run (with a skin-tone modifier)
+        "e\u0301" * (n // 2),  # combining marks (composed by the normalizer)
+        "".join(rnd.choice("bcdfghklmnprstvz") + rnd.choice("aeiou") for _ in range(n // 2)),
+        " " * 1000 + "x" * 100 + "-" + b64,  # spaces, then a word glued to punctuation
+        "".join(rnd.choice("abcdefghij") if rnd.random() < 0.7 else  # characters XLM-R
+                chr(0x10300 + rnd.randrange(30)) for _ in range(n)),  # lacks: fused [UNK]s
+        " " * n + "tail " * 5000, "x" + " " * n + "y" + " \u0301" * 5000,  # runs of spaces
+    ]
+
+
+@pytest.mark.parametrize("max_tokens", [16, 512, 8192])
+def test_a_word_longer_than_the_window_keeps_every_token(max_tokens) -> None:
+    tok = TextTokenizer(xlmr_tokenizer_json(), max_tokens)
+    texts = huge_words()
+    got = tok.encode(texts)
+    for text, ids, n in zip(texts, got.ids, got.original_lengths, strict=True):
+        want, want_n = whole(tok, text)
+        assert len(text) > _MAX_WINDOW
+        np.testing.assert_array_equal(ids, want, err_msg=repr(text[:60]))
+        assert (n > max_tokens) == (want_n > max_tokens), repr(text[:60])
+        assert n == want_n if want_n <= max_tokens else max_tokens < n <= want_n
+
+
+def starts_differ(tok: TextTokenizer, text: str) -> bool:
+    """Whether the word's first tokens depend on where it stops (its best paths never meet):
+    XLM-R reads "▁" + "a" * k from "▁a", "a", "a", then "aaaaa"s when k % 5 == 3, but from
+    "▁", "aaaa" when k % 5 == 4."""
+    return len({tuple(tok._tok.encode(text[:k], add_special_tokens=False).ids[:6])
+                for k in range(1000, 1015)}) > 1
+
+
+@pytest.mark.parametrize("max_tokens", [16, 512, 8192])
+def test_a_repeated_word_is_read_from_a_shorter_copy(max_tokens) -> None:
+    """Words that no window settles, ending the text in a repetition whose pieces' scores
+    make the Viterbi's sums exact (repeats.py), at every length modulo their cycles."""
+    tok = TextTokenizer(xlmr_tokenizer_json(), max_tokens)
+    n = _MAX_WINDOW + 1000
+    texts = [*("a" * (n + k) for k in range(5)), "hello world " + "q" * (n + 1),
+             "x" * (n + 2), "aa" * (n // 2), "u" * 1_000_003]
+    got = tok.encode(texts)
+    for text, ids, count in zip(texts, got.ids, got.original_lengths, strict=True):
+        assert starts_differ(tok, text)
+        want, want_n = whole(tok, text)
+        np.testing.assert_array_equal(ids, want, err_msg=repr(text[:60]))
+        assert max_tokens < count <= want_n
+
+
+@pytest.mark.parametrize("text", ["z" * (_MAX_WINDOW + 1000), "ab" * (_MAX_WINDOW // 2 + 7),
+                                  "x " + "abc" * (_MAX_WINDOW // 3 + 100),
+                                  "a" * (_MAX_WINDOW + 1000) + " and then words"])
+def test_a_word_whose_start_depends_on_its_end_is_refused(text) -> None:
+    """Refused, not guessed: the best paths never meet, and either the repetition does not
+    end the text or some of its pieces' scores (XLM-R's "zz", "ab") take 49 fraction bits,
+    so that the Viterbi's sums over a long word round (repeats.py, point 1)."""
+    tok = TextTokenizer(xlmr_tokenizer_json(), 512)
+    assert starts_differ(tok, text)
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode(["fine", text])
+    assert e.value.index == 1  # the engine names the item: items[1].text
+
+
+def test_a_refused_word_in_a_pair_is_named() -> None:
+    tok, text = TextTokenizer(xlmr_tokenizer_json(), 512), "z" * (_MAX_WINDOW + 1)
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode_pairs(text, ["fine"])
+    assert e.value.index is None  # the query
+    with pytest.raises(UnsettledWord) as e:
+        tok.encode_pairs("fine", ["fine", "fine", text])
+    assert e.value.index == 2
+
+
 @pytest.mark.parametrize("name", ["xlmr", "minilm"])
 def test_pairs_cut_before_tokenizing(name) -> None:
     tok = TextTokenizer(TOKENIZERS[name](), 64)
@@ -103,11 +187,18 @@ def test_tokenizer_sees_a_bounded_window(name) -> None:
     """A 10 MB text reaches the Rust tokenizer only in windows of at most 256Ki chars."""
     tok = TextTokenizer(TOKENIZERS[name](), 512)
     tok._tok = spy = Spy(tok._tok)
+    if tok._unigram:  # the model alone, which reads prefixes of a long word
+        tok._unigram = (model := Spy(tok._unigram[0]), *tok._unigram[1:])
     for text in ("hello world " * 900_000, "z" * 10_000_000, "中文" * 5_000_000):
         spy.longest = 0
-        out = tok.encode([text])
-        assert out.original_lengths[0] > 512 or name == "minilm"  # (one [UNK] for BERT's z...z)
-        assert spy.longest <= 1 << 18, (text[:10], spy.longest)
+        try:
+            out = tok.encode([text])
+        except UnsettledWord:  # XLM-R's "▁" + "z" * k starts as k % 3 says: refused
+            assert name == "xlmr" and text[0] == "z"
+        else:
+            assert out.original_lengths[0] > 512 or name == "minilm"  # (BERT's z...z: [UNK])
+        longest = max(spy.longest, model.longest if tok._unigram else 0)
+        assert longest <= 1 << 18, (text[:10], longest)
 
 
 def rss_kb(pid: int, field: str) -> int:
@@ -120,8 +211,8 @@ def rss_kb(pid: int, field: str) -> int:
 MB = 1 << 20
 TEXT_BYTES = 30 * MB
 # The body (read in chunks, then joined), its decoded JSON and the text are each ~30 MB, and a
-# Unigram window of up to 256Ki characters costs a few tens of MB; measured: 328 MB of peak
-# growth over the 8 calls. Tokenizing whole texts cost ~90x the body (issue 11: 60 MB ->
+# Unigram window of up to 256Ki characters costs a few tens of MB; measured: 371 MB of peak
+# growth over the 12 calls. Tokenizing whole texts cost ~90x the body (issue 11: 60 MB ->
 # 5.4 GB; here a 10 MB text tokenized whole: +1.1-1.8 GB in-process).
 RSS_GROWTH_LIMIT = 20 * TEXT_BYTES
 
@@ -132,7 +223,11 @@ def test_tens_of_mb_through_every_route_bounded_memory(start_server, bge_m3_dir,
                            "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])
     pid = server.proc.pid
     base = rss_kb(pid, "VmRSS") * 1024
-    texts = ["ab " * (TEXT_BYTES // 3), "q" * TEXT_BYTES]  # many words; one huge word
+    # many words; one huge word: random letters and digits (XLM-R's best paths meet in it),
+    # one letter repeated (repeats.py); BERT reads either as one [UNK]
+    word = base64.b64encode(random.Random(3).randbytes(TEXT_BYTES * 3 // 4)).decode()
+    texts = ["ab " * (TEXT_BYTES // 3), word.translate(str.maketrans("+/", "xy")),
+             "q" * TEXT_BYTES]
     calls = []
     for big in texts:
         calls += [("/v1/encode/BAAI/bge-m3", {"items": [{"text": big}],
@@ -157,3 +252,24 @@ def test_tens_of_mb_through_every_route_bounded_memory(start_server, bge_m3_dir,
     assert peak - base < RSS_GROWTH_LIMIT, f"RSS grew {(peak - base) / MB:.0f} MB"
     print(f"server RSS {base / MB:.0f} MB -> peak {peak / MB:.0f} MB "
           f"({(peak - base) / MB:.0f} MB for {TEXT_BYTES // MB} MB texts)")
+
+
+def test_a_refused_word_is_a_413_naming_the_item(start_server, bge_m3_dir):
+    server = start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+                           "--default-model", "BAAI/bge-m3"])
+    word = "z" * (_MAX_WINDOW + 1)
+    calls = [("/v1/encode/BAAI/bge-m3", {"items": [{"text": "fine"}, {"text": word}]},
+              "items[1].text"),
+             ("/v1/score/BAAI/bge-m3", {"query": {"text": word}, "items": [{"text": "ok"}]},
+              "query.text"),
+             ("/v1/embeddings", {"model": "BAAI/bge-m3", "input": ["fine", "fine", word]},
+              "items[2].text")]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        for path, body, field in calls:
+            r = client.post(path, json=body)
+            assert r.status_code == 413, (path, r.text[:300])
+            err = r.json().get("detail") or r.json()["error"]
+            assert err["code"] == "INPUT_TOO_LONG" and err["message"].startswith(field), err
+            assert "262,144" in err["message"]
+            ok = client.post("/v1/encode/BAAI/bge-m3", json={"items": [{"text": "fine"}]})
+            assert ok.status_code == 200  # the same connection serves the next request

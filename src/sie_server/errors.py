@@ -63,6 +63,13 @@ class BodyTooLarge(SIEError):
     status, code = 413, "INPUT_TOO_LONG"
 
 
+class WordTooLong(SIEError):
+    """A text with one word too long to cut exactly without tokenizing all of it (see
+    runtime/tokenizer.py, point 5): 413 with the INPUT_TOO_LONG code."""
+
+    status, code = 413, "INPUT_TOO_LONG"
+
+
 class InvalidAdapter(SIEError):
     status, code = 422, "INVALID_ADAPTER"
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from ..config import Settings
-from ..errors import AdapterNotFound, InputTooLong, InvalidRequest
+from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong
 from ..runtime.device import Placement
 from ..runtime.images import ImageInput
-from ..runtime.tokenizer import Tokenized
+from ..runtime.tokenizer import Tokenized, UnsettledWord
 from .adapters import AdapterManager
 from ..metrics import Metrics
 from .options import check_options
@@ -129,7 +129,8 @@ class Engine:
         if m.pair_scoring:
             self._check_images(m, [query], "query")
             self._check_images(m, list(texts))
-            fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
+            with _whole_words("items[{i}]"):
+                fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
             if fixed >= m.max_tokens:
                 raise InputTooLong(f"query.text takes {fixed}+ tokens with the pair's special "
                                    f"tokens; {model} takes at most {m.max_tokens} per pair, "
@@ -173,12 +174,14 @@ class Engine:
         arrays, their length the number of patches), in item order."""
         pics = self._check_images(m, items, field)
         if not pics:
-            return m.prepare(items, is_query, instruction)
+            with _whole_words(field):
+                return m.prepare(items, is_query, instruction)
         rows: list = [None] * len(items)
         lengths = [0] * len(items)
         texts = [i for i, x in enumerate(items) if not isinstance(x, ImageInput)]
         if texts:
-            tok = m.prepare([items[i] for i in texts], is_query, instruction)
+            with _whole_words(field, texts):
+                tok = m.prepare([items[i] for i in texts], is_query, instruction)
             for i, ids, n in zip(texts, tok.ids, tok.original_lengths):
                 rows[i], lengths[i] = ids, n
         patches = m.prepare_images([items[i] for i in pics],
@@ -292,3 +295,17 @@ class Engine:
         handle = next((h for h in self.registry.handles() if h.spec.name == model), None)
         mgr = getattr(handle.model, "adapter_manager", None) if handle is not None else None
         return [] if mgr is None else mgr.list()
+
+
+@contextlib.contextmanager
+def _whole_words(field: str, positions: list[int] | None = None) -> Iterator[None]:
+    """The tokenizer's refusal of a huge word as a 413 naming the item (`positions`: the
+    items' places, when only some were tokenized; a pair's first text is the query)."""
+    try:
+        yield
+    except UnsettledWord as e:
+        name = "query" if e.index is None else \
+            field.format(i=positions[e.index] if positions else e.index)
+        raise WordTooLong(f"{name}.text: {e}; SIE cannot cut it exactly without tokenizing "
+                          "all of it, and refuses it rather than guess: break the word up "
+                          "(with spaces) or send a shorter text") from None

@@ -26,14 +26,34 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
 4. One huge word settles nothing. WordPiece: a word longer than `max_input_chars_per_word`
    characters is one [UNK] whatever follows, so a window that holds more than that of a word
    settles it; BERT's pre-tokenization has no context, so the text after the word (found by
-   scanning in chunks) is tokenized on its own and the tokens appended. Unigram: a position x
-   that no vocabulary piece matching the text spans is cut by every segmentation, so the
-   Viterbi best path of the whole text is the best path to x (a function of the text before
-   x) followed by the rest: the tokens before such a "forced cut" are settled once the window
-   holds the pieces' maximal length after x.
-5. Past `_MAX_WINDOW` characters without enough settled tokens (one word of more than
-   262,144 characters and no forced cut, or such a run of spaces) the window's
-   tokens are used and the text counts as truncated: the one approximation, documented.
+   scanning in chunks) is tokenized on its own and the tokens appended. Unigram (Viterbi,
+   `encode_optimized` in tokenizers' models/unigram/model.rs): the best path to position b of
+   a word is computed from its first b characters only (each node takes the first best of
+   the pieces ending there, in left-to-right order), with the same floating-point sums
+   whatever follows, so the library run on the word's first b characters gives it exactly.
+   Pieces have at most m characters (unknown characters one each), so every segmentation has
+   a node in [x, x + m), and the whole word's path, which is the best path to each of its
+   nodes, begins with the best path to one b there. Where all m of those share a node (each
+   node has one best path, so they agree up to it), their tokens up to it are the whole
+   word's (m runs of the model on at most a window); a trailing [UNK] (or its byte pieces)
+   is dropped, as the word may go on fusing unknown characters into it. The word's text is
+   that of the window's tokens that end before L - margin (normalized, so a cut never changes
+   normalization; with byte pieces in them, nothing is settled this way). A "forced cut",
+   a point that no piece spans, is the special case where all paths share that point.
+5. Otherwise the window doubles, up to `_MAX_WINDOW` characters. A word not settled there
+   (BPE: any; Unigram: one of more than 262,144 characters whose best paths do not meet,
+   as in XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as
+   k % 5 says, so that its first tokens depend on where it ends; repeated one- to
+   three-character patterns do this, while prose, random text, CJK, emoji and combining
+   marks meet within a few pieces) is, for Unigram, read from a shorter copy if it ends the
+   text in a repetition whose Viterbi sums are provably exact (repeats.py: "a", "q",
+   "x" * k for XLM-R); else the text is refused (`UnsettledWord`, a 413 naming the item), never
+   guessed ("z" * k, "ab" * k: some of their pieces' scores take 49 fraction bits, so long
+   sums round; or text after it; or a word of characters the vocabulary lacks, one [UNK]
+   that could go on).
+   Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
+   and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
+   each further space adds nothing, so the text normalizes, and tokenizes, the same.
 
 A text cut this way reports a lower bound for its token count (more than the model takes),
 which is all `truncated` and `truncate: false` need.
@@ -41,6 +61,7 @@ which is all `truncated` and `truncate: false` need.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -49,6 +70,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from .repeats import repeated_tail
 from .weights import reading
 
 
@@ -57,6 +79,17 @@ class Tokenized:
     ids: list[np.ndarray]  # per text, truncated to the limit
     original_lengths: list[int]  # tokens before truncation (a lower bound above the limit)
     type_ids: list[np.ndarray] | None = None  # per text, for sentence pairs
+
+
+class UnsettledWord(ValueError):
+    """A text holding one word of more than `_MAX_WINDOW` characters whose first tokens
+    depend on how it ends (module docstring, point 5). `index`: the text's position among
+    those tokenized, None for the first text of a pair."""
+
+    def __init__(self, index: int | None = 0) -> None:
+        super().__init__(f"one word of more than {_MAX_WINDOW:,} characters whose first "
+                         "tokens depend on how it ends")
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -79,7 +112,9 @@ _MIN_WINDOW = 4096
 _MAX_WINDOW = 1 << 18  # see the module docstring, point 5
 _MARGIN = 64  # characters before a window's end whose words are not trusted
 _SCAN_CHUNK = 1 << 16  # WordPiece: characters per step when looking for a huge word's end
-_FORCED_CUT_TRIES = 1024  # Unigram: token boundaries tried per window, from the end
+_CONVERGE_SLACK = 16  # Unigram: tokens past the wanted ones where best paths are compared
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_LONG_SPACES = re.compile(" {%d,}" % (2 * _MARGIN + 1))
 
 # Every character BERT may split a word at (whitespace, punctuation, CJK, controls) and more:
 # a run of other characters lies inside one word.
@@ -129,13 +164,24 @@ class TextTokenizer:
         unk = model.get("unk_token")  # WordPiece's; BPE models may have none (null)
         self._unk = model.get("unk_id") if self._kind == "Unigram" else \
             (self._tok.token_to_id(unk) if unk else None)
-        self._pieces: tuple[set[str], int] | None = None  # Unigram (vocabulary, longest piece)
         a = self._tok.encode("a", add_special_tokens=False)
         single = self._tok.post_process(a, None, add_special_tokens=True).ids
         at = single.index(a.ids[0]) if len(a.ids) == 1 and a.ids[0] in single else -1
         self._prefix, self._suffix = (single[:at], single[at + 1:]) if at >= 0 else ([], [])
         if at < 0 or not self._suffix:  # truncation needs a closing special token to keep
             self._kind = None
+        normalizer = self._tok.normalizer  # does it make any long run of spaces one thing?
+        self._squeeze = normalizer is not None and len({normalizer.normalize_str(
+            "a" + " " * (2 * _MARGIN + k) + "b") for k in (0, 1)}) == 1
+        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces,
+        # the pieces' scores by id)
+        self._unigram: tuple[Tokenizer, int, set[int], np.ndarray] | None = None
+        if self._kind == "Unigram":
+            vocab = self._tok.get_vocab(with_added_tokens=False)
+            fallback = {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)} \
+                if model.get("byte_fallback") else set()
+            self._unigram = (Tokenizer(self._tok.model), max(map(len, vocab)),
+                             fallback | {self._unk}, np.array([s for _, s in model["vocab"]]))
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -155,12 +201,18 @@ class TextTokenizer:
             out[i] = (e.ids, True)
         for i, t in enumerate(texts):
             if out[i] is None:
-                out[i] = self._head(t, need, first)
+                try:
+                    out[i] = self._head(t, need, first)
+                except UnsettledWord as e:
+                    e.index = i
+                    raise
         return out  # type: ignore[return-value]
 
     def _head(self, text: str, need: int, window: int) -> tuple[list[int], bool]:
         """One long text: see the module docstring. WordPiece moves on past what is settled
         (`base`); the others re-read a doubled window from the start."""
+        if self._squeeze:  # point 5 of the module docstring
+            text = _LONG_SPACES.sub(" " * (2 * _MARGIN), text)
         ids: list[int] = []
         base = 0
         while True:
@@ -169,9 +221,9 @@ class TextTokenizer:
             enc = self._tok.encode(text[base:base + window], add_special_tokens=False)
             limit = window - _MARGIN
             n, start = _settled(enc, limit)
-            if self._kind == "Unigram" and start is not None and n < need - len(ids):
-                n = max(n, self._forced_cut(enc, n, limit))
             got = ids + enc.ids[:n]
+            if self._kind == "Unigram" and start is not None and len(got) < need:
+                got += self._converged(enc, n, limit, need - len(got), window >= _MAX_WINDOW)
             if len(got) >= need:
                 return got, False
             if self._kind == "WordPiece":
@@ -186,8 +238,18 @@ class TextTokenizer:
                     ids, base = got + [self._unk], end
                     continue
             if window >= _MAX_WINDOW:  # point 5 of the module docstring
-                return ids + enc.ids, False
+                got = self._repeated(text, start, need) if self._kind == "Unigram" and \
+                    start is not None else None
+                if got is None:
+                    raise UnsettledWord()
+                return got, False
             window = min(2 * window, _MAX_WINDOW)
+
+    def _repeated(self, text: str, start: int, need: int) -> list[int] | None:
+        """Unigram: a text ending in a huge repeating word, read from a shorter copy (see
+        repeats.py)."""
+        model, longest, _, scores = self._unigram  # type: ignore[misc]
+        return repeated_tail(self._tok, model, scores, longest, text, start, need)
 
     def _huge_word(self, text: str, base: int, enc: Encoding, window: int) -> bool:
         """Whether the window is one word (no word after its first) longer than WordPiece's
@@ -213,27 +275,26 @@ class TextTokenizer:
                 return inside + first_end
             inside += first_end - 1
 
-    def _forced_cut(self, enc: Encoding, settled: int, limit: int) -> int:
-        """Unigram: the most tokens of `enc` ending at a forced cut whose following pieces
-        all lie before `limit` (so they are the whole text's); `settled` if none is found."""
-        if self._pieces is None:  # built once, assigned whole (threads may race to build it)
-            vocab = set(self._tok.get_vocab(with_added_tokens=False))
-            self._pieces = (vocab, max(map(len, vocab)))
-        pieces, longest = self._pieces
+    def _converged(self, enc: Encoding, n: int, limit: int, want: int,
+                   last: bool) -> list[int]:
+        """Unigram: the first tokens of the whole text's word that starts at token n (the
+        first unsettled one), if at least `want` are settled (module docstring, point 4),
+        else []. Tries just past the window's `want`-th token, and the most the window
+        holds if `last`."""
+        model, longest, unknown, _ = self._unigram  # type: ignore[misc]
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
-        last = len(ids) - longest - 1  # the `longest` tokens after the cut must be settled
-        while last > settled and offsets[last + longest][1] > limit:
-            last -= 1
-        for t in range(last, max(settled, last - _FORCED_CUT_TRIES), -1):
-            # the cut before token t: no piece over it, among the characters around it
-            if self._unk in ids[max(0, t - longest):t + longest]:
-                continue
-            left = "".join(tokens[max(0, t - longest):t])[-longest:]
-            right = "".join(tokens[t:t + longest])[:longest]
-            if not any(left[-a:] + right[:b] in pieces for a in range(1, len(left) + 1)
-                       for b in range(1, min(len(right), longest - a) + 1)):
-                return t
-        return settled
+        j, end = n, _group_end(enc.word_ids, n)
+        while j < end and offsets[j][1] <= limit:
+            j += 1
+        if unknown.intersection(ids[n:j]) - {self._unk}:  # byte pieces: not the word's text
+            return []
+        word = "".join(tokens[n:j])  # the start of the whole text's (normalized) word
+        top = len(word) - longest + 1
+        guess = len("".join(tokens[n:n + want + _CONVERGE_SLACK]))
+        for x in sorted({min(guess, top), top} if last else {min(guess, top)}):
+            if x >= 1 and (settled := _common_prefix(model, word, x, longest, unknown, want)):
+                return settled
+        return []
 
     def encode(self, texts: list[str]) -> Tokenized:
         keep = self.max_tokens - 1 - len(self._prefix)  # content tokens a truncated text keeps
@@ -280,7 +341,11 @@ class TextTokenizer:
         heads = self._heads if self._kind is not None else \
             (lambda texts, _: [(e.ids, True) for e in self._encode_all(texts, False)])
         # beyond `max_tokens - specials` tokens the count of `first` is a lower bound (refused)
-        a = np.asarray(heads([first], self.max_tokens - t.num_specials + 1)[0][0], np.int64)
+        try:
+            a = np.asarray(heads([first], self.max_tokens - t.num_specials + 1)[0][0], np.int64)
+        except UnsettledWord as e:
+            e.index = None
+            raise
         fixed = len(a) + t.num_specials
         room = max(self.max_tokens - fixed, 0)
         (pre, mid, suf), (tpre, tmid, tsuf) = t.parts, t.part_types
@@ -316,3 +381,25 @@ def _settled(enc: Encoding, limit: int) -> tuple[int, int | None]:
             return i, offsets[i][0]
         i = j
     return i, None
+
+
+def _common_prefix(model: Tokenizer, word: str, x: int, longest: int, unknown: set[int],
+                   want: int) -> list[int]:
+    """The ids that the best paths of word[:b], for every b in [x, x + longest), begin with,
+    less a trailing unknown piece (which the rest of the word may extend); [] if fewer than
+    `want` (found early: each path can only shorten what they share)."""
+    common: set[int] | None = None
+    for b in range(x, x + longest):
+        path = model.encode(word[:b], add_special_tokens=False)
+        ends = [e for _, e in path.offsets]
+        if common is None:
+            first_ids, first_ends, common = path.ids, ends, set(ends)
+        else:
+            common.intersection_update(ends)
+        node = max(common, default=0)  # the last node on every path so far
+        ids = first_ids[:bisect.bisect_right(first_ends, node)]
+        while ids and ids[-1] in unknown:  # a fused [UNK] or its byte pieces may go on
+            ids.pop()
+        if len(ids) < want:
+            return []
+    return ids
