@@ -45,12 +45,10 @@ tokenizing the whole text and truncating would keep. Why, for the tokenizers it 
    as in XLM-R's "a" * k, read "▁", "aaaa", "aaaaa"... or "▁a", "a", "a", "aaaaa"... as
    k % 5 says, so that its first tokens depend on where it ends; repeated one- to
    three-character patterns do this, while prose, random text, CJK, emoji and combining
-   marks meet within a few pieces) is, for Unigram, read from a shorter copy if it ends the
-   text in a repetition whose Viterbi sums are provably exact (repeats.py: "a", "q",
-   "x" * k for XLM-R); else the text is refused (`UnsettledWord`, a 413 naming the item), never
-   guessed ("z" * k, "ab" * k: some of their pieces' scores take 49 fraction bits, so long
-   sums round; or text after it; or a word of characters the vocabulary lacks, one [UNK]
-   that could go on).
+   marks meet within a few pieces) is refused (`UnsettledWord`, a 413 naming the item),
+   never guessed; so is a word of characters the vocabulary lacks (one [UNK] that could go
+   on). Exactness for such words would need the whole word tokenized: the unbounded cost
+   this module exists to avoid.
    Runs of spaces are shortened first to 128 when the normalizer turns a run of 128
    and of 129 between two letters into the same thing (XLM-R's " {2,}" -> " "): by point 2
    each further space adds nothing, so the text normalizes, and tokenizes, the same.
@@ -70,7 +68,6 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .repeats import repeated_tail
 from .weights import reading
 
 
@@ -173,15 +170,14 @@ class TextTokenizer:
         normalizer = self._tok.normalizer  # does it make any long run of spaces one thing?
         self._squeeze = normalizer is not None and len({normalizer.normalize_str(
             "a" + " " * (2 * _MARGIN + k) + "b") for k in (0, 1)}) == 1
-        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces,
-        # the pieces' scores by id)
-        self._unigram: tuple[Tokenizer, int, set[int], np.ndarray] | None = None
+        # Unigram: (the model alone, its longest piece, ids of the unknown and byte pieces)
+        self._unigram: tuple[Tokenizer, int, set[int]] | None = None
         if self._kind == "Unigram":
             vocab = self._tok.get_vocab(with_added_tokens=False)
             fallback = {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)} \
                 if model.get("byte_fallback") else set()
             self._unigram = (Tokenizer(self._tok.model), max(map(len, vocab)),
-                             fallback | {self._unk}, np.array([s for _, s in model["vocab"]]))
+                             fallback | {self._unk})
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -238,18 +234,8 @@ class TextTokenizer:
                     ids, base = got + [self._unk], end
                     continue
             if window >= _MAX_WINDOW:  # point 5 of the module docstring
-                got = self._repeated(text, start, need) if self._kind == "Unigram" and \
-                    start is not None else None
-                if got is None:
-                    raise UnsettledWord()
-                return got, False
+                raise UnsettledWord()
             window = min(2 * window, _MAX_WINDOW)
-
-    def _repeated(self, text: str, start: int, need: int) -> list[int] | None:
-        """Unigram: a text ending in a huge repeating word, read from a shorter copy (see
-        repeats.py)."""
-        model, longest, _, scores = self._unigram  # type: ignore[misc]
-        return repeated_tail(self._tok, model, scores, longest, text, start, need)
 
     def _huge_word(self, text: str, base: int, enc: Encoding, window: int) -> bool:
         """Whether the window is one word (no word after its first) longer than WordPiece's
@@ -281,7 +267,7 @@ class TextTokenizer:
         first unsettled one), if at least `want` are settled (module docstring, point 4),
         else []. Tries just past the window's `want`-th token, and the most the window
         holds if `last`."""
-        model, longest, unknown, _ = self._unigram  # type: ignore[misc]
+        model, longest, unknown = self._unigram  # type: ignore[misc]
         tokens, offsets, ids = enc.tokens, enc.offsets, enc.ids
         j, end = n, _group_end(enc.word_ids, n)
         while j < end and offsets[j][1] <= limit:
