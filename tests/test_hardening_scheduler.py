@@ -125,8 +125,8 @@ def test_many_small_requests_do_not_starve_a_larger_one(engine, held):
     """Small requests from many clients keep the queue below the limit but too full for a
     request of 3/4 of it to fit beside them: it is queued all the same (admission reads what
     is queued, not the size of what asks). Past the limit, small and large requests get the
-    same answer: both queued while one client holds more than its share, both refused once
-    the queue holds twice the limit."""
+    same answer: both queued from a client holding nothing, both refused once the queue holds
+    twice the limit."""
     sched, release, _ = held
     sched.max_queued_tokens = 400
     large_texts = ["nine tokens of text in each item"] * 30  # 300 tokens
@@ -134,7 +134,7 @@ def test_many_small_requests_do_not_starve_a_larger_one(engine, held):
     assert 400 - 300 < sched._queued_tokens < 400
     large = [engine.submit(MINILM, large_texts)]
     assert sched._queued_tokens > 400
-    small.append(engine.submit(MINILM, ["one more small one"]))  # a client holds 300: a hog
+    small.append(engine.submit(MINILM, ["one more small one"]))  # past the limit, below 2x
     large.append(engine.submit(MINILM, large_texts))
     assert sched._queued_tokens >= 800
     for texts in (["one more small one"], large_texts):

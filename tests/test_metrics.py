@@ -67,15 +67,15 @@ def test_queue_depth_and_rejections_move(engine: Engine) -> None:
     try:
         first = engine.submit(MINILM, ["blocks the worker"])
         assert running.wait(30)  # the worker holds `first`: what follows stays queued
-        queued = engine.submit(MINILM, ["waits in the queue " * 3])
+        queued = [engine.submit(MINILM, ["waits in the queue " * 12]) for _ in range(2)]
         depth = samples(engine)[("sie_queue_tokens", (("model", MINILM),))]
-        assert depth > 0
+        assert depth >= 2 * 50  # twice the limit: nobody else gets in
         with pytest.raises(Overloaded):
             engine.submit(MINILM, ["too much " * 20])
         assert samples(engine)[("sie_rejected_total", (("model", MINILM),))] == 1
     finally:
         gate.set()
-    first.result(30), queued.result(30)
+    first.result(30), [q.result(30) for q in queued]
     assert samples(engine)[("sie_queue_tokens", (("model", MINILM),))] == 0
 
 

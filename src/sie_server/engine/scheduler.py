@@ -15,12 +15,13 @@ next batch instead of waiting for the giant one to finish.
 Admission, in `submit` only. A request of more than `max_queued_tokens` (L) tokens is refused
 at once (413: it could never be queued whole). Any other request is queued while the queue
 holds fewer than L tokens, whatever its own size (so it may take the queue past L by one
-request). Past L, a client holding less than its fair share (L / clients waiting) is still
-queued, while some other client holds more than its share and the queue fewer than 2L tokens:
-one client filling the queue does not lock the others out. Else 503 QUEUE_FULL with
-Retry-After. The decision reads only what is already queued, never the size of the request, so
-a large request is refused exactly when a small one from the same client would be: a stream of
-small requests cannot starve a larger one. The queue never holds more than 3L tokens.
+request); past L, while its client holds less than a fair share (L / clients waiting) and the
+queue fewer than 2L tokens: one client filling the queue does not lock the others out, and a
+client with nothing queued (every request, without API keys) gets in up to 2L. Else 503
+QUEUE_FULL with Retry-After. The decision reads only what is already queued, never the size of
+the request, so a large request is refused exactly when a small one from the same client
+would be: a stream of small requests cannot starve a larger one. The queue never holds more
+than 3L tokens.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ class Scheduler:
             return True
         if queued >= 2 * limit:
             return False
-        share = limit / (len(self._clients) + (client is None))
-        holding = client.tokens if client is not None else 0
-        return holding < share and any(c.tokens > share for c in self._clients.values())
+        if client is None:
+            return True  # it holds nothing: below any share
+        return client.tokens < limit / len(self._clients)
 
     def close(self, drain: bool = True) -> None:
         """Stop the threads; with drain, after everything queued has run."""
