@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import LinearHook
+from .encoder import HookedBlock, LinearHook
 from .lora import LoraLayout
 from .weights import load_state_dict
 
@@ -152,7 +152,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(HookedBlock):
     def __init__(self, cfg: DecoderConfig, index: int) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -167,10 +167,6 @@ class DecoderLayer(nn.Module):
         self.ln2 = RMSNorm(h, cfg.rms_norm_eps)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
-
-    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-        y = getattr(self, name)(x)
-        return y if hook is None else hook(self.index, name, x, y)
 
     def forward(self, x: torch.Tensor, rope, attention, hook: LinearHook | None) -> torch.Tensor:
         t = x.shape[0]

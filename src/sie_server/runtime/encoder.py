@@ -34,6 +34,20 @@ class LinearHook(Protocol):
     def __call__(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
+class HookedBlock(nn.Module):
+    """A block whose linears go through the batch's LinearHook (LoRA) as layer `index`, named
+    by their attribute, qualified by `stack` in a model of several stacks ("vision.fc1")."""
+
+    index = 0
+    stack = ""
+
+    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+        y = getattr(self, name)(x)
+        if hook is None:
+            return y
+        return hook(self.index, f"{self.stack}.{name}" if self.stack else name, x, y)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     vocab_size: int
@@ -87,7 +101,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(HookedBlock):
     def __init__(self, cfg: EncoderConfig, index: int) -> None:
         super().__init__()
         h = cfg.hidden_size
@@ -100,10 +114,6 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-        y = getattr(self, name)(x)
-        return y if hook is None else hook(self.index, name, x, y)
 
     def forward(self, x: torch.Tensor, attention, hook: LinearHook | None) -> torch.Tensor:
         t, h = x.shape

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .attention import make_attention
-from .encoder import _ACTIVATIONS, LinearHook
+from .encoder import _ACTIVATIONS, HookedBlock, LinearHook
 from .lora import LoraLayout
 from .weights import load_state_dict
 
@@ -132,7 +132,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class ModernBertLayer(nn.Module):
+class ModernBertLayer(HookedBlock):
     def __init__(self, cfg: ModernBertConfig, index: int) -> None:
         super().__init__()
         h = cfg.hidden_size
@@ -147,10 +147,6 @@ class ModernBertLayer(nn.Module):
         self.ffn_in = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.ffn_out = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
         self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-        y = getattr(self, name)(x)
-        return y if hook is None else hook(self.index, name, x, y)
 
     def forward(self, x: torch.Tensor, attention: LayerAttention,
                 rope: dict[bool, tuple[torch.Tensor, torch.Tensor]],

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import LinearHook
+from .encoder import HookedBlock, LinearHook
 from .lora import LoraLayout, LoraStack
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -107,18 +107,7 @@ class TowersLora:
         return LoraLayout(every, lin, self.module_names, tuple(stacks))
 
 
-class _Hooked(nn.Module):
-    """A block whose linears go through the batch's LinearHook (LoRA) under `stack.name`."""
-
-    index = 0
-    stack = ""
-
-    def _linear(self, name: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-        y = getattr(self, name)(x)
-        return y if hook is None else hook(self.index, f"{self.stack}.{name}", x, y)
-
-
-class PreLNLayer(_Hooked):
+class PreLNLayer(HookedBlock):
     def __init__(self, cfg: TowerConfig, index: int, stack: str) -> None:
         super().__init__()
         h = cfg.hidden_size
@@ -192,7 +181,7 @@ class VisionTower(nn.Module):
         return x.view(n, self.seq, h)
 
 
-class AttentionPool(_Hooked):
+class AttentionPool(HookedBlock):
     """SigLIP's `head`: one learnt probe attends over an image's tokens (multi-head), then
     LayerNorm + MLP with a residual; input (images, sequence, hidden), output (images, hidden)."""
 
