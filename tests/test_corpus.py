@@ -236,6 +236,32 @@ def test_bad_row_fails_the_run_then_resumes_with_skip(engine, tmp_path: Path) ->
         *(f"g{i}" for i in range(6)), "g0", "g1"]
 
 
+def test_a_text_the_model_refuses_is_a_bad_row(engine, tmp_path: Path) -> None:
+    """XLM-R's "z" * k is refused (a 413: one word of more than 262,144 characters whose first
+    tokens depend on how it ends). A text that long goes in a batch of its own, so the refusal
+    names its row and --on-bad-row decides, as for a row without text; a long text the model
+    takes (prose) is encoded alone, equal to the engine's vectors."""
+    from sie_server.corpus.run import ALONE_CHARS
+    from sie_server.runtime.tokenizer import _MAX_WINDOW
+
+    assert ALONE_CHARS <= _MAX_WINDOW  # a text refused for a word longer than that goes alone
+    prose = " ".join(TEXTS) * (ALONE_CHARS // len(" ".join(TEXTS)) + 1)
+    rows = [("g0", TEXTS[0]), ("long", prose), ("g1", TEXTS[1]), ("huge", "z" * 300_000),
+            ("g2", TEXTS[2])]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+    with pytest.raises(BadRowError, match=r"^row 3 \(id huge\): one word of more than "
+                                          r"262,144 characters.*--on-bad-row skip"):
+        encode(engine, [src], tmp_path / "fail", model=M3, id_field="id", batch_size=5)
+    summary = encode(engine, [src], tmp_path / "out", model=M3, types=ALL, id_field="id",
+                     batch_size=5, on_bad_row="skip")
+    assert summary["skipped"] == 1 and summary["skipped_first_ids"] == ["huge"]
+    table = read_output(tmp_path / "out")
+    kept = [r for r in rows if r[0] != "huge"]
+    assert table.column("id").to_pylist() == [i for i, _ in kept]
+    assert_equals_engine(table, engine.encode(M3, [t for _, t in kept], ALL), ALL)
+
+
 def test_unreadable_inputs_fail_clearly(engine, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file"):
         expand([str(tmp_path / "missing.jsonl")])

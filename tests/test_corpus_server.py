@@ -104,6 +104,29 @@ def test_wrong_api_key_fails_without_retrying(start_server, minilm_dir: Path,
     assert time.monotonic() - started < 30
 
 
+def test_a_text_over_the_body_limit_is_a_bad_row(start_server, minilm_dir: Path, expected,
+                                                 tmp_path: Path) -> None:
+    """A text the server refuses with a 413 (here its body is over --max-body-bytes) is sent
+    in a request of its own, so it fails the run naming its row, or is skipped with
+    --on-bad-row skip while the rows around it are encoded."""
+    from sie_server.corpus.run import BadRowError
+
+    server = start_server(server_args(minilm_dir, "--max-body-bytes", "100000"))
+    rows = [json.dumps({"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)]}) for i in range(10)]
+    rows.insert(6, json.dumps({"id": "huge", "text": " ".join(TEXTS) * 200}))
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    backend = ServerBackend(server.url, MODEL, ["dense"], {}, api_key=KEY)
+    try:
+        with pytest.raises(BadRowError, match=r"^row 6 \(id huge\): 413 "):
+            run(job(src, tmp_path / "fail"), backend)
+        summary = run(job(src, tmp_path / "out", on_bad_row="skip"), backend)
+    finally:
+        backend.close()
+    assert summary["skipped"] == 1 and summary["skipped_first_ids"] == ["huge"]
+    assert_output(tmp_path / "out", expected, 10)
+
+
 def _restart_on_same_port(start_server, server, args: list[str], down_s: float,
                           monkeypatch) -> None:
     server.proc.kill()  # no graceful drain: in-flight requests lose their connection

@@ -107,7 +107,13 @@ class RayBackend:
         ds = ray.data.from_arrow(pa.table({"text": pa.array(texts, pa.string())}))
         out = embed_dataset(ds, self.model, self.output_types, self.options, self.settings,
                             **self.actor_args)
-        table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+        try:
+            table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+        except Exception as e:
+            engine_error = _engine_error(e)
+            if engine_error is None:
+                raise
+            raise engine_error from e
         if table.num_rows != len(texts):
             raise RuntimeError(f"Ray returned {table.num_rows} rows for {len(texts)} texts")
         return from_columns(table)
@@ -164,6 +170,21 @@ class ServerBackend:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
+
+
+_ENGINE_ERROR = re.compile(r"^sie_server\.errors\.(\w+): (.*)$", re.M)
+
+
+def _engine_error(e: BaseException):
+    """The engine's error (a refused text, an unknown adapter) that an Embedder raised, rebuilt
+    from the traceback text, the only form in which Ray Data passes it on; or None."""
+    from .. import errors
+
+    found = _ENGINE_ERROR.findall(str(e))
+    cls = getattr(errors, found[-1][0], None) if found else None
+    if isinstance(cls, type) and issubclass(cls, errors.SIEError):
+        return cls(found[-1][1])
+    return None
 
 
 def _item_result(r: dict[str, Any]) -> ItemResult:

@@ -56,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--instruction", help="instruction for instruction-tuned models")
     e.add_argument("--lora-id", help="encode with this LoRA adapter")
     e.add_argument("--on-bad-row", choices=("fail", "skip"), default="fail",
-                   help="rows without usable text or id: stop the run (default) or skip and "
-                   "report them")
+                   help="rows without usable text or id, or whose text the model refuses (413): "
+                   "stop the run (default) or skip and report them")
     e.add_argument("--shard-rows", type=_positive,
                    help="input rows per shard (default 100000; 10000 with multivector)")
     e.add_argument("--batch-size", type=_positive, default=256, help="texts per request (default 256)")

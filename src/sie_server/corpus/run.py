@@ -8,8 +8,10 @@ Parquet. A bounded queue between them keeps `concurrency` batches in flight.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,14 +20,36 @@ import pyarrow as pa
 
 from ..columns import schema_for, to_columns
 from .progress import Progress
-from .readers import BadRow, count_rows, describe, file_format, read_rows
+from .readers import BadRow, Row, count_rows, describe, file_format, read_rows
 from .writer import FIRST_BAD, OutputFolder, ShardStats, ShardWriter, shard_name
 
 ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per Parquet row group
+# A text this long or shorter is never refused for its content: the engine refuses only a
+# word of more than 262,144 characters (runtime/tokenizer.py, point 5). A longer one goes in
+# a batch of its own, so that a refusal (or a server's 413 for its body) names its row.
+ALONE_CHARS = 1 << 16
 
 
 class BadRowError(ValueError):
-    """A row without usable text or id, with --on-bad-row fail."""
+    """A row without usable text or id, or one the model refuses, with --on-bad-row fail."""
+
+
+def bad_row(row: Row | BadRow, reason: str) -> BadRowError:
+    return BadRowError(f"row {row.position} (id {row.id}): {reason}; pass --on-bad-row skip "
+                       "to skip such rows (they are reported)")
+
+
+def _refusal(error: BaseException) -> str | None:
+    """Why one text was refused for what it is (a 413, from the engine, the SDK, or inside
+    Ray's wrappers of either), or None for any other failure."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "status", None) == 413:
+            return re.sub(r"^(413 \w+: )?items\[0\]\.text: ", "", str(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
 
 
 @dataclass
@@ -100,13 +124,22 @@ class _Writer(threading.Thread):
         return self._shard
 
     def _handle(self, kind: str, stats: ShardStats, ids: list[str] | None = None,
-                future=None) -> None:
+                future=None, alone: Row | None = None) -> None:
         if kind == "end":
             self.out.finished(self._writer_for(stats).commit())
             self._shard = None
             self.progress.update(stats.skipped, 0)
             return
-        results = future.result()
+        try:
+            results = future.result()
+        except Exception as e:
+            reason = _refusal(e) if alone is not None else None
+            if reason is None:
+                raise
+            if self.job.on_bad_row == "fail":
+                raise bad_row(alone, reason) from None
+            stats.skip(alone.id)
+            return
         cols = to_columns(results, self.job.output_types, self.job.output_dtype, self.dims)
         table = pa.table({"id": pa.array(ids, pa.string()), **cols}, schema=self.schema)
         self._writer_for(stats).append(table)
@@ -140,9 +173,17 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
     ids: list[str] = []
     texts: list[str] = []
 
-    def flush() -> None:
+    def flush(alone: Row | None = None) -> None:
+        """Submit the batch; `alone`: its one row, whose refusal is that row's, not the run's."""
         if texts:
-            writer.put(("batch", stats, list(ids), backend.submit(list(texts))))
+            try:
+                future = backend.submit(list(texts))
+            except Exception as e:  # the in-process engine refuses as it tokenizes
+                if alone is None:
+                    raise
+                future = Future()
+                future.set_exception(e)
+            writer.put(("batch", stats, list(ids), future, alone))
             ids.clear()
             texts.clear()
 
@@ -157,15 +198,16 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
             stats = ShardStats(k, shard_name(k), k * job.shard_rows)
         if isinstance(row, BadRow):
             if job.on_bad_row == "fail":
-                raise BadRowError(f"row {row.position} (id {row.id}): {row.reason}; pass "
-                                  "--on-bad-row skip to skip such rows (they are reported)")
-            stats.skipped += 1
-            if len(stats.skipped_ids) < FIRST_BAD:
-                stats.skipped_ids.append(row.id)
+                raise bad_row(row, row.reason)
+            stats.skip(row.id)
             continue
+        if len(row.text) > ALONE_CHARS:
+            flush()
         ids.append(row.id)
         texts.append(row.text)
-        if len(texts) >= job.batch_size:
+        if len(row.text) > ALONE_CHARS:
+            flush(alone=row)
+        elif len(texts) >= job.batch_size:
             flush()
     flush()
     if stats is not None:

@@ -40,6 +40,12 @@ class ShardStats:
     skipped: int = 0
     skipped_ids: list[str] = field(default_factory=list)
 
+    def skip(self, row_id: str) -> None:
+        """Count a skipped row, keeping the first ids for the report."""
+        self.skipped += 1
+        if len(self.skipped_ids) < FIRST_BAD:
+            self.skipped_ids.append(row_id)
+
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
