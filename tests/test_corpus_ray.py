@@ -77,9 +77,13 @@ def test_ray_backend_equals_in_process(ray_cluster, minilm_dir: Path, tmp_path: 
     assert manifest["backend"] == "ray" and len(manifest["config"]["model"]["weights_sha256"]) == 64
 
 
-def test_a_refused_text_is_a_bad_row_on_ray(ray_cluster, bge_m3_dir: Path, tmp_path: Path) -> None:
+
+def test_a_refused_text_fails_its_shard_on_ray(ray_cluster, bge_m3_dir: Path,
+                                               tmp_path: Path) -> None:
     """The engine's refusal inside a Ray actor (XLM-R's "z" * 300,000, a 413 in-process)
-    reaches the run as the engine's error, so it names its row or is skipped."""
+    reaches the run as the engine's error, naming the rows of its Dataset: Ray runs a
+    Dataset per shard (one per text would load the model per text), so even with
+    --on-bad-row skip the run stops and says what to do."""
     from sie_server.corpus.run import BadRowError
 
     settings = Settings(dtype="float32", models={"m3": str(bge_m3_dir)}, default_models=[],
@@ -87,18 +91,13 @@ def test_a_refused_text_is_a_bad_row_on_ray(ray_cluster, bge_m3_dir: Path, tmp_p
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in
                            [("a", TEXTS[0]), ("huge", "z" * 300_000), ("b", TEXTS[1])]))
+    job = Job(files=expand([str(src)]), output=tmp_path / "out", output_types=["dense"],
+              id_field="id", shard_rows=10, batch_size=10, concurrency=1, on_bad_row="skip",
+              alone_chars=None)  # as `encode --ray` runs
     backend = RayBackend(None, settings, "m3", ["dense"], {}, num_actors=1)
-
-    def job(out: str, on_bad_row: str) -> Job:
-        return Job(files=expand([str(src)]), output=tmp_path / out, output_types=["dense"],
-                   id_field="id", shard_rows=10, batch_size=10, concurrency=1,
-                   on_bad_row=on_bad_row)
-
     try:
-        with pytest.raises(BadRowError, match=r"^row 1 \(id huge\): one word of more than"):
-            run(job("fail", "fail"), backend)
-        summary = run(job("out", "skip"), backend)
+        with pytest.raises(BadRowError, match=r"^rows 0 to 2, one request: one word of more "
+                                              r"than 262,144 characters.*--ray encodes whole"):
+            run(job, backend)
     finally:
         backend.close()
-    assert summary["skipped_first_ids"] == ["huge"]
-    assert read_output(tmp_path / "out").column("id").to_pylist() == ["a", "b"]

@@ -125,6 +125,16 @@ def test_a_text_over_the_body_limit_is_a_bad_row(start_server, minilm_dir: Path,
         backend.close()
     assert summary["skipped"] == 1 and summary["skipped_first_ids"] == ["huge"]
     assert_output(tmp_path / "out", expected, 10)
+    # texts short enough to be batched, whose request is over the limit: the batch is named
+    src.write_text("".join(json.dumps({"id": f"m{i}", "text": "word " * 6000}) + "\n"
+                           for i in range(4)))
+    backend = ServerBackend(server.url, MODEL, ["dense"], {}, api_key=KEY)
+    try:
+        with pytest.raises(BadRowError, match=r"^rows 0 to 3, one request: 413 .*; lower "
+                                              r"--batch-size$"):
+            run(job(src, tmp_path / "batch", on_bad_row="skip"), backend)
+    finally:
+        backend.close()
 
 
 def _restart_on_same_port(start_server, server, args: list[str], down_s: float,

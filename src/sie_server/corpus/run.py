@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from ..columns import schema_for, to_columns
 from .progress import Progress
-from .readers import BadRow, Row, count_rows, describe, file_format, read_rows
+from .readers import BadRow, count_rows, describe, file_format, read_rows
 from .writer import FIRST_BAD, OutputFolder, ShardStats, ShardWriter, shard_name
 
 ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per Parquet row group
@@ -28,14 +28,19 @@ ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per Parquet row group
 # word of more than 262,144 characters (runtime/tokenizer.py, point 5). A longer one goes in
 # a batch of its own, so that a refusal (or a server's 413 for its body) names its row.
 ALONE_CHARS = 1 << 16
+_ITEM = re.compile(r"^(413 \w+: )?items\[\d+\]\.text: ")
+
+
+_RAY_HINT = ("; --ray encodes whole shards, so it cannot skip one text: remove the row, or "
+             "encode in-process or with --server, where --on-bad-row skip skips it")
 
 
 class BadRowError(ValueError):
     """A row without usable text or id, or one the model refuses, with --on-bad-row fail."""
 
 
-def bad_row(row: Row | BadRow, reason: str) -> BadRowError:
-    return BadRowError(f"row {row.position} (id {row.id}): {reason}; pass --on-bad-row skip "
+def bad_row(position: int, row_id: str, reason: str) -> BadRowError:
+    return BadRowError(f"row {position} (id {row_id}): {reason}; pass --on-bad-row skip "
                        "to skip such rows (they are reported)")
 
 
@@ -47,7 +52,7 @@ def _refusal(error: BaseException) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if getattr(e, "status", None) == 413:
-            return re.sub(r"^(413 \w+: )?items\[0\]\.text: ", "", str(e))
+            return _ITEM.sub("", str(e))
         e = getattr(e, "cause", None) or e.__cause__
     return None
 
@@ -66,6 +71,7 @@ class Job:
     batch_size: int = 256
     concurrency: int = 8
     on_bad_row: str = "fail"  # or "skip"
+    alone_chars: int | None = ALONE_CHARS  # None: never alone (Ray runs a Dataset per batch)
     row_group_bytes: int = ROW_GROUP_BYTES
     log_interval_s: float = 10.0
 
@@ -124,7 +130,7 @@ class _Writer(threading.Thread):
         return self._shard
 
     def _handle(self, kind: str, stats: ShardStats, ids: list[str] | None = None,
-                future=None, alone: Row | None = None) -> None:
+                future=None, positions: list[int] | None = None) -> None:
         if kind == "end":
             self.out.finished(self._writer_for(stats).commit())
             self._shard = None
@@ -133,12 +139,16 @@ class _Writer(threading.Thread):
         try:
             results = future.result()
         except Exception as e:
-            reason = _refusal(e) if alone is not None else None
-            if reason is None:
+            reason = _refusal(e)
+            if reason is None or positions is None:
                 raise
+            if len(ids) > 1:  # a batch of texts none of which is refused alone (or on Ray)
+                raise BadRowError(f"rows {positions[0]} to {positions[-1]}, one request: {reason}"
+                                  + (_RAY_HINT if self.job.alone_chars is None else
+                                     "; lower --batch-size")) from None
             if self.job.on_bad_row == "fail":
-                raise bad_row(alone, reason) from None
-            stats.skip(alone.id)
+                raise bad_row(positions[0], ids[0], reason) from None
+            stats.skip(ids[0])
             return
         cols = to_columns(results, self.job.output_types, self.job.output_dtype, self.dims)
         table = pa.table({"id": pa.array(ids, pa.string()), **cols}, schema=self.schema)
@@ -171,21 +181,21 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
     """Read rows from position `start`, submit batches, and mark shard ends, in order."""
     stats: ShardStats | None = None
     ids: list[str] = []
+    positions: list[int] = []
     texts: list[str] = []
 
-    def flush(alone: Row | None = None) -> None:
-        """Submit the batch; `alone`: its one row, whose refusal is that row's, not the run's."""
+    def flush() -> None:
         if texts:
             try:
                 future = backend.submit(list(texts))
             except Exception as e:  # the in-process engine refuses as it tokenizes
-                if alone is None:
+                if _refusal(e) is None:
                     raise
                 future = Future()
                 future.set_exception(e)
-            writer.put(("batch", stats, list(ids), future, alone))
-            ids.clear()
-            texts.clear()
+            writer.put(("batch", stats, list(ids), future, list(positions)))
+            for batch in (ids, positions, texts):
+                batch.clear()
 
     for row in read_rows(job.files, job.text_field, job.id_field, job.format, start):
         k = row.position // job.shard_rows
@@ -198,16 +208,16 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
             stats = ShardStats(k, shard_name(k), k * job.shard_rows)
         if isinstance(row, BadRow):
             if job.on_bad_row == "fail":
-                raise bad_row(row, row.reason)
+                raise bad_row(row.position, row.id, row.reason)
             stats.skip(row.id)
             continue
-        if len(row.text) > ALONE_CHARS:
+        alone = job.alone_chars is not None and len(row.text) > job.alone_chars
+        if alone:
             flush()
         ids.append(row.id)
+        positions.append(row.position)
         texts.append(row.text)
-        if len(row.text) > ALONE_CHARS:
-            flush(alone=row)
-        elif len(texts) >= job.batch_size:
+        if alone or len(texts) >= job.batch_size:
             flush()
     flush()
     if stats is not None:
