@@ -238,14 +238,10 @@ def test_bad_row_fails_the_run_then_resumes_with_skip(engine, tmp_path: Path) ->
 
 def test_a_text_the_model_refuses_is_a_bad_row(engine, tmp_path: Path) -> None:
     """XLM-R's "z" * k is refused (a 413: one word of more than 262,144 characters whose first
-    tokens depend on how it ends). A text that long goes in a batch of its own, so the refusal
-    names its row and --on-bad-row decides, as for a row without text; a long text the model
-    takes (prose) is encoded alone, equal to the engine's vectors."""
-    from sie_server.corpus.run import ALONE_CHARS
-    from sie_server.runtime.tokenizer import _MAX_WINDOW
-
-    assert ALONE_CHARS <= _MAX_WINDOW  # a text refused for a word longer than that goes alone
-    prose = " ".join(TEXTS) * (ALONE_CHARS // len(" ".join(TEXTS)) + 1)
+    tokens depend on how it ends). Its batch is split in halves, sent again, down to the
+    refused text, which names its row; --on-bad-row decides, as for a row without text. The
+    other rows, a long text among them, equal the engine's vectors."""
+    prose = " ".join(TEXTS) * 40
     rows = [("g0", TEXTS[0]), ("long", prose), ("g1", TEXTS[1]), ("huge", "z" * 300_000),
             ("g2", TEXTS[2])]
     src = tmp_path / "d.jsonl"
@@ -260,6 +256,32 @@ def test_a_text_the_model_refuses_is_a_bad_row(engine, tmp_path: Path) -> None:
     kept = [r for r in rows if r[0] != "huge"]
     assert table.column("id").to_pylist() == [i for i, _ in kept]
     assert_equals_engine(table, engine.encode(M3, [t for _, t in kept], ALL), ALL)
+
+
+def test_a_batch_over_the_queue_limit_is_sent_in_parts(minilm_dir: Path, tmp_path: Path) -> None:
+    """A batch of more tokens than the model queues (a 413; 256 texts of 8,192 tokens are
+    over the default 2,000,000) is never refused: the in-process backend sends at most
+    limit / max_tokens texts per engine request (here 200 // 256: one), and a refused batch
+    would be split until each part is taken. Every row is encoded."""
+    eng = Engine(Settings(dtype="float32", models={MINILM: str(minilm_dir)}, default_models=[],
+                          device="cpu", max_batch_items=1, max_queued_tokens=200))
+    try:
+        texts = [f"{t} {t}" for t in TEXTS[:12]]
+        want = [eng.encode(MINILM, [t], ["dense"])[0] for t in texts]
+        tokens = [r.token_count for r in want]
+        assert sum(tokens) > 2 * 200 and max(tokens) <= 200, tokens  # split twice at least
+        src = write(tmp_path / "d.jsonl", "jsonl", [{"text": t} for t in texts])
+        summary = encode(eng, [src], tmp_path / "out", batch_size=12)
+        assert summary["rows"] == 12 and summary["skipped"] == 0
+        assert_equals_engine(read_output(tmp_path / "out"), want)
+        backend = InProcessBackend(eng, MINILM, ["dense"], {})
+        assert backend.per_request == 1
+        backend.per_request = 12  # the split alone
+        job = Job(files=[src], output=tmp_path / "split", output_types=["dense"], batch_size=12)
+        assert run(job, backend)["rows"] == 12
+        assert_equals_engine(read_output(tmp_path / "split"), want)
+    finally:
+        eng.close()
 
 
 def test_unreadable_inputs_fail_clearly(engine, tmp_path: Path) -> None:

@@ -93,10 +93,10 @@ def test_a_refused_text_fails_its_shard_on_ray(ray_cluster, bge_m3_dir: Path,
                            [("a", TEXTS[0]), ("huge", "z" * 300_000), ("b", TEXTS[1])]))
     job = Job(files=expand([str(src)]), output=tmp_path / "out", output_types=["dense"],
               id_field="id", shard_rows=10, batch_size=10, concurrency=1, on_bad_row="skip",
-              alone_chars=None)  # as `encode --ray` runs
+              split_refused=False)  # as `encode --ray` runs
     backend = RayBackend(None, settings, "m3", ["dense"], {}, num_actors=1)
     try:
-        with pytest.raises(BadRowError, match=r"^rows 0 to 2, one request: one word of more "
+        with pytest.raises(BadRowError, match=r"^rows 0 to 2: one word of more "
                                               r"than 262,144 characters.*--ray encodes whole"):
             run(job, backend)
     finally:

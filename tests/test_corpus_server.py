@@ -104,16 +104,16 @@ def test_wrong_api_key_fails_without_retrying(start_server, minilm_dir: Path,
     assert time.monotonic() - started < 30
 
 
-def test_a_text_over_the_body_limit_is_a_bad_row(start_server, minilm_dir: Path, expected,
-                                                 tmp_path: Path) -> None:
-    """A text the server refuses with a 413 (here its body is over --max-body-bytes) is sent
-    in a request of its own, so it fails the run naming its row, or is skipped with
-    --on-bad-row skip while the rows around it are encoded."""
+def test_requests_over_the_body_limit_are_split(start_server, minilm_dir: Path, expected,
+                                                tmp_path: Path) -> None:
+    """The server refuses a request over --max-body-bytes (413). The batch is split and sent
+    again in parts: every row is encoded, but a text over the limit alone, which fails the
+    run naming its row, or is skipped with --on-bad-row skip."""
     from sie_server.corpus.run import BadRowError
 
     server = start_server(server_args(minilm_dir, "--max-body-bytes", "100000"))
     rows = [json.dumps({"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)]}) for i in range(10)]
-    rows.insert(6, json.dumps({"id": "huge", "text": " ".join(TEXTS) * 200}))
+    rows.insert(6, json.dumps({"id": "huge", "text": "word " * 30_000}))
     src = tmp_path / "d.jsonl"
     src.write_text("\n".join(rows) + "\n")
     backend = ServerBackend(server.url, MODEL, ["dense"], {}, api_key=KEY)
@@ -121,20 +121,22 @@ def test_a_text_over_the_body_limit_is_a_bad_row(start_server, minilm_dir: Path,
         with pytest.raises(BadRowError, match=r"^row 6 \(id huge\): 413 "):
             run(job(src, tmp_path / "fail"), backend)
         summary = run(job(src, tmp_path / "out", on_bad_row="skip"), backend)
+        assert summary["skipped"] == 1 and summary["skipped_first_ids"] == ["huge"]
+        assert_output(tmp_path / "out", expected, 10)
+        # four texts of 30,000 characters: no two fit in one request, each fits alone
+        texts = [f"{i} " + "word " * 6000 for i in range(4)]
+        src.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n"
+                               for i, t in enumerate(texts)))
+        summary = run(job(src, tmp_path / "parts"), backend)
     finally:
         backend.close()
-    assert summary["skipped"] == 1 and summary["skipped_first_ids"] == ["huge"]
-    assert_output(tmp_path / "out", expected, 10)
-    # texts short enough to be batched, whose request is over the limit: the batch is named
-    src.write_text("".join(json.dumps({"id": f"m{i}", "text": "word " * 6000}) + "\n"
-                           for i in range(4)))
-    backend = ServerBackend(server.url, MODEL, ["dense"], {}, api_key=KEY)
+    assert summary["rows"] == 4 and summary["skipped"] == 0
+    eng = Engine(Settings(dtype="float32", models={MODEL: str(minilm_dir)}, default_models=[],
+                          device="cpu", max_batch_items=1))
     try:
-        with pytest.raises(BadRowError, match=r"^rows 0 to 3, one request: 413 .*; lower "
-                                              r"--batch-size$"):
-            run(job(src, tmp_path / "batch", on_bad_row="skip"), backend)
+        assert_output(tmp_path / "parts", eng.encode(MODEL, texts, ["dense"]), 4)
     finally:
-        backend.close()
+        eng.close()
 
 
 def _restart_on_same_port(start_server, server, args: list[str], down_s: float,

@@ -48,6 +48,16 @@ def model_identity(settings, model: str, dtype: str | None) -> dict[str, Any]:
             "revision": revision.group(1) if revision else None, "dtype": dtype}
 
 
+class _Parts:
+    """The Futures of one batch's consecutive parts, read as one."""
+
+    def __init__(self, parts: list[Future]) -> None:
+        self.parts = parts
+
+    def result(self) -> list[ItemResult]:
+        return [r for part in self.parts for r in part.result()]
+
+
 class InProcessBackend:
     """The engine in this process (loads the model on start)."""
 
@@ -59,11 +69,19 @@ class InProcessBackend:
         self.engine, self.model = engine, model
         self.output_types, self.options = list(output_types), options
         self._overloaded = Overloaded
-        engine.registry.get(model)  # load now: a missing model fails before any work
+        info = engine.registry.get(model).model.info  # load now: a missing model fails early
+        # texts per engine request, so that none holds more tokens than the queue takes (256
+        # texts of 8,192 tokens are over the default 2,000,000: refused whole, 413)
+        self.per_request = max(1, engine.settings.max_queued_tokens // info.max_input_tokens)
         self.identity = model_identity(engine.settings, model,
                                        str(engine.placement.dtype).removeprefix("torch."))
 
-    def submit(self, texts: list[str]) -> Future:
+    def submit(self, texts: list[str]) -> Future | _Parts:
+        n = self.per_request
+        parts = [self._submit(texts[i:i + n]) for i in range(0, len(texts), n)]
+        return parts[0] if len(parts) == 1 else _Parts(parts)
+
+    def _submit(self, texts: list[str]) -> Future:
         while True:
             try:
                 return self.engine.submit(self.model, texts, self.output_types, self.options)

@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     from .. import logs
     from ..errors import SIEError
     from .readers import InputError, expand
-    from .run import ALONE_CHARS, BadRowError, Job, run
+    from .run import BadRowError, Job, run
     from .writer import ManifestMismatch
 
     logs.configure(args.log_level)
@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
                   # Ray: one Dataset per shard, the next one read while this one runs
                   batch_size=shard_rows if args.ray else args.batch_size,
                   concurrency=1 if args.ray else args.concurrency,
-                  alone_chars=None if args.ray else ALONE_CHARS,
+                  split_refused=not args.ray,
                   log_interval_s=args.log_every)
         backend = _backend(args, model, job.options)
         try:

@@ -24,13 +24,7 @@ from .readers import BadRow, count_rows, describe, file_format, read_rows
 from .writer import FIRST_BAD, OutputFolder, ShardStats, ShardWriter, shard_name
 
 ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per Parquet row group
-# A text this long or shorter is never refused for its content: the engine refuses only a
-# word of more than 262,144 characters (runtime/tokenizer.py, point 5). A longer one goes in
-# a batch of its own, so that a refusal (or a server's 413 for its body) names its row.
-ALONE_CHARS = 1 << 16
 _ITEM = re.compile(r"^(413 \w+: )?items\[\d+\]\.text: ")
-
-
 _RAY_HINT = ("; --ray encodes whole shards, so it cannot skip one text: remove the row, or "
              "encode in-process or with --server, where --on-bad-row skip skips it")
 
@@ -45,8 +39,9 @@ def bad_row(position: int, row_id: str, reason: str) -> BadRowError:
 
 
 def _refusal(error: BaseException) -> str | None:
-    """Why one text was refused for what it is (a 413, from the engine, the SDK, or inside
-    Ray's wrappers of either), or None for any other failure."""
+    """Why a request was refused for what it holds (a 413 from the engine, the SDK, or inside
+    Ray's wrappers of either: too many tokens or bytes, or a text the model cannot take), or
+    None for any other failure."""
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
@@ -55,6 +50,51 @@ def _refusal(error: BaseException) -> str | None:
             return _ITEM.sub("", str(e))
         e = getattr(e, "cause", None) or e.__cause__
     return None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A text the model refused (a 413 for it alone): a bad row."""
+
+    reason: str
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    positions: list[int]
+    texts: list[str]
+    results: Future
+
+
+def _submit(backend, texts: list[str]) -> Future:
+    """`backend.submit`, with a refusal raised at once (the in-process engine refuses as it
+    tokenizes) put in the Future."""
+    try:
+        return backend.submit(texts)
+    except Exception as e:
+        if _refusal(e) is None:
+            raise
+        future: Future = Future()
+        future.set_exception(e)
+        return future
+
+
+def _results(backend, texts: list[str], future: Future) -> list:
+    """A batch's `ItemResult`s, or `Refused` for a text refused alone. A refused batch of
+    several texts is split in halves, each submitted again, down to the refused texts: a
+    batch over a token or body limit is sent in parts, and a refused text names its row."""
+    try:
+        return future.result()
+    except Exception as e:
+        reason = _refusal(e)
+        if reason is None:
+            raise
+        if len(texts) == 1:
+            return [Refused(reason)]
+        half = len(texts) // 2
+        parts = [(t, _submit(backend, t)) for t in (texts[:half], texts[half:])]
+        return [r for t, f in parts for r in _results(backend, t, f)]
 
 
 @dataclass
@@ -71,7 +111,7 @@ class Job:
     batch_size: int = 256
     concurrency: int = 8
     on_bad_row: str = "fail"  # or "skip"
-    alone_chars: int | None = ALONE_CHARS  # None: never alone (Ray runs a Dataset per batch)
+    split_refused: bool = True  # False on Ray: a Dataset per part would load the model again
     row_group_bytes: int = ROW_GROUP_BYTES
     log_interval_s: float = 10.0
 
@@ -103,10 +143,10 @@ class _Writer(threading.Thread):
     """Consumes ("batch", stats, ids, future) and ("end", stats) items in order; a shard
     without its "end" when the run stops is dropped (its temporary file removed)."""
 
-    def __init__(self, job: Job, out: OutputFolder, schema: pa.Schema, dims: dict[str, int],
-                 progress: Progress):
+    def __init__(self, job: Job, backend, out: OutputFolder, schema: pa.Schema,
+                 dims: dict[str, int], progress: Progress):
         super().__init__(name="sie-corpus-writer", daemon=True)
-        self.job, self.out, self.schema, self.dims = job, out, schema, dims
+        self.job, self.backend, self.out, self.schema, self.dims = job, backend, out, schema, dims
         self.progress = progress
         self.queue: queue.Queue = queue.Queue(maxsize=max(job.concurrency, 1))
         self.error: BaseException | None = None
@@ -129,26 +169,34 @@ class _Writer(threading.Thread):
             self._shard = self.out.writer(stats, self.schema, self.job.row_group_bytes)
         return self._shard
 
-    def _handle(self, kind: str, stats: ShardStats, ids: list[str] | None = None,
-                future=None, positions: list[int] | None = None) -> None:
+    def _handle(self, kind: str, stats: ShardStats, batch: _Batch | None = None) -> None:
         if kind == "end":
             self.out.finished(self._writer_for(stats).commit())
             self._shard = None
             self.progress.update(stats.skipped, 0)
             return
-        try:
-            results = future.result()
-        except Exception as e:
-            reason = _refusal(e)
-            if reason is None or positions is None:
-                raise
-            if len(ids) > 1:  # a batch of texts none of which is refused alone (or on Ray)
-                raise BadRowError(f"rows {positions[0]} to {positions[-1]}, one request: {reason}"
-                                  + (_RAY_HINT if self.job.alone_chars is None else
-                                     "; lower --batch-size")) from None
-            if self.job.on_bad_row == "fail":
-                raise bad_row(positions[0], ids[0], reason) from None
-            stats.skip(ids[0])
+        if self.job.split_refused:
+            results = _results(self.backend, batch.texts, batch.results)
+        else:
+            try:
+                results = batch.results.result()
+            except Exception as e:
+                if (reason := _refusal(e)) is None:
+                    raise
+                if len(batch.ids) > 1:
+                    raise BadRowError(f"rows {batch.positions[0]} to {batch.positions[-1]}: "
+                                      f"{reason}{_RAY_HINT}") from None
+                results = [Refused(reason)]
+        ids = []
+        for row_id, position, r in zip(batch.ids, batch.positions, results, strict=True):
+            if not isinstance(r, Refused):
+                ids.append(row_id)
+            elif self.job.on_bad_row == "fail":
+                raise bad_row(position, row_id, r.reason)
+            else:
+                stats.skip(row_id)
+        results = [r for r in results if not isinstance(r, Refused)]
+        if not results:
             return
         cols = to_columns(results, self.job.output_types, self.job.output_dtype, self.dims)
         table = pa.table({"id": pa.array(ids, pa.string()), **cols}, schema=self.schema)
@@ -186,16 +234,10 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
 
     def flush() -> None:
         if texts:
-            try:
-                future = backend.submit(list(texts))
-            except Exception as e:  # the in-process engine refuses as it tokenizes
-                if _refusal(e) is None:
-                    raise
-                future = Future()
-                future.set_exception(e)
-            writer.put(("batch", stats, list(ids), future, list(positions)))
-            for batch in (ids, positions, texts):
-                batch.clear()
+            writer.put(("batch", stats, _Batch(list(ids), list(positions), list(texts),
+                                               _submit(backend, list(texts)))))
+            for column in (ids, positions, texts):
+                column.clear()
 
     for row in read_rows(job.files, job.text_field, job.id_field, job.format, start):
         k = row.position // job.shard_rows
@@ -211,13 +253,10 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
                 raise bad_row(row.position, row.id, row.reason)
             stats.skip(row.id)
             continue
-        alone = job.alone_chars is not None and len(row.text) > job.alone_chars
-        if alone:
-            flush()
         ids.append(row.id)
         positions.append(row.position)
         texts.append(row.text)
-        if alone or len(texts) >= job.batch_size:
+        if len(texts) >= job.batch_size:
             flush()
     flush()
     if stats is not None:
@@ -250,7 +289,7 @@ def run(job: Job, backend, progress: Progress | None = None) -> dict[str, Any]:
                                     interval_s=job.log_interval_s)
     threading.Thread(target=_count, args=(job, progress), name="sie-corpus-count",
                      daemon=True).start()
-    writer = _Writer(job, out, schema, dims, progress)
+    writer = _Writer(job, backend, out, schema, dims, progress)
     writer.start()
     first = next(k for k in range(len(out.done) + 1) if k not in out.done)
     try:
