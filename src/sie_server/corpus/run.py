@@ -80,10 +80,11 @@ def _submit(backend, texts: list[str]) -> Future:
         return future
 
 
-def _results(backend, texts: list[str], future: Future) -> list:
-    """A batch's `ItemResult`s, or `Refused` for a text refused alone. A refused batch of
-    several texts is split in halves, each submitted again, down to the refused texts: a
-    batch over a token or body limit is sent in parts, and a refused text names its row."""
+def _results(backend, texts: list[str], future: Future, split: bool) -> list:
+    """A batch's `ItemResult`s, or `Refused` for a text refused alone. With `split`, a refused
+    batch of several texts is split in halves, each submitted again, down to the refused
+    texts: a batch over a token or body limit is sent in parts, and a refused text names its
+    row; without, its refusal is raised."""
     try:
         return future.result()
     except Exception as e:
@@ -92,9 +93,11 @@ def _results(backend, texts: list[str], future: Future) -> list:
             raise
         if len(texts) == 1:
             return [Refused(reason)]
+        if not split:
+            raise
         half = len(texts) // 2
         parts = [(t, _submit(backend, t)) for t in (texts[:half], texts[half:])]
-        return [r for t, f in parts for r in _results(backend, t, f)]
+        return [r for t, f in parts for r in _results(backend, t, f, split)]
 
 
 @dataclass
@@ -175,18 +178,13 @@ class _Writer(threading.Thread):
             self._shard = None
             self.progress.update(stats.skipped, 0)
             return
-        if self.job.split_refused:
-            results = _results(self.backend, batch.texts, batch.results)
-        else:
-            try:
-                results = batch.results.result()
-            except Exception as e:
-                if (reason := _refusal(e)) is None:
-                    raise
-                if len(batch.ids) > 1:
-                    raise BadRowError(f"rows {batch.positions[0]} to {batch.positions[-1]}: "
-                                      f"{reason}{_RAY_HINT}") from None
-                results = [Refused(reason)]
+        try:
+            results = _results(self.backend, batch.texts, batch.results, self.job.split_refused)
+        except Exception as e:  # a refused batch, not split (Ray)
+            if (reason := _refusal(e)) is None:
+                raise
+            raise BadRowError(f"rows {batch.positions[0]} to {batch.positions[-1]}: "
+                              f"{reason}{_RAY_HINT}") from None
         ids = []
         for row_id, position, r in zip(batch.ids, batch.positions, results, strict=True):
             if not isinstance(r, Refused):
