@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 import anyio
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +20,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..engine import Engine
+from ..engine.engine import normalized
 from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, SIEError
 from ..logs import request_id
 from . import models as model_info
@@ -29,7 +29,7 @@ from .middleware import ServerMiddleware
 from .validate import parse_encode, parse_score, parse_timeout
 from .waker import LoopWaker
 from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, decode_body, encode_body,
-                   encode_response, error_body, score_to_wire, wants_msgpack)
+                   encode_response, error_body, score_to_wire, timing_headers, wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,11 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return model, call, with_deadline(request, call.options)
 
     async def encode(request: Request) -> Response:
+        arrived = time.monotonic()
         model, call, options = await read_call(request, parse_encode)
         if (all(isinstance(t, str) for t in call.texts)  # images are decoded off the loop
                 and sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
+                and not options.get("profile") and ":" not in model  # a profile may load a LoRA
                 and engine.registry.is_ready(model)):
             # a few short texts: tokenizing them costs less than a hop to a worker thread
             future = engine.submit(model, call.texts, call.output_types, options,
@@ -202,26 +204,32 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             results = normalized(results)
         binary = wants_msgpack(request.headers.get("accept", ""))
         sparse_dims = None
-        if "sparse" in call.output_types:
+        if any(r.sparse is not None for r in results):
             info = engine.registry.describe(engine.registry.handle(model))
             sparse_dims = info.dims.get("sparse") if info else None
 
+        timing = future.timing.sie(arrived)
+
         def build() -> bytes:
             return encode_body(encode_response(model, call.ids, results, call.output_dtype,
-                                               sparse_dims, binary), binary)
+                                               sparse_dims, binary, timing), binary)
 
         floats = sum(r.multivector.size for r in results if r.multivector is not None)
         content = await anyio.to_thread.run_sync(build) if floats > _OFFLOAD_FLOATS else build()
-        return Response(content, media_type=MSGPACK if binary else JSON)
+        return Response(content, media_type=MSGPACK if binary else JSON,
+                        headers=timing_headers(timing))
 
     async def score(request: Request) -> Response:
+        arrived = time.monotonic()
         model, call, options = await read_call(request, parse_score)
         future = await anyio.to_thread.run_sync(functools.partial(
             engine.submit_score, model, call.query, call.texts, options, call.top_k,
             tenant=tenant_of(request)))
         result = await await_result(request, future, options.get("timeout_s"), loop_waker())
+        timing = future.timing.sie(arrived)
         return respond(request, score_to_wire(model, call.query_id, call.ids, result,
-                                              result.input_tokens))
+                                              result.input_tokens, timing),
+                       headers=timing_headers(timing))
 
     async def models(request: Request) -> Response:
         """SIE's `{"models": [ModelInfo]}` and OpenAI's `{"object": "list", "data"}` at once."""
@@ -339,13 +347,3 @@ def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
 
     return run
 
-
-def normalized(results: list) -> list:
-    """Results whose dense vectors are L2-normalised (options.normalize: true)."""
-    out = []
-    for r in results:
-        if r.dense is not None:
-            norm = float(np.linalg.norm(r.dense))
-            r = dataclasses.replace(r, dense=r.dense / norm if norm > 0 else r.dense)
-        out.append(r)
-    return out

@@ -25,9 +25,9 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
     """One model: SIE's ModelInfo plus this server's own fields."""
     info = engine.registry.describe(h)
     model = h.model
-    score_types = list(FAMILIES[h.spec.family].score_types)
+    score_modes = list(FAMILIES[h.spec.family].score_types)
     outputs = list(info.output_types) if info is not None else []
-    if score_types:
+    if score_modes:
         outputs.append("score")
     error = h.error if h.state == "failed" else None
     out: dict[str, Any] = {
@@ -49,7 +49,7 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
         "memory_bytes": h.memory_bytes, "adapter_bytes": h.adapter_bytes,
         "last_used": h.last_used or None,
         "output_types": list(info.output_types) if info is not None else None,
-        "score_types": score_types,
+        "score_modes": score_modes,
         "dtype": info.dtype if info is not None else None,  # set once the model is loaded
     }
     if model is not None:

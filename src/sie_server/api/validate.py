@@ -1,8 +1,8 @@
 """Turning SIE request bodies into engine calls; every error names the field at fault.
 
 SIE's request options that the engine has no use for are settled here: `output_dtype` and
-`normalize` shape the response (wire layer), `overflow_policy` maps to `truncate`, `profile`
-must be the one profile each model has; `muvera` and `smve` are refused as not supported.
+`normalize` shape the response (wire layer), `overflow_policy` maps to `truncate`; `profile`
+goes on to the engine (engine/profiles.py); `muvera` and `smve` are refused as not supported.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ UNSUPPORTED_OPTIONS = ("muvera", "smve")
 class EncodeCall:
     texts: list[str | ImageInput]
     ids: list[str | None]
-    output_types: list[str]
-    options: dict[str, Any]  # engine options (engine.EncodeOptions)
+    output_types: list[str] | None  # None: the profile's, else dense
+    options: dict[str, Any]  # engine options (engine.EncodeOptions) and `profile`
     output_dtype: str = "float32"
     normalize: bool = False  # L2-normalise dense vectors again (SIE's `normalize: true`)
 
@@ -113,10 +113,6 @@ def parse_options(value: Any, field: str, instruction: Any = None) -> dict[str, 
         if options.get(key) is not None:
             raise InvalidRequest(f"{field}.{key} is not supported by this server")
         options.pop(key, None)
-    profile = options.pop("profile", None)
-    if profile not in (None, "default"):
-        raise InvalidRequest(f"{field}.profile: this server serves each model with one "
-                             "profile, 'default'")
     policy = options.pop("overflow_policy", None)
     if policy is not None:
         if policy not in OVERFLOW_POLICIES:
@@ -152,10 +148,11 @@ def parse_encode(body: Any, max_items: int) -> EncodeCall:
     texts, ids = parse_items(body["items"], "items", max_items)
     params = _obj(body.get("params") or {}, "params")
     _known(params, {"output_types", "instruction", "output_dtype", "options"}, "params")
-    types = params.get("output_types") or ["dense"]
-    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+    types = params.get("output_types") or None
+    if types is not None and (not isinstance(types, list)
+                              or not all(isinstance(t, str) for t in types)):
         raise InvalidRequest("params.output_types must be a list of strings")
-    for t in types:
+    for t in types or ():
         if t not in OUTPUT_TYPES:
             raise InvalidRequest(f"params.output_types: unknown output type {t[:64]!r}; "
                                  f"'output_types' entries must be one of {list(OUTPUT_TYPES)}")
@@ -169,7 +166,8 @@ def parse_encode(body: Any, max_items: int) -> EncodeCall:
     if normalize is False:
         raise InvalidRequest("params.options.normalize: false is not supported; this server "
                              "returns normalised vectors")
-    return EncodeCall(texts, ids, list(dict.fromkeys(types)), options, dtype, bool(normalize))
+    return EncodeCall(texts, ids, types and list(dict.fromkeys(types)), options, dtype,
+                      bool(normalize))
 
 
 def parse_score(body: Any, max_items: int) -> ScoreCall:

@@ -87,10 +87,20 @@ def item_to_wire(item_id: str | None, r: ItemResult, output_dtype: str, sparse_d
 
 
 def encode_response(model: str, ids: list[str | None], results: list[ItemResult],
-                    output_dtype: str, sparse_dims: int | None, binary: bool) -> dict[str, Any]:
+                    output_dtype: str, sparse_dims: int | None, binary: bool,
+                    timing: dict[str, float] | None = None) -> dict[str, Any]:
     items = [item_to_wire(i, r, output_dtype, sparse_dims, binary) for i, r in zip(ids, results)]
-    return {"model": model, "items": items,
+    return {"model": model, "items": items, "timing": timing,
             "usage": {"input_tokens": sum(r.token_count for r in results)}}
+
+
+def timing_headers(timing: dict[str, float]) -> dict[str, str]:
+    """SIE's timing headers (milliseconds, two decimals) for a TimingInfo."""
+    return {"X-Queue-Time": f"{timing['queue_ms']:.2f}",
+            "X-Tokenization-Time": f"{timing['tokenization_ms']:.2f}",
+            "X-Inference-Time": f"{timing['inference_ms']:.2f}",
+            "X-Postprocessing-Time": f"{timing['postprocessing_ms']:.2f}",
+            "X-Total-Time": f"{timing['total_ms']:.2f}"}
 
 
 def encode_body(payload: Any, binary: bool) -> bytes:
@@ -113,16 +123,17 @@ def error_body(err: SIEError, request_id: str | None = None) -> dict[str, Any]:
 
 
 def score_to_wire(model: str, query_id: str | None, ids: list[str | None], result: ScoreResult,
-                  input_tokens: int) -> dict[str, Any]:
+                  input_tokens: int, timing: dict[str, float] | None = None) -> dict[str, Any]:
     """A ScoreResult, best first: SIE's layout (`item_id` defaults to "item-{i}", `query_id`,
-    `usage`) plus our `score_type`, `weights`/`activation` and per-item `components`."""
+    `usage`) plus `timing` (SIE sends it in headers only for score), our `score_mode`,
+    `score_weights`/`activation` and per-item `components`."""
     scores = result.scores.tolist()
     if not all(map(math.isfinite, scores)):
-        raise InvalidRequest("the scores are not finite numbers: lower options.weights")
+        raise InvalidRequest("the scores are not finite numbers: lower options.score_weights")
     payload: dict[str, Any] = {"model": model, "query_id": query_id,
-                               "score_type": result.score_type}
-    if result.weights is not None:
-        payload["weights"] = result.weights
+                               "score_mode": result.score_mode}
+    if result.score_weights is not None:
+        payload["score_weights"] = result.score_weights
     if result.activation is not None:
         payload["activation"] = result.activation
     comps = {k: v.tolist() for k, v in result.components.items()}
@@ -135,4 +146,6 @@ def score_to_wire(model: str, query_id: str | None, ids: list[str | None], resul
         entries.append(entry)
     payload["scores"] = entries
     payload["usage"] = {"input_tokens": input_tokens}
+    if timing is not None:
+        payload["timing"] = timing
     return payload

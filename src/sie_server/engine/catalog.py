@@ -10,6 +10,7 @@ import yaml
 from ..models.base import ModelSpec
 from ..runtime.decoder import MODEL_TYPES as DECODER_TYPES
 from ..runtime.weights import DamagedFile, read_json
+from .profiles import parse_profiles
 from .sources import package_folder
 
 BUILTIN = Path(__file__).resolve().parent.parent / "catalog.yaml"
@@ -29,6 +30,10 @@ def load_catalog(files: list[Path]) -> tuple[dict[str, ModelSpec], list[str]]:
                 raise ValueError(f"{path}: model {name} has unknown keys {sorted(unknown)}")
             if "output_types" in entry:
                 entry = {**entry, "output_types": tuple(entry["output_types"])}
+            try:
+                entry = {**entry, "profiles": parse_profiles(name, entry.get("profiles"))}
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
             specs[name] = ModelSpec(name=name, **entry)
     return specs, defaults
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong
@@ -17,9 +20,10 @@ from ..runtime.tokenizer import Tokenized, UnsettledWord
 from .adapters import AdapterManager
 from ..metrics import Metrics
 from .options import check_options
+from .profiles import select
 from .registry import ModelRegistry
-from .request import ItemResult, Request
-from .scoring import COMPONENTS, ScoreOptions, ScoreResult, embedding_scores, pair_scores
+from .request import ItemResult, Request, TimedFuture, Timing
+from .scoring import ScoreOptions, ScoreResult, embedding_scores, pair_scores
 
 
 @dataclass(frozen=True)
@@ -66,25 +70,31 @@ class Engine:
                options: dict[str, Any] | EncodeOptions | None = None, *,
                tenant: str | None = None) -> Future:
         """Queue items for encoding: texts, and for image models also images (ImageInput);
-        the future resolves to one ItemResult per item, in order. `tenant` (e.g. the caller's
-        API key id) groups requests for fair scheduling."""
-        opts = options if isinstance(options, EncodeOptions) else EncodeOptions.parse(options)
-        types = list(output_types) if output_types else ["dense"]
+        the future resolves to one ItemResult per item, in order, and carries the request's
+        `timing`. `tenant` (e.g. the caller's API key id) groups requests for fair scheduling."""
+        timing = Timing()
+        model, profile, runtime, options = self._profile(model, options)
+        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query") if k in runtime}
+        opts = EncodeOptions.parse({**defaults, **options})
+        # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
+        types = list(runtime.get("output_types") or output_types or ["dense"])
         with self.registry.use(model) as handle:
             m = handle.model
             m.check_output_types(types)
+            renormalize = _check_pooling(m, profile, runtime)
             if not texts:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
                 tok = self._prepare(m, list(texts), opts.is_query, opts.instruction)
-                self.metrics.tokenize_seconds.labels(model).observe(time.perf_counter() - started)
+                timing.tokenization_s = time.perf_counter() - started
+                self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
-                                  tenant=tenant)
+                                  tenant=tenant, future=TimedFuture(timing))
                 self._enqueue(handle, request)
-            return request.future
+            return self._then(request.future, normalized) if renormalize else request.future
 
     def encode(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
                options: dict[str, Any] | EncodeOptions | None = None) -> list[ItemResult]:
@@ -98,8 +108,11 @@ class Engine:
 
         A cross-encoder runs one (query, item) pair per item; BGE-M3 encodes the query once and
         every item, and compares them. Either way the sequences are scheduled like encode items
-        (token-budget batches, shared with other requests)."""
-        opts = options if isinstance(options, ScoreOptions) else ScoreOptions.parse(options)
+        (token-budget batches, shared with other requests). The future carries `timing`."""
+        timing = Timing()
+        model, _, runtime, options = self._profile(model, options)
+        defaults = {k: runtime[k] for k in ("lora_id", "instruction") if k in runtime}
+        opts = ScoreOptions.parse({**defaults, **options})
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                                   or top_k < 1):
             raise InvalidRequest("top_k must be a positive integer")
@@ -113,17 +126,32 @@ class Engine:
                 raise InvalidRequest(
                     f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
                     f"model with its own scores (BGE-M3); use /v1/encode for {model}")
-            score_type = opts.check(model, m.score_types, m.pair_scoring)
+            mode = opts.check(model, m.score_types, m.pair_scoring)
             deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
             with self._adapter(handle, opts.lora_id) as slot:
+                started = time.perf_counter()
                 request, finish = self._score_request(m, model, query, texts, opts, top_k,
-                                                      score_type, slot, deadline)
-                request.tenant = tenant
+                                                      mode, slot, deadline)
+                timing.tokenization_s = time.perf_counter() - started
+                request.tenant, request.future = tenant, TimedFuture(timing)
                 self._enqueue(handle, request)
             return self._then(request.future, finish)
 
+    def _profile(self, ref: str, options: dict[str, Any] | EncodeOptions | ScoreOptions | None
+                 ) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+        """(model, profile, the profile's runtime defaults, the request's options as a dict)
+        for `ref` (`model` or `model:profile`) and `options.profile` (engine/profiles.py)."""
+        if isinstance(options, (EncodeOptions, ScoreOptions)):
+            options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                       if getattr(options, f.name) != f.default}
+        model, profile, runtime, rest = select(ref, self.registry.profiles(), options)
+        if runtime.get("muvera") is not None:
+            raise InvalidRequest(f"profile {profile!r} of {model} sets muvera, which this "
+                                 "server does not compute")
+        return model, profile, runtime, rest
+
     def _score_request(self, m, model: str, query: str, texts: Sequence[str], opts: ScoreOptions,
-                       top_k: int | None, score_type: str, slot: int, deadline: float | None):
+                       top_k: int | None, mode: str, slot: int, deadline: float | None):
         """The Request of a score call and the function turning its results into scores."""
         finish: Callable[[list[ItemResult]], ScoreResult]
         if m.pair_scoring:
@@ -141,16 +169,16 @@ class Engine:
             activation = opts.activation or m.default_activation
             finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
         else:
-            components = tuple(c for c in COMPONENTS if c in m.output_types)
+            outputs = opts.outputs(mode)  # SIE: an output weighted 0 is not computed
             q = self._prepare(m, [query], True, opts.instruction, "query")
             d = self._prepare(m, list(texts), False, None)
             self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
                                 "query.text")
             self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
             request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
-                              frozenset(components), slot, deadline)
+                              frozenset(outputs), slot, deadline)
             finish = lambda results: embedding_scores(  # noqa: E731
-                results[0], results[1:], score_type, components, opts.weights, top_k)
+                results[0], results[1:], mode, opts.weights, top_k)
         return request, finish
 
     def score(self, model: str, query: str, texts: Sequence[str],
@@ -201,16 +229,18 @@ class Engine:
                 raise InputTooLong(f"{field.format(i=i)} has more than {limit} tokens; {model} "
                                    f"takes at most {limit} (set options.truncate to true to cut it)")
 
-    def _then(self, inner: Future, fn: Callable[[Any], Any]) -> Future:
-        """A future for fn(inner's result), computed on the post-processing pool; cancelling
-        it cancels `inner` (queued work is then dropped before compute)."""
-        outer: Future = Future()
+    def _then(self, inner: TimedFuture, fn: Callable[[Any], Any]) -> TimedFuture:
+        """A future for fn(inner's result), computed on the post-processing pool (counted as
+        post-processing in `timing`); cancelling it cancels `inner` (queued work is then
+        dropped before compute)."""
+        outer = TimedFuture(inner.timing)
 
         def run(value: Any) -> None:
             if outer.done():
                 return
             try:
                 result = fn(value)
+                outer.timing.finished = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - reported through the future
                 with contextlib.suppress(InvalidStateError):
                     outer.set_exception(exc)
@@ -269,6 +299,7 @@ class Engine:
 
     def _enqueue(self, handle, request: Request) -> None:
         """Queue `request`; its adapter reference (if any) is released when it resolves."""
+        request.timing.queued = request.enqueued_at = time.monotonic()
         handle.scheduler.submit(request)
         slot = request.adapter_slot
         if slot >= 0:
@@ -295,6 +326,38 @@ class Engine:
         handle = next((h for h in self.registry.handles() if h.spec.name == model), None)
         mgr = getattr(handle.model, "adapter_manager", None) if handle is not None else None
         return [] if mgr is None else mgr.list()
+
+
+# a profile's `pooling` (SIE's names) against what a model computes (its `pooling`)
+_POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean",
+             "last": "last_token", "last_token": "last_token", "lasttoken": "last_token"}
+
+
+def _check_pooling(m, profile: str, runtime: dict[str, Any]) -> bool:
+    """Refuse a profile whose pooling or normalize the model does not compute; True when
+    the dense vectors must be L2-normalised after the model (normalize: true on a model
+    whose pipeline does not normalise)."""
+    pooling = runtime.get("pooling")
+    own = _POOLINGS.get(getattr(m, "pooling", None) or "")
+    if pooling is not None and _POOLINGS.get(pooling, pooling) != own:
+        raise InvalidRequest(f"profile {profile!r} sets pooling {pooling!r}; {m.spec.name} "
+                             f"pools by {own or 'its own rule'}, which a profile cannot change")
+    normalizes = getattr(m, "normalize", True)
+    if runtime.get("normalize") is False and normalizes:
+        raise InvalidRequest(f"profile {profile!r} sets normalize: false; {m.spec.name} "
+                             "returns normalised vectors")
+    return runtime.get("normalize") is True and not normalizes
+
+
+def normalized(results: list[ItemResult]) -> list[ItemResult]:
+    """Results whose dense vectors are L2-normalised (normalize: true, by request or profile)."""
+    out = []
+    for r in results:
+        if r.dense is not None:
+            norm = float(np.linalg.norm(r.dense))
+            r = dataclasses.replace(r, dense=r.dense / norm if norm > 0 else r.dense)
+        out.append(r)
+    return out
 
 
 @contextlib.contextmanager

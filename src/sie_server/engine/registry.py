@@ -26,6 +26,7 @@ from ..models import FAMILIES, EncoderModel, ModelInfo, ModelSpec
 from ..runtime.device import Placement
 from ..runtime.weights import estimate_bytes
 from .catalog import load_catalog, spec_for_source
+from .profiles import split_ref
 from .scheduler import Scheduler
 from .sources import resolve
 
@@ -74,6 +75,7 @@ class ModelRegistry:
         for name in [*self.defaults, *settings.pinned_models]:
             if name not in self._handles:
                 raise ValueError(f"model {name!r} is not in the catalog")
+        self._profiles = {n: h.spec.profiles for n, h in self._handles.items()}
         self.budget = settings.memory_budget_bytes or placement.default_memory_budget()
         self.max_batch_tokens = settings.max_batch_tokens or placement.default_batch_tokens()
         self._lock = threading.Lock()  # guards states, leases and the memory account
@@ -82,12 +84,23 @@ class ModelRegistry:
         return list(self._handles.values())
 
     def handle(self, name: str) -> ModelHandle | None:
-        return self._handles.get(name)
+        """The model `name`, also as `model:profile` (a profile of the model's catalog entry)."""
+        handle = self._handles.get(name)
+        if handle is None:
+            base, profile = split_ref(name, self._handles)
+            handle = self._handles.get(base)
+            if handle is not None and profile not in handle.spec.profiles:
+                return None
+        return handle
+
+    def profiles(self) -> dict[str, dict[str, dict]]:
+        """Every served model's resolved profiles (engine/profiles.py)."""
+        return self._profiles
 
     @contextlib.contextmanager
     def use(self, name: str, timeout: float | None = None) -> Iterator[ModelHandle]:
         """A ready model, held against eviction until the block ends (load it if needed)."""
-        handle = self._handles.get(name)
+        handle = self.handle(name)
         if handle is None:
             raise ModelNotFound(f"model {name!r} is not served here; GET /v1/models lists them")
         wait = self.settings.model_load_timeout_s if timeout is None else timeout
@@ -130,7 +143,7 @@ class ModelRegistry:
         return handle.declared
 
     def is_ready(self, name: str) -> bool:
-        handle = self._handles.get(name)
+        handle = self.handle(name)
         return handle is not None and handle.state == "ready"
 
     def get(self, name: str, timeout: float | None = None) -> ModelHandle:

@@ -23,6 +23,42 @@ class ItemResult:
     score: float | None = None  # pair scoring models (cross-encoders): the raw score
 
 
+@dataclass
+class Timing:
+    """Where one request's time went, as `time.monotonic()` stamps set along its way:
+    submitted -> tokenized -> queued -> first batch launched -> last batch on the host ->
+    result ready. `sie()` gives SIE's TimingInfo (milliseconds)."""
+
+    submitted: float = field(default_factory=time.monotonic)
+    tokenization_s: float = 0.0  # tokenizing (and image preprocessing), in the submitter
+    queued: float | None = None
+    launched: float | None = None  # its first batch's forward started
+    computed: float | None = None  # its last batch's outputs reached the host
+    finished: float | None = None  # results (or scores) complete
+
+    def sie(self, started: float | None = None) -> dict[str, float]:
+        """SIE's TimingInfo: `total_ms` from `started` (default: submission) to now; the
+        parts are disjoint intervals inside it."""
+        now = time.monotonic()
+        launched = self.launched or self.queued or now
+        computed = self.computed or launched
+        finished = self.finished or computed
+        ms = lambda a, b: max(0.0, (b - a) * 1000.0)  # noqa: E731
+        return {"total_ms": ms(self.submitted if started is None else started, now),
+                "queue_ms": ms(self.queued or launched, launched),
+                "tokenization_ms": self.tokenization_s * 1000.0,
+                "inference_ms": ms(launched, computed),
+                "postprocessing_ms": ms(computed, finished)}
+
+
+class TimedFuture(Future):
+    """The future of a request, with the request's `timing`."""
+
+    def __init__(self, timing: Timing | None = None) -> None:
+        super().__init__()
+        self.timing = timing or Timing()
+
+
 @dataclass(eq=False)
 class Request:
     """Tokenized items waiting for compute; resolves `future` once every item is done."""
@@ -35,7 +71,7 @@ class Request:
     token_types: list[np.ndarray] | None = None  # per item, for sentence pairs
     tenant: str | None = None  # who sent it (an API key's identity): fair share per tenant
     enqueued_at: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: TimedFuture = field(default_factory=TimedFuture)
     results: list[ItemResult | None] = field(init=False)
     remaining: int = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -43,6 +79,10 @@ class Request:
     def __post_init__(self) -> None:
         self.results = [None] * len(self.tokens)
         self.remaining = len(self.tokens)
+
+    @property
+    def timing(self) -> Timing:
+        return self.future.timing
 
     @property
     def num_tokens(self) -> int:
@@ -66,5 +106,6 @@ class Request:
             self.results[index] = result
             self.remaining -= 1
             if self.remaining == 0:
+                self.timing.finished = time.monotonic()
                 with contextlib.suppress(InvalidStateError):
                     self.future.set_result(self.results)

@@ -256,6 +256,10 @@ class Scheduler:
     def _launch(self, batch: list[Entry]) -> None:
         """Start one batch's forward; on OOM split it in halves and retry; never lose a request."""
         started = time.perf_counter()
+        now = time.monotonic()
+        for req, _ in batch:
+            if req.timing.launched is None:
+                req.timing.launched = now
         try:
             outputs = self.model.forward(self._pack(batch))
         except Exception as exc:  # noqa: BLE001 - every failure must resolve its requests
@@ -280,6 +284,9 @@ class Scheduler:
             batch, outputs, started = item
             try:
                 host = outputs.to_host()
+                now = time.monotonic()
+                for req, _ in batch:
+                    req.timing.computed = now
                 m, label = self.metrics, self._label
                 m.inference_seconds.labels(label).observe(time.perf_counter() - started)
                 m.batch_items.labels(label).observe(len(batch))

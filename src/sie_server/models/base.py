@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class ModelSpec:
     matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
+    # name -> runtime defaults, resolved (engine/profiles.py); "default" always present
+    profiles: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}},
+                                                compare=False)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ class EncoderModel(abc.ABC):
     """A transformer encoder plus heads; sees only PackedBatches."""
 
     output_types: tuple[str, ...] = ("dense",)
-    # What /v1/score can rank by, the default first; () = this model cannot score.
+    # The score modes /v1/score offers (options.score_mode), the default first; () = this
+    # model cannot score.
     score_types: tuple[str, ...] = ()
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.

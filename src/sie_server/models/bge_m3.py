@@ -54,7 +54,8 @@ def linear_rows(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
 @family("bge-m3")
 class BgeM3(EncoderModel):
     output_types = ("dense", "sparse", "multivector")
-    score_types = ("hybrid", "dense", "sparse", "multivector")  # computed by engine/scoring.py
+    pooling = "cls"  # dense: the <s> token, L2-normalised
+    score_types = ("dense", "sparse", "colbert", "hybrid")  # SIE's score modes, engine/scoring.py
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         heads = load_heads(folder)

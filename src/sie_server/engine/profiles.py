@@ -1,0 +1,93 @@
+"""Model profiles, as SIE's model configs name them: runtime defaults chosen per request.
+
+A catalog entry's `profiles` maps a name to runtime defaults (`RUNTIME_KEYS`), optionally
+`extends: <profile>` (one level, as SIE allows; a child's runtime replaces its parent's when
+it sets any). Every model has a `default` profile (empty unless the entry gives one). A
+request chooses one by `options.profile` or by a `model:profile` suffix on the model id;
+the request's own options win over the profile's. `select` does both for the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import InvalidRequest, ModelNotFound
+
+# runtime key -> the type its value must have in a catalog file
+RUNTIME_KEYS: dict[str, type | tuple[type, ...]] = {
+    "output_types": list, "lora_id": str, "instruction": str, "is_query": bool,
+    "pooling": str, "normalize": bool,
+    "muvera": dict,  # SIE's muvera_config for the multivector -> fixed-dimension encoding
+}
+DEFAULT = "default"
+
+
+def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
+    """A catalog entry's `profiles`, resolved (extends applied); ValueError names the fault."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"model {model}: profiles must be a mapping of name -> settings")
+    for name, entry in raw.items():
+        where = f"model {model}, profile {name!r}"
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ValueError(f"{where}: a profile name is a non-empty string without ':'")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be a mapping")
+        for key, value in entry.items():
+            if key == "extends":
+                parent = raw.get(value)
+                if parent is None:
+                    raise ValueError(f"{where} extends unknown profile {value!r}")
+                if isinstance(parent, dict) and parent.get("extends") is not None:
+                    raise ValueError(f"{where}: profile chaining is not allowed "
+                                     f"({name} -> {value} -> {parent['extends']})")
+            elif key not in RUNTIME_KEYS:
+                raise ValueError(f"{where}: unknown key {key!r} (known: extends, "
+                                 f"{', '.join(RUNTIME_KEYS)})")
+            elif not isinstance(value, RUNTIME_KEYS[key]) or (
+                    RUNTIME_KEYS[key] is not bool and isinstance(value, bool)):
+                raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
+        if "output_types" in entry and not all(isinstance(t, str) for t in entry["output_types"]):
+            raise ValueError(f"{where}: output_types must be a list of strings")
+    resolved: dict[str, dict[str, Any]] = {DEFAULT: {}}
+    for name, entry in raw.items():
+        own = {k: v for k, v in entry.items() if k != "extends"}
+        parent = raw.get(entry.get("extends"), {}) if entry.get("extends") else {}
+        inherited = {k: v for k, v in parent.items() if k != "extends"}
+        resolved[name] = own or inherited  # SIE: a child's runtime replaces its parent's
+    return resolved
+
+
+def split_ref(ref: str, known: Mapping[str, Any]) -> tuple[str, str | None]:
+    """`model` or `model:profile` -> (model, profile or None). A served name containing ':'
+    is taken whole; else the suffix starts at the first ':' (hub ids never hold one)."""
+    if ref in known or ":" not in ref:
+        return ref, None
+    base, _, profile = ref.partition(":")
+    return base, profile or None
+
+
+def select(ref: str, profiles_of: Mapping[str, Mapping[str, dict]],
+           options: dict[str, Any] | None) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(model, profile name, its runtime defaults, the request's options without `profile`).
+
+    SIE's answers: an unknown suffix is an unknown model (404 MODEL_NOT_FOUND); an unknown
+    `options.profile` is 400 INVALID_INPUT "Profile 'x' not found. Available: [...]"."""
+    model, suffix = split_ref(ref, profiles_of)
+    options = dict(options or {})
+    asked = options.pop("profile", None)
+    if asked is not None and (not isinstance(asked, str) or not asked.strip()):
+        raise InvalidRequest("'options.profile' must be a non-empty string or null")
+    profiles = profiles_of.get(model)
+    if profiles is None:
+        return ref, DEFAULT, {}, options  # the registry answers for an unknown model
+    if suffix is not None:
+        if suffix not in profiles or suffix == DEFAULT:
+            raise ModelNotFound(f"Model '{ref[:200]}' not found")
+        if asked not in (None, DEFAULT, suffix):  # SIE's variant has only its own profile
+            raise InvalidRequest(f"Profile '{asked[:64]}' not found. Available: ['default']")
+        return model, suffix, profiles[suffix], options
+    name = asked or DEFAULT
+    if name not in profiles:
+        raise InvalidRequest(f"Profile '{name[:64]}' not found. Available: {list(profiles)}")
+    return model, name, profiles[name], options
