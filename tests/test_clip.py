@@ -143,7 +143,7 @@ def test_score_text_against_images_and_back(engine, reference, images, name) -> 
     got = engine.score(name, query, image_items(images))
     want = want_images @ q
     np.testing.assert_allclose(got.scores, want, atol=1e-4)
-    assert got.score_type == "dense"
+    assert got.score_mode == "dense"
     assert list(got.order) == list(np.argsort(-got.scores, kind="stable"))
     back = engine.score(name, image_items(images)[1], TEXTS[:10], top_k=3)
     want = want_texts[:10] @ want_images[1]

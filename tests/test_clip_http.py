@@ -155,7 +155,7 @@ def test_decompression_bomb_is_refused_within_bounded_memory(server, images) -> 
     models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"]
     clip = next(m for m in models if m["id"] == "clip-test")
     assert clip["family"] == "clip" and clip["dims"] == {"dense": 32}
-    assert clip["score_types"] == ["dense"]
+    assert clip["score_modes"] == ["dense"]
 
 
 def test_our_sdk_sends_images_as_sie_does(server, images) -> None:

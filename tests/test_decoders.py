@@ -95,7 +95,7 @@ def test_score_by_dense_cosine_with_the_query_prompt(engine, folders) -> None:
     got = engine.score("qwen3-embedding", QUERIES[0], DOCS)
     q = st_encode(folders["qwen3-embedding"], [QUERIES[0]], prompt_name="query")[0]
     d = st_encode(folders["qwen3-embedding"], DOCS)
-    assert got.score_type == "dense"
+    assert got.score_mode == "dense"
     assert np.abs(got.scores - d @ q).max() <= 1e-5
 
 

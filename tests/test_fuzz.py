@@ -35,7 +35,8 @@ item = st.fixed_dictionaries({"text": st.one_of(texts, values)},
                              optional={"id": values, "metadata": values, "images": values})
 options = st.dictionaries(st.sampled_from(
     ["truncate", "is_query", "instruction", "lora_id", "timeout_s", "output_dtype", "profile", "normalize",
-     "overflow_policy", "muvera", "weights", "score_type", "activation", "bogus"]), values, max_size=4)
+     "overflow_policy", "muvera", "weights", "score_type", "score_mode", "score_weights",
+     "activation", "bogus"]), values, max_size=4)
 encode_body = st.fixed_dictionaries({"items": st.one_of(st.lists(item, max_size=3), values)},
                                     optional={"params": st.one_of(values, st.fixed_dictionaries(
                                         {}, optional={"output_types": st.one_of(values, st.lists(st.sampled_from(

@@ -136,14 +136,15 @@ def test_bge_m3_scores_in_bfloat16_within_stated_tolerances(bge_m3_dir: Path) ->
         eng = Engine(Settings(models={"BAAI/bge-m3": str(bge_m3_dir)}, default_models=[],
                               device="cpu", dtype=dtype))
         try:
-            got[dtype] = [eng.score("BAAI/bge-m3", q, SHORT_TEXTS[:40]) for q in SHORT_TEXTS[:6]]
+            got[dtype] = [eng.score("BAAI/bge-m3", q, SHORT_TEXTS[:40], {"score_mode": "hybrid"})
+                          for q in SHORT_TEXTS[:6]]
         finally:
             eng.close()
     for half, full in zip(got["bfloat16"], got["float32"]):
-        for key, bound in (("dense", 0.01), ("multivector", 0.01), ("sparse", 0.1),
+        for key, bound in (("dense", 0.01), ("colbert", 0.01), ("sparse", 0.1),
                            ("hybrid", 0.02)):
             h, f = np.asarray(half.components[key]), np.asarray(full.components[key])
-            scale = 1.0 if key in ("dense", "multivector") else np.abs(f).max()
+            scale = 1.0 if key in ("dense", "colbert") else np.abs(f).max()
             assert np.abs(h - f).max() <= bound * scale, key
 
 

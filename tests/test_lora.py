@@ -223,10 +223,10 @@ def test_score_with_an_adapter(m3_engine, m3_refs):
     """/v1/score's BGE-M3 path takes lora_id too: its dense score is the dot product of the
     adapter's query and item vectors (the query is encoded as a query: no prefix for BGE-M3)."""
     name = "m3/all-r8-rslora"
-    res = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"lora_id": name, "score_type": "dense"})
+    res = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"lora_id": name, "score_mode": "dense"})
     want = [float(m3_refs[name][0]["dense"] @ m3_refs[name][i]["dense"]) for i in (1, 2, 3)]
     np.testing.assert_allclose(res.components["dense"], want, atol=1e-5)
-    base = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"score_type": "dense"})
+    base = m3_engine.score(M3, TEXTS[0], TEXTS[1:4], {"score_mode": "dense"})
     assert not np.allclose(base.components["dense"], want, atol=1e-3)
 
 

@@ -69,7 +69,7 @@ def test_sie_options_are_honoured_or_refused_by_name(bge_m3_server) -> None:
     long = {"items": [{"text": "word " * 9000}], "params": {"options": {"overflow_policy": "error"}}}
     r = post(bge_m3_server, url, long)
     assert r.status_code == 400 and error(r)["code"] == "INPUT_TOO_LONG"
-    for opts, field in (({"muvera": {"k_sim": 4}}, "params.options.muvera"), ({"profile": "fast"}, "params.options.profile"),
+    for opts, field in (({"muvera": {"k_sim": 4}}, "params.options.muvera"), ({"profile": "fast"}, "Profile 'fast' not found. Available: ['default', 'dense', "),
                         ({"normalize": False}, "params.options.normalize"), ({"shout": 1}, "params.options.shout"),
                         ({"overflow_policy": "drop"}, "params.options.overflow_policy")):
         r = post(bge_m3_server, url, {**base, "params": {"options": opts}})
@@ -107,10 +107,10 @@ def test_non_finite_deadlines_are_400_on_every_route(bge_m3_server, route, body,
     assert post(bge_m3_server, route, huge).status_code in (200, 400)
 
 
-@pytest.mark.parametrize("weights", ['{"dense": 1e400}', '{"dense": 1e308, "sparse": 1e308, "multivector": 1e308}',
+@pytest.mark.parametrize("weights", ['{"dense": 1e400}', '{"dense": 1e308, "sparse": 1e308, "colbert": 1e308}',
                                      '{"dense": 1000000000000000000000000000000}', '{"dense": NaN}'])
 def test_extreme_score_weights_never_give_nan_or_500(bge_m3_server, weights) -> None:
-    body = ('{"query": {"text": "q"}, "items": [{"text": "a"}, {"text": "b"}], "options": {"weights": %s}}'
+    body = ('{"query": {"text": "q"}, "items": [{"text": "a"}, {"text": "b"}], "options": {"score_mode": "hybrid", "score_weights": %s}}'
             % weights).encode()
     r = post(bge_m3_server, f"/v1/score/{M3}", body)
     assert r.status_code in (200, 400), r.text

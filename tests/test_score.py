@@ -114,10 +114,15 @@ def hf_logits(folder: str, query: str, docs: tuple[str, ...]) -> np.ndarray:
 @lru_cache(maxsize=8)
 def flag_scores(folder: str, query: str, docs: tuple[str, ...],
                 weights: tuple[float, float, float]) -> dict[str, np.ndarray]:
+    """FlagEmbedding's compute_score parts; `hybrid` is SIE's weighted SUM of them (SIE's
+    bge_m3_score_mixin; FlagEmbedding's own "colbert+sparse+dense" divides by the weights'
+    sum, equal for the default weights, which sum to 1)."""
     ref = reference.flag_compute_score(folder, [(query, d) for d in docs], weights=weights)
-    return {"dense": np.asarray(ref["dense"]), "sparse": np.asarray(ref["sparse"]),
-            "multivector": np.asarray(ref["colbert"]),
-            "hybrid": np.asarray(ref["colbert+sparse+dense"])}
+    parts = {k: np.asarray(ref[k], np.float64) for k in ("dense", "sparse", "colbert")}
+    hybrid = sum(w * parts[k] for w, k in zip(weights, ("dense", "sparse", "colbert")))
+    if sum(weights) == 1.0:
+        np.testing.assert_allclose(hybrid, ref["colbert+sparse+dense"], atol=1e-6)
+    return {**parts, "hybrid": hybrid}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +177,7 @@ def test_cross_encoder_logits_match_transformers(engine, monkeypatch, name, ce_b
     for q in QUERIES:
         res = engine.score(name, q, DOCS, {"activation": "none"})
         ref = hf_logits(folder, q, tuple(DOCS))
-        assert res.score_type == "relevance" and res.activation == "none"
+        assert res.score_mode == "relevance" and res.activation == "none"
         np.testing.assert_allclose(res.scores, ref, atol=1e-4, rtol=0)
         assert res.order.tolist() == np.argsort(-ref, kind="stable").tolist()
         assert np.ptp(ref) > 0.1  # the logits really differ between pairs
@@ -241,15 +246,18 @@ def test_cross_encoder_sigmoid_from_config(tmp_path, ce_bert_dir):
 
 # ---------------------------------------------------------------- BGE-M3
 
+MODES = ("dense", "sparse", "colbert")
+
+
 @pytest.mark.parametrize("weights", [(0.4, 0.2, 0.4), (1.0, 0.5, 0.25)])
 def test_bge_m3_scores_match_flagembedding(engine, bge_m3_dir, weights):
-    opts = {"weights": dict(zip(("dense", "sparse", "multivector"), weights))}
+    opts = {"score_mode": "hybrid", "score_weights": dict(zip(MODES, weights))}
     for q in QUERIES:
         ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), weights)
         res = engine.score("m3", q, DOCS, opts)
-        assert res.score_type == "hybrid"
-        assert res.weights == opts["weights"]
-        for key in ("dense", "sparse", "multivector", "hybrid"):
+        assert res.score_mode == "hybrid"
+        assert res.score_weights == opts["score_weights"]
+        for key in (*MODES, "hybrid"):
             np.testing.assert_allclose(res.components[key], ref[key], atol=1e-4, rtol=0,
                                        err_msg=key)
         np.testing.assert_array_equal(res.scores, res.components["hybrid"])
@@ -264,24 +272,42 @@ def test_bge_m3_scores_on_special_token_texts_match_flagembedding(engine, bge_m3
     docs = tuple(SPECIAL_TOKEN_TEXTS)
     for q in (QUERIES[0], SPECIAL_QUERIES["xlmr"]):
         ref = flag_scores(str(bge_m3_dir), q, docs, weights)
-        res = engine.score("m3", q, list(docs),
-                           {"weights": dict(zip(("dense", "sparse", "multivector"), weights))})
-        for key in ("dense", "sparse", "multivector", "hybrid"):
+        res = engine.score("m3", q, list(docs), {"score_mode": "hybrid"})
+        for key in (*MODES, "hybrid"):
             np.testing.assert_allclose(res.components[key], ref[key], atol=1e-4, rtol=0,
                                        err_msg=f"{q!r} {key}")
 
 
-@pytest.mark.parametrize("score_type", ["dense", "sparse", "multivector", "hybrid"])
-def test_bge_m3_score_type_ranks(engine, bge_m3_dir, score_type):
+@pytest.mark.parametrize("mode", [None, "dense", "sparse", "colbert", "hybrid"])
+def test_bge_m3_score_mode_ranks(engine, bge_m3_dir, monkeypatch, mode):
+    """Each mode ranks by its own score (SIE's default: dense), and encodes only the outputs
+    it compares."""
     q = QUERIES[1]
     ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), (0.4, 0.2, 0.4))
-    res = engine.score("m3", q, DOCS, {"score_type": score_type}, top_k=5)
-    assert res.score_type == score_type
-    assert set(res.components) == {"dense", "sparse", "multivector", "hybrid"}
-    np.testing.assert_allclose(res.scores, ref[score_type], atol=1e-4, rtol=0)
+    batches = spy_batches(monkeypatch, engine, "m3")
+    res = engine.score("m3", q, DOCS, None if mode is None else {"score_mode": mode}, top_k=5)
+    want = mode or "dense"
+    assert res.score_mode == want
+    assert set(res.components) == ({*MODES, "hybrid"} if want == "hybrid" else {want})
+    outputs = {"dense": {"dense"}, "sparse": {"sparse"}, "colbert": {"multivector"},
+               "hybrid": {"dense", "sparse", "multivector"}}[want]
+    assert all(b.output_types == outputs for b in batches)
+    np.testing.assert_allclose(res.scores, ref[want], atol=1e-4, rtol=0)
     top = res.scores[res.order]
     assert len(res.order) == 5 and (np.diff(top) <= 0).all()
     assert top[0] == res.scores.max()
+
+
+def test_bge_m3_zero_weight_skips_its_output(engine, bge_m3_dir, monkeypatch):
+    """SIE: an output weighted 0 is not computed; the others keep their default weights."""
+    batches = spy_batches(monkeypatch, engine, "m3")
+    res = engine.score("m3", QUERIES[1], DOCS, {"score_mode": "hybrid",
+                                                "score_weights": {"sparse": 0}})
+    assert all(b.output_types == {"dense", "multivector"} for b in batches)
+    assert res.score_weights == {"dense": 0.4, "sparse": 0.0, "colbert": 0.4}
+    ref = flag_scores(str(bge_m3_dir), QUERIES[1], tuple(DOCS), (0.4, 0.0, 0.4))
+    np.testing.assert_allclose(res.scores, ref["hybrid"], atol=1e-4, rtol=0)
+    assert set(res.components) == {"dense", "colbert", "hybrid"}
 
 
 def test_bge_m3_query_encoded_once_per_request(engine, monkeypatch):
@@ -306,19 +332,33 @@ def test_score_errors(engine, minilm_dir):
         eng.close()
     cases = [
         ("m3", "q", [], {}, "items"),
-        ("m3", "q", ["a"], {"score_type": "relevance"}, "options.score_type"),
+        ("m3", "q", ["a"], {"score_type": "relevance"}, "options.score_mode"),
         ("m3", "q", ["a"], {"activation": "sigmoid"}, "options.activation"),
-        ("m3", "q", ["a"], {"weights": {"dense": -1}}, "options.weights.dense"),
-        ("m3", "q", ["a"], {"weights": {"colbert": 1}}, "options.weights.colbert"),
-        ("m3", "q", ["a"], {"weights": {"dense": 0}}, "options.weights"),
+        ("m3", "q", ["a"], {"score_mode": "bm25"}, "Invalid score_mode 'bm25'. Expected one of "
+                                                   "['colbert', 'dense', 'hybrid', 'sparse']."),
+        ("m3", "q", ["a"], {"score_weights": {"dense": -1}},
+         "score_weights['dense'] must be a non-negative number, got -1"),
+        ("m3", "q", ["a"], {"score_weights": {"dense": float("nan")}}, "score_weights['dense']"),
+        ("m3", "q", ["a"], {"score_weights": {"multivector": 1}},
+         "Unknown score_weights keys: ['multivector']. Allowed: dense, sparse, colbert"),
+        ("m3", "q", ["a"], {"score_weights": [1]}, "score_weights must be a mapping"),
+        ("m3", "q", ["a"], {"score_mode": "hybrid",
+                            "score_weights": {"dense": 0, "sparse": 0, "colbert": 0}},
+         "score_weights for hybrid mode must contain at least one positive weight"),
+        ("m3", "q", ["a"], {"weights": {"dense": 1}}, "options.weights is now options.score_weights"),
+        ("m3", "q", ["a"], {"score_type": "sparse", "score_mode": "dense"}, "options.score_type"),
         ("m3", "q", ["a"], {"bogus": 1}, "options.bogus"),
-        ("ce-bert", "q", ["a"], {"weights": {"dense": 1}}, "options.weights"),
-        ("ce-bert", "q", ["a"], {"score_type": "hybrid"}, "options.score_type"),
+        ("ce-bert", "q", ["a"], {"score_weights": {"dense": 1}}, "options.score_weights"),
+        ("ce-bert", "q", ["a"], {"score_mode": "hybrid"}, "options.score_mode"),
         ("ce-bert", "q", ["a"], {"activation": "softmax"}, "options.activation"),
     ]
-    for model, q, items, opts, field in cases:
-        with pytest.raises(InvalidRequest, match=field.replace(".", r"\.")):
+    for model, q, items, opts, message in cases:
+        with pytest.raises(InvalidRequest) as err:
             engine.score(model, q, items, opts)
+        assert err.value.message.startswith(message), (opts, err.value.message)
+    # the older score_type names the same modes
+    for alias, mode in (("multivector", "colbert"), ("hybrid", "hybrid"), ("sparse", "sparse")):
+        assert engine.score("m3", "q", ["a"], {"score_type": alias}).score_mode == mode
     with pytest.raises(InvalidRequest, match="top_k"):
         engine.score("m3", "q", ["a"], top_k=0)
     with pytest.raises(InvalidRequest, match="does not encode"):
@@ -347,33 +387,37 @@ def test_score_end_to_end_sdk(score_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir
     ids = [f"doc-{i}" if i % 2 == 0 else f"item-{i}" for i in range(len(DOCS))]  # SIE's default id
     ref = flag_scores(str(bge_m3_dir), q, tuple(DOCS), (0.4, 0.2, 0.4))
     with SIEClient(score_server.url) as client:
-        res = client.score("BAAI/bge-m3", q, items, top_k=4)
-        assert res["model"] == "BAAI/bge-m3" and res["score_type"] == "hybrid"
-        assert res["weights"] == {"dense": 0.4, "sparse": 0.2, "multivector": 0.4}
+        res = client.score("BAAI/bge-m3", q, items, {"score_mode": "hybrid"}, top_k=4)
+        assert res["model"] == "BAAI/bge-m3" and res["score_mode"] == "hybrid"
+        assert res["score_weights"] == {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
         want = np.argsort(-ref["hybrid"], kind="stable")[:4]
         assert [s["item_id"] for s in res["scores"]] == [ids[i] for i in want]
         assert [s["rank"] for s in res["scores"]] == [0, 1, 2, 3]
         for s, i in zip(res["scores"], want):
             assert abs(s["score"] - ref["hybrid"][i]) < 1e-4
-            for key in ("dense", "sparse", "multivector", "hybrid"):
+            for key in (*MODES, "hybrid"):
                 assert abs(s["components"][key] - ref[key][i]) < 1e-4
 
-        res = client.score("BAAI/bge-m3", q, DOCS, {"score_type": "sparse"})
-        assert res["score_type"] == "sparse" and len(res["scores"]) == len(DOCS)
+        res = client.score("BAAI/bge-m3", q, DOCS, {"score_mode": "sparse"})
+        assert res["score_mode"] == "sparse" and len(res["scores"]) == len(DOCS)
         got = {s["item_id"]: s["score"] for s in res["scores"]}
         np.testing.assert_allclose([got[f"item-{i}"] for i in range(len(DOCS))], ref["sparse"], atol=1e-4)
+        t = res["timing"]
+        assert min(t.values()) >= 0
+        assert t["queue_ms"] + t["tokenization_ms"] + t["inference_ms"] + t["postprocessing_ms"] \
+            <= t["total_ms"] + 1e-3
 
         with pytest.raises(InvalidRequestError, match="cannot score"):
             client.score(MINILM, q, DOCS[:2])
-        with pytest.raises(InvalidRequestError, match="score_type"):
-            client.score("BAAI/bge-m3", q, DOCS[:2], {"score_type": "bm25"})
+        with pytest.raises(InvalidRequestError, match="Invalid score_mode"):
+            client.score("BAAI/bge-m3", q, DOCS[:2], {"score_mode": "bm25"})
 
     async def rerank() -> None:
         async with SIEAsyncClient(score_server.url) as client:
             for name, folder in (("test/ce-bert", ce_bert_dir), ("test/ce-xlmr", ce_xlmr_dir)):
                 res = await client.score(name, QUERIES[0], DOCS)
                 logits = hf_logits(str(folder), QUERIES[0], tuple(DOCS))
-                assert res["score_type"] == "relevance" and res["activation"] == "none"
+                assert res["score_mode"] == "relevance" and res["activation"] == "none"
                 order = np.argsort(-logits, kind="stable")
                 assert [s["item_id"] for s in res["scores"]] == [f"item-{i}" for i in order]
                 np.testing.assert_allclose([s["score"] for s in res["scores"]], logits[order],
@@ -407,5 +451,5 @@ def test_score_http_validation(score_server):
     assert body["activation"] == "sigmoid" and {s["item_id"] for s in body["scores"]} == {"item-0", "B"}
     r = httpx.get(f"{score_server.url}/v1/models").json()["models"]
     listed = {m["id"]: m for m in r}
-    assert listed["test/ce-bert"]["score_types"] == ["relevance"]
-    assert listed["BAAI/bge-m3"]["score_types"] == ["hybrid", "dense", "sparse", "multivector"]
+    assert listed["test/ce-bert"]["score_modes"] == ["relevance"]
+    assert listed["BAAI/bge-m3"]["score_modes"] == ["dense", "sparse", "colbert", "hybrid"]

@@ -57,7 +57,8 @@ class ScoreEntry(TypedDict):
     item_id: str  # the item's id, or "item-{i}" (its position) when it had none
     score: float
     rank: int
-    components: NotRequired[dict[str, float]]  # BGE-M3: dense, sparse, multivector, hybrid
+    components: NotRequired[dict[str, float]]  # BGE-M3: the scores computed (dense, sparse,
+    # colbert, hybrid)
 
 
 class ScoreResult(TypedDict):
@@ -65,8 +66,9 @@ class ScoreResult(TypedDict):
 
     model: str
     scores: list[ScoreEntry]
-    score_type: NotRequired[str]  # which score ranks ("relevance", "hybrid", "dense", ...)
-    weights: NotRequired[dict[str, float]]  # the hybrid weights used
+    score_mode: NotRequired[str]  # which score ranks ("relevance", "dense", "hybrid", ...)
+    score_weights: NotRequired[dict[str, float]]  # hybrid: the weights used
+    timing: NotRequired[dict[str, float]]  # server-side ms: total, queue, tokenization, ...
     activation: NotRequired[str]  # cross-encoders: "sigmoid" or "none"
     query_id: NotRequired[str]  # the query item's id, when it had one
     usage: NotRequired[dict[str, int]]  # {"input_tokens": tokens the model saw}

@@ -150,7 +150,7 @@ def decode_encode_response(payload: Mapping[str, Any]) -> list[EncodeResult]:
 
 def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
     """`{"model", "scores": [{"item_id", "score", "rank", "components"?}], "query_id"?,
-    "score_type"?, "weights"?, "activation"?, "usage"?}` -> ScoreResult (optional keys are
+    "score_mode"?, "score_weights"?, "activation"?, "usage"?, "timing"?}` -> ScoreResult (optional keys are
     kept when the server sends them)."""
     scores = []
     for s in payload["scores"]:
@@ -159,7 +159,7 @@ def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
             entry["components"] = {k: float(v) for k, v in s["components"].items()}
         scores.append(entry)
     result: ScoreResult = {"model": payload["model"], "scores": scores}  # type: ignore[typeddict-item]
-    for key in ("query_id", "score_type", "weights", "activation", "usage"):
+    for key in ("query_id", "score_mode", "score_weights", "activation", "usage", "timing"):
         if payload.get(key) is not None:
             result[key] = payload[key]  # type: ignore[literal-required]
     return result

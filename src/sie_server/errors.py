@@ -74,6 +74,12 @@ class InvalidAdapter(SIEError):
     status, code = 422, "INVALID_ADAPTER"
 
 
+class NotServed(SIEError):
+    """A route of SIE's API (or OpenAI's) for a feature this server does not have."""
+
+    status, code = 501, "NOT_IMPLEMENTED"
+
+
 class ModelUnavailable(SIEError):
     """The model cannot serve now (unloaded, shutting down); retry."""
 

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..engine import Engine
 from ..engine.engine import normalized
-from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, SIEError
+from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, NotServed, SIEError
 from ..logs import request_id
 from . import models as model_info
 from . import openai
@@ -34,6 +34,15 @@ from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, decode_body, encode_body
 log = logging.getLogger(__name__)
 
 PRELOAD_TIMEOUT_S = 3600.0
+# Routes of SIE's server (sie-server 0.10.1, api/*.py) for features this server does not
+# have: answered 501 in SIE's error envelope, naming the feature, not a bare 404.
+UNSERVED = {
+    "/v1/generate/{model:path}": "text generation (/v1/generate)",
+    "/v1/chat/completions": "chat completions (/v1/chat/completions)",
+    "/v1/completions": "text completions (/v1/completions)",
+    "/v1/responses": "the OpenAI Responses API (/v1/responses)",
+    "/v1/audio/{path:path}": "audio (/v1/audio: transcription)",
+}
 # Requests with at most this many characters of text are tokenized on the event loop.
 _INLINE_CHARS = 2048
 _WATCH_AFTER_S = 0.05  # requests still waiting after this long watch for a disconnect
@@ -233,8 +242,14 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def models(request: Request) -> Response:
         """SIE's `{"models": [ModelInfo]}` and OpenAI's `{"object": "list", "data"}` at once."""
-        entries = await anyio.to_thread.run_sync(
-            lambda: [model_info.entry(engine, h) for h in engine.registry.handles()])
+        def listing() -> list[dict[str, Any]]:
+            out = []
+            for h in engine.registry.handles():
+                e = model_info.entry(engine, h)
+                out += [e, *model_info.variants(e, h)]
+            return out
+
+        entries = await anyio.to_thread.run_sync(listing)
         return respond(request, {"object": "list", "data": [model_info.openai_entry(e)
                                                             for e in entries],
                                  "models": entries})
@@ -248,6 +263,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
             if handle is None:
                 raise ModelNotFound(f"Model '{path[:200]}' not found")
             entry = await anyio.to_thread.run_sync(model_info.entry, engine, handle)
+            if path != handle.spec.name:  # model:profile
+                entry = model_info.variant(entry, handle, path[len(handle.spec.name) + 1:])
             return respond(request, entry)
         names = {h.spec.name for h in engine.registry.handles()}
         model, lora_id = split_adapter_path(path, names)
@@ -298,6 +315,12 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     async def livez(request: Request) -> Response:
         return Response("ok", media_type="text/plain")
 
+    def unserved(feature: str) -> Callable[[Request], Any]:
+        async def refuse(request: Request) -> Response:
+            raise NotServed(f"{feature} is not served by this server; it serves embeddings "
+                            "(/v1/encode, /v1/embeddings) and scores (/v1/score)")
+        return refuse
+
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
         err = SIEError(str(exc.detail))
@@ -324,6 +347,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         Route("/readyz", handled(readyz), methods=["GET"]),
         Route("/health", handled(health), methods=["GET"]),
         Route("/livez", handled(livez), methods=["GET"]),
+        *(Route(path, handled(unserved(feature)), methods=["GET", "POST"])
+          for path, feature in UNSERVED.items()),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: on_http_error})

@@ -38,10 +38,7 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
             "code": error.code, "message": error.message,
             "attempts": error.detail.get("attempts", 1), "permanent": False},
         "max_sequence_length": info.max_input_tokens if info is not None else None,
-        "profiles": {"default": {"is_default": True, "identity": None,
-                                 "remote_contract_sha256": None,
-                                 "remote_execution_sha256": None,
-                                 "runtime_instance_id": INSTANCE_ID}},
+        "profiles": {name: profile_info(name == "default") for name in h.spec.profiles},
         "revision": None, "capabilities": None,
         "routing": {"policy": None, "upstream_kind": None},
         # this server's own fields
@@ -57,6 +54,23 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
     if h.error is not None:
         out["error"] = h.error.message
     return out
+
+
+def profile_info(is_default: bool) -> dict[str, Any]:
+    return {"is_default": is_default, "identity": None, "remote_contract_sha256": None,
+            "remote_execution_sha256": None, "runtime_instance_id": INSTANCE_ID}
+
+
+def variants(e: dict[str, Any], h: ModelHandle) -> list[dict[str, Any]]:
+    """SIE lists each non-default profile also as a model of its own, `model:profile`, whose
+    only profile is its default; ours add `runtime`, the profile's defaults."""
+    return [variant(e, h, name) for name in h.spec.profiles if name != "default"]
+
+
+def variant(e: dict[str, Any], h: ModelHandle, profile: str) -> dict[str, Any]:
+    name = f"{h.spec.name}:{profile}"
+    return {**e, "name": name, "id": name, "profiles": {"default": profile_info(True)},
+            "runtime": h.spec.profiles[profile]}
 
 
 def openai_entry(e: dict[str, Any]) -> dict[str, Any]:

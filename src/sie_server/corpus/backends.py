@@ -35,11 +35,13 @@ def weights_digest(folder: Path) -> str:
 def model_identity(settings, model: str, dtype: str | None) -> dict[str, Any]:
     """What the manifest records of a local model: name, family, weights digest, hub revision."""
     from ..engine.catalog import load_catalog, spec_for_source
+    from ..engine.profiles import split_ref
     from ..engine.sources import resolve
 
     specs, _ = load_catalog(settings.catalog_files)
-    source = settings.models.get(model)
-    spec = spec_for_source(model, source, specs.get(model)) if source else specs.get(model)
+    base, _profile = split_ref(model, {**specs, **settings.models})  # the name keeps it
+    source = settings.models.get(base)
+    spec = spec_for_source(base, source, specs.get(base)) if source else specs.get(base)
     if spec is None:
         raise ValueError(f"model {model!r} is not in the catalog; pass --model NAME=PATH")
     folder = resolve(spec.name, spec.source, spec.family, settings.allow_download)

@@ -43,11 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        "--output; rerun the same command to resume after any interruption.")
     e.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, globs or folders: .jsonl .csv .tsv .parquet .txt, also .gz/.zst")
-    e.add_argument("--model", required=True, type=_model, metavar="NAME[=PATH]",
-                   help="the model: a catalog name, or NAME=folder-or-hub-id")
+    e.add_argument("--model", required=True, type=_model, metavar="NAME[:PROFILE][=PATH]",
+                   help="the model: a catalog name, or NAME=folder-or-hub-id; NAME:PROFILE "
+                   "picks one of its catalog profiles (docs/CATALOG.md)")
     e.add_argument("--output", "-o", required=True, type=Path, help="output folder")
-    e.add_argument("--output-types", type=_types, default=["dense"], metavar="TYPES",
-                   help="comma list of dense, sparse, multivector (default dense)")
+    e.add_argument("--output-types", type=_types, metavar="TYPES",
+                   help="comma list of dense, sparse, multivector (default: the profile's, "
+                   "else dense)")
     e.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32")
     e.add_argument("--text-field", default="text", help="text column/key (default text)")
     e.add_argument("--id-field", help="id column/key (default: the row's position)")
@@ -86,6 +88,25 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v}
 
 
+def _profile_output_types(args: argparse.Namespace) -> list[str]:
+    """The output types: --output-types, else the catalog profile's (`--model NAME:PROFILE`),
+    else dense. A profile's output types replace a request's (SIE's rule), so flags that
+    disagree with them are refused here rather than written as other columns."""
+    from ..engine.catalog import load_catalog
+    from ..engine.profiles import split_ref
+
+    specs, _ = load_catalog(args.catalog or [])
+    base, profile = split_ref(args.model[0], specs)
+    spec = specs.get(base)
+    runtime = spec.profiles.get(profile or "default", {}) if spec is not None else {}
+    own = runtime.get("output_types")
+    if own and args.output_types and sorted(own) != sorted(args.output_types):
+        raise ValueError(f"profile {profile!r} of {base} gives {','.join(own)}; --output-types "
+                         f"{','.join(args.output_types)} disagrees (drop it or pick another "
+                         "profile)")
+    return list(args.output_types or own or ["dense"])
+
+
 def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
     from .backends import InProcessBackend, RayBackend, ServerBackend
 
@@ -97,6 +118,7 @@ def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
     from ..engine import Engine
 
     name, source = args.model
+    name = name.partition(":")[0] if source else name  # NAME:PROFILE=PATH registers NAME
     settings = Settings.from_env(
         device=args.device, dtype=args.dtype, models={name: source} if source else {},
         default_models=[], catalog_files=args.catalog, allow_download=args.allow_download,
@@ -130,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
         return _fail("--server and --ray are two backends; pick one")
     try:
         files = expand(args.inputs)
+        args.output_types = _profile_output_types(args)
         shard_rows = args.shard_rows or (10_000 if "multivector" in args.output_types else 100_000)
         job = Job(files=files, output=args.output, output_types=args.output_types,
                   output_dtype=args.output_dtype, options=_options(args),
