@@ -134,6 +134,36 @@ def test_score_models_and_typed_errors(sie_python, bge_m3_server, docs, tmp_path
     assert info["deadline"] == "RequestError"  # 408: answered at once, not retried as a 504 would be
 
 
+def test_score_modes_profiles_and_timing_with_the_public_sdk(sie_python, bge_m3_server, bge_m3_dir,
+                                                              docs, tmp_path) -> None:
+    """Every score mode, and the default (dense), equal FlagEmbedding's compute_score parts
+    on the same weights within 1e-5; hybrid is SIE's weighted sum of them. Profiles by
+    suffix and by option; SIE's TimingInfo reaches the SDK's encode results."""
+    import reference
+
+    arrays, info = run(sie_python, "score_modes", bge_m3_server.url, tmp_path)
+    pairs = [(docs[0] + " " + docs[1], d) for d in docs]  # driver.SCORE_QUERY
+    ref = reference.flag_compute_score(bge_m3_dir, pairs, weights=(0.4, 0.2, 0.4))
+    parts = {k: np.asarray(ref[k], np.float64) for k in ("dense", "sparse", "colbert")}
+    want = {"default": parts["dense"], **parts,
+            "hybrid": 0.4 * parts["dense"] + 0.2 * parts["sparse"] + 0.4 * parts["colbert"],
+            "weighted": 1.0 * parts["dense"] + 0.5 * parts["sparse"]}
+    np.testing.assert_allclose(want["hybrid"], ref["colbert+sparse+dense"], atol=1e-6)
+    assert (parts["sparse"] > 0).any()  # the sparse part is really exercised
+    for name, expected in want.items():
+        np.testing.assert_allclose(arrays[f"score_{name}"], expected, atol=1e-5, rtol=0, err_msg=name)
+    assert info["bad_mode"][0] == "RequestError" and "Invalid score_mode 'bm25'" in info["bad_mode"][1]
+    assert info["profile_keys"] == [["sparse"]] * (2 * len(docs))
+    for i in range(len(docs)):
+        np.testing.assert_array_equal(arrays[f"suffix_sparse_val{i}"], arrays[f"option_sparse_val{i}"])
+    for t in info["timing"]:
+        assert set(t) >= {"total_ms", "queue_ms", "tokenization_ms", "inference_ms"}
+        assert min(t.values()) >= 0
+        assert t["queue_ms"] + t["tokenization_ms"] + t["inference_ms"] + t["postprocessing_ms"] \
+            <= t["total_ms"] + 1e-3
+    assert info["bad_profile"][0] == "RequestError" and "Profile 'nope' not found" in info["bad_profile"][1]
+
+
 def test_a_model_still_loading_is_waited_for(sie_python, bge_m3_dir, minilm_dir, tmp_path) -> None:
     """The first request sees 503 MODEL_LOADING (the load outlasts --model-load-timeout); the
     public SDK retries after Retry-After and gets the vectors."""

@@ -18,6 +18,7 @@ from sie_sdk.types import Item
 M3 = "BAAI/bge-m3"
 DOCS = ["BGE-M3 gives dense, sparse and multivector outputs.",
         "Les chats dorment beaucoup.", "猫は一日中寝ている。", "hello world"]
+SCORE_QUERY = DOCS[0] + " " + DOCS[1]  # shares tokens with DOCS: the sparse score is not 0
 DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 
@@ -69,6 +70,37 @@ def score_and_models(url: str, arrays: dict, info: dict) -> None:
         info["deadline"] = "no error"
     except Exception as err:  # noqa: BLE001 - the class is the result
         info["deadline"] = type(err).__name__
+
+
+def score_modes(url: str, arrays: dict, info: dict) -> None:
+    """SIE's BGE-M3 score options, as the public SDK sends them; profiles by suffix and by
+    option; the TimingInfo the SDK hands back with encode results."""
+    client = SIEClient(url)
+    query, items = Item(text=SCORE_QUERY), [Item(text=d) for d in DOCS]
+    runs = {"default": None, **{m: {"score_mode": m} for m in ("dense", "sparse", "colbert", "hybrid")},
+            "weighted": {"score_mode": "hybrid", "score_weights": {"dense": 1.0, "sparse": 0.5, "colbert": 0}}}
+    for name, options in runs.items():
+        got = client.score(M3, query, items, options=options)
+        by_id = {s["item_id"]: s["score"] for s in got["scores"]}
+        arrays[f"score_{name}"] = np.asarray([by_id[f"item-{i}"] for i in range(len(DOCS))])
+    try:
+        client.score(M3, query, items, options={"score_mode": "bm25"})
+        info["bad_mode"] = "no error"
+    except Exception as err:  # noqa: BLE001 - the class and message are the result
+        info["bad_mode"] = [type(err).__name__, str(err)]
+    by_suffix = client.encode(f"{M3}:sparse", items)
+    by_option = client.encode(M3, items, options={"profile": "sparse"})
+    info["profile_keys"] = [sorted(k for k in r if k in ("dense", "sparse", "multivector"))
+                            for r in by_suffix + by_option]
+    for i, r in enumerate(by_suffix):
+        arrays[f"suffix_sparse_val{i}"] = r["sparse"]["values"]
+        arrays[f"option_sparse_val{i}"] = by_option[i]["sparse"]["values"]
+    info["timing"] = [r.get("timing") for r in client.encode(M3, items)]
+    try:
+        client.encode(M3, items, options={"profile": "nope"})
+        info["bad_profile"] = "no error"
+    except Exception as err:  # noqa: BLE001
+        info["bad_profile"] = [type(err).__name__, str(err)]
 
 
 def loading(url: str, arrays: dict, info: dict) -> None:
@@ -161,7 +193,7 @@ def lancedb(url: str, arrays: dict, info: dict) -> None:
         arrays[f"doc{DOCS.index(row['text'])}"] = np.asarray(row["vector"], dtype=np.float32)
 
 
-CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, loading, langchain,
+CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, score_modes, loading, langchain,
                                   llamaindex, qdrant, lancedb)}
 
 
