@@ -194,7 +194,7 @@ def test_unserved_sie_routes_are_refused_by_name(server, method, path, feature) 
     assert "is not served by this server" in detail["message"]
 
 
-def test_corpus_command_takes_a_profile(catalog, legal_lora, tmp_path) -> None:
+def test_corpus_command_takes_a_profile(server, catalog, legal_lora, tmp_path) -> None:
     """`sie-server encode --model NAME:PROFILE`: the profile's output types and LoRA; the
     manifest records the profile in the model's name."""
     src = tmp_path / "d.jsonl"
@@ -206,9 +206,13 @@ def test_corpus_command_takes_a_profile(catalog, legal_lora, tmp_path) -> None:
     done = subprocess.run(cmd + ["--model", f"{M3}:sparse", "--output", str(tmp_path / "s")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    table = pq.read_table(next((tmp_path / "s").glob("*.parquet")))
-    assert "sparse_indices" in table.column_names or any("sparse" in c for c in table.column_names)
-    assert not any(c.startswith("dense") for c in table.column_names), table.column_names
+    table = pq.read_table(next((tmp_path / "s").rglob("*.parquet"))).sort_by("id")
+    assert {"sparse_indices", "sparse_values"} <= set(table.column_names)
+    assert "dense" not in table.column_names, table.column_names
+    want = encode(server, M3, {"items": items(), "params": {"output_types": ["sparse"]}}).json()
+    for i, item in enumerate(want["items"]):
+        assert table["sparse_indices"][i].as_py() == item["sparse"]["indices"]
+        np.testing.assert_allclose(table["sparse_values"][i].as_py(), item["sparse"]["values"], atol=1e-6)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["config"]["model"]["name"] == f"{M3}:sparse"
     refused = subprocess.run(cmd + ["--model", f"{M3}:sparse", "--output-types", "dense",
