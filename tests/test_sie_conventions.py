@@ -31,6 +31,7 @@ PROFILES = {
     "sparse": {"extends": "default", "output_types": ["sparse"]},
     "legal": {"extends": "default", "lora_id": LEGAL_LORA, "instruction": "Find the clause"},
     "queries": {"is_query": True, "output_types": ["dense", "multivector"]},
+    "fde": {"extends": "default", "muvera": {}},  # SIE's MUVERA slot: read, not computed here
 }
 
 
@@ -61,11 +62,13 @@ def items(texts=DOCS) -> list[dict]:
 def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
     specs, _ = load_catalog([catalog])
     got = specs[M3].profiles
-    assert list(got) == ["default", "sparse", "legal", "queries"]
+    assert list(got) == ["default", "sparse", "legal", "queries", "fde"]
+    assert got["fde"] == {"muvera": {}}
     assert got["sparse"] == {"output_types": ["sparse"]}  # SIE: the child's runtime replaces
     assert got["legal"]["lora_id"] == LEGAL_LORA
     assert parse_profiles("x", {"a": {"is_query": True}, "b": {"extends": "a"}})["b"] == {
         "is_query": True}  # no runtime of its own: the parent's
+    assert parse_profiles("x", {"a": {"muvera": None, "lora_id": None}})["a"] == {}  # SIE's "off"
     builtin, _ = load_catalog([])
     assert list(builtin["BAAI/bge-m3"].profiles) == [  # SIE's models/BAAI__bge-m3.yaml
         "default", "dense", "sparse", "multivector", "candle", "banking", "medical-vn",
@@ -79,7 +82,9 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
                                "profile chaining is not allowed"),
                               ({"a": {"pool": "cls"}}, "unknown key 'pool'"),
                               ({"a": {"is_query": "yes"}}, "is_query must be a bool"),
-                              ({"a:b": {}}, "without ':'")):
+                              ({"a:b": {}}, "without ':'"),
+                              ({"a": {"extends": ["b"]}}, "extends unknown profile"),
+                              ({"a": {"muvera": 4}}, "muvera must be a dict")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"models": {"x": {"family": "bge-m3", "source": "x",
                                                         "profiles": profiles}}}))
@@ -125,7 +130,7 @@ def test_unknown_profiles_get_sies_errors(server) -> None:
     r = encode(server, M3, {"items": items(), "params": {"options": {"profile": "nope"}}})
     assert r.status_code == 400 and r.json() == {"detail": {
         "code": "INVALID_INPUT", "request_id": r.json()["detail"]["request_id"],
-        "message": "Profile 'nope' not found. Available: ['default', 'sparse', 'legal', 'queries']"}}
+        "message": "Profile 'nope' not found. Available: ['default', 'sparse', 'legal', 'queries', 'fde']"}}
     r = encode(server, f"{M3}:nope", {"items": items()})
     assert r.status_code == 404 and r.json()["detail"]["code"] == "MODEL_NOT_FOUND"
     assert r.json()["detail"]["message"] == f"Model '{M3}:nope' not found"
@@ -134,15 +139,18 @@ def test_unknown_profiles_get_sies_errors(server) -> None:
     assert r.status_code == 400
     assert r.json()["detail"]["message"] == "'options.profile' must be a non-empty string or null"
     assert httpx.get(f"{server.url}/v1/models/{M3}:nope").status_code == 404
+    r = encode(server, f"{M3}:fde", {"items": items()})
+    assert r.status_code == 400 and "sets muvera, which this server does not compute" in r.text
 
 
 def test_models_list_profiles_as_sie_does(server) -> None:
     listed = httpx.get(f"{server.url}/v1/models").json()["models"]
     names = [m["name"] for m in listed]
-    assert [n for n in names if n.startswith(M3)] == [M3, f"{M3}:sparse", f"{M3}:legal", f"{M3}:queries"]
+    assert [n for n in names if n.startswith(M3)] == [M3, f"{M3}:sparse", f"{M3}:legal", f"{M3}:queries",
+                                                      f"{M3}:fde"]
     base = next(m for m in listed if m["name"] == M3)
     assert {k: v["is_default"] for k, v in base["profiles"].items()} == {
-        "default": True, "sparse": False, "legal": False, "queries": False}
+        "default": True, "sparse": False, "legal": False, "queries": False, "fde": False}
     one = httpx.get(f"{server.url}/v1/models/{M3}:legal").json()
     assert one["name"] == f"{M3}:legal" and list(one["profiles"]) == ["default"]
     assert one["runtime"]["lora_id"] == LEGAL_LORA

@@ -14,10 +14,12 @@ from typing import Any, Mapping
 from ..errors import InvalidRequest, ModelNotFound
 
 # runtime key -> the type its value must have in a catalog file
-RUNTIME_KEYS: dict[str, type | tuple[type, ...]] = {
+RUNTIME_KEYS: dict[str, type] = {
     "output_types": list, "lora_id": str, "instruction": str, "is_query": bool,
     "pooling": str, "normalize": bool,
-    "muvera": dict,  # SIE's muvera_config for the multivector -> fixed-dimension encoding
+    # SIE's MUVERA (multivector -> one fixed-dimension vector): a mapping turns it on ({} =
+    # the model's muvera_config), null or absent leaves it off
+    "muvera": dict,
 }
 DEFAULT = "default"
 
@@ -35,7 +37,7 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{where}: must be a mapping")
         for key, value in entry.items():
             if key == "extends":
-                parent = raw.get(value)
+                parent = raw.get(value) if isinstance(value, str) else None
                 if parent is None:
                     raise ValueError(f"{where} extends unknown profile {value!r}")
                 if isinstance(parent, dict) and parent.get("extends") is not None:
@@ -44,18 +46,23 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
             elif key not in RUNTIME_KEYS:
                 raise ValueError(f"{where}: unknown key {key!r} (known: extends, "
                                  f"{', '.join(RUNTIME_KEYS)})")
-            elif not isinstance(value, RUNTIME_KEYS[key]) or (
-                    RUNTIME_KEYS[key] is not bool and isinstance(value, bool)):
+            elif not _fits(value, RUNTIME_KEYS[key]):
                 raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
-        if "output_types" in entry and not all(isinstance(t, str) for t in entry["output_types"]):
+        if not all(isinstance(t, str) for t in entry.get("output_types") or ()):
             raise ValueError(f"{where}: output_types must be a list of strings")
     resolved: dict[str, dict[str, Any]] = {DEFAULT: {}}
     for name, entry in raw.items():
-        own = {k: v for k, v in entry.items() if k != "extends"}
+        own = {k: v for k, v in entry.items() if k != "extends" and v is not None}
         parent = raw.get(entry.get("extends"), {}) if entry.get("extends") else {}
-        inherited = {k: v for k, v in parent.items() if k != "extends"}
+        inherited = {k: v for k, v in parent.items() if k != "extends" and v is not None}
         resolved[name] = own or inherited  # SIE: a child's runtime replaces its parent's
     return resolved
+
+
+def _fits(value: Any, kind: type) -> bool:
+    """None (unset), or a value of `kind` (a bool is not a number here)."""
+    return value is None or (isinstance(value, kind)
+                             and (kind is bool or not isinstance(value, bool)))
 
 
 def split_ref(ref: str, known: Mapping[str, Any]) -> tuple[str, str | None]:
