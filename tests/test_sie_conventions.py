@@ -184,6 +184,7 @@ def test_timing_is_measured_and_consistent(server, binary) -> None:
         assert float(r.headers["x-total-time"]) == pytest.approx(t["total_ms"], abs=0.01)
     with SIEClient(server.url) as client:  # ours carries it on through the SDK
         assert client.score(M3, Item(text="q"), [Item(text="a")])["timing"]["total_ms"] > 0
+        assert client.encode(M3, [Item(text="a")])[0]["timing"]["inference_ms"] > 0
 
 
 @pytest.mark.parametrize("method, path, feature", [

@@ -49,6 +49,7 @@ class EncodeResult(TypedDict):
     dense: NotRequired[npt.NDArray[np.float32]]  # (dim,)
     sparse: NotRequired[SparseVector]
     multivector: NotRequired[npt.NDArray[np.float32]]  # (tokens, dim)
+    timing: NotRequired[dict[str, float]]  # the request's server-side ms (SIE's TimingInfo)
 
 
 class ScoreEntry(TypedDict):

@@ -144,14 +144,19 @@ def decode_encode_item(item: Mapping[str, Any]) -> EncodeResult:
 
 
 def decode_encode_response(payload: Mapping[str, Any]) -> list[EncodeResult]:
-    """`{"model", "items": [...], "usage"?}` -> one EncodeResult per item, in order."""
-    return [decode_encode_item(i) for i in payload["items"]]
+    """`{"model", "items": [...], "timing"?, "usage"?}` -> one EncodeResult per item, in
+    order; each carries the request's `timing`, as SIE's SDK hands it on."""
+    results = [decode_encode_item(i) for i in payload["items"]]
+    if payload.get("timing"):
+        for r in results:
+            r["timing"] = payload["timing"]
+    return results
 
 
 def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
     """`{"model", "scores": [{"item_id", "score", "rank", "components"?}], "query_id"?,
-    "score_mode"?, "score_weights"?, "activation"?, "usage"?, "timing"?}` -> ScoreResult (optional keys are
-    kept when the server sends them)."""
+    "score_mode"?, "score_weights"?, "activation"?, "usage"?, "timing"?}` -> ScoreResult
+    (optional keys are kept when the server sends them)."""
     scores = []
     for s in payload["scores"]:
         entry = {"item_id": s.get("item_id"), "score": float(s["score"]), "rank": int(s["rank"])}
