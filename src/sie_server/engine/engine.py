@@ -159,6 +159,25 @@ class Engine:
         """Blocking score."""
         return self.submit_score(model, query, texts, options, top_k).result()
 
+    def tokenize(self, model: str, texts: Sequence[str], is_query: bool = False,
+                 instruction: str | None = None) -> list[list[int]]:
+        """The token ids `model` computes on for each text when encoding it with these options
+        (prefix, instruction, truncation to its limit); nothing is queued."""
+        with self.registry.use(model) as handle:
+            tok = self._prepare(handle.model, list(texts), is_query, instruction)
+        return [row.tolist() for row in tok.ids]
+
+    def vocab(self, model: str, ids: Sequence[int]) -> list[tuple[str, str]]:
+        """(the vocabulary's string, the token decoded alone) of each token id of `model`."""
+        with self.registry.use(model) as handle:
+            tokenizer = handle.model.tokenizer
+        size = tokenizer.vocab_size
+        for i, token_id in enumerate(ids):
+            if not 0 <= token_id < size:
+                raise InvalidRequest(f"ids[{i}]: {token_id} is not a token id of {model} "
+                                     f"(0 to {size - 1})")
+        return [(tokenizer.piece(t), tokenizer.decode([t])) for t in ids]
+
     @staticmethod
     def _check_images(m, items: list, field: str = "items[{i}]") -> list[int]:
         """Positions of the images among `items`; InvalidRequest if the model embeds none."""
