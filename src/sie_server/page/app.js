@@ -248,10 +248,10 @@ function renderModels(status) {
     const dims = Object.entries(m.dims || {}).map(([k, v]) => `${k} ${v}`).join(", ");
     const cells = [
       h("th", { scope: "row", text: m.name }),
-      h("td", { text: current, class: `state ${current}`, title: m.error || undefined }),
-      h("td", { text: m.family }),
-      h("td", { text: tasks.join(", ") || "—" }),
-      h("td", { text: dims || "—" }),
+      h("td", { "data-label": "State", text: current, class: `state ${current}`, title: m.error || undefined }),
+      h("td", { "data-label": "Family", text: m.family }),
+      h("td", { "data-label": "Tasks", text: tasks.join(", ") || "—" }),
+      h("td", { "data-label": "Dims", text: dims || "—" }),
     ];
     if (current === "available") {
       idle.push(h("tr", { "data-model": m.name }, ...cells));
@@ -261,12 +261,12 @@ function renderModels(status) {
       const r = rate(m.name, key);
       return r === null ? "—" : r.toFixed(r < 10 ? 1 : 0);
     };
-    const count = (key) => h("td", { class: "num", "data-key": key, text: String(live[key] ?? 0) });
+    const count = (key, label) => h("td", { class: "num", "data-key": key, "data-label": label, text: String(live[key] ?? 0) });
     active.push(h("tr", { "data-model": m.name }, ...cells,
-      h("td", { class: "num", text: live.memory_bytes ? bytes(live.memory_bytes) : "—" }),
-      count("queued_tokens"), count("requests"), count("items"),
-      h("td", { class: "num", text: perSecond("items") }),
-      h("td", { class: "num", text: perSecond("tokens") })));
+      h("td", { class: "num", "data-label": "Memory", text: live.memory_bytes ? bytes(live.memory_bytes) : "—" }),
+      count("queued_tokens", "Queued tokens"), count("requests", "Requests"), count("items", "Items"),
+      h("td", { class: "num", "data-label": "Items/s", text: perSecond("items") }),
+      h("td", { class: "num", "data-label": "Tokens/s", text: perSecond("tokens") })));
   }
   $("models-body").replaceChildren(...active);
   $("catalog-body").replaceChildren(...idle);
@@ -282,12 +282,12 @@ function renderErrors(status) {
   }
   const rows = status.errors.map((e) => h("tr", { "data-code": e.code },
     h("th", { scope: "row", text: e.code }),
-    h("td", { class: "num", text: String(e.count) }),
-    h("td", { class: "num", text: String(e.status) }),
-    h("td", { text: `${duration(Math.max(0, status.time - e.last_at))} ago` }),
-    h("td", { text: [e.route, e.model].filter(Boolean).join(" · ") }),
-    h("td", { class: "message", text: e.message })));
-  box.replaceChildren(h("div", { class: "scroll" }, h("table", {},
+    h("td", { class: "num", "data-label": "Count", text: String(e.count) }),
+    h("td", { class: "num", "data-label": "HTTP", text: String(e.status) }),
+    h("td", { "data-label": "Last", text: `${duration(Math.max(0, status.time - e.last_at))} ago` }),
+    h("td", { "data-label": "Route · model", text: [e.route, e.model].filter(Boolean).join(" · ") }),
+    h("td", { class: "message", "data-label": "Message", text: e.message })));
+  box.replaceChildren(h("div", { class: "scroll" }, h("table", { class: "stack" },
     h("caption", { text: "Latest error response of each code" }),
     h("thead", {}, h("tr", {}, ...["Code", "Count", "HTTP", "Last", "Route · model", "Message"]
       .map((t) => h("th", { scope: "col", text: t })))),
