@@ -68,6 +68,36 @@ def test_tokens_route_is_the_tokenizers(bge_m3_server, bge_m3_dir: Path):
                       ).json()["detail"]["code"] == "MODEL_NOT_FOUND"
 
 
+@pytest.fixture(scope="module")
+def keyed_server(start_server, bge_m3_dir: Path):
+    return start_server(["--model", f"{BGE}={bge_m3_dir}", "--default-model", BGE,
+                         "--api-key", KEY])
+
+
+def test_page_files_are_open_and_the_rest_needs_the_key(keyed_server):
+    """The page's files load without a key (they hold nothing secret), from this origin only
+    (CSP); /status and /v1/tokens need the key like every other route."""
+    url = keyed_server.url
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"),
+                       ("icon.svg", "image/svg+xml")):
+        r = httpx.get(f"{url}/ui/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
+        assert f"/ui/{name}" in page.text
+    missing = httpx.get(f"{url}/ui/index.htm")
+    assert missing.status_code == 404 and missing.json()["detail"]["code"] == "NOT_FOUND"
+    key = {"authorization": f"Bearer {KEY}"}
+    for method, path, body in (("GET", "/status", None), ("GET", "/v1/models", None),
+                               ("POST", f"/v1/tokens/{BGE}", {"ids": [6]})):
+        assert httpx.request(method, url + path, json=body).status_code == 401, path
+        assert httpx.request(method, url + path, json=body, headers=key).status_code == 200
+    errors = httpx.get(f"{url}/status", headers=key).json()["errors"]
+    unauthorized = next(e for e in errors if e["code"] == "UNAUTHORIZED")
+    assert unauthorized["count"] >= 3 and unauthorized["message"] == "missing or invalid API key"
+
+
 def test_status_counts_what_the_engine_did(bge_m3_server):
     """/status: placement, and per model the engine's own totals; error responses by code."""
     url = bge_m3_server.url
@@ -283,12 +313,11 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
         phone.close()
 
 
-def test_page_with_api_keys(browser, start_server, bge_m3_dir: Path, tmp_path: Path):
+def test_page_with_api_keys(browser, keyed_server, tmp_path: Path):
     """With keys on, the page shows nothing that needs one until it has one: refused without
     a key and with a wrong one (the server's own words), served with the right one, which it
     sends only as a bearer token and keeps in the tab."""
-    server = start_server(["--model", f"{BGE}={bge_m3_dir}", "--default-model", BGE,
-                           "--api-key", KEY])
+    server = keyed_server
     tab = Tab(browser, server.url, DESKTOP)
     page = tab.page
     sent_keys: list[str | None] = []

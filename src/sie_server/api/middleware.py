@@ -110,7 +110,7 @@ class ServerMiddleware:
                 self.metrics.error(code.decode("latin-1"), status, route, model,
                                    state.get("error", ""))
             self.metrics.request_seconds.labels(route).observe(seconds)
-            if route != "health":
+            if route not in ("health", "status"):  # probes and the page's polling
                 log.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": {
                     "status": status, "model": model, "ms": round(seconds * 1000, 2)}})
             request_id.reset(token)
