@@ -229,6 +229,7 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
         tab.shot(tmp_path, "desktop-status")
 
         tab.run(BGE, TEXTS, QUERY)
+        # the texts' encode is answered before the query's is sent
         (sent, encoded), (_, query_encoded) = tab.posted(f"/v1/encode/{BGE}")
         assert [i["text"] for i in sent["items"]] == TEXTS
         assert sent["params"]["output_types"] == ["dense", "sparse", "multivector"]
@@ -256,14 +257,17 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
         assert math.isclose(maxsim, (q_rows @ d_rows.T).max(axis=1).mean(), abs_tol=1e-12)
         # ranks of every score mode, as /v1/score gives them
         modes = next(m for m in listed if m["name"] == BGE)["score_types"]
-        scored = tab.posted(f"/v1/score/{BGE}")
-        assert [body["options"][SCORE_OPTION] for body, _ in scored] == modes
-        for mode, (_, answer) in zip(modes, scored):
+        scored = {body["options"][SCORE_OPTION]: answer  # answered in any order
+                  for body, answer in tab.posted(f"/v1/score/{BGE}")}
+        assert sorted(scored) == sorted(modes)
+        assert page.eval_on_selector_all("#scores th[scope=col]", "t => t.map(x => x.textContent)"
+                                         ) == ["Text", *modes]
+        for mode, answer in scored.items():
             cells = page.eval_on_selector_all(f'#scores td[data-mode="{mode}"]', """tds =>
                 tds.map(td => [td.dataset.item, Number(td.dataset.rank), Number(td.dataset.score)])""")
             assert sorted(cells, key=lambda c: c[1]) == [
                 [s["item_id"], s["rank"], s["score"]] for s in answer["scores"]]
-        served = {s["item_id"]: s["components"]["multivector"] for s in scored[0][1]["scores"]}
+        served = {s["item_id"]: s["components"]["multivector"] for s in scored[modes[0]]["scores"]}
         assert math.isclose(maxsim, served["0"], abs_tol=1e-5)  # server float32, page float64
         # the terms' words came from the server (the page asked /v1/tokens for those ids)
         shown_ids = page.eval_on_selector_all("#sparse-terms li", "l => l.map(x => Number(x.dataset.id))")
@@ -333,7 +337,7 @@ def test_page_with_api_keys(browser, keyed_server, tmp_path: Path):
 
         page.fill("#key-input", "not-the-key")
         page.press("#key-input", "Enter")
-        page.wait_for_function("document.querySelector('#key-reason').textContent.includes('refused')")
+        page.wait_for_function("() => document.querySelector('#key-reason').textContent.includes('refused')")
         assert page.is_hidden("#status") and BGE not in page.content()
         tab.shot(tmp_path, "keys-wrong")
 

@@ -13,6 +13,8 @@ const KEY_STORE = "sie-api-key"; // sessionStorage: this tab only
 const POLL_MS = 3000;
 const WINDOW_S = 30; // throughput over this many seconds of status samples
 const TOP_TERMS = 10;
+const MAX_TEXTS = 32; // a heatmap of n x n cells stays readable (and drawable)
+const MAX_ALIGN_CELLS = 40000; // query tokens x text tokens drawn at most
 const SAMPLE_TEXTS = [
   "BGE-M3 gives dense, sparse and multivector outputs from one forward pass.",
   "BM25 ranks documents by how often the query's terms occur in them.",
@@ -195,14 +197,18 @@ function stopPolling() {
   state.timer = null;
 }
 
+// A failed refresh is said in the status panel (the playground's errors stay where they
+// are) and the next one is tried as usual.
 async function poll() {
   if (document.hidden) return;
+  const note = $("status-error");
   try {
     renderStatus(await api("/status"));
+    note.hidden = true;
   } catch (err) {
     if (err.status === 401) return askForKey(err);
-    stopPolling();
-    showError(err);
+    note.textContent = `Refreshing failed: ${err instanceof ApiError ? `${err.code}: ` : ""}${err.message}`;
+    note.hidden = false;
   }
 }
 
@@ -320,6 +326,7 @@ async function run(event) {
   for (const id of ["dense-result", "sparse-result", "multivector-result", "score-result"]) $(id).hidden = true;
   if (!model) return showError(new Error("No model to encode with."));
   if (!texts.length) return showError(new Error("Enter at least one text (one per line)."));
+  if (texts.length > MAX_TEXTS) return showError(new Error(`Enter at most ${MAX_TEXTS} texts.`));
   if (!types.length) return showError(new Error("Choose at least one output type."));
   const button = $("run");
   button.disabled = true;
@@ -510,17 +517,14 @@ function renderAlignmentChoice(texts, query, items, queryEncoded, textTokens, qu
   select.replaceChildren(...texts.map((t, i) => h("option", { value: i, text: `${i + 1}. ${snippet(t, 40)}` })));
   const draw = () => {
     const i = Number(select.value);
-    renderAlignment(i, rowsOf(queryEncoded.items[0].multivector), tail(queryTokens.items[0].tokens, queryEncoded.items[0].multivector),
-      rowsOf(items[i].multivector), tail(textTokens.items[i].tokens, items[i].multivector), scoreOf[String(i)]);
+    const q = queryEncoded.items[0].multivector, d = items[i].multivector;
+    renderAlignment(i, q.values, tail(queryTokens.items[0].tokens, q), d.values,
+      tail(textTokens.items[i].tokens, d), scoreOf[String(i)]);
   };
   select.onchange = draw;
   $("align-choice").hidden = false;
   draw();
   $("multivector-result").hidden = false;
-}
-
-function rowsOf(multivector) {
-  return multivector.values;
 }
 
 // The tokens that have a vector: the last num_tokens of the text's tokens (BGE-M3 drops <s>).
@@ -530,6 +534,10 @@ function tail(tokens, multivector) {
 }
 
 function renderAlignment(index, qRows, qTokens, dRows, dTokens, serverScore) {
+  if (qRows.length * dRows.length > MAX_ALIGN_CELLS) {
+    $("alignment").replaceChildren(h("p", { class: "note", text: `${qRows.length} query tokens by ${dRows.length} text tokens are too many cells to draw; try shorter texts.` }));
+    return;
+  }
   const values = qRows.map((q) => dRows.map((d) => {
     let dot = 0;
     for (let k = 0; k < q.length; k++) dot += q[k] * d[k];
