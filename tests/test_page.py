@@ -146,7 +146,8 @@ class Tab:
         self.responses: list = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        self.page.on("request", lambda r: r.url.startswith(base + "/") or self.foreign.append(r.url))
+        self.page.on("request",
+                     lambda r: r.url.startswith(base + "/") or self.foreign.append(r.url))
         self.page.on("response", lambda r: r.request.method == "POST" and self.responses.append(r))
         self.page.goto(base + "/")
 
@@ -251,7 +252,8 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
         q_rows = np.asarray(query_encoded["items"][0]["multivector"]["values"])
         d_rows = np.asarray(encoded["items"][0]["multivector"]["values"])
         np.testing.assert_allclose(heatmap(page, "#alignment"), q_rows @ d_rows.T, atol=1e-12)
-        labels = page.eval_on_selector_all("#alignment text.row-label", "t => t.map(x => x.textContent)")
+        labels = page.eval_on_selector_all("#alignment text.row-label",
+                                           "t => t.map(x => x.textContent)")
         assert labels == ref.encode(QUERY).tokens[1:]
         maxsim = float(page.get_attribute("#alignment .maxsim", "data-maxsim"))
         assert math.isclose(maxsim, (q_rows @ d_rows.T).max(axis=1).mean(), abs_tol=1e-12)
@@ -270,7 +272,8 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
         served = {s["item_id"]: s["components"]["multivector"] for s in scored[modes[0]]["scores"]}
         assert math.isclose(maxsim, served["0"], abs_tol=1e-5)  # server float32, page float64
         # the terms' words came from the server (the page asked /v1/tokens for those ids)
-        shown_ids = page.eval_on_selector_all("#sparse-terms li", "l => l.map(x => Number(x.dataset.id))")
+        shown_ids = page.eval_on_selector_all("#sparse-terms li",
+                                              "l => l.map(x => Number(x.dataset.id))")
         [asked] = [body for body, _ in tab.posted(f"/v1/tokens/{BGE}") if body.get("ids")]
         assert sorted(asked["ids"]) == sorted(set(shown_ids))
         tab.shot(tmp_path, "desktop-bge-m3")
@@ -289,12 +292,12 @@ def test_page_in_a_browser(browser, bge_m3_server, bge_m3_dir: Path, tmp_path: P
 
         # MiniLM: dense only (its other outputs cannot be chosen), no scores
         page.select_option("#model", MINILM)
-        assert page.eval_on_selector_all("#outputs input", "b => b.map(x => [x.value, x.disabled])") \
-            == [["dense", False], ["sparse", True], ["multivector", True]]
+        choices = page.eval_on_selector_all("#outputs input", "b => b.map(x => [x.value, x.disabled])")
+        assert choices == [["dense", False], ["sparse", True], ["multivector", True]]
         tab.run(MINILM, TEXTS[:2] + ["A third, unrelated sentence about trains."], QUERY)
         [(_, mini)] = tab.posted(f"/v1/encode/{MINILM}")
-        np.testing.assert_allclose(heatmap(page, "#dense-heatmap"),
-                                   cosines([i["dense"]["values"] for i in mini["items"]]), atol=1e-12)
+        mini_cosines = cosines([i["dense"]["values"] for i in mini["items"]])
+        np.testing.assert_allclose(heatmap(page, "#dense-heatmap"), mini_cosines, atol=1e-12)
         assert page.is_hidden("#sparse-result") and page.is_hidden("#multivector-result")
         assert "does not score" in page.inner_text("#scores")
         check_page_fits(page)
@@ -337,7 +340,8 @@ def test_page_with_api_keys(browser, keyed_server, tmp_path: Path):
 
         page.fill("#key-input", "not-the-key")
         page.press("#key-input", "Enter")
-        page.wait_for_function("() => document.querySelector('#key-reason').textContent.includes('refused')")
+        page.wait_for_function(
+            "() => document.querySelector('#key-reason').textContent.includes('refused')")
         assert page.is_hidden("#status") and BGE not in page.content()
         tab.shot(tmp_path, "keys-wrong")
 

@@ -54,8 +54,9 @@ class ServerMiddleware:
     """Echoes or creates X-Request-ID, checks bearer tokens (the matched key's index becomes
     the request's tenant, `scope["state"]["tenant"]`, for fair scheduling), counts and times
     requests, and counts error responses by their code (X-SIE-Error-Code; the message from
-    `scope["state"]["error"]`, set where the error is answered). An exception no route handled is logged here, once, with the request id, and
-    answered 500; it does not reach the ASGI server (which would log it a second time)."""
+    `scope["state"]["error"]`, set where the error is answered). An exception no route
+    handled is logged here, once, with the request id, and answered 500; it does not reach
+    the ASGI server (which would log it a second time)."""
 
     def __init__(self, app, *, api_keys: list[str], metrics: Metrics) -> None:
         check_api_keys(api_keys)
