@@ -35,7 +35,9 @@ def parse(body: Any, max_items: int) -> TokensCall:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InvalidRequest(f"items[{i}]: only texts are tokenized")
-    ids = body.get("ids") or []
+    ids = body.get("ids")
+    if ids is None:
+        ids = []
     if not isinstance(ids, list):
         raise InvalidRequest("ids must be a list of token ids")
     if len(ids) > MAX_IDS:
