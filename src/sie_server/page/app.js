@@ -397,7 +397,7 @@ function heatmap({ rowLabels, colLabels, values, cell, showValues, caption, desc
   const longest = (labels) => Math.max(1, ...labels.map((l) => l.length));
   const left = Math.min(160, 12 + 7 * longest(rowLabels));
   const rotate = colLabels.some((l) => l.length > 3);
-  const top = rotate ? Math.min(120, 14 + 5 * longest(colLabels)) : 22;
+  const top = rotate ? Math.min(150, 16 + 6.5 * longest(colLabels)) : 22;
   const width = left + cell * colLabels.length + 4, height = top + cell * rowLabels.length + 4;
   const root = svg("svg", {
     viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "heatmap",
