@@ -40,6 +40,16 @@ def spec_for_source(name: str, source: str, known: ModelSpec | None) -> ModelSpe
     return ModelSpec(name=name, family=detect_family(source), source=source)
 
 
+def _has_dense_projection(folder: Path) -> bool:
+    """A PyLate (ColBERT) folder: a Dense module and no Pooling in modules.json."""
+    try:
+        modules = read_json(folder / "modules.json") if (folder / "modules.json").exists() else []
+    except DamagedFile:
+        return False
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)}
+    return "Dense" in kinds and "Pooling" not in kinds
+
+
 def detect_family(source: str) -> str:
     """Guess a local folder's family from its files."""
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
@@ -55,6 +65,8 @@ def detect_family(source: str) -> str:
         return cfg["model_type"]
     if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline
         return "decoder-embedder" if (folder / "modules.json").exists() else "llm-reranker"
+    if "HF_ColBERT" in arch or _has_dense_projection(folder):
+        return "colbert"
     if cfg.get("model_type") == "modernbert":
         return "modernbert-cross-encoder" if "ForSequenceClassification" in arch else "modernbert"
     if (folder / "modules.json").exists():

@@ -39,6 +39,9 @@ class ModelSpec:
     matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
+    query_max_tokens: int | None = None  # ColBERT: query length (None: the checkpoint's)
+    query_expansion: bool | None = None  # ColBERT: pad queries with mask tokens (None: checkpoint's)
+    muvera: dict[str, Any] | None = None  # MUVERA settings (SIE's muvera_config keys); muvera.py
 
 
 @dataclass(frozen=True)
