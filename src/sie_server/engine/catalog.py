@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InvalidRequest
 from ..models.base import ModelSpec
+from ..muvera import MuveraConfig
 from ..runtime.decoder import MODEL_TYPES as DECODER_TYPES
 from ..runtime.weights import DamagedFile, read_json
 from .sources import package_folder
@@ -27,6 +29,11 @@ def load_catalog(files: list[Path]) -> tuple[dict[str, ModelSpec], list[str]]:
             unknown = set(entry) - _SPEC_FIELDS
             if unknown:
                 raise ValueError(f"{path}: model {name} has unknown keys {sorted(unknown)}")
+            if entry.get("muvera") is not None:
+                try:
+                    MuveraConfig.parse(entry["muvera"], "muvera")
+                except InvalidRequest as e:
+                    raise ValueError(f"{path}: model {name}: {e}") from None
             if "output_types" in entry:
                 entry = {**entry, "output_types": tuple(entry["output_types"])}
             specs[name] = ModelSpec(name=name, **entry)
