@@ -3,9 +3,9 @@ with the packages of scripts/setup-colbert-ref.sh on PYTHONPATH).
 
     python colbert_reference.py pylate|colbert-ai IN.json OUT.npz
 
-IN.json: {"folder", "queries": [...], "documents": [...]}. OUT.npz: `q{i}` / `d{i}` the
-multivector of each text (tokens x dim, float32) and `scores` (queries x documents) MaxSim,
-each as the library computes it.
+IN.json: {"folders": [...], "queries": [...], "documents": [...]}. OUT.npz, for the j-th
+folder: `{j}/q{i}` / `{j}/d{i}` the multivector of each text (tokens x dim, float32) and
+`{j}/scores` (queries x documents) MaxSim, each as the library computes it.
 """
 
 from __future__ import annotations
@@ -48,10 +48,13 @@ def main() -> None:
     kind, src, dst = sys.argv[1:4]
     spec = json.loads(open(src).read())
     run = {"pylate": pylate, "colbert-ai": colbert_ai}[kind]
-    q, d, s = run(spec["folder"], spec["queries"], spec["documents"])
-    arrays = {f"q{i}": np.asarray(x, np.float32) for i, x in enumerate(q)}
-    arrays.update({f"d{i}": np.asarray(x, np.float32) for i, x in enumerate(d)})
-    np.savez(dst, scores=np.asarray(s, np.float32), **arrays)
+    arrays = {}
+    for j, folder in enumerate(spec["folders"]):
+        q, d, s = run(folder, spec["queries"], spec["documents"])
+        arrays[f"{j}/scores"] = np.asarray(s, np.float32)
+        arrays.update({f"{j}/q{i}": np.asarray(x, np.float32) for i, x in enumerate(q)})
+        arrays.update({f"{j}/d{i}": np.asarray(x, np.float32) for i, x in enumerate(d)})
+    np.savez(dst, **arrays)
 
 
 if __name__ == "__main__":
