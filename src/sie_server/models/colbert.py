@@ -169,13 +169,8 @@ class ColBERT(EncoderModel):
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
         """Instruction and catalog prefixes as every family; then the marker after the first
         token, and for queries the expansion up to the query length."""
-        if instruction is not None:
-            texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
-                     for t in texts]
-        prefix = self.spec.query_prefix if is_query else self.spec.document_prefix
-        if prefix:
-            texts = [prefix + t for t in texts]
-        tok = (self.query_tokenizer if is_query else self.document_tokenizer).encode(texts)
+        tokenizer = self.query_tokenizer if is_query else self.document_tokenizer
+        tok = tokenizer.encode(self.prefixed(texts, is_query, instruction))
         marker = self.query_marker if is_query else self.document_marker
         ids = []
         for a in tok.ids:
