@@ -94,12 +94,12 @@ class MuveraConfig:
 
 @dataclass(frozen=True)
 class _Draws:
-    simhash: np.ndarray  # (dim, R * k): the repetitions' matrices side by side
-    ams: tuple[np.ndarray, ...]  # per repetition, output coordinate and sign per input one
+    simhash: tuple[np.ndarray, ...]  # per repetition, the (dim, k) Gaussian matrix
+    ams: tuple[np.ndarray, ...]  # per repetition, the (dim, projection_dim) AMS sketch
     sketch: tuple[np.ndarray, np.ndarray] | None  # count sketch: bucket and sign per input
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _draws(config: MuveraConfig, token_dim: int) -> _Draws:
     """The random structures, drawn in the order and with the calls SIE makes."""
     k = config.num_simhash_projections
@@ -110,22 +110,17 @@ def _draws(config: MuveraConfig, token_dim: int) -> _Draws:
         mats.append(g.normal(0.0, 1.0, size=(token_dim, k)).astype(np.float32))
         if config.projection_dim is not None:
             g = np.random.default_rng(config.seed + r)
-            ams.append((g.integers(0, config.projection_dim, size=token_dim),
-                        g.choice(signs, size=token_dim)))
+            coords = g.integers(0, config.projection_dim, size=token_dim)
+            m = np.zeros((token_dim, config.projection_dim), dtype=np.float32)
+            m[np.arange(token_dim), coords] = g.choice(signs, size=token_dim)
+            ams.append(m)
     sketch = None
     final = config.sketch_dim(token_dim)
     if final is not None:
         g = np.random.default_rng(config.seed)
         size = config.intermediate_dim(token_dim)
-        sketch = (g.integers(0, final, size=size), g.choice(signs, size=size))
-    return _Draws(np.concatenate(mats, axis=1), tuple(ams), sketch)
-
-
-def _projection(coords: np.ndarray, signs: np.ndarray, out_dim: int) -> np.ndarray:
-    """The AMS sketch as a (dim, out_dim) matrix: one signed 1 per row."""
-    m = np.zeros((len(coords), out_dim), dtype=np.float32)
-    m[np.arange(len(coords)), coords] = signs
-    return m
+        sketch = (g.integers(0, final, size=size).astype(np.int32), g.choice(signs, size=size))
+    return _Draws(tuple(mats), tuple(ams), sketch)
 
 
 def encode(tokens: np.ndarray, config: MuveraConfig, is_query: bool) -> np.ndarray:
@@ -139,21 +134,20 @@ def encode(tokens: np.ndarray, config: MuveraConfig, is_query: bool) -> np.ndarr
     if config.center_tokens:
         tokens = tokens - tokens.mean(axis=0, keepdims=True)
     draws = _draws(config, dim)
-    k, reps = config.num_simhash_projections, config.num_repetitions
-    parts = 1 << k
-    bits = (tokens @ draws.simhash > 0).reshape(n, reps, k).astype(np.int64)
-    index = np.zeros((n, reps), dtype=np.int64)
-    for b in range(k):  # Gray code, most significant bit first
-        index = (index << 1) + (bits[:, :, b] ^ (index & 1))
+    parts = 1 << config.num_simhash_projections
     width = config.projection_dim or dim
     blocks = []
-    for r in range(reps):
-        x = tokens if config.projection_dim is None else tokens @ _projection(
-            *draws.ams[r], width)
+    for r, hyperplanes in enumerate(draws.simhash):
+        # one product per repetition, as SIE computes it: a sign near 0 stays the same
+        bits = (tokens @ hyperplanes > 0).astype(np.int64)
+        index = np.zeros(n, dtype=np.int64)
+        for b in range(bits.shape[1]):  # Gray code, most significant bit first
+            index = (index << 1) + (bits[:, b] ^ (index & 1))
+        x = tokens if config.projection_dim is None else tokens @ draws.ams[r]
         sums = np.zeros((parts, width), dtype=np.float32)
-        np.add.at(sums, index[:, r], x)
+        np.add.at(sums, index, x)
         if not is_query:
-            counts = np.bincount(index[:, r], minlength=parts)
+            counts = np.bincount(index, minlength=parts)
             filled = counts > 0
             sums[filled] /= counts[filled, None]
         blocks.append(sums.ravel())

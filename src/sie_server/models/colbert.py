@@ -126,6 +126,8 @@ class ColBERT(EncoderModel):
             skip = {unk if i is None else i for i in skip}
         self.skip_ids = np.array(sorted(i for i in skip if i is not None), dtype=np.int64)
         query_len = min(spec.query_max_tokens or s["query_length"], self.max_tokens)
+        if min(query_len, self.max_tokens) < 3:  # [CLS] marker [SEP] at the least
+            raise ValueError(f"{spec.name}: query and document limits must be at least 3 tokens")
         # texts are tokenized one token short: the marker goes in after the first token
         self.query_tokenizer = copy.copy(tok)
         self.query_tokenizer.max_tokens = query_len - 1
