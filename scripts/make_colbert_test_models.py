@@ -10,6 +10,10 @@ Three kinds:
   Transformer and ``pylate.models.Dense.Dense`` in ``1_Dense`` (``linear.weight`` and a bias),
   config_sentence_transformers.json with the markers "[unused0]" / "[unused1]", query_length,
   document_length, attend_to_expansion_tokens and the punctuation skiplist;
+- ``xlmr``: a PyLate checkpoint on XLM-RoBERTa: the BGE-M3-shaped test model of
+  make_bge_m3_test_model.py (real XLM-R tokenizer) without its heads, with "[Q] " and "[D] "
+  added to the tokenizer and two rows to the embeddings (as PyLate adds and resizes), and a
+  bias-free Dense;
 - ``modernbert``: like lightonai/GTE-ModernColBERT-v1: the ModernBERT test model of
   make_modernbert_test_models.py with "[Q] " and "[D] " added to its tokenizer (as PyLate adds
   them) and a bias-free Dense; query_length 16, within the test model's local window (16 each
@@ -21,7 +25,7 @@ vocabulary 30,522, [unused0]=1, [unused1]=2, [MASK]=103), a 2-layer, 64-wide Ber
 32-dimensional projection. Weights: a seeded ``torch.Generator``, Linear weights with std
 gain / sqrt(fan_in), LayerNorm weights ~1.
 
-    python scripts/make_colbert_test_models.py OUT_DIR [--kind stanford|pylate|modernbert]
+    python scripts/make_colbert_test_models.py OUT_DIR [--kind stanford|pylate|xlmr|modernbert]
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from safetensors.torch import save_file
 HIDDEN, LAYERS, HEADS, FFN, DIM = 64, 2, 4, 128, 32
 QUERY_LENGTH, DOCUMENT_LENGTH = 24, 96
 MODERNBERT_QUERY_LENGTH = 16
-KINDS = ("stanford", "pylate", "modernbert")
+KINDS = ("stanford", "pylate", "xlmr", "modernbert")
 
 
 def _minilm() -> Path:
@@ -121,6 +125,35 @@ def _write_pylate_config(out: Path, q: str, d: str, query_length: int, max_len: 
     (out / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2) + "\n")
 
 
+def _add_markers(out: Path) -> None:
+    """"[Q] " and "[D] " appended to the tokenizer as PyLate adds them."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_tokens([AddedToken("[Q] ", normalized=True), AddedToken("[D] ", normalized=True)])
+    tok.save(str(out / "tokenizer.json"))
+
+
+def _xlmr(out: Path, g: torch.Generator, seed: int) -> None:
+    import make_bge_m3_test_model as m3
+    from safetensors.torch import load_file
+
+    m3.build(out, seed)
+    for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        (out / name).unlink()
+    _add_markers(out)
+    sd = load_file(str(out / "model.safetensors"))
+    word = sd["embeddings.word_embeddings.weight"]
+    sd["embeddings.word_embeddings.weight"] = torch.cat(
+        [word, torch.randn(2, word.shape[1], generator=g) * 0.5])
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] = word.shape[0] + 2
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_dense(out, g, m3.HIDDEN, bias=False)
+    _write_pylate_config(out, "[Q] ", "[D] ", QUERY_LENGTH, m3.MAX_LEN)
+
+
 def build(out_dir: Path, kind: str = "stanford", seed: int = 0) -> Path:
     """Write a ColBERT folder of `kind` to ``out_dir`` (created if needed) and return it."""
     if kind not in KINDS:
@@ -128,17 +161,17 @@ def build(out_dir: Path, kind: str = "stanford", seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if kind == "xlmr":
+        _xlmr(out, g, seed)
+        return out
     if kind == "modernbert":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import make_modernbert_test_models as mb
-        from tokenizers import AddedToken, Tokenizer
 
         mb.build(out, "gte", seed)
         for name in ("1_Pooling", "2_Normalize"):
             shutil.rmtree(out / name)
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-        tok.add_tokens([AddedToken("[Q] ", normalized=True), AddedToken("[D] ", normalized=True)])
-        tok.save(str(out / "tokenizer.json"))
+        _add_markers(out)
         _write_dense(out, g, mb.SHAPES["test"].hidden, bias=False)
         _write_pylate_config(out, "[Q] ", "[D] ", MODERNBERT_QUERY_LENGTH,
                              mb.SHAPES["test"].max_pos)

@@ -1,8 +1,8 @@
 """ColBERT models (family colbert) against the reference libraries on the same weights.
 
 Test models in the real layouts (scripts/make_colbert_test_models.py): Stanford colbert-ai
-(BERT), PyLate (BERT, with a biased Dense) and PyLate on ModernBERT (GTE-ModernColBERT's
-layout). The references run in a subprocess (tests/colbert_reference.py) with the packages of
+(BERT), PyLate on BERT (a biased Dense), on XLM-R (the real XLM-R tokenizer, "[Q] " / "[D] "
+added) and on ModernBERT (GTE-ModernColBERT's layout). The references run in a subprocess (tests/colbert_reference.py) with the packages of
 scripts/setup-colbert-ref.sh: colbert-ai's Checkpoint on the Stanford folder, PyLate's ColBERT
 on every folder (it reads both layouts). A real server serves all of them; over HTTP:
 - every query and document multivector equals the reference's within 1e-5 (markers, query
@@ -37,7 +37,8 @@ KINDS = make_colbert_test_models.KINDS  # stanford, pylate, modernbert
 LORA = "org/colbert-lora"
 QUERIES = ["what is late interaction?", "Who wrote ColBERT, and when? [MASK]",
            "a query long enough to be cut at the query length of the test models, which is "
-           "twenty four tokens for the BERT ones and sixteen for ModernBERT"]
+           "twenty four tokens for BERT and XLM-R and sixteen for ModernBERT",
+           "<s> a query typing </s> and <mask> too"]
 DOCUMENTS = ["ColBERT encodes every token; MaxSim compares them.", "A short one.",
              "Punctuation!!! should... be: dropped; (mostly) -- but not words.",
              "Late interaction keeps one vector per token, " * 12 + "and the end is cut."]
@@ -128,7 +129,7 @@ def assert_equal(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("case", ["colbert-ai/stanford", "pylate/stanford", "pylate/pylate",
-                                  "pylate/modernbert"])
+                                  "pylate/xlmr", "pylate/modernbert"])
 def test_multivectors_and_maxsim_match_the_reference(server, references, case):
     got = ours(server.url, f"colbert-{case.split('/')[1]}")
     want = references[case]
