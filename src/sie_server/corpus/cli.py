@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..flags import add_model_flags
 from ..quantize import OUTPUT_DTYPES
 from .readers import FORMATS
 
@@ -36,8 +37,6 @@ def _types(value: str) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..cli import add_model_flags
-
     e = sub.add_parser("encode", help="encode a corpus of files into Parquet shards (resumable)",
                        description="Encode every row of INPUT files into Parquet shards in "
                        "--output; rerun the same command to resume after any interruption.")
