@@ -45,8 +45,22 @@ class Metrics:
                                          ["model"], registry=r)
         self.oom_splits = Counter("sie_oom_splits", "batches split after running out of memory",
                                   ["model"], registry=r)
-        self.rejected = Counter("sie_rejected", "requests refused at admission (503 QUEUE_FULL, or 413 for one over the queue limit)",
-                                ["model"], registry=r)
+        self.rejected = Counter("sie_rejected", "requests refused at admission: reason "
+                                "queue_full (503 QUEUE_FULL) or too_large (413, over the queue "
+                                "limit alone)", ["model", "reason"], registry=r)
+        self.adapters_loaded = Gauge("sie_adapters_loaded", "LoRA adapters loaded now per model",
+                                     ["model"], registry=r)
+        self.adapter_memory = Gauge("sie_adapter_memory_bytes",
+                                    "memory held by each model's loaded LoRA adapters (also "
+                                    "counted in sie_model_memory_bytes)", ["model"], registry=r)
+
+    def start_model(self, model: str) -> None:
+        """Create a loaded model's counters at zero, so that rates and alerts see the series
+        before its first event."""
+        self.oom_splits.labels(model)
+        self.model_evictions.labels(model)
+        for reason in ("queue_full", "too_large"):
+            self.rejected.labels(model, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,7 +115,7 @@ class Scheduler:
             if self._closing:
                 raise ModelUnavailable(f"{name} is shutting down")
             if tokens > limit:
-                self.metrics.rejected.labels(self._label).inc()
+                self.metrics.rejected.labels(self._label, "too_large").inc()
                 raise BodyTooLarge(f"the request holds {tokens} tokens; {name} queues at most "
                                    f"{limit} (--max-queued-tokens): send its items in smaller "
                                    "requests")
@@ -123,7 +123,7 @@ class Scheduler:
             client = self._clients.get(key)
             holding = client.tokens if client is not None else 0
             if not self._admits(client):
-                self.metrics.rejected.labels(self._label).inc()
+                self.metrics.rejected.labels(self._label, "queue_full").inc()
                 raise Overloaded(f"{name}: queue full ({self._queued_tokens} tokens waiting, "
                                  f"limit {limit}; this client holds {holding}); retry later",
                                  retry_after=1.0)
