@@ -59,8 +59,11 @@ class Metrics:
         before its first event."""
         self.oom_splits.labels(model)
         self.model_evictions.labels(model)
+        self.adapter_evictions.labels(model)
         for reason in ("queue_full", "too_large"):
             self.rejected.labels(model, reason)
+        for outcome in ("loaded", "failed"):
+            self.adapter_loads.labels(model, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
