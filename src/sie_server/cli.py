@@ -22,6 +22,9 @@ from .flags import add_connection_flags, add_engine_flags, settings_from_args
 from .ray.cli import add_parser as add_ray_parser  # imports no ray until it runs
 
 log = logging.getLogger("sie_server.cli")
+# seconds a stopping server waits for accepted requests to finish; a supervisor's grace period
+# (Kubernetes' terminationGracePeriodSeconds) must be longer
+DRAIN_TIMEOUT_S = 60
 
 
 class GracefulServer(uvicorn.Server):
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                               settings.max_headers, settings.max_connections)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                             log_level=args.log_level.lower(), log_config=None,
-                            timeout_graceful_shutdown=60, http=limited_protocol(limits),
+                            timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+                            http=limited_protocol(limits),
                             timeout_keep_alive=limits.keep_alive_timeout_s)
     GracefulServer(config).run()
 
