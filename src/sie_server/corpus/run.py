@@ -134,7 +134,7 @@ class Job:
     def ids(self) -> str:
         """Where the ids come from, in words (the manifest's `ids`)."""
         if self.id_field is None:
-            return "row positions (no --id-field, and the rows have no 'id' field)"
+            return "row positions (the rows have no 'id' field, or --id-field '' was given)"
         if self.id_field_default:
             return (f"the {self.id_field!r} field: the rows have one, so it is the default "
                     "(--id-field overrides)")
