@@ -1,7 +1,8 @@
 """deploy/kubernetes/, checked offline: every object against the Kubernetes 1.37 schemas with
 PyPI kubernetes-validate in strict mode (unknown fields refused), the ServiceMonitor against
-validators generated from the Prometheus Operator's CRD schema (npm
-@kubernetes-models/prometheus-operator, scripts/setup-servicemonitor-schema.sh), and every
+the validators and TypeScript types generated from the Prometheus Operator's CRD schema (npm
+@kubernetes-models/prometheus-operator, scripts/setup-servicemonitor-schema.sh; `tsc`
+refuses unknown fields), and every
 container against the server itself: its arguments parse with `sie-server`'s own parser, its
 probe and scrape paths are routes of the Starlette app, its environment variables are ones
 the server reads, and its grace period outlasts the drain."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -76,6 +78,22 @@ def check_servicemonitor(node_dir: Path, obj: dict) -> subprocess.CompletedProce
                           input=json.dumps(obj), capture_output=True, text=True, timeout=60)
 
 
+def typecheck_servicemonitor(node_dir: Path, obj: dict) -> subprocess.CompletedProcess:
+    """`tsc` on the object as a literal of the CRD's generated type: TypeScript refuses a
+    property the type does not have, at any depth."""
+    source = node_dir / f"check-{os.getpid()}.ts"
+    source.write_text('import type { IServiceMonitor } from "@kubernetes-models/prometheus-operator'
+                      '/monitoring.coreos.com/v1/ServiceMonitor";\n'
+                      f"export const monitor: IServiceMonitor = {json.dumps(obj, indent=1)};\n")
+    try:
+        return subprocess.run([str(node_dir / "node_modules/.bin/tsc"), "--noEmit", "--strict",
+                               "--module", "nodenext", "--moduleResolution", "nodenext",
+                               "--skipLibCheck", source.name], cwd=node_dir,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        source.unlink()
+
+
 def test_servicemonitor_passes_the_prometheus_operator_crd_schema() -> None:
     setup = subprocess.run([str(ROOT / "scripts" / "setup-servicemonitor-schema.sh")],
                            capture_output=True, text=True, timeout=300)
@@ -86,9 +104,16 @@ def test_servicemonitor_passes_the_prometheus_operator_crd_schema() -> None:
     (monitor,) = by_kind("ServiceMonitor")
     r = check_servicemonitor(node_dir, monitor)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+    r = typecheck_servicemonitor(node_dir, monitor)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the checks can fail: a malformed value, an unknown field
     bad = copy.deepcopy(monitor)
     bad["spec"]["endpoints"][0]["interval"] = "15 seconds"
     assert check_servicemonitor(node_dir, bad).returncode == 1
+    bad = copy.deepcopy(monitor)
+    bad["spec"]["endpoints"][0]["scrapeTimout"] = "10s"
+    r = typecheck_servicemonitor(node_dir, bad)
+    assert r.returncode != 0 and "'\"scrapeTimout\"' does not exist" in r.stdout, r.stdout
 
 
 def test_containers_use_only_the_servers_flags_and_variables() -> None:
