@@ -236,13 +236,16 @@ def test_prometheus_scrapes_servers_panels_have_data_and_alerts_fire(
         assert {a["model"] for a in firing["SIEModelLoadFailed"]} == {"broken/model"}
         assert {a["model"] for a in firing["SIEQueueFull"]} == {MINILM}
         assert {a["route"] for a in firing["SIEHighP99Latency"]} == {"encode"}
-        assert not {"SIEServerDown", "SIEReplicaDown"} & set(firing)
 
-        replica.stop()
-        prom.wait(lambda: "SIEReplicaDown" in prom.firing(), 30, "SIEReplicaDown")
-        assert "SIEServerDown" not in prom.firing()
-        server.stop()
-        prom.wait(lambda: "SIEServerDown" in prom.firing(), 30, "SIEServerDown")
+        # the down alerts name the target that stopped (a scrape that times out on a busy
+        # machine may fire them for a moment: their shipped `for:` is 2 minutes)
+        for job, target in (("sie-ray", replica), ("sie", server)):
+            instance = target.url.removeprefix("http://")
+            target.stop()
+            alert = "SIEReplicaDown" if job == "sie-ray" else "SIEServerDown"
+            prom.wait(lambda: {"job": job, "instance": instance, "alertname": alert,
+                               "severity": "critical"} in prom.firing().get(alert, []),
+                      30, f"{alert} for {instance}")
     finally:
         prom.stop()
 
