@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import free_port
 from texts import SHORT_TEXTS
 
 from sie_server.metrics import Metrics
@@ -86,12 +87,6 @@ def test_promtool_accepts_the_config_and_rules_and_their_unit_tests_pass() -> No
     rules = yaml.safe_load((OBS / "alerts.yml").read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {"SIEHighErrorRatio", "SIEQueueFull", "SIEHighP99Latency",
                                             "SIEModelLoadFailed", "SIEServerDown", "SIEReplicaDown"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:
