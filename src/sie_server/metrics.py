@@ -60,8 +60,14 @@ class Metrics:
                                          ["model"], registry=r)
         self.oom_splits = Counter("sie_oom_splits", "batches split after running out of memory",
                                   ["model"], registry=r)
-        self.rejected = Counter("sie_rejected", "requests refused at admission (503 QUEUE_FULL, or 413 for one over the queue limit)",
-                                ["model"], registry=r)
+        self.rejected = Counter("sie_rejected", "requests refused at admission: reason "
+                                "queue_full (503 QUEUE_FULL) or too_large (413, over the queue "
+                                "limit alone)", ["model", "reason"], registry=r)
+        self.adapters_loaded = Gauge("sie_adapters_loaded", "LoRA adapters loaded now per model",
+                                     ["model"], registry=r)
+        self.adapter_memory = Gauge("sie_adapter_memory_bytes",
+                                    "memory held by each model's loaded LoRA adapters (also "
+                                    "counted in sie_model_memory_bytes)", ["model"], registry=r)
         self.errors = Counter("sie_errors", "error responses by SIE error code", ["code"],
                               registry=r)
         self.last_errors: dict[str, LastError] = {}  # code -> its latest occurrence
@@ -71,6 +77,17 @@ class Metrics:
         self.errors.labels(code).inc()
         self.last_errors[code] = LastError(status, route, model,
                                            message[:_ERROR_MESSAGE_CHARS], time.time())
+
+    def start_model(self, model: str) -> None:
+        """Create a loaded model's counters at zero, so that rates and alerts see the series
+        before its first event."""
+        self.oom_splits.labels(model)
+        self.model_evictions.labels(model)
+        self.adapter_evictions.labels(model)
+        for reason in ("queue_full", "too_large"):
+            self.rejected.labels(model, reason)
+        for outcome in ("loaded", "failed"):
+            self.adapter_loads.labels(model, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
