@@ -302,7 +302,9 @@ def summarize(results, samples, metrics, log, minutes, processes, clients, warmu
                        for k, v in sorted(latency.items()) if v},
         "rss_mb": {"start": round(float(rss[0]), 1), "after_warmup": round(float(rss[after][0]), 1),
                    "end": round(float(rss[-1]), 1), "max": round(float(rss.max()), 1),
-                   "slope_mb_per_min_after_warmup": None if slope is None else round(slope, 2)},
+                   "slope_mb_per_min_after_warmup": None if slope is None else round(slope, 2),
+                   "series": [[round(float(a) / 60, 1), round(float(b))]  # (minute, MB), ~20 points
+                              for a, b in zip(t[::max(1, len(t) // 20)], rss[::max(1, len(t) // 20)])]},
         "open_fds": {"after_warmup_min": int(fds[after].min()), "after_warmup_max": int(fds[after].max()),
                      "end": int(fds[-1])},
         "server_requests_counted": metric(metrics, "sie_requests_total"),

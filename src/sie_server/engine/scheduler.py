@@ -86,13 +86,13 @@ class Scheduler:
             if self._closing:
                 raise ModelUnavailable(f"{name} is shutting down")
             if tokens > limit:
-                self.metrics.rejected.labels(self._label).inc()
+                self.metrics.rejected.labels(self._label, "too_large").inc()
                 raise BodyTooLarge(f"the request holds {tokens} tokens; {name} queues at most "
                                    f"{limit} (--max-queued-tokens): send its items in smaller "
                                    "requests")
             holding = self._queue.holding(client_key(request))
             if not self._admits(holding):
-                self.metrics.rejected.labels(self._label).inc()
+                self.metrics.rejected.labels(self._label, "queue_full").inc()
                 raise Overloaded(f"{name}: queue full ({self._queue.tokens} tokens waiting, "
                                  f"limit {limit}; this client holds {holding or 0}); retry later",
                                  retry_after=1.0)
