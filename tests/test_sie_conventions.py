@@ -31,7 +31,7 @@ PROFILES = {
     "sparse": {"extends": "default", "output_types": ["sparse"]},
     "legal": {"extends": "default", "lora_id": LEGAL_LORA, "instruction": "Find the clause"},
     "queries": {"is_query": True, "output_types": ["dense", "multivector"]},
-    "fde": {"extends": "default", "muvera": {}},  # SIE's MUVERA slot: read, not computed here
+    "fde": {"extends": "default", "muvera": {}, "output_types": ["dense"]},  # SIE's muvera profiles
 }
 
 
@@ -63,7 +63,7 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
     specs, _ = load_catalog([catalog])
     got = specs[M3].profiles
     assert list(got) == ["default", "sparse", "legal", "queries", "fde"]
-    assert got["fde"] == {"muvera": {}}
+    assert got["fde"] == {"muvera": {}, "output_types": ["dense"]}
     assert got["sparse"] == {"output_types": ["sparse"]}  # SIE: the child's runtime replaces
     assert got["legal"]["lora_id"] == LEGAL_LORA
     assert parse_profiles("x", {"a": {"is_query": True}, "b": {"extends": "a"}})["b"] == {
@@ -139,8 +139,10 @@ def test_unknown_profiles_get_sies_errors(server) -> None:
     assert r.status_code == 400
     assert r.json()["detail"]["message"] == "'options.profile' must be a non-empty string or null"
     assert httpx.get(f"{server.url}/v1/models/{M3}:nope").status_code == 404
-    r = encode(server, f"{M3}:fde", {"items": items()})
-    assert r.status_code == 400 and "sets muvera, which this server does not compute" in r.text
+    # a profile's muvera is options.muvera (the model's settings): dense is the encoding
+    fde = encode(server, f"{M3}:fde", {"items": items()}).json()
+    by_hand = encode(server, M3, {"items": items(), "params": {"options": {"muvera": {}}}}).json()
+    assert fde["items"] == by_hand["items"] and len(fde["items"][0]["dense"]["values"]) == 10240
 
 
 def test_models_list_profiles_as_sie_does(server) -> None:
