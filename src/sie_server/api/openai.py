@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from pydantic import BaseModel, Field
 
 from ..engine import Engine
 from ..errors import InvalidRequest, SIEError
@@ -14,6 +16,44 @@ from .validate import check_text
 
 PATH = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's own limit per request
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings body as this server reads it (`parse` checks it)."""
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1, description=f"at most {MAX_INPUTS} texts")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class OpenAIError(BaseModel):
+    error: ErrorDetail
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,18 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def tokens(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """The whole text's Encoding (ids, tokens, offsets, special-token mask), uncut: for
+        showing how a text tokenizes (TEI's /tokenize), not for the model."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def _encode_all(self, texts: list[str], add_special_tokens: bool) -> list:
         if sum(map(len, texts)) <= SMALL_INPUT_CHARS:
             return [self._tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
