@@ -196,6 +196,8 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
     async def embeddings(request: Request) -> Response:
         """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak)."""
         body = await calls.json(request)
+        if isinstance(body, dict) and body.get("model") is None:  # TEI's route takes none
+            body["model"] = calls.default_model("embed")
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.state.model = body["model"][:200]
         call = openai.parse(body)

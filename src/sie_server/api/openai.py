@@ -20,7 +20,7 @@ MAX_INPUTS = 2048  # OpenAI's own limit per request
 
 class EmbeddingsRequest(BaseModel):
     """OpenAI's embeddings body as this server reads it (`parse` checks it)."""
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1, description="default: --embed-model")
     input: str | list[str] = Field(min_length=1, description=f"at most {MAX_INPUTS} texts")
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1)
