@@ -11,7 +11,7 @@ case "$group" in
              llama-index-embeddings-text-embeddings-inference==0.6.0
              llama-index-postprocessor-tei-rerank==0.6.0
              llama-index-postprocessor-jinaai-rerank==0.6.0) ;;
-  langchain) pins=(langchain-huggingface==1.2.3) ;;
+  langchain) pins=(langchain-huggingface==1.2.3 numpy) ;;  # numpy: InferenceClient's vectors
   infinity) pins=(infinity-client==0.0.78) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac

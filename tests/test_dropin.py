@@ -18,6 +18,7 @@ import subprocess
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, reject, settings
 
 from conftest import ROOT
 from test_score import ce_bert_dir  # noqa: F401  (the random-weight cross-encoder fixture)
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.slow
 EMBED, RERANK, M3 = "sentence-transformers/all-MiniLM-L6-v2", "test/ce-bert", "BAAI/bge-m3"
 TEXTS = ["The cat sat on the mat.", "Stock markets fell sharply today.", "A kitten naps."]
 QUERY = "Where is the cat?"
-# the clients reach only 127.0.0.1; HF_HUB_OFFLINE would stop huggingface_hub there too
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+# the clients reach only 127.0.0.1; huggingface_hub's offline mode would stop it there too
+CLEAN_ENV = {k: v for k, v in os.environ.items()
+             if k not in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,7 @@ def test_langchain_huggingface_embeddings(server):
     ref = dense(server.url, TEXTS)
     np.testing.assert_allclose(got["documents"], ref, atol=1e-5)
     np.testing.assert_allclose(got["query"], ref[0], atol=1e-5)
+    np.testing.assert_allclose(got["async"], ref, atol=1e-5)
 
 
 def test_infinity_client(server):
@@ -205,3 +208,49 @@ def test_tei_sparse_all_and_errors(server):
     decoded = httpx.post(f"{u}/decode", json={"ids": [[t["id"] for t in tok]
                          for tok in httpx.post(f"{u}/tokenize", json={"inputs": TEXTS}).json()]})
     assert [s.lower() for s in decoded.json()] == [t.lower() for t in TEXTS]
+
+
+# ---------------------------------------------------------------- OpenAPI, fuzzed
+
+EXAMPLES = 8  # per operation and request content type: ~400 requests in all
+
+
+def test_openapi_fuzzed(server):
+    """schemathesis on every operation of /openapi.json and each of its request content types
+    (JSON, msgpack), a fixed budget of generated cases (derandomized): no 500, and every
+    status, content type and body as the document declares them."""
+    schemathesis = pytest.importorskip("schemathesis")
+    import msgpack
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance,
+                                                   response_schema_conformance,
+                                                   status_code_conformance)
+
+    @schemathesis.serializer("application/msgpack")
+    def _msgpack(ctx, value):
+        try:
+            data = msgpack.packb(value, use_bin_type=True)
+        except OverflowError:  # an integer msgpack cannot carry (over 64 bits): not sendable
+            reject()
+        return {"data": data, "headers": {"Content-Type": "application/msgpack"}}
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    seen = set()
+    for result in schema.get_all_operations():
+        op = result.ok()
+        media = list(op.definition.raw.get("requestBody", {}).get("content", {})) or [None]
+        for media_type in media:
+            seen.add((op.method.upper(), op.path, media_type))
+
+            @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                      phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(media_type=media_type))
+            def fuzz(case):
+                case.call_and_validate(checks=checks, timeout=60)
+
+            fuzz()
+    assert ("POST", "/v1/encode/{model}", "application/msgpack") in seen
+    assert ("POST", "/v1/rerank", "application/json") in seen and len(seen) >= 30

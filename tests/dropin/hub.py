@@ -12,7 +12,8 @@ out = {}
 
 from huggingface_hub import InferenceClient  # noqa: E402
 
-hf = InferenceClient(model=url)
+# provider "hf-inference": the one whose endpoint info and health check read a URL
+hf = InferenceClient(model=url, provider="hf-inference")
 out["hf_feature_extraction"] = hf.feature_extraction(TEXTS).tolist()
 out["hf_feature_extraction_one"] = hf.feature_extraction(TEXTS[0]).tolist()
 out["hf_sentence_similarity"] = hf.sentence_similarity(QUERY, TEXTS)

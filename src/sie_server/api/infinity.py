@@ -72,10 +72,11 @@ class InfinityRerankResponse(BaseModel):
 class InfinityModel(BaseModel):
     id: str
     object: Literal["model"]
-    owned_by: str
+    owned_by: Literal["infinity"]  # infinity-client's enum has only this value
     created: int
     backend: str
     capabilities: list[str]
+    stats: dict[str, Any] = Field(description="infinity's queue statistics; {} here")
 
 
 class InfinityModels(BaseModel):
@@ -128,6 +129,7 @@ class Infinity:
             family = FAMILIES[h.spec.family]
             caps = (["embed"] if "dense" in family.output_types else []) + \
                 (["rerank"] if family.score_types else [])
-            data.append({"id": h.spec.name, "object": "model", "owned_by": "sie",
-                         "created": STARTED, "backend": "torch", "capabilities": caps})
+            data.append({"id": h.spec.name, "object": "model", "owned_by": "infinity",
+                         "created": STARTED, "backend": "torch", "capabilities": caps,
+                         "stats": {}})
         return JSONResponse({"data": data, "object": "list"})

@@ -20,8 +20,12 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from .. import __version__
 
 JSON_ONLY = ("application/json",)
-BOTH = ("application/json", "application/msgpack")
+BOTH = ("application/json", "application/msgpack")  # request and response encodings
 REF = "#/components/schemas/{model}"
+MSGPACK = "application/msgpack"
+# A msgpack response has the JSON response's fields with arrays as msgpack-numpy maps
+# ({nd, type, kind, shape, data}); no JSON Schema describes binary values, so it is open.
+MSGPACK_BODY = {"description": "the JSON response's fields; arrays as msgpack-numpy maps"}
 
 
 @dataclass
@@ -108,7 +112,8 @@ def document(operations: list[Operation]) -> dict[str, Any]:
             if kind is not None:
                 media = (op.response_media,) if op.response_media and status < 400 else \
                     (op.content if status < 400 else JSON_ONLY)
-                out["content"] = {t: {"schema": schemas.of(kind)} for t in media}
+                out["content"] = {t: {"schema": schemas.of(kind) if t != MSGPACK else
+                                      MSGPACK_BODY} for t in media}
             entry["responses"][str(status)] = out
         path = op.path.replace(":path", "")
         paths.setdefault(path, {})[op.method.lower()] = entry
