@@ -212,7 +212,7 @@ def test_tei_sparse_all_and_errors(server):
 
 # ---------------------------------------------------------------- OpenAPI, fuzzed
 
-EXAMPLES = 8  # per operation and request content type: ~400 requests in all
+EXAMPLES = 20  # per operation and request content type: ~900 requests in all
 
 
 def test_openapi_fuzzed(server):

@@ -111,7 +111,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         await anyio.to_thread.run_sync(engine.close)
 
     ops = operations(Calls(engine), ready, load_errors)
-    docs = openapi.routes(ops)
+    first = (engine.registry.defaults or [None])[0]
+    docs = openapi.routes(ops, {"model": first, "path": first} if first else None)
     routes = [Route(op.path, handled(op.handler, op.render or error_response),
                     methods=[op.method]) for op in ops]
     routes += [Route("/openapi.json", docs["openapi"], methods=["GET"]),

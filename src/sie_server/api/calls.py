@@ -107,9 +107,18 @@ def validated(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        # the most specific problem; a union's member names ("str", "list[str]") leave the path
+        err = max(exc.errors(include_url=False, include_input=False),
+                  key=lambda e: len(e["loc"]))
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                        for p in err["loc"] if not _member(p)).lstrip(".") or "body"
         raise InvalidRequest(f"{where}: {err['msg']}") from None
+
+
+def _member(part: Any) -> bool:
+    """A union member's tag in a pydantic error location (not a field name or index)."""
+    return isinstance(part, str) and ("[" in part or part in (
+        "str", "int", "float", "bool", "dict", "list", "none") or part[:1].isupper())
 
 
 class Calls:

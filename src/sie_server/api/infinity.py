@@ -30,7 +30,7 @@ DEFAULT = "default/not-specified"  # infinity-client's model when none is given
 
 
 class InfinityEmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input: str | list[str] = Field(min_length=1)
     model: str = DEFAULT
     encoding_format: Literal["float", "base64"] | None = None
@@ -40,7 +40,7 @@ class InfinityEmbeddingsRequest(BaseModel):
 
 
 class InfinityRerankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str
     documents: list[str] = Field(min_length=1)
     return_documents: bool = False

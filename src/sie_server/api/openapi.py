@@ -90,8 +90,10 @@ class Schemas:
             raise ValueError(f"two definitions are named {name}")
 
 
-def document(operations: list[Operation]) -> dict[str, Any]:
-    """The OpenAPI document of `operations`."""
+def document(operations: list[Operation], examples: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    """The OpenAPI document of `operations`; `examples`: a path parameter's example value
+    (a served model, so that the document's examples reach one)."""
     schemas, paths = Schemas(), {}
     for op in operations:
         entry: dict[str, Any] = {"summary": op.summary, "tags": [op.tag],
@@ -99,7 +101,9 @@ def document(operations: list[Operation]) -> dict[str, Any]:
                                  .replace("/", "_").replace("{", "").replace("}", "")
                                  .replace(":path", "")}
         params = [{"name": p, "in": "path", "required": True,
-                   "schema": {"type": "string", "minLength": 1}} for p in op.path_params]
+                   "schema": {"type": "string", "minLength": 1},
+                   **({"example": examples[p]} if p in (examples or {}) else {})}
+                  for p in op.path_params]
         if params:
             entry["parameters"] = params
         if op.request is not None:
@@ -148,9 +152,10 @@ INIT_JS = 'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});'
 ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js"}
 
 
-def routes(operations: list[Operation]) -> dict[str, Callable]:
+def routes(operations: list[Operation], examples: dict[str, str] | None = None
+           ) -> dict[str, Callable]:
     """Handlers of /openapi.json, /docs and /docs/{asset}."""
-    spec = document(operations)
+    spec = document(operations, examples)
 
     async def openapi_json(request) -> Response:
         return JSONResponse(spec)

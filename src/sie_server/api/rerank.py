@@ -33,12 +33,12 @@ from .validate import check_text
 
 
 class DocumentObject(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Cohere v1 documents may carry more fields
+    model_config = ConfigDict(extra="allow", strict=True)  # Cohere v1 documents: more fields
     text: str
 
 
 class RerankBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = Field(None, description="a served model; default --rerank-model")
     query: str
     top_n: int | None = Field(None, ge=1)

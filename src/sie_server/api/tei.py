@@ -34,9 +34,9 @@ LABEL = "LABEL_0"  # a one-logit cross-encoder's only label (transformers' defau
 
 
 class TEIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # TEI ignores fields it does not know
+    model_config = ConfigDict(extra="ignore", strict=True)  # TEI ignores unknown fields
     model: str | None = Field(None, description="this server's addition: the model to use "
-                              "(default: --embed-model / --rerank-model)")
+                              "(default: --embed-model / --rerank-model)", strict=True)
 
 
 class Truncating(TEIRequest):
@@ -59,11 +59,13 @@ class EmbedSparseRequest(Truncating):
 
 
 class SimilarityInput(BaseModel):
+    model_config = ConfigDict(strict=True)
     source_sentence: str
     sentences: list[str]
 
 
 class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(strict=True)
     truncate: bool | None = None
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = None
