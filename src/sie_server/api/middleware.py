@@ -31,6 +31,7 @@ def route_of(path: str) -> str:
         return "adapters"
     for prefix, name in (("/v1/encode/", "encode"), ("/v1/score/", "score"),
                          ("/v1/embeddings", "embeddings"), ("/v1/models", "models"),
+                         ("/v1/rerank", "rerank"), ("/v2/rerank", "rerank"),
                          ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"),
                          ("/livez", "health"), ("/health", "health")):
         if path.startswith(prefix):
