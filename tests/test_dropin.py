@@ -212,6 +212,34 @@ def test_tei_sparse_all_and_errors(server):
 
 # ---------------------------------------------------------------- OpenAPI, fuzzed
 
+def test_openapi_lists_every_route_and_docs_are_served_offline(server):
+    """/openapi.json holds every route the app serves (the same operation table makes both);
+    /docs and its assets come from this process (swagger-ui-bundle), licence included."""
+    from starlette.routing import Route
+
+    from sie_server.api.app import create_app
+    from sie_server.config import Settings
+    from sie_server.engine import Engine
+
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    app = create_app(Engine(Settings(device="cpu", default_models=[],
+                                     infinity_prefix="/infinity")), load_defaults=False)
+    served = {(m, r.path.replace(":path", "")) for r in app.routes if isinstance(r, Route)
+              for m in r.methods - {"HEAD"}}
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    own = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/{name}")}
+    assert served - own == documented
+    assert spec["paths"]["/v1/encode/{model}"]["post"]["requestBody"]["content"].keys() == \
+        {"application/json", "application/msgpack"}
+    page = httpx.get(f"{server.url}/docs")
+    assert page.status_code == 200 and "/docs/swagger-ui-bundle.js" in page.text
+    bundle = httpx.get(f"{server.url}/docs/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+    assert "Apache License" in httpx.get(f"{server.url}/docs/LICENSE").text
+    assert "cdn" not in page.text.lower()
+    assert httpx.get(f"{server.url}/docs/..%2Fsecret").status_code == 404
+
+
 EXAMPLES = 20  # per operation and request content type: ~900 requests in all
 
 
