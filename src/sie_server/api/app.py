@@ -246,9 +246,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
             return await inf.rerank(request, body)
         return await tei.rerank(request, body)
 
-    def tei_error(request: Request, err: SIEError) -> Response:
-        return tei_api.error_response(err)
-
     def rerank_error(request: Request, err: SIEError) -> Response:
         return (rerank_api.error_v2 if request.url.path.startswith("/v2/")
                 else rerank_api.error_v1)(err)
@@ -257,7 +254,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
                   408: validate.SIEErrorResponse, 413: validate.SIEErrorResponse,
                   503: validate.SIEErrorResponse}
     oai_errors = {s: openai.OpenAIError for s in (400, 404, 408, 413, 503)}
-    tei_errors = {s: tei_api.TEIError for s in (400, 413, 422, 424, 429, 503)}
     co_errors = {s: rerank_api.RerankError for s in (400, 404, 408, 413, 503)}
     co2_errors = {s: rerank_api.CohereError for s in (400, 404, 408, 413, 503)}
     health_body = dict[str, Any]
@@ -289,37 +285,11 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         Operation("POST", "/v2/rerank", cohere.v2, "Rerank (Cohere v2)", co,
                   rerank_api.RerankV2Request, {200: rerank_api.RerankResponse, **co2_errors},
                   render=rerank_error),
-        Operation("POST", "/embed", tei.embed, "Embed (TEI)", t, tei_api.EmbedRequest,
-                  {200: tei_api.EmbedResponse, **tei_errors}, render=tei_error),
-        Operation("POST", "/embed_sparse", tei.embed_sparse, "Sparse embed (TEI)", t,
-                  tei_api.EmbedSparseRequest, {200: tei_api.EmbedSparseResponse, **tei_errors},
-                  render=tei_error),
-        Operation("POST", "/embed_all", tei.embed_all, "Token embeddings (TEI)", t,
-                  tei_api.EmbedSparseRequest, {200: tei_api.EmbedAllResponse, **tei_errors},
-                  render=tei_error),
         Operation("POST", "/rerank", rerank_root, "Rerank (TEI: texts; infinity: documents)",
                   t, tei_api.TEIRerankRequest | infinity_api.InfinityRerankRequest,
                   {200: tei_api.TEIRerankResponse | infinity_api.InfinityRerankResponse,
-                   **tei_errors}, render=tei_error),
-        Operation("POST", "/predict", tei.predict, "Score pairs (TEI)", t,
-                  tei_api.PredictRequest, {200: tei_api.PredictResponse, **tei_errors},
-                  render=tei_error),
-        Operation("POST", "/similarity", tei.similarity, "Sentence similarity (TEI)", t,
-                  tei_api.SimilarityRequest, {200: tei_api.SimilarityResponse, **tei_errors},
-                  render=tei_error),
-        Operation("POST", "/tokenize", tei.tokenize, "Tokenize (TEI)", t,
-                  tei_api.TokenizeRequest, {200: tei_api.TokenizeResponse, **tei_errors},
-                  render=tei_error),
-        Operation("POST", "/decode", tei.decode, "Decode token ids (TEI)", t,
-                  tei_api.DecodeRequest, {200: tei_api.DecodeResponse, **tei_errors},
-                  render=tei_error),
-        Operation("GET", "/info", tei.info, "Model info (TEI)", t, None,
-                  {200: tei_api.Info, **tei_errors}, render=tei_error),
-        Operation("POST", "/", tei.root, "TEI's default route: embed, or similarity", t,
-                  tei_api.EmbedRequest | tei_api.SimilarityRequest,
-                  {200: tei_api.EmbedResponse | tei_api.SimilarityResponse
-                   | tei_api.EmbedSparseResponse | tei_api.TEIRerankResponse, **tei_errors},
-                  render=tei_error),
+                   **tei_api.ERRORS}, render=tei_api.error_response),
+        *tei.operations(),
         Operation("POST", "/embeddings", inf.embeddings, "Embeddings (infinity / OpenAI)",
                   inf_tag, infinity_api.InfinityEmbeddingsRequest,
                   {200: openai.EmbeddingsResponse, **oai_errors}, render=openai_error),

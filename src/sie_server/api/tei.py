@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import InvalidRequest, SIEError
 from ..models import FAMILIES
 from .calls import Calls, validated
+from .openapi import Operation
 from .openai import shorten
 from .validate import check_text
 
@@ -175,6 +176,9 @@ class TEIError(BaseModel):
                         "Empty"]
 
 
+ERRORS = {s: TEIError for s in (400, 413, 422, 424, 429, 503)}
+
+
 class Empty(InvalidRequest):
     """TEI's `Empty` error: 400."""
 
@@ -186,7 +190,7 @@ class NotServed(SIEError):
 
 # ------------------------------------------------------------------ errors
 
-def error_response(err: SIEError) -> Response:
+def error_response(request: Request, err: SIEError) -> Response:
     """TEI's {error, error_type} with TEI's status for each kind."""
     if isinstance(err, Empty):
         status, kind = 400, "Empty"
@@ -268,9 +272,9 @@ class TEI:
     async def embed(self, request: Request, body: Any = None) -> Response:
         timer = Timer()
         req = validated(EmbedRequest, await self.calls.json(request) if body is None else body)
+        texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
         self._has(model, "dense", "embed")
-        texts = _texts(req.inputs)
         results = await self.calls.encode(request, model, texts, ["dense"],
                                           _options(req, req.prompt_name))
         vectors = np.stack([r.dense for r in results]).astype(np.float32)
@@ -284,9 +288,9 @@ class TEI:
         timer = Timer()
         req = validated(EmbedSparseRequest,
                         await self.calls.json(request) if body is None else body)
+        texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
         self._has(model, "sparse", "embed_sparse")
-        texts = _texts(req.inputs)
         results = await self.calls.encode(request, model, texts, ["sparse"],
                                           _options(req, req.prompt_name))
         out = [[{"index": int(i), "value": float(v)} for i, v in zip(*r.sparse)]
@@ -296,9 +300,9 @@ class TEI:
     async def embed_all(self, request: Request) -> Response:
         timer = Timer()
         req = validated(EmbedSparseRequest, await self.calls.json(request))
+        texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
         self._has(model, "multivector", "embed_all")
-        texts = _texts(req.inputs)
         results = await self.calls.encode(request, model, texts, ["multivector"],
                                           _options(req, req.prompt_name))
         return _answer([r.multivector.astype(np.float32).tolist() for r in results], timer,
@@ -427,6 +431,28 @@ class TEI:
                 "max_client_batch_size": settings.max_items_per_request,
                 "auto_truncate": True, "tokenization_workers": 1,
                 "version": __version__, "sha": None, "docker_label": None}
+
+    def operations(self) -> list[Operation]:
+        """TEI's routes, answering errors in TEI's shape (POST /rerank is api/app.py's: it
+        is infinity's route too)."""
+        table = [("/embed", self.embed, "Embed", EmbedRequest, EmbedResponse),
+                 ("/embed_sparse", self.embed_sparse, "Sparse embed", EmbedSparseRequest,
+                  EmbedSparseResponse),
+                 ("/embed_all", self.embed_all, "Token embeddings", EmbedSparseRequest,
+                  EmbedAllResponse),
+                 ("/predict", self.predict, "Score pairs", PredictRequest, PredictResponse),
+                 ("/similarity", self.similarity, "Sentence similarity", SimilarityRequest,
+                  SimilarityResponse),
+                 ("/tokenize", self.tokenize, "Tokenize", TokenizeRequest, TokenizeResponse),
+                 ("/decode", self.decode, "Decode token ids", DecodeRequest, DecodeResponse),
+                 ("/", self.root, "TEI's default route: embed, or a similarity body",
+                  EmbedRequest | SimilarityRequest, EmbedResponse | SimilarityResponse
+                  | EmbedSparseResponse)]
+        return [Operation("POST", path, handler, f"{summary} (TEI)", "TEI", request,
+                          {200: response, **ERRORS}, render=error_response)
+                for path, handler, summary, request, response in table] + [
+            Operation("GET", "/info", self.info, "Model info (TEI)", "TEI", None,
+                      {200: Info, **ERRORS}, render=error_response)]
 
     async def root(self, request: Request) -> Response:
         """POST /: TEI's default route for the embedding model (also a similarity body)."""
