@@ -282,3 +282,20 @@ def test_openapi_fuzzed(server):
             fuzz()
     assert ("POST", "/v1/encode/{model}", "application/msgpack") in seen
     assert ("POST", "/v1/rerank", "application/json") in seen and len(seen) >= 30
+
+
+def test_tei_error_statuses_for_engine_errors():
+    """The engine's errors that a loopback test cannot provoke cheaply (a full queue, a model
+    still loading, a dead worker) in TEI's statuses and kinds."""
+    from sie_server.api.tei import error_response
+    from sie_server.errors import (InputTooLong, InternalError, ModelLoading, Overloaded,
+                                   ResourceExhausted)
+
+    for err, status, kind in [(Overloaded("full", retry_after=2), 429, "Overloaded"),
+                              (ResourceExhausted("oom"), 429, "Overloaded"),
+                              (ModelLoading("loading"), 503, "Unhealthy"),
+                              (InputTooLong("long"), 413, "Validation"),
+                              (InternalError("bug"), 424, "Backend")]:
+        r = error_response(None, err)
+        assert (r.status_code, json.loads(r.body)["error_type"]) == (status, kind)
+    assert error_response(None, Overloaded("full", retry_after=2)).headers["retry-after"] == "2"
