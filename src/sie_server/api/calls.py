@@ -112,6 +112,8 @@ def validated(model: type[BaseModel], body: Any) -> Any:
                   key=lambda e: len(e["loc"]))
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
                         for p in err["loc"] if not _member(p)).lstrip(".") or "body"
+        if err["type"] == "extra_forbidden":
+            raise InvalidRequest(f"{where} is not a known field") from None
         raise InvalidRequest(f"{where}: {err['msg']}") from None
 
 
