@@ -155,6 +155,14 @@ def test_openwebui_external_reranker_request(server):
     got = [x["relevance_score"] for x in sorted(r.json()["results"], key=lambda x: x["index"])]
     ref = scores(server.url, QUERY, TEXTS)
     assert got == pytest.approx([ref[i] for i in range(3)], abs=1e-6)
+    # Cohere v1 / Jina document objects, and max_tokens_per_doc at / under the model's limit
+    body = {"model": RERANK, "query": QUERY, "documents": [{"text": t, "id": i}
+                                                          for i, t in enumerate(TEXTS)]}
+    objects = httpx.post(f"{server.url}/v1/rerank", json={**body, "max_tokens_per_doc": 4096},
+                         timeout=60).json()["results"]
+    assert {x["index"]: x["relevance_score"] for x in objects} == pytest.approx(ref, abs=1e-6)
+    r = httpx.post(f"{server.url}/v1/rerank", json={**body, "max_tokens_per_doc": 8})
+    assert r.status_code == 400 and "max_tokens_per_doc" in r.json()["message"]
 
 
 @pytest.mark.parametrize("options", [None, {"score_type": "sparse"}])
