@@ -235,7 +235,8 @@ def test_openapi_lists_every_route_and_docs_are_served_offline(server):
     served = {(m, r.path.replace(":path", "")) for r in app.routes if isinstance(r, Route)
               for m in r.methods - {"HEAD"}}
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
-    own = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/{name}")}
+    own = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/{name}"),
+           ("GET", "/"), ("GET", "/ui/{name}")}  # the document and the web page
     assert served - own == documented
     assert spec["paths"]["/v1/encode/{model}"]["post"]["requestBody"]["content"].keys() == \
         {"application/json", "application/msgpack"}

@@ -27,10 +27,11 @@ from ..errors import ModelNotFound, SIEError
 from ..logs import request_id
 from . import infinity as infinity_api
 from . import models as model_info
-from . import openai
+from . import openai, page, status
 from . import openapi
 from . import rerank as rerank_api
 from . import tei as tei_api
+from . import tokens as tokens_api
 from . import validate
 from .calls import Calls, ClientDisconnected
 from .middleware import ServerMiddleware
@@ -117,12 +118,14 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                     methods=[op.method]) for op in ops]
     routes += [Route("/openapi.json", docs["openapi"], methods=["GET"]),
                Route("/docs", docs["docs"], methods=["GET"]),
-               Route("/docs/{name}", docs["asset"], methods=["GET"])]
+               Route("/docs/{name}", docs["asset"], methods=["GET"]),
+               *page.routes()]
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
         err = SIEError(str(exc.detail))
         err.status, err.code = exc.status_code, codes.get(exc.status_code, "HTTP_ERROR")
+        request.state.error = err.message
         render = openai_error if request.url.path.startswith(openai.PATH) else error_response
         return render(request, err)
 
@@ -205,6 +208,22 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         results = await calls.encode(request, call.model, call.texts, ["dense"], {})
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
+
+    async def tokens(request: Request) -> Response:
+        model, call, _ = await read_call(request, tokens_api.parse)
+        body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
+        return respond(request, body)
+
+    async def status_route(request: Request) -> Response:
+        return respond(request, status.build(engine))
+
+    async def tokens(request: Request) -> Response:
+        model, call = await read_call(request, tokens_api.parse)
+        body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
+        return respond(request, body)
+
+    async def status_route(request: Request) -> Response:
+        return respond(request, status.build(engine))
 
     async def metrics(request: Request) -> Response:
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -295,6 +314,12 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
                   {200: openai.EmbeddingsResponse, **oai_errors}, render=openai_error),
         Operation("GET", "/models", inf.models, "Models (infinity)", inf_tag, None,
                   {200: infinity_api.InfinityModels}),
+        Operation("POST", "/v1/tokens/{model:path}", tokens,
+                  "The tokens a model computes on, and token ids as text", sie,
+                  tokens_api.TokensRequest, {200: dict[str, Any], **sie_errors}, BOTH,
+                  path_params=("model",)),
+        Operation("GET", "/status", status_route, "The engine's counters (the page's status)",
+                  "health", None, {200: dict[str, Any]}, BOTH),
         Operation("GET", "/metrics", metrics, "Prometheus metrics", "health", None,
                   {200: str}, response_media="text/plain"),
         Operation("GET", "/healthz", healthz, "Liveness of the workers", "health", None,
@@ -302,8 +327,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         Operation("GET", "/readyz", readyz, "Default models loaded", "health", None,
                   {200: health_body, 503: health_body}),
         Operation("GET", "/health", health, "SIE's / TEI's / infinity's health", "health", None,
-                  {200: health_body, 503: health_body}),
-        Operation("GET", "/", health, "TEI's health route", "health", None,
                   {200: health_body, 503: health_body}),
         Operation("GET", "/livez", livez, "The process answers", "health", None, {200: str},
                   response_media="text/plain"),
@@ -332,7 +355,10 @@ def handled(route: Callable[[Request], Any],
         except SIEError as err:
             if len(err.message) > _MAX_MESSAGE_CHARS:
                 err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
-            return render(request, err)
+            request.state.error = err.message  # ServerMiddleware counts errors by code
+            response = render(request, err)
+            response.headers.setdefault("X-SIE-Error-Code", err.code)
+            return response
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; for logs and metrics
 

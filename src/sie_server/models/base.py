@@ -39,6 +39,9 @@ class ModelSpec:
     matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
+    query_max_tokens: int | None = None  # ColBERT: query length (None: the checkpoint's)
+    query_expansion: bool | None = None  # ColBERT: pad queries with mask tokens (None: checkpoint's)
+    muvera: dict[str, Any] | None = None  # MUVERA settings (SIE's muvera_config keys); muvera.py
 
 
 @dataclass(frozen=True)
@@ -192,13 +195,15 @@ class EncoderModel(abc.ABC):
 
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
         """Apply the model's prefixes/instruction, then tokenize."""
+        return self.tokenizer.encode(self.prefixed(texts, is_query, instruction))
+
+    def prefixed(self, texts: list[str], is_query: bool, instruction: str | None) -> list[str]:
+        """The texts with the instruction (through the template) and the catalog's prefix."""
         if instruction is not None:
             texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
                      for t in texts]
         prefix = self.spec.query_prefix if is_query else self.spec.document_prefix
-        if prefix:
-            texts = [prefix + t for t in texts]
-        return self.tokenizer.encode(texts)
+        return [prefix + t for t in texts] if prefix else texts
 
     def check_output_types(self, output_types: list[str]) -> None:
         if not self.output_types:

@@ -191,7 +191,13 @@ class TextTokenizer:
         showing how a text tokenizes (TEI's /tokenize), not for the model."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def piece(self, token_id: int) -> str:
+        """The vocabulary's string for a token id ("▁Hello", "##ing", "<s>")."""
+        return self._tok.id_to_token(token_id) or ""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Token ids as text, special tokens kept unless skipped (one id: the token as a
+        word)."""
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _encode_all(self, texts: list[str], add_special_tokens: bool) -> list:
