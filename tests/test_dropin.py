@@ -308,3 +308,15 @@ def test_tei_error_statuses_for_engine_errors():
         r = error_response(None, err)
         assert (r.status_code, json.loads(r.body)["error_type"]) == (status, kind)
     assert error_response(None, Overloaded("full", retry_after=2)).headers["retry-after"] == "2"
+
+
+def test_tei_root_needs_the_api_key(start_server, minilm_dir):
+    """`GET /` (the web page) is open; `POST /` (TEI's embed) needs the key like every
+    inference route."""
+    server = start_server(["--model", f"{EMBED}={minilm_dir}", "--default-model", EMBED,
+                           "--api-key", "k1"])
+    assert httpx.post(f"{server.url}/", json={"inputs": "x"}).status_code == 401
+    r = httpx.post(f"{server.url}/", json={"inputs": "x"}, headers={"Authorization": "Bearer k1"},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.json()[0]) == 384
+    assert httpx.get(f"{server.url}/").status_code == 200
