@@ -44,6 +44,12 @@ class Settings:
     max_adapter_bytes: int = 2 * 1024**3
     adapter_load_timeout_s: float = 60.0
     api_keys: list[str] = field(default_factory=list)
+    # The models of the protocols that name none (TEI, Cohere v1; api/calls.py): None = the
+    # first default model (then any) that embeds / reranks. infinity's routes also under
+    # this prefix ("" = at the root only).
+    embed_model: str | None = None
+    rerank_model: str | None = None
+    infinity_prefix: str = ""
     # Connections (see connections.py): request head deadline, idle keep-alive, stalled body,
     # head size and header count (431), open connections.
     header_timeout_s: float = 10.0

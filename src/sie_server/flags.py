@@ -43,6 +43,15 @@ def add_engine_flags(s: argparse.ArgumentParser) -> None:
     add_model_flags(s)
     s.add_argument("--default-model", action="append", dest="default_models", metavar="NAME",
                    help="load NAME at start (repeatable; default: the catalog's defaults)")
+    s.add_argument("--embed-model", metavar="NAME",
+                   help="the model of TEI's routes and of infinity/Cohere requests that name "
+                        "none (default: the first default model that embeds)")
+    s.add_argument("--rerank-model", metavar="NAME",
+                   help="the model of TEI's /rerank and /predict and of rerank requests that "
+                        "name none (default: the first default cross-encoder, else scorer)")
+    s.add_argument("--infinity-prefix", metavar="PREFIX",
+                   help="also serve infinity's /embeddings, /rerank, /models under PREFIX "
+                        "(infinity's --url-prefix, e.g. /infinity)")
     s.add_argument("--pin", action="append", dest="pinned_models", metavar="NAME",
                    help="never evict NAME (repeatable)")
     s.add_argument("--memory-budget-bytes", type=int,
@@ -98,6 +107,8 @@ def settings_from_args(args: argparse.Namespace, **extra: object) -> Settings:
         max_adapters=args.max_adapters, max_adapter_bytes=args.max_adapter_bytes,
         adapter_load_timeout_s=args.adapter_load_timeout_s,
         api_keys=args.api_keys, pinned_models=args.pinned_models,
+        embed_model=args.embed_model, rerank_model=args.rerank_model,
+        infinity_prefix=args.infinity_prefix,
         memory_budget_bytes=args.memory_budget_bytes,
         model_load_timeout_s=args.model_load_timeout_s,
         load_retry_cooldown_s=args.load_retry_cooldown_s, **extra)

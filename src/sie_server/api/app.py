@@ -1,11 +1,13 @@
-"""The Starlette application: routes, body limits, error mapping, readiness."""
+"""The Starlette application: routes, body limits, error mapping, readiness.
+
+Every route is one `Operation` in `operations()` below: the same table makes the app's routes
+and its OpenAPI document (api/openapi.py). Each protocol's wire format lives in its own module
+(openai.py, tei.py, rerank.py, infinity.py; SIE's in wire.py / validate.py) over api/calls.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -14,23 +16,29 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
 from ..engine import Engine
 from ..engine.engine import normalized
-from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, NotServed, SIEError
+from ..errors import ModelNotFound, NotServed, SIEError
 from ..logs import request_id
+from . import infinity as infinity_api
 from . import models as model_info
 from . import openai, page, status
+from . import openapi
+from . import rerank as rerank_api
+from . import tei as tei_api
 from . import tokens as tokens_api
+from . import validate
+from .calls import Calls, ClientDisconnected
 from .middleware import ServerMiddleware
-from .validate import parse_encode, parse_score, parse_timeout
-from .waker import LoopWaker
-from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, decode_body, encode_body,
-                   encode_response, error_body, score_to_wire, timing_headers, wants_msgpack)
+from .openapi import BOTH, Operation
+from .validate import parse_encode, parse_score
+from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, encode_body, encode_response,
+                   error_body, score_to_wire, timing_headers, wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +52,6 @@ UNSERVED = {
     "/v1/responses": "the OpenAI Responses API (/v1/responses)",
     "/v1/audio/{path:path}": "audio (/v1/audio: transcription)",
 }
-# Requests with at most this many characters of text are tokenized on the event loop.
-_INLINE_CHARS = 2048
-_WATCH_AFTER_S = 0.05  # requests still waiting after this long watch for a disconnect
 # Results bigger than this many floats are serialized in a worker thread, off the event loop.
 _OFFLOAD_FLOATS = 1 << 16
 
@@ -62,92 +67,20 @@ _MAX_MESSAGE_CHARS = 2000  # an error never echoes more of the client's input th
 
 
 def error_response(request: Request, err: SIEError) -> Response:
-    """SIE's error envelope (always JSON, as SIE sends it), its code in X-SIE-Error-Code;
-    the OpenAI route answers in OpenAI's envelope instead. The message is kept in the
-    request's state for ServerMiddleware, which counts errors by code."""
+    """SIE's error envelope (always JSON, as SIE sends it), its code in X-SIE-Error-Code."""
     headers = {"X-SIE-Error-Code": err.code}
     if err.retry_after:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    if len(err.message) > _MAX_MESSAGE_CHARS:
-        err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
-    request.state.error = err.message
-    if request.url.path.startswith(openai.PATH):
-        body = openai.error_body(err)
-    else:
-        body = error_body(err, request_id.get())
-    return Response(encode_body(body, False), err.status, media_type=JSON, headers=headers)
+    return Response(encode_body(error_body(err, request_id.get()), False), err.status,
+                    media_type=JSON, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it grows past `limit` bytes; a client that
-    goes away before sending all of it is ClientDisconnected (499)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientDisconnected() from None
-    return b"".join(chunks)
-
-
-TIMEOUT_HEADER = "x-request-timeout"  # seconds; same as options.timeout_s
-
-
-def with_deadline(request: Request, options: dict[str, Any]) -> dict[str, Any]:
-    """Options with `timeout_s` taken from the X-Request-Timeout header when not set."""
-    header = request.headers.get(TIMEOUT_HEADER)
-    if header is None or options.get("timeout_s") is not None:
-        return options
-    return {**options, "timeout_s": parse_timeout(header, f"header {TIMEOUT_HEADER}")}
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has gone away (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def await_result(request: Request, future: concurrent.futures.Future,
-                       timeout: float | None, waker: LoopWaker) -> Any:
-    """The engine's result; past the deadline 504, and a client that disconnects has its queued
-    work dropped. Either way the engine's future is cancelled. Most results come within
-    `_WATCH_AFTER_S`: only requests still waiting then get a task watching for a disconnect."""
-    result = waker.watch(future)
-    first = _WATCH_AFTER_S if timeout is None else min(timeout, _WATCH_AFTER_S)
-    done, _ = await asyncio.wait({result}, timeout=first)
-    if not done:
-        gone = asyncio.ensure_future(_disconnected(request))
-        left = None if timeout is None else max(timeout - first, 0.0)
-        try:
-            done, _ = await asyncio.wait({result, gone}, timeout=left,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if gone in done and result not in done:
-            future.cancel()
-            result.cancel()
-            log.info("client disconnected; its queued work is dropped")
-            raise ClientDisconnected()
-    if result in done:
-        return result.result()
-    future.cancel()
-    result.cancel()
-    raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
-
-
-def tenant_of(request: Request) -> str | None:
-    """The API key's identity set by ServerMiddleware (None without keys)."""
-    return request.scope.get("state", {}).get("tenant")
-
-
-class ClientDisconnected(Exception):
-    """Nobody is left to answer."""
+def openai_error(request: Request, err: SIEError) -> Response:
+    """OpenAI's envelope, which its clients parse (same status and headers as SIE's)."""
+    response = error_response(request, err)
+    response.body = encode_body(openai.error_body(err), False)
+    response.headers["content-length"] = str(len(response.body))
+    return response
 
 
 def split_adapter_path(path: str, models: set[str]) -> tuple[str, str]:
@@ -167,19 +100,8 @@ def split_adapter_path(path: str, models: set[str]) -> tuple[str, str]:
 
 def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     """The HTTP app over an engine; default models load in the background at start-up."""
-    settings = engine.settings
     ready = threading.Event()
     load_errors: list[str] = []
-
-    waker: LoopWaker | None = None
-
-    def loop_waker() -> LoopWaker:
-        """The LoopWaker of the loop serving this request (normally always the same one)."""
-        nonlocal waker
-        loop = asyncio.get_running_loop()
-        if waker is None or waker.loop is not loop:
-            waker = LoopWaker(loop)
-        return waker
 
     def load_defaults_in_background() -> None:
         for name in engine.registry.defaults:
@@ -189,29 +111,55 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
                 load_errors.append(err.message)
         ready.set()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if load_defaults:
+            threading.Thread(target=load_defaults_in_background, daemon=True).start()
+        else:
+            ready.set()
+        yield
+        await anyio.to_thread.run_sync(engine.close)
+
+    ops = operations(Calls(engine), ready, load_errors)
+    first = (engine.registry.defaults or [None])[0]
+    docs = openapi.routes(ops, {"model": first, "path": first} if first else None)
+    routes = [Route(op.path, handled(op.handler, op.render or error_response),
+                    methods=[op.method]) for op in ops]
+    routes += [Route("/openapi.json", docs["openapi"], methods=["GET"]),
+               Route("/docs", docs["docs"], methods=["GET"]),
+               Route("/docs/{name}", docs["asset"], methods=["GET"]),
+               *page.routes(),
+               *(Route(path, handled(unserved(feature), error_response), methods=["GET", "POST"])
+                 for path, feature in UNSERVED.items())]
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+        err = SIEError(str(exc.detail))
+        err.status, err.code = exc.status_code, codes.get(exc.status_code, "HTTP_ERROR")
+        request.state.error = err.message
+        render = openai_error if request.url.path.startswith(openai.PATH) else error_response
+        return render(request, err)
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: on_http_error})
+    app.add_middleware(ServerMiddleware, api_keys=engine.settings.api_keys,
+                       metrics=engine.metrics)
+    return app
+
+
+def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> list[Operation]:
+    """Every route of the server (SIE, OpenAI, TEI, rerank, infinity, health)."""
+    engine, settings = calls.engine, calls.settings
+
     async def read_call(request: Request, parse: Callable[[Any, int], Any]):
-        """(model from the path, the validated body, its options with the deadline header)."""
+        """(model from the path, the validated body)."""
         model = request.state.model = request.path_params["model"]
-        body = decode_body(await read_body(request, settings.max_body_bytes),
-                           request.headers.get("content-type", ""))
-        call = parse(body, settings.max_items_per_request)
-        return model, call, with_deadline(request, call.options)
+        return model, parse(await calls.body(request), settings.max_items_per_request)
 
     async def encode(request: Request) -> Response:
         arrived = time.monotonic()
-        model, call, options = await read_call(request, parse_encode)
-        if (all(isinstance(t, str) for t in call.texts)  # images are decoded off the loop
-                and sum(map(len, call.texts)) <= _INLINE_CHARS and not options.get("lora_id")
-                and not options.get("profile") and ":" not in model  # a profile may load a LoRA
-                and engine.registry.is_ready(model)):
-            # a few short texts: tokenizing them costs less than a hop to a worker thread
-            future = engine.submit(model, call.texts, call.output_types, options,
-                                   tenant=tenant_of(request))
-        else:  # loading, adapter loads and long tokenization never run on the event loop
-            future = await anyio.to_thread.run_sync(functools.partial(
-                engine.submit, model, call.texts, call.output_types, options,
-                tenant=tenant_of(request)))
-        results = await await_result(request, future, options.get("timeout_s"), loop_waker())
+        model, call = await read_call(request, parse_encode)
+        results = await calls.encode(request, model, call.texts, call.output_types, call.options)
         if call.normalize:
             results = normalized(results)
         binary = wants_msgpack(request.headers.get("accept", ""))
@@ -219,8 +167,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         if any(r.sparse is not None for r in results):
             info = engine.registry.describe(engine.registry.handle(model))
             sparse_dims = info.dims.get("sparse") if info else None
-
-        timing = future.timing.sie(arrived)
+        timing = request.state.timing.sie(arrived)
 
         def build() -> bytes:
             return encode_body(encode_response(model, call.ids, results, call.output_dtype,
@@ -233,12 +180,10 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def score(request: Request) -> Response:
         arrived = time.monotonic()
-        model, call, options = await read_call(request, parse_score)
-        future = await anyio.to_thread.run_sync(functools.partial(
-            engine.submit_score, model, call.query, call.texts, options, call.top_k,
-            tenant=tenant_of(request)))
-        result = await await_result(request, future, options.get("timeout_s"), loop_waker())
-        timing = future.timing.sie(arrived)
+        model, call = await read_call(request, parse_score)
+        result = await calls.score(request, model, call.query, call.texts, call.options,
+                                   call.top_k)
+        timing = request.state.timing.sie(arrived)
         return respond(request, score_to_wire(model, call.query_id, call.ids, result,
                                               result.input_tokens, timing),
                        headers=timing_headers(timing))
@@ -279,19 +224,26 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
 
     async def embeddings(request: Request) -> Response:
         """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak)."""
-        body = decode_body(await read_body(request, settings.max_body_bytes), JSON)
+        body = await calls.json(request)
+        if isinstance(body, dict) and body.get("model") is None:  # TEI's route takes none
+            body["model"] = calls.default_model("embed")
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.state.model = body["model"][:200]
         call = openai.parse(body)
-        options = with_deadline(request, {})
-        future = await anyio.to_thread.run_sync(functools.partial(
-            engine.submit, call.model, call.texts, ["dense"], options, tenant=tenant_of(request)))
-        results = await await_result(request, future, options.get("timeout_s"), loop_waker())
+        results = await calls.encode(request, call.model, call.texts, ["dense"], {})
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
 
     async def tokens(request: Request) -> Response:
         model, call, _ = await read_call(request, tokens_api.parse)
+        body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
+        return respond(request, body)
+
+    async def status_route(request: Request) -> Response:
+        return respond(request, status.build(engine))
+
+    async def tokens(request: Request) -> Response:
+        model, call = await read_call(request, tokens_api.parse)
         body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
         return respond(request, body)
 
@@ -316,7 +268,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return respond(request, {"status": "ready"})
 
     async def health(request: Request) -> Response:
-        """SIE's worker answer to the SDK's endpoint probe (`type` is not "gateway")."""
+        """SIE's worker answer to the SDK's endpoint probe (`type` is not "gateway"); also
+        TEI's and infinity's health route (200 when healthy)."""
         response = await healthz(request)
         status = "ok" if response.status_code == 200 else "unhealthy"
         return Response(encode_body({"status": status, "type": "worker", "version": __version__,
@@ -326,63 +279,120 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     async def livez(request: Request) -> Response:
         return Response("ok", media_type="text/plain")
 
-    def unserved(feature: str) -> Callable[[Request], Any]:
-        async def refuse(request: Request) -> Response:
-            raise NotServed(f"{feature} is not served by this server; it serves embeddings "
-                            "(/v1/encode, /v1/embeddings) and scores (/v1/score)")
-        return refuse
+    tei = tei_api.TEI(calls)
+    cohere = rerank_api.Rerank(calls)
+    inf = infinity_api.Infinity(calls)
 
-    async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
-        err = SIEError(str(exc.detail))
-        err.status, err.code = exc.status_code, codes.get(exc.status_code, "HTTP_ERROR")
-        return error_response(request, err)
+    async def rerank_root(request: Request) -> Response:
+        """POST /rerank: TEI's body (`texts`) or infinity's (`documents`)."""
+        body = await calls.json(request)
+        if isinstance(body, dict) and "documents" in body and "texts" not in body:
+            return await inf.rerank(request, body)
+        return await tei.rerank(request, body)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        if load_defaults:
-            threading.Thread(target=load_defaults_in_background, daemon=True).start()
-        else:
-            ready.set()
-        yield
-        await anyio.to_thread.run_sync(engine.close)
+    def rerank_error(request: Request, err: SIEError) -> Response:
+        return (rerank_api.error_v2 if request.url.path.startswith("/v2/")
+                else rerank_api.error_v1)(err)
 
-    routes = [
-        Route("/v1/encode/{model:path}", handled(encode), methods=["POST"]),
-        Route("/v1/score/{model:path}", handled(score), methods=["POST"]),
-        Route("/v1/models", handled(models), methods=["GET"]),
-        Route("/v1/models/{path:path}", handled(model_route), methods=["GET", "POST", "DELETE"]),
-        Route(openai.PATH, handled(embeddings), methods=["POST"]),
-        Route("/v1/tokens/{model:path}", handled(tokens), methods=["POST"]),
-        Route("/status", handled(status_route), methods=["GET"]),
-        Route("/metrics", handled(metrics), methods=["GET"]),
-        Route("/healthz", handled(healthz), methods=["GET"]),
-        Route("/readyz", handled(readyz), methods=["GET"]),
-        Route("/health", handled(health), methods=["GET"]),
-        Route("/livez", handled(livez), methods=["GET"]),
-        *(Route(path, handled(unserved(feature)), methods=["GET", "POST"])
-          for path, feature in UNSERVED.items()),
-        *page.routes(),
+    sie_errors = {400: validate.SIEErrorResponse, 404: validate.SIEErrorResponse,
+                  408: validate.SIEErrorResponse, 413: validate.SIEErrorResponse,
+                  503: validate.SIEErrorResponse}
+    oai_errors = {s: openai.OpenAIError for s in (400, 404, 408, 413, 503)}
+    co_errors = {s: rerank_api.RerankError for s in (400, 404, 408, 413, 503)}
+    co2_errors = {s: rerank_api.CohereError for s in (400, 404, 408, 413, 503)}
+    health_body = dict[str, Any]
+    t, sie, oai, co, inf_tag = "TEI", "SIE", "OpenAI", "Cohere / Jina / SIE rerank", "infinity"
+    ops = [
+        Operation("POST", "/v1/encode/{model:path}", encode, "Encode items (SIE)", sie,
+                  validate.EncodeRequest, {200: validate.EncodeResponse, **sie_errors},
+                  BOTH, path_params=("model",)),
+        Operation("POST", "/v1/score/{model:path}", score, "Score items against a query (SIE)",
+                  sie, validate.ScoreRequest, {200: validate.ScoreResponse, **sie_errors},
+                  BOTH, path_params=("model",)),
+        Operation("GET", "/v1/models", models, "Served models (SIE and OpenAI)", sie, None,
+                  {200: dict[str, Any]}, BOTH),
+        Operation("GET", "/v1/models/{path:path}", model_route, "One model (SIE)", sie, None,
+                  {200: dict[str, Any], 404: validate.SIEErrorResponse}, BOTH,
+                  path_params=("path",)),
+        Operation("POST", "/v1/models/{path:path}", model_route,
+                  "Load a LoRA adapter: /v1/models/{model}/adapters/{lora_id}", sie, None,
+                  {200: dict[str, Any], **sie_errors, 422: validate.SIEErrorResponse}, BOTH,
+                  path_params=("path",)),
+        Operation("DELETE", "/v1/models/{path:path}", model_route, "Unload a LoRA adapter",
+                  sie, None, {200: dict[str, Any], **sie_errors}, BOTH, path_params=("path",)),
+        Operation("POST", openai.PATH, embeddings, "Embeddings (OpenAI)", oai,
+                  openai.EmbeddingsRequest, {200: openai.EmbeddingsResponse, **oai_errors},
+                  render=openai_error),
+        Operation("POST", "/v1/rerank", cohere.v1, "Rerank (SIE, Cohere v1, Jina)", co,
+                  rerank_api.RerankRequest, {200: rerank_api.RerankResponse, **co_errors},
+                  render=rerank_error),
+        Operation("POST", "/v2/rerank", cohere.v2, "Rerank (Cohere v2)", co,
+                  rerank_api.RerankV2Request, {200: rerank_api.RerankResponse, **co2_errors},
+                  render=rerank_error),
+        Operation("POST", "/rerank", rerank_root, "Rerank (TEI: texts; infinity: documents)",
+                  t, tei_api.TEIRerankRequest | infinity_api.InfinityRerankRequest,
+                  {200: tei_api.TEIRerankResponse | infinity_api.InfinityRerankResponse,
+                   **tei_api.ERRORS}, render=tei_api.error_response),
+        *tei.operations(),
+        Operation("POST", "/embeddings", inf.embeddings, "Embeddings (infinity / OpenAI)",
+                  inf_tag, infinity_api.InfinityEmbeddingsRequest,
+                  {200: openai.EmbeddingsResponse, **oai_errors}, render=openai_error),
+        Operation("GET", "/models", inf.models, "Models (infinity)", inf_tag, None,
+                  {200: infinity_api.InfinityModels}),
+        Operation("POST", "/v1/tokens/{model:path}", tokens,
+                  "The tokens a model computes on, and token ids as text", sie,
+                  tokens_api.TokensRequest, {200: dict[str, Any], **sie_errors}, BOTH,
+                  path_params=("model",)),
+        Operation("GET", "/status", status_route, "The engine's counters (the page's status)",
+                  "health", None, {200: dict[str, Any]}, BOTH),
+        Operation("GET", "/metrics", metrics, "Prometheus metrics", "health", None,
+                  {200: str}, response_media="text/plain"),
+        Operation("GET", "/healthz", healthz, "Liveness of the workers", "health", None,
+                  {200: health_body, 503: health_body}),
+        Operation("GET", "/readyz", readyz, "Default models loaded", "health", None,
+                  {200: health_body, 503: health_body}),
+        Operation("GET", "/health", health, "SIE's / TEI's / infinity's health", "health", None,
+                  {200: health_body, 503: health_body}),
+        Operation("GET", "/livez", livez, "The process answers", "health", None, {200: str},
+                  response_media="text/plain"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: on_http_error})
-    app.add_middleware(ServerMiddleware, api_keys=settings.api_keys, metrics=engine.metrics)
-    return app
+    prefix = settings.infinity_prefix.rstrip("/")
+    if prefix:
+        ops += [dataclasses.replace(op, path=prefix + op.path) for op in ops
+                if op.tag == inf_tag] + [
+            Operation("POST", prefix + "/rerank", inf.rerank, "Rerank (infinity)", inf_tag,
+                      infinity_api.InfinityRerankRequest,
+                      {200: infinity_api.InfinityRerankResponse, **oai_errors},
+                      render=openai_error)]
+    return ops
 
 
-def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+def handled(route: Callable[[Request], Any],
+            render: Callable[[Request, SIEError], Response]) -> Callable[[Request], Any]:
     """A route's expected outcomes become responses here: SIE errors get their status and
-    envelope, a client gone away 499. Anything else is a bug, left to ServerMiddleware, the one
-    place that logs it (once, with the request id) and answers 500; none of these closes the
-    keep-alive connection."""
+    their protocol's envelope (`render`), a client gone away 499. Anything else is a bug, left
+    to ServerMiddleware, the one place that logs it (once, with the request id) and answers
+    500; none of these closes the keep-alive connection."""
 
     async def run(request: Request) -> Response:
         try:
             return await route(request)
         except SIEError as err:
-            return error_response(request, err)
+            if len(err.message) > _MAX_MESSAGE_CHARS:
+                err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
+            request.state.error = err.message  # ServerMiddleware counts errors by code
+            response = render(request, err)
+            response.headers.setdefault("X-SIE-Error-Code", err.code)
+            return response
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; for logs and metrics
 
     return run
 
+
+def unserved(feature: str) -> Callable[[Request], Any]:
+    """The route of a SIE feature this server does not have: 501 naming it."""
+    async def refuse(request: Request) -> Response:
+        raise NotServed(f"{feature} is not served by this server; it serves embeddings "
+                        "(/v1/encode, /v1/embeddings) and scores (/v1/score)")
+    return refuse

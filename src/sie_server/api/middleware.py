@@ -29,9 +29,10 @@ _ID_COUNTER = itertools.count()
 _VERSION = SIE_PROTOCOL_VERSION.encode()
 
 
-def is_open(path: str) -> bool:
-    """Whether `path` is served without an API key."""
-    return path in OPEN_EXACT or path.startswith(OPEN_PATHS)
+def is_open(method: str, path: str) -> bool:
+    """Whether the request is served without an API key (only reads: `POST /` is TEI's
+    embed route, which needs one)."""
+    return method in ("GET", "HEAD") and (path in OPEN_EXACT or path.startswith(OPEN_PATHS))
 
 
 def route_of(path: str) -> str:
@@ -42,6 +43,7 @@ def route_of(path: str) -> str:
         return "page"
     for prefix, name in (("/v1/encode/", "encode"), ("/v1/score/", "score"),
                          ("/v1/embeddings", "embeddings"), ("/v1/models", "models"),
+                         ("/v1/rerank", "rerank"), ("/v2/rerank", "rerank"),
                          ("/v1/tokens/", "tokens"), ("/status", "status"),
                          ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"),
                          ("/livez", "health"), ("/health", "health")):
@@ -89,7 +91,7 @@ class ServerMiddleware:
 
         try:
             tenant = self._tenant(headers) if self.keys else None
-            if self.keys and tenant is None and not is_open(scope["path"]):
+            if self.keys and tenant is None and not is_open(scope["method"], scope["path"]):
                 scope.setdefault("state", {})["error"] = UNAUTHORIZED_MESSAGE
                 await self._unauthorized(send_with_id)
             else:

@@ -4,16 +4,58 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from ..engine import Engine
 from ..errors import InvalidRequest, SIEError
+from .calls import validated
 from .validate import check_text
 
 PATH = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's own limit per request
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings body (token-array inputs are not supported)."""
+    model_config = ConfigDict(strict=True)
+    model: str | None = Field(None, min_length=1, description="default: --embed-model")
+    input: str | list[str] = Field(min_length=1, description=f"at most {MAX_INPUTS} texts")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class OpenAIError(BaseModel):
+    error: ErrorDetail
 
 
 @dataclass(frozen=True)
@@ -25,29 +67,16 @@ class EmbeddingsCall:
 
 
 def parse(body: Any) -> EmbeddingsCall:
-    """An OpenAI embeddings body, validated."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("body must be an object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    """An OpenAI embeddings body, validated against EmbeddingsRequest."""
+    req = validated(EmbeddingsRequest, body)
+    if req.model is None:
         raise InvalidRequest("model is missing")
-    raw = body.get("input")
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts:
-        raise InvalidRequest("input must be a string or a non-empty list of strings")
+    texts = [req.input] if isinstance(req.input, str) else req.input
     if len(texts) > MAX_INPUTS:
         raise InvalidRequest(f"input holds {len(texts)} items; at most {MAX_INPUTS}")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidRequest(f"input[{i}] must be a string (token arrays are not supported)")
         check_text(t, f"input[{i}]")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise InvalidRequest("encoding_format must be 'float' or 'base64'")
-    dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
-        raise InvalidRequest("dimensions must be a positive integer")
-    return EmbeddingsCall(model, texts, fmt, dims)
+    return EmbeddingsCall(req.model, texts, req.encoding_format or "float", req.dimensions)
 
 
 def shorten(vectors: np.ndarray, dims: int | None, model: str, engine: Engine) -> np.ndarray:

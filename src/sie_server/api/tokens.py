@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from ..engine import Engine
 from ..engine.options import check_options
 from ..errors import InvalidRequest
-from .validate import _known, _obj, parse_items
+from .validate import ItemModel, _known, _obj, parse_items
 
 MAX_IDS = 65536
 
@@ -23,6 +25,14 @@ class TokensCall:
     texts: list[str]
     ids: list[int]
     options: dict[str, Any]  # is_query, instruction: as in encode
+
+
+class TokensRequest(BaseModel):
+    """The body as /openapi.json shows it (`parse` checks it, with the encode messages)."""
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemModel] | None = None
+    ids: list[int] | None = None
+    options: dict[str, Any] | None = None
 
 
 def parse(body: Any, max_items: int) -> TokensCall:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequest, shown
 from ..quantize import OUTPUT_DTYPES
@@ -196,3 +198,87 @@ def parse_timeout(value: Any, field: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidRequest(f"{field} must be a finite number of seconds above 0")
     return seconds
+
+
+# ------------------------------------------------------------------ the wire, as OpenAPI shows it
+# The shapes of SIE's bodies for api/openapi.py. The functions above check the same fields by
+# hand, with SIE's messages (which its SDK and tests rely on); these definitions describe them.
+
+class ItemModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="Item")
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    text: str | None = None
+    images: list[Any] | None = Field(None, description="image models: [{data, format}]")
+    metadata: dict[str, Any] | None = None
+
+
+class EncodeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output_types: list[Literal["dense", "sparse", "multivector"]] | None = None
+    instruction: str | None = None
+    output_dtype: Literal[OUTPUT_DTYPES] | None = None  # type: ignore[valid-type]
+    options: dict[str, Any] | None = None
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemModel] = Field(min_length=1)
+    params: EncodeParams | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: ItemModel
+    items: list[ItemModel] = Field(min_length=1)
+    instruction: str | None = None
+    options: dict[str, Any] | None = None
+    top_k: int | None = Field(None, ge=1)
+
+
+class SIEUsage(BaseModel):
+    input_tokens: int
+
+
+class TimingInfo(BaseModel):
+    """SIE's TimingInfo, milliseconds (engine/request.py Timing)."""
+    total_ms: float
+    queue_ms: float
+    tokenization_ms: float
+    inference_ms: float
+    postprocessing_ms: float | None = None
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    items: list[dict[str, Any]] = Field(description="per item: id, dense / sparse / "
+                                        "multivector, token_count, truncated")
+    timing: TimingInfo | None = None
+    usage: SIEUsage
+
+
+class ScoreEntry(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+    components: dict[str, float] | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    query_id: str | None
+    score_mode: str
+    scores: list[ScoreEntry]
+    usage: SIEUsage
+    score_weights: dict[str, float] | None = None
+    activation: str | None = None
+    timing: TimingInfo | None = None
+
+
+class ErrorDetailModel(BaseModel):
+    model_config = ConfigDict(extra="allow", title="SIEErrorDetail")
+    code: str
+    message: str
+
+
+class SIEErrorResponse(BaseModel):
+    detail: ErrorDetailModel

@@ -186,13 +186,19 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def tokens(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """The whole text's Encoding (ids, tokens, offsets, special-token mask), uncut: for
+        showing how a text tokenizes (TEI's /tokenize), not for the model."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
     def piece(self, token_id: int) -> str:
         """The vocabulary's string for a token id ("▁Hello", "##ing", "<s>")."""
         return self._tok.id_to_token(token_id) or ""
 
-    def decode(self, ids: list[int]) -> str:
-        """Token ids as text, special tokens kept (one id: the token as a word)."""
-        return self._tok.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Token ids as text, special tokens kept unless skipped (one id: the token as a
+        word)."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _encode_all(self, texts: list[str], add_special_tokens: bool) -> list:
         if sum(map(len, texts)) <= SMALL_INPUT_CHARS:
