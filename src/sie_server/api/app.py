@@ -8,6 +8,7 @@ and its OpenAPI document (api/openapi.py). Each protocol's wire format lives in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
