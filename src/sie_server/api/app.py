@@ -129,9 +129,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     routes += [Route("/openapi.json", docs["openapi"], methods=["GET"]),
                Route("/docs", docs["docs"], methods=["GET"]),
                Route("/docs/{name}", docs["asset"], methods=["GET"]),
-               *page.routes(),
-               *(Route(path, handled(unserved(feature), error_response), methods=["GET", "POST"])
-                 for path, feature in UNSERVED.items())]
+               *page.routes()]
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
@@ -356,6 +354,10 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
                   {200: health_body, 503: health_body}),
         Operation("GET", "/livez", livez, "The process answers", "health", None, {200: str},
                   response_media="text/plain"),
+        *(Operation(method, path, unserved(feature), f"Not served: {feature}", "not served",
+                    None, {501: validate.SIEErrorResponse},
+                    path_params=tuple(p for p in ("model", "path") if "{" + p in path))
+          for path, feature in UNSERVED.items() for method in ("GET", "POST")),
     ]
     prefix = settings.infinity_prefix.rstrip("/")
     if prefix:
