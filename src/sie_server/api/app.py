@@ -26,10 +26,11 @@ from ..logs import request_id
 from . import models as model_info
 from . import openai
 from .middleware import ServerMiddleware
-from .validate import parse_encode, parse_score, parse_timeout
+from .validate import parse_encode, parse_extract, parse_score, parse_timeout
 from .waker import LoopWaker
 from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, decode_body, encode_body,
-                   encode_response, error_body, score_to_wire, wants_msgpack)
+                   encode_response, error_body, extract_to_wire, score_to_wire,
+                   wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,15 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         return respond(request, score_to_wire(model, call.query_id, call.ids, result,
                                               result.input_tokens))
 
+    async def extract(request: Request) -> Response:
+        model, call, options = await read_call(request, parse_extract)
+        future = await anyio.to_thread.run_sync(functools.partial(
+            engine.submit_extract, model, call.texts, call.labels, options,
+            tenant=tenant_of(request)))
+        results, tokens = await await_result(request, future, options.get("timeout_s"),
+                                             loop_waker())
+        return respond(request, extract_to_wire(model, call.ids, results, tokens))
+
     async def models(request: Request) -> Response:
         """SIE's `{"models": [ModelInfo]}` and OpenAI's `{"object": "list", "data"}` at once."""
         entries = await anyio.to_thread.run_sync(
@@ -308,6 +318,7 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     routes = [
         Route("/v1/encode/{model:path}", handled(encode), methods=["POST"]),
         Route("/v1/score/{model:path}", handled(score), methods=["POST"]),
+        Route("/v1/extract/{model:path}", handled(extract), methods=["POST"]),
         Route("/v1/models", handled(models), methods=["GET"]),
         Route("/v1/models/{path:path}", handled(model_route), methods=["GET", "POST", "DELETE"]),
         Route(openai.PATH, handled(embeddings), methods=["POST"]),

@@ -111,6 +111,18 @@ class BatchOutputs:
         )
 
 
+@dataclass
+class ExtractPlan:
+    """An extraction turned into encoder rows: token ids per row (token types for pairs), what
+    each row asks the heads for, and `finish`, turning the rows' results (ItemResults, in row
+    order) into (one result dict per item, the input tokens the model read)."""
+
+    rows: list[np.ndarray]
+    output_types: frozenset[str]
+    finish: Any  # Callable[[list[ItemResult]], tuple[list[dict], int]]
+    type_ids: list[np.ndarray] | None = None
+
+
 class EncoderModel(abc.ABC):
     """A transformer encoder plus heads; sees only PackedBatches."""
 
@@ -120,6 +132,9 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # What /v1/extract gives: "entities" (GLiNER) or "classifications" (NLI zero-shot);
+    # None: the model does not extract. Such families implement `prepare_extract`.
+    extracts: str | None = None
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
@@ -200,7 +215,14 @@ class EncoderModel(abc.ABC):
             texts = [prefix + t for t in texts]
         return self.tokenizer.encode(texts)
 
+    def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
+        """The rows of an extraction (families with `extracts` set)."""
+        raise NotImplementedError
+
     def check_output_types(self, output_types: list[str]) -> None:
+        if self.extracts:
+            raise InvalidRequest(f"{self.spec.name} ({self.spec.family}) does not encode; it "
+                                 "extracts: use /v1/extract")
         if not self.output_types:
             raise InvalidRequest(f"{self.spec.name} ({self.spec.family}) does not encode; "
                                  f"it scores query/item pairs: use /v1/score")
