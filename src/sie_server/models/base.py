@@ -252,6 +252,8 @@ class EncoderModel(abc.ABC):
 
     def attention(self, batch: PackedBatch):
         """The attention the encoder's layers use on this batch (built once per batch)."""
+        if hasattr(self.encoder, "layout"):  # DeBERTa: attention on padded sequences
+            return self.encoder.layout(batch.cu_seqlens, self.placement.device)
         return make_attention(batch.cu_seqlens, self.placement.device, self.placement.dtype,
                               causal=getattr(self.encoder, "causal", False))
 
