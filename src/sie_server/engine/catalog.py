@@ -45,6 +45,8 @@ def detect_family(source: str) -> str:
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
+    if (folder / "gliner_config.json").exists():
+        return "gliner"
     config = folder / "config.json"
     try:
         cfg = read_json(config) if config.exists() else {}
