@@ -202,6 +202,7 @@ def parse_timeout(value: Any, field: str) -> float:
 
 MAX_EXTRACT_LABELS = 1000  # SIE's core/extract_cost.MAX_EXTRACT_LABELS
 MAX_LABEL_CHARS = 128  # SIE's adapters/_prompt_limit.MAX_LABEL_CHARS
+MAX_ITEM_TEXT_BYTES = 2 * 1024 * 1024  # SIE's types/inputs.DEFAULT_MAX_ITEM_TEXT_BYTES
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,9 @@ def parse_extract(body: Any, max_items: int) -> ExtractCall:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InvalidRequest(f"items[{i}].images: extraction here reads text; send items[{i}].text")
+        if len(text) > MAX_ITEM_TEXT_BYTES // 4 and len(text.encode("utf-8")) > MAX_ITEM_TEXT_BYTES:
+            raise InvalidRequest(f"items[{i}].text must hold at most {MAX_ITEM_TEXT_BYTES} bytes "
+                                 "of UTF-8 text")
     params = _obj(body.get("params") or {}, "params")
     _known(params, {"labels", "output_schema", "instruction", "options"}, "params")
     if params.get("output_schema") is not None:

@@ -267,12 +267,13 @@ class GLiNER(EncoderModel):
                 raise InvalidRequest(f"items[{i}].text: GLiNER requires non-blank text for "
                                      "extraction")
             words = words_of(text)
+            step = self.max_words - min(WINDOW_OVERLAP_WORDS, self.max_words // 2)
+            if len(words) > self.max_words + step * (MAX_WINDOWS - 1):  # before any tokenizing
+                raise self._too_long(i)
             counts = self._subwords([w for w, _, _ in words])
             windows = windows_of(counts, self.max_words, self.max_subwords)
             if len(windows) > MAX_WINDOWS:
-                raise InputTooLong(f"items[{i}].text: GLiNER reads a document in at most "
-                                   f"{MAX_WINDOWS} windows of words; split this document into "
-                                   "shorter items")
+                raise self._too_long(i)
             rows += [_Row(i, words[w.first:w.last], w) for w in windows]
         encodings = self.tokenizer.encode_batch([prompt + [w for w, _, _ in r.words] for r in rows],
                                                 is_pretokenized=True)
@@ -302,6 +303,11 @@ class GLiNER(EncoderModel):
             return out, tokens
 
         return ExtractPlan(ids, frozenset({"multivector"}), finish)
+
+    @staticmethod
+    def _too_long(i: int) -> InputTooLong:
+        return InputTooLong(f"items[{i}].text: GLiNER reads a document in at most {MAX_WINDOWS} "
+                            "windows of words; split this document into shorter items")
 
     def _subwords(self, words: list[str]) -> list[int]:
         """Subword tokens of each word, as the tokenizer reads split words."""
