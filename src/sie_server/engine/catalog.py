@@ -62,6 +62,9 @@ def detect_family(source: str) -> str:
     if (folder / "modules.json").exists():
         return "sentence-transformers"
     if config.exists():
+        if "ForSequenceClassification" in arch and any(
+                str(v).lower().startswith("entail") for v in (cfg.get("id2label") or {}).values()):
+            return "nli-zero-shot"
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:

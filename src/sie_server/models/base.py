@@ -39,6 +39,7 @@ class ModelSpec:
     matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
+    hypothesis_template: str | None = None  # NLI zero-shot: "This text is about {}."; None: the family's
 
 
 @dataclass(frozen=True)
