@@ -40,6 +40,7 @@ class ModelSpec:
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
     hypothesis_template: str | None = None  # NLI zero-shot: "This text is about {}."; None: the family's
+    extract_threshold: float | None = None  # GLiNER: the default options.threshold (None: 0.5)
 
 
 @dataclass(frozen=True)

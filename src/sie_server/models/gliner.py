@@ -282,7 +282,8 @@ class GLiNER(EncoderModel):
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         starts = [self._word_starts(e.word_ids, len(prompt), len(r.words))
                   for e, r in zip(encodings, rows)]
-        threshold = DEFAULT_THRESHOLD if options.threshold is None else float(options.threshold)
+        threshold = float(options.threshold if options.threshold is not None
+                          else self.spec.extract_threshold or DEFAULT_THRESHOLD)
         flat = True if options.flat_ner is None else options.flat_ner
         multi = bool(options.multi_label)
         tokens = sum(len(e.ids) - len(self._prompt_tokens(e.word_ids, len(prompt)))
