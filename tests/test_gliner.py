@@ -192,7 +192,7 @@ def test_http_sdk_msgpack_and_json(server, engine) -> None:
     assert [r["id"] for r in many] == ["d0", "d1", "d2"]
     for r, e in zip(many, expected):
         assert r["entities"] == [{**x, "bbox": None} for x in e["entities"]]
-        assert r["relations"] == r["objects"] == [] and r["data"] == {} and r["model"] == GLINER
+        assert r["relations"] == r["objects"] == [] and "data" not in r and r["model"] == GLINER
     assert "extract" in models[GLINER]["tasks"] and "json" in models[GLINER]["outputs"]
     assert models["sentence-transformers/all-MiniLM-L6-v2"]["tasks"] == ["encode"]
     body = {"items": [{"text": texts[0]}], "params": {"labels": LABELS, "options": {"threshold": 0.4}}}
@@ -251,3 +251,29 @@ def test_errors_and_bad_input(server) -> None:
     with SIEClient(server.url) as client, pytest.raises(SIEServerError) as e:
         client.extract(GLINER, ["text"], labels=None)
     assert e.value.status == 400
+
+
+def test_public_sdk_and_integrations(sie_python, server, engine, tmp_path) -> None:
+    """SIE's own `sie-sdk` 0.10.1 `extract`, and the extractor components of sie-langchain,
+    sie-llamaindex and sie-lancedb (tests/sie_public/driver.py), against the server; what they
+    return equals the engine's entities."""
+    from conftest import run_public
+
+    _, info = run_public(sie_python, "extract", server.url, tmp_path)
+    texts = ["Apple Inc. was founded by Steve Jobs in Cupertino, California in 1976.",
+             "Angela Merkel traf Emmanuel Macron in Paris.", "東京は日本の首都です。"]
+    labels = ["person", "organization", "location"]
+    expected = [r["entities"] for r in engine.extract("deberta", texts, labels, {"threshold": 0.4})[0]]
+    assert sum(map(len, expected)) > 3
+    wire = [[{**e, "bbox": None} for e in ents] for ents in expected]
+    assert info["one"] == {"entities": wire[0], "relations": [], "classifications": [],
+                           "objects": [], "id": "item-0", "model": GLINER}
+    assert info["many"] == [{"id": f"t{i}", "entities": w, "model": GLINER} for i, w in enumerate(wire)]
+    assert info["errors"] == ["RequestError", "RequestError"]
+    plain = [{k: e[k] for k in ("text", "label", "score", "start", "end")} for e in expected[0]]
+    assert info["langchain"]["entities"] == plain
+    assert info["llamaindex"]["entities"] == plain
+    assert info["lancedb"] == wire
+    assert [[{k: e[k] for k in ("text", "label", "start", "end")} for e in row]
+            for row in info["lancedb_table"]] == \
+        [[{k: e[k] for k in ("text", "label", "start", "end")} for e in ents] for ents in expected]

@@ -202,8 +202,9 @@ def decode_extract_response(payload: Mapping[str, Any]) -> list[ExtractResult]:
             "classifications": [{"label": c["label"], "score": float(c["score"])}
                                 for c in item.get("classifications", [])],
             "objects": list(item.get("objects", [])),
-            "data": dict(item.get("data") or {}),
         }
+        if item.get("data"):  # as sie-sdk: only when there is some
+            result["data"] = dict(item["data"])
         if item.get("id") is not None:
             result["id"] = item["id"]
         if payload.get("model"):
