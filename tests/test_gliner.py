@@ -228,6 +228,10 @@ def test_errors_and_bad_input(server) -> None:
     refused({"items": items}, "params.labels")
     refused({"items": items, "params": {"labels": []}}, "params.labels")
     refused({"items": items, "params": {"labels": [f"l{i}" for i in range(1001)]}}, "params.labels")
+    refused({"items": items, "params": {"labels": [f"label {i}" for i in range(1000)]}},
+            "params.labels")  # 1,000 labels: more prompt tokens than SIE allows
+    refused({"items": items, "params": {"labels": [f"l{i}" for i in range(200)]}},
+            "params.labels")  # within the prompt limit, but the 512-token cut leaves no text
     refused({"items": [{"text": ""}], "params": {"labels": ["person"]}}, "items[0].text")
     refused({"items": [{"text": "ok"}, {"text": " \n"}], "params": {"labels": ["x"]}}, "items[1].text")
     refused({"items": items, "params": {"labels": ["x" * 129]}}, "params.labels[0]")

@@ -111,6 +111,9 @@ class Engine:
             raise InvalidRequest("items must hold at least one item")
         with self.registry.use(model) as handle:
             m = handle.model
+            if not m.score_types and m.extracts:
+                raise InvalidRequest(f"{model} ({m.spec.family}) cannot score; it extracts: use "
+                                     "/v1/extract")
             if not m.score_types:
                 raise InvalidRequest(
                     f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "

@@ -55,6 +55,7 @@ MAX_WINDOWS = 128  # windows of one text (SIE: more is INPUT_TOO_LONG)
 SUBWORDS_PER_WORD = 8  # a window's subword budget per word of max_len (SIE)
 MAX_SUBWORDS = {"deberta": 4096, "other": 8192}  # SIE's caps on a window's subwords
 DEFAULT_THRESHOLD = 0.5  # SIE's GLiNER adapter defaults
+MAX_PROMPT_TOKENS = 1024  # SIE's DEFAULT_MAX_PROMPT_TOKENS: the labels' tokens in a row
 _ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
 
 Word = tuple[str, int, int]
@@ -277,11 +278,16 @@ class GLiNER(EncoderModel):
             rows += [_Row(i, words[w.first:w.last], w) for w in windows]
         encodings = self.tokenizer.encode_batch([prompt + [w for w, _, _ in r.words] for r in rows],
                                                 is_pretokenized=True)
-        if any(self.class_token not in e.ids for e in encodings):
-            raise InvalidRequest("params.labels: the label prompt leaves no room for the text")
+        prompt_tokens = len(self._prompt_tokens(encodings[0].word_ids, len(prompt)))
+        if prompt_tokens > MAX_PROMPT_TOKENS:
+            raise InvalidRequest(f"params.labels: GLiNER labels take {prompt_tokens} tokens; a "
+                                 f"request may use at most {MAX_PROMPT_TOKENS} tokens for them")
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         starts = [self._word_starts(e.word_ids, len(prompt), len(r.words))
                   for e, r in zip(encodings, rows)]
+        if any(first[0] < 0 for first in starts):  # the cut left no word of the text
+            raise InvalidRequest("params.labels: GLiNER label prompt leaves no document tokens "
+                                 "for extraction")
         threshold = float(options.threshold if options.threshold is not None
                           else self.spec.extract_threshold or DEFAULT_THRESHOLD)
         flat = True if options.flat_ner is None else options.flat_ner
