@@ -281,3 +281,27 @@ def test_public_sdk_and_integrations(sie_python, server, engine, tmp_path) -> No
     assert [[{k: e[k] for k in ("text", "label", "start", "end")} for e in row]
             for row in info["lancedb_table"]] == \
         [[{k: e[k] for k in ("text", "label", "start", "end")} for e in ents] for ents in expected]
+
+
+def test_haystack_dspy_crewai_extractors(server, engine, tmp_path) -> None:
+    """sie-haystack's SIEExtractor, sie-dspy's SIEExtractor and sie-crewai's SIEExtractorTool
+    (their own environment: their dependencies clash with .venv-sie-public's) against the
+    server: the engine's entities."""
+    import subprocess
+
+    from conftest import ROOT, run_public
+
+    setup = subprocess.run([str(ROOT / "scripts" / "setup-sie-extract-integrations.sh")],
+                           capture_output=True, text=True, timeout=1800)
+    if setup.returncode == 3:
+        pytest.skip(setup.stderr.strip())
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    _, info = run_public(setup.stdout.strip().splitlines()[-1], "extract_more", server.url, tmp_path)
+    text = "Apple Inc. was founded by Steve Jobs in Cupertino, California in 1976."
+    expected = engine.extract("deberta", [text], ["person", "organization", "location"],
+                              {"threshold": 0.4})[0][0]["entities"]
+    plain = [{k: e[k] for k in ("text", "label", "score", "start", "end")} for e in expected]
+    assert plain and info["dspy"] == plain
+    assert [{k: e[k] for k in plain[0]} for e in info["haystack"]] == plain
+    assert all(f"- {e['text']} ({e['label']}) [confidence: {e['score']:.2f}]" in info["crewai"]
+               for e in expected)

@@ -209,8 +209,27 @@ def extract(url: str, arrays: dict, info: dict) -> None:
     info["lancedb_table"] = [r["entities"] for r in rows]
 
 
+def extract_more(url: str, arrays: dict, info: dict) -> None:
+    """The extractor components of sie-haystack, sie-dspy and sie-crewai (their own environment,
+    scripts/setup-sie-extract-integrations.sh), as their documentation shows them."""
+    options = {"threshold": 0.4}
+    text = EXTRACT_TEXTS[0]
+    from sie_haystack import SIEExtractor as HaystackExtractor
+
+    out = HaystackExtractor(base_url=url, model=GLINER, labels=EXTRACT_LABELS, options=options).run(text)
+    info["haystack"] = [vars(e) if not isinstance(e, dict) else e for e in out["entities"]]
+    from sie_dspy import SIEExtractor as DspyExtractor
+
+    info["dspy"] = DspyExtractor(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                                 options=options)(text=text).entities_dict
+    from sie_crewai import SIEExtractorTool
+
+    info["crewai"] = SIEExtractorTool(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                                      options=options)._run(text=text)
+
+
 CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, loading, langchain,
-                                  llamaindex, qdrant, lancedb, extract)}
+                                  llamaindex, qdrant, lancedb, extract, extract_more)}
 
 
 def main() -> None:
