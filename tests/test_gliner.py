@@ -305,3 +305,22 @@ def test_haystack_dspy_crewai_extractors(server, engine, tmp_path) -> None:
     assert [{k: e[k] for k in plain[0]} for e in info["haystack"]] == plain
     assert all(f"- {e['text']} ({e['label']}) [confidence: {e['score']:.2f}]" in info["crewai"]
                for e in expected)
+
+
+def test_merge_adjacent_entities(engine) -> None:
+    """SIE's merge rule (its GLiNER adapter's `_merge_entities`): same label, at most one
+    character apart, in text order; text from the original, best score."""
+    from sie_server.models.gliner import merge_adjacent
+
+    text = "Steve Jobs and Woz, Apple"
+    parts = [{"start": 6, "end": 10, "label": "person", "score": 0.7, "text": "Jobs"},
+             {"start": 0, "end": 5, "label": "person", "score": 0.6, "text": "Steve"},
+             {"start": 15, "end": 18, "label": "person", "score": 0.9, "text": "Woz"},
+             {"start": 20, "end": 25, "label": "organization", "score": 0.5, "text": "Apple"}]
+    assert merge_adjacent(parts, text) == [
+        {"start": 0, "end": 10, "label": "person", "score": 0.7, "text": "Steve Jobs"},
+        parts[2], parts[3]]
+    one, _ = engine.extract("deberta", [TEXTS["deberta"][0]], LABELS,
+                            {"threshold": 0.3, "merge_adjacent_entities": True})
+    plain, _ = engine.extract("deberta", [TEXTS["deberta"][0]], LABELS, {"threshold": 0.3})
+    assert one[0]["entities"] == merge_adjacent(plain[0]["entities"], TEXTS["deberta"][0])

@@ -1,7 +1,7 @@
 """Options of /v1/extract requests, checked before anything is queued.
 
-SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`
-(GLiNER), `multi_label` and `hypothesis_template` (zero-shot classification). A model's own
+SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
+`merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot classification). A model's own
 defaults apply to what a request leaves out.
 """
 
@@ -21,12 +21,14 @@ class ExtractOptions:
     flat_ner: bool | None = None
     multi_label: bool | None = None
     hypothesis_template: str | None = None
+    merge_adjacent_entities: bool | None = None
     timeout_s: float | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ExtractOptions":
         kinds = {"threshold": (int, float), "flat_ner": bool, "multi_label": bool,
-                 "hypothesis_template": str, "timeout_s": (int, float),
+                 "hypothesis_template": str, "merge_adjacent_entities": bool,
+                 "timeout_s": (int, float),
                  "relation_labels": list, "relation_threshold": (int, float),
                  "instruction": str}
         options = check_options(options, kinds, "params.options")

@@ -41,6 +41,7 @@ class ModelSpec:
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
     hypothesis_template: str | None = None  # NLI zero-shot: "This text is about {}."; None: the family's
     extract_threshold: float | None = None  # GLiNER: the default options.threshold (None: 0.5)
+    merge_adjacent_entities: bool = False  # GLiNER: the default of that option (SIE's, per model)
 
 
 @dataclass(frozen=True)

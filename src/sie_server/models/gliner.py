@@ -17,7 +17,9 @@ A checkpoint as the hub has it: `gliner_config.json` (with the backbone's `encod
    ReLU, an MLP; a span's score for a label is sigmoid(span . label).
 5. Spans above `threshold` are kept greedily, best first: with `flat_ner` none may overlap
    one kept, else only one nested in it or holding it; the same span with a second label
-   only with `multi_label`. Offsets are characters of the text.
+   only with `multi_label`. Offsets are characters of the text. SIE's
+   `merge_adjacent_entities` (its default for NeuML/gliner-bert-tiny) then joins touching
+   entities of one label.
 
 Long texts are read as SIE reads them (its issues #446-#451): in windows of at most
 `max_len` words (and of a subword budget), each sharing 64 words with the one before, each a
@@ -142,6 +144,21 @@ def merge_windows(found: list[list[dict]], edges: list[tuple[int, int]], flat: b
             if key not in best or span["score"] > best[key]["score"]:
                 best[key] = span
     return greedy(list(best.values()), flat, multi_label)
+
+
+def merge_adjacent(entities: list[dict], text: str) -> list[dict]:
+    """SIE's `merge_adjacent_entities`: entities of one label that touch (at most one character
+    apart), in text order, become one, with the best score (for token-level checkpoints)."""
+    merged: list[dict] = []
+    for e in sorted(entities, key=lambda x: x["start"]):
+        last = merged[-1] if merged else None
+        if last is not None and last["label"] == e["label"] and e["start"] <= last["end"] + 1:
+            end = max(last["end"], e["end"])
+            merged[-1] = {**last, "end": end, "text": text[last["start"]:end],
+                          "score": max(last["score"], e["score"])}
+        else:
+            merged.append(e)
+    return merged
 
 
 class Mlp(nn.Module):
@@ -292,6 +309,8 @@ class GLiNER(EncoderModel):
                           else self.spec.extract_threshold or DEFAULT_THRESHOLD)
         flat = True if options.flat_ner is None else options.flat_ner
         multi = bool(options.multi_label)
+        merge = self.spec.merge_adjacent_entities if options.merge_adjacent_entities is None \
+            else options.merge_adjacent_entities
         tokens = sum(len(e.ids) - len(self._prompt_tokens(e.word_ids, len(prompt)))
                      for e in encodings)
 
@@ -307,6 +326,8 @@ class GLiNER(EncoderModel):
                 found[row.item].append(spans)
                 edges[row.item].append((row.words[0][1], row.words[-1][2]))
             out = [{"entities": merge_windows(f, e, flat, multi)} for f, e in zip(found, edges)]
+            if merge:
+                out = [{"entities": merge_adjacent(r["entities"], t)} for r, t in zip(out, texts)]
             return out, tokens
 
         return ExtractPlan(ids, frozenset({"multivector"}), finish)
