@@ -2,13 +2,16 @@
 # Create .venv-sie-public: Python 3.12 with the public `sie-sdk` and its integrations, the
 # environment tests/test_sie_public.py drives against our server (sie-sdk needs Python >= 3.12;
 # it installs the import name `sie_sdk` as our SDK does, so it lives in its own environment).
+# `sie-server` goes in without its dependencies: tests run its MUVERA code
+# (core/postprocessor.py, numpy only) as the reference for ours (tests/test_muvera.py).
 # Idempotent: quick when the pins below did not change. Prints the interpreter's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-sie-public
 pins=(sie-sdk==0.10.1 sie-langchain==0.10.1 sie-llamaindex==0.10.1 sie-qdrant==0.10.1
       sie-lancedb==0.10.1)
-stamp="$venv/.installed-$(echo "${pins[*]}" | sha1sum | cut -c1-12)"
+nodeps=(sie-server==0.10.1)
+stamp="$venv/.installed-$(echo "${pins[*]} ${nodeps[*]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   py="${SIE_PUBLIC_PYTHON:-}"
   if [ -z "$py" ]; then  # an installed 3.12 (never downloaded): PATH, then pyenv's versions
@@ -23,6 +26,7 @@ if [ ! -f "$stamp" ]; then
   rm -rf "$venv"
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "${pins[@]}" >&2
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "${nodeps[@]}" >&2
   touch "$stamp"
 fi
 echo "$PWD/$venv/bin/python"

@@ -110,7 +110,7 @@ def test_full_queue_still_admits_other_clients_within_their_share(engine, held):
     sched.max_queued_tokens = 400
     giant = engine.submit(MINILM, ["nine tokens of text in each item"] * 35, tenant="a")
     more_a = engine.submit(MINILM, ["nine tokens of text in each item"] * 10, tenant="a")
-    assert sched._queued_tokens >= 400  # the queue is full, all of it tenant a's
+    assert sched._queue.tokens >= 400  # the queue is full, all of it tenant a's
     other = engine.submit(MINILM, ["another client"] * 3, tenant="b")  # b holds nothing
     big_b = engine.submit(MINILM, ["nine tokens of text in each item"] * 30, tenant="b")
     with pytest.raises(Overloaded):  # a already holds more than its share
@@ -131,12 +131,12 @@ def test_many_small_requests_do_not_starve_a_larger_one(engine, held):
     sched.max_queued_tokens = 400
     large_texts = ["nine tokens of text in each item"] * 30  # 300 tokens
     small = [engine.submit(MINILM, [f"small client {i} asks"]) for i in range(40)]
-    assert 400 - 300 < sched._queued_tokens < 400
+    assert 400 - 300 < sched._queue.tokens < 400
     large = [engine.submit(MINILM, large_texts)]
-    assert sched._queued_tokens > 400
+    assert sched._queue.tokens > 400
     small.append(engine.submit(MINILM, ["one more small one"]))  # past the limit, below 2x
     large.append(engine.submit(MINILM, large_texts))
-    assert sched._queued_tokens >= 800
+    assert sched._queue.tokens >= 800
     for texts in (["one more small one"], large_texts):
         with pytest.raises(Overloaded):
             engine.submit(MINILM, texts)
@@ -163,7 +163,7 @@ def test_admission_reads_the_queue_not_the_request_size(engine, held):
         for tenant in ("t0", "t3", "new"):
             outcomes = []
             for size in (1, limit // per_item):  # one item; the whole limit
-                before = sched._queued_tokens
+                before = sched._queue.tokens
                 try:
                     f = engine.submit(MINILM, [item] * size, tenant=tenant)
                 except Overloaded:
@@ -172,13 +172,16 @@ def test_admission_reads_the_queue_not_the_request_size(engine, held):
                 outcomes.append(True)
                 f.cancel()  # undo it for the next size: forget its queued tokens
                 with sched._cond:
-                    client = sched._clients[("tenant", tenant)]
-                    sched._drop(client, client.requests[-1])
+                    queue = sched._queue
+                    client = queue._ring[("tenant", tenant)]
+                    undone = client.requests.pop()
+                    client.tokens -= undone.tokens
+                    queue.tokens -= undone.tokens
                     if not client.requests:
-                        del sched._clients[("tenant", tenant)]
-                assert sched._queued_tokens == before
-            assert outcomes[0] == outcomes[1], (tenant, sched._queued_tokens, outcomes)
-    assert sched._queued_tokens <= 3 * limit
+                        del queue._ring[("tenant", tenant)]
+                assert sched._queue.tokens == before
+            assert outcomes[0] == outcomes[1], (tenant, sched._queue.tokens, outcomes)
+    assert sched._queue.tokens <= 3 * limit
     release()
 
 

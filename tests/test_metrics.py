@@ -72,7 +72,9 @@ def test_queue_depth_and_rejections_move(engine: Engine) -> None:
         assert depth >= 2 * 50  # twice the limit: nobody else gets in
         with pytest.raises(Overloaded):
             engine.submit(MINILM, ["too much " * 20])
-        assert samples(engine)[("sie_rejected_total", (("model", MINILM),))] == 1
+        counts = samples(engine)
+        assert counts[("sie_rejected_total", (("model", MINILM), ("reason", "queue_full")))] == 1
+        assert counts[("sie_rejected_total", (("model", MINILM), ("reason", "too_large")))] == 0
     finally:
         gate.set()
     first.result(30), [q.result(30) for q in queued]
@@ -93,6 +95,7 @@ def test_oom_splits_the_batch_and_loses_nothing(engine: Engine) -> None:
     handle.model.forward = fail_big_batches
     engine.settings.max_batch_tokens = handle.scheduler.max_batch_tokens = 10_000
     before = samples(engine)
+    assert before[("sie_oom_splits_total", (("model", MINILM),))] == 0  # there from the load
     got = engine.encode(MINILM, texts)
     assert moved(before, samples(engine), "sie_oom_splits_total")
     for g, e in zip(got, expected):
@@ -108,6 +111,7 @@ def test_adapter_metrics_move(tmp_path: Path, minilm_dir: Path) -> None:
     try:
         before = samples(eng)
         eng.encode(MINILM, ["with an adapter"], options={"lora_id": "team/a1"})
+        loaded = samples(eng)
         with pytest.raises(Exception):
             eng.encode(MINILM, ["x"], options={"lora_id": "team/missing"})
         eng.unload_adapter(MINILM, "team/a1")
@@ -116,3 +120,8 @@ def test_adapter_metrics_move(tmp_path: Path, minilm_dir: Path) -> None:
         eng.close()
     assert after[("sie_adapter_loads_total", (("model", MINILM), ("outcome", "loaded")))] == 1
     assert moved(before, after, "sie_adapter_evictions_total")
+    label = (("model", MINILM),)
+    assert loaded[("sie_adapters_loaded", label)] == 1
+    assert loaded[("sie_adapter_memory_bytes", label)] > 0
+    assert after[("sie_adapters_loaded", label)] == 0
+    assert after[("sie_adapter_memory_bytes", label)] == 0

@@ -3,11 +3,26 @@ live in one process, e.g. in tests or Ray replicas)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _TOKENS = (16, 64, 256, 1024, 4096, 8192, 16384, 32768, 65536)
+_ERROR_MESSAGE_CHARS = 300  # of an error's message kept as its code's last
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The latest error response with one code."""
+
+    status: int
+    route: str
+    model: str
+    message: str
+    at: float  # time.time()
 
 
 class Metrics:
@@ -45,8 +60,34 @@ class Metrics:
                                          ["model"], registry=r)
         self.oom_splits = Counter("sie_oom_splits", "batches split after running out of memory",
                                   ["model"], registry=r)
-        self.rejected = Counter("sie_rejected", "requests refused at admission (503 QUEUE_FULL, or 413 for one over the queue limit)",
-                                ["model"], registry=r)
+        self.rejected = Counter("sie_rejected", "requests refused at admission: reason "
+                                "queue_full (503 QUEUE_FULL) or too_large (413, over the queue "
+                                "limit alone)", ["model", "reason"], registry=r)
+        self.adapters_loaded = Gauge("sie_adapters_loaded", "LoRA adapters loaded now per model",
+                                     ["model"], registry=r)
+        self.adapter_memory = Gauge("sie_adapter_memory_bytes",
+                                    "memory held by each model's loaded LoRA adapters (also "
+                                    "counted in sie_model_memory_bytes)", ["model"], registry=r)
+        self.errors = Counter("sie_errors", "error responses by SIE error code", ["code"],
+                              registry=r)
+        self.last_errors: dict[str, LastError] = {}  # code -> its latest occurrence
+
+    def error(self, code: str, status: int, route: str, model: str, message: str) -> None:
+        """Count an error response and keep it as its code's latest."""
+        self.errors.labels(code).inc()
+        self.last_errors[code] = LastError(status, route, model,
+                                           message[:_ERROR_MESSAGE_CHARS], time.time())
+
+    def start_model(self, model: str) -> None:
+        """Create a loaded model's counters at zero, so that rates and alerts see the series
+        before its first event."""
+        self.oom_splits.labels(model)
+        self.model_evictions.labels(model)
+        self.adapter_evictions.labels(model)
+        for reason in ("queue_full", "too_large"):
+            self.rejected.labels(model, reason)
+        for outcome in ("loaded", "failed"):
+            self.adapter_loads.labels(model, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

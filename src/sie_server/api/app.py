@@ -24,7 +24,8 @@ from ..engine import Engine
 from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound, SIEError
 from ..logs import request_id
 from . import models as model_info
-from . import openai
+from . import openai, page, status
+from . import tokens as tokens_api
 from .middleware import ServerMiddleware
 from .validate import parse_encode, parse_extract, parse_score, parse_timeout
 from .waker import LoopWaker
@@ -54,12 +55,14 @@ _MAX_MESSAGE_CHARS = 2000  # an error never echoes more of the client's input th
 
 def error_response(request: Request, err: SIEError) -> Response:
     """SIE's error envelope (always JSON, as SIE sends it), its code in X-SIE-Error-Code;
-    the OpenAI route answers in OpenAI's envelope instead."""
+    the OpenAI route answers in OpenAI's envelope instead. The message is kept in the
+    request's state for ServerMiddleware, which counts errors by code."""
     headers = {"X-SIE-Error-Code": err.code}
     if err.retry_after:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     if len(err.message) > _MAX_MESSAGE_CHARS:
         err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
+    request.state.error = err.message
     if request.url.path.startswith(openai.PATH):
         body = openai.error_body(err)
     else:
@@ -272,6 +275,14 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
 
+    async def tokens(request: Request) -> Response:
+        model, call, _ = await read_call(request, tokens_api.parse)
+        body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
+        return respond(request, body)
+
+    async def status_route(request: Request) -> Response:
+        return respond(request, status.build(engine))
+
     async def metrics(request: Request) -> Response:
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -322,11 +333,14 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         Route("/v1/models", handled(models), methods=["GET"]),
         Route("/v1/models/{path:path}", handled(model_route), methods=["GET", "POST", "DELETE"]),
         Route(openai.PATH, handled(embeddings), methods=["POST"]),
+        Route("/v1/tokens/{model:path}", handled(tokens), methods=["POST"]),
+        Route("/status", handled(status_route), methods=["GET"]),
         Route("/metrics", handled(metrics), methods=["GET"]),
         Route("/healthz", handled(healthz), methods=["GET"]),
         Route("/readyz", handled(readyz), methods=["GET"]),
         Route("/health", handled(health), methods=["GET"]),
         Route("/livez", handled(livez), methods=["GET"]),
+        *page.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: on_http_error})

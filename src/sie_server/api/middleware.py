@@ -17,7 +17,11 @@ from .wire import JSON, SIE_PROTOCOL_VERSION, encode_body
 
 log = logging.getLogger("sie_server.access")
 
-OPEN_PATHS = ("/healthz", "/readyz", "/livez", "/health")  # reachable without an API key
+# Reachable without an API key: the probes, and the page at `/` with its files (it holds
+# nothing secret; it asks for a key and sends it on the routes that need one).
+OPEN_PATHS = ("/healthz", "/readyz", "/livez", "/health", "/ui/")
+OPEN_EXACT = ("/",)
+UNAUTHORIZED_MESSAGE = "missing or invalid API key"
 # Generated request ids: a random per-process prefix and a counter. Unique without a syscall
 # per request (uuid4 reads os.urandom, which gives up the GIL to the compute thread).
 _ID_PREFIX = os.urandom(6).hex()
@@ -25,12 +29,20 @@ _ID_COUNTER = itertools.count()
 _VERSION = SIE_PROTOCOL_VERSION.encode()
 
 
+def is_open(path: str) -> bool:
+    """Whether `path` is served without an API key."""
+    return path in OPEN_EXACT or path.startswith(OPEN_PATHS)
+
+
 def route_of(path: str) -> str:
     """A low-cardinality route label."""
     if path.startswith("/v1/models/") and "/adapters/" in path:
         return "adapters"
+    if path == "/" or path.startswith("/ui/"):
+        return "page"
     for prefix, name in (("/v1/encode/", "encode"), ("/v1/score/", "score"),
                          ("/v1/embeddings", "embeddings"), ("/v1/models", "models"),
+                         ("/v1/tokens/", "tokens"), ("/status", "status"),
                          ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"),
                          ("/livez", "health"), ("/health", "health")):
         if path.startswith(prefix):
@@ -41,8 +53,10 @@ def route_of(path: str) -> str:
 class ServerMiddleware:
     """Echoes or creates X-Request-ID, checks bearer tokens (the matched key's index becomes
     the request's tenant, `scope["state"]["tenant"]`, for fair scheduling), counts and times
-    requests. An exception no route handled is logged here, once, with the request id, and
-    answered 500; it does not reach the ASGI server (which would log it a second time)."""
+    requests, and counts error responses by their code (X-SIE-Error-Code; the message from
+    `scope["state"]["error"]`, set where the error is answered). An exception no route
+    handled is logged here, once, with the request id, and answered 500; it does not reach
+    the ASGI server (which would log it a second time)."""
 
     def __init__(self, app, *, api_keys: list[str], metrics: Metrics) -> None:
         check_api_keys(api_keys)
@@ -59,20 +73,24 @@ class ServerMiddleware:
         route = route_of(scope["path"])
         started = time.perf_counter()
         status = 500
+        code = b""
 
         started_response = False
 
         async def send_with_id(message) -> None:
-            nonlocal status, started_response
+            nonlocal status, started_response, code
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
+                code = next((v for k, v in message.get("headers", [])
+                             if k.lower() == b"x-sie-error-code"), b"")
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
                                       (b"x-sie-server-version", _VERSION)]
             await send(message)
 
         try:
             tenant = self._tenant(headers) if self.keys else None
-            if self.keys and tenant is None and not scope["path"].startswith(OPEN_PATHS):
+            if self.keys and tenant is None and not is_open(scope["path"]):
+                scope.setdefault("state", {})["error"] = UNAUTHORIZED_MESSAGE
                 await self._unauthorized(send_with_id)
             else:
                 scope.setdefault("state", {})["tenant"] = tenant
@@ -81,13 +99,19 @@ class ServerMiddleware:
             log.exception("unhandled error on %s", scope["path"])
             status = 500
             if not started_response:
-                await self._internal_error(send_with_id, exc)
+                message = scope.setdefault("state", {})["error"] = \
+                    f"internal error: {type(exc).__name__}"
+                await self._internal_error(send_with_id, message)
         finally:
-            model = scope.get("state", {}).get("model", "")
+            state = scope.get("state", {})
+            model = state.get("model", "")
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(model, route, str(status)).inc()
+            if code:
+                self.metrics.error(code.decode("latin-1"), status, route, model,
+                                   state.get("error", ""))
             self.metrics.request_seconds.labels(route).observe(seconds)
-            if route != "health":
+            if route not in ("health", "status"):  # probes and the page's polling
                 log.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": {
                     "status": status, "model": model, "ms": round(seconds * 1000, 2)}})
             request_id.reset(token)
@@ -103,11 +127,10 @@ class ServerMiddleware:
         return str(matches.index(True)) if any(matches) else None
 
     @staticmethod
-    async def _internal_error(send, exc: Exception) -> None:
+    async def _internal_error(send, message: str) -> None:
         """SIE's envelope, always JSON (as every error)."""
-        body = encode_body({"detail": {"code": "INTERNAL_ERROR", "message": f"internal error: "
-                                       f"{type(exc).__name__}", "request_id": request_id.get()}},
-                           False)
+        body = encode_body({"detail": {"code": "INTERNAL_ERROR", "message": message,
+                                       "request_id": request_id.get()}}, False)
         await send({"type": "http.response.start", "status": 500, "headers": [
             (b"content-type", JSON.encode()), (b"x-sie-error-code", b"INTERNAL_ERROR")]})
         await send({"type": "http.response.body", "body": body})
@@ -115,7 +138,7 @@ class ServerMiddleware:
     @staticmethod
     async def _unauthorized(send) -> None:
         body = json.dumps({"detail": {"code": "UNAUTHORIZED",
-                                      "message": "missing or invalid API key"}}).encode()
+                                      "message": UNAUTHORIZED_MESSAGE}}).encode()
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
             (b"x-sie-error-code", b"UNAUTHORIZED")]})

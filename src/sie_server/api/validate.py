@@ -2,7 +2,7 @@
 
 SIE's request options that the engine has no use for are settled here: `output_dtype` and
 `normalize` shape the response (wire layer), `overflow_policy` maps to `truncate`, `profile`
-must be the one profile each model has; `muvera` and `smve` are refused as not supported.
+must be the one profile each model has; `smve` is refused as not supported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ OUTPUT_TYPES = ("dense", "sparse", "multivector")
 MAX_ID_CHARS = 1024
 MAX_LORA_ID_CHARS = 512
 OVERFLOW_POLICIES = ("default", "truncate_text", "error")
-UNSUPPORTED_OPTIONS = ("muvera", "smve")
+UNSUPPORTED_OPTIONS = ("smve",)
 
 
 @dataclass(frozen=True)

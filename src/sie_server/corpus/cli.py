@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..flags import add_model_flags
 from ..quantize import OUTPUT_DTYPES
 from .readers import FORMATS
 
@@ -35,9 +36,14 @@ def _types(value: str) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..cli import add_model_flags
+def _fields(value: str) -> list[str]:
+    fields = [f.strip() for f in value.split(",") if f.strip()]
+    if not fields:
+        raise argparse.ArgumentTypeError("expected a comma list of field names")
+    return list(dict.fromkeys(fields))
 
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e = sub.add_parser("encode", help="encode a corpus of files into Parquet shards (resumable)",
                        description="Encode every row of INPUT files into Parquet shards in "
                        "--output; rerun the same command to resume after any interruption.")
@@ -50,7 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="comma list of dense, sparse, multivector (default dense)")
     e.add_argument("--output-dtype", choices=OUTPUT_DTYPES, default="float32")
     e.add_argument("--text-field", default="text", help="text column/key (default text)")
-    e.add_argument("--id-field", help="id column/key (default: the row's position)")
+    e.add_argument("--id-field", help="id column/key (default: 'id' when the first input's "
+                   "rows have an 'id' field, else the row's position; '' for positions); the "
+                   "manifest's 'ids' says which")
+    e.add_argument("--keep-fields", type=_fields, default=[], metavar="FIELDS",
+                   help="comma list of input fields to copy into the output as string columns "
+                   "(e.g. title,url,metadata; objects and numbers as JSON text, missing as null)")
     e.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
     e.add_argument("--is-query", action="store_true", help="encode the texts as queries")
     e.add_argument("--instruction", help="instruction for instruction-tuned models")
@@ -117,7 +128,7 @@ def _backend(args: argparse.Namespace, model: str, options: dict[str, Any]):
 def main(args: argparse.Namespace) -> int:
     from .. import logs
     from ..errors import SIEError
-    from .readers import InputError, expand
+    from .readers import InputError, default_id_field, expand
     from .run import BadRowError, Job, run
     from .writer import ManifestMismatch
 
@@ -131,9 +142,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         files = expand(args.inputs)
         shard_rows = args.shard_rows or (10_000 if "multivector" in args.output_types else 100_000)
+        id_field = args.id_field if args.id_field is not None else \
+            default_id_field(files, args.format)
         job = Job(files=files, output=args.output, output_types=args.output_types,
                   output_dtype=args.output_dtype, options=_options(args),
-                  text_field=args.text_field, id_field=args.id_field, format=args.format,
+                  text_field=args.text_field, id_field=id_field or None,
+                  id_field_default=args.id_field is None and id_field is not None,
+                  keep_fields=args.keep_fields, format=args.format,
                   shard_rows=shard_rows, on_bad_row=args.on_bad_row,
                   # Ray: one Dataset per shard, the next one read while this one runs
                   batch_size=shard_rows if args.ray else args.batch_size,
@@ -163,8 +178,8 @@ def main(args: argparse.Namespace) -> int:
               f"{summary['skipped']} skipped"
               + (f" (first ids: {', '.join(summary['skipped_first_ids'])})"
                  if summary["skipped"] else "")
-              + f"; {summary['rows']:,} rows in {summary['shards']} shards in {args.output}",
-              file=sys.stderr)
+              + f"; {summary['rows']:,} rows in {summary['shards']} shards in {args.output}"
+              + f"; ids: {job.ids()}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

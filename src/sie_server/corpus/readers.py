@@ -2,8 +2,10 @@
 
 Every row has a position: its index across all inputs in order (0-based, counting bad rows
 too), stable as long as the inputs are. A row's id is its `id_field` value (as a string) or,
-without an id field, its position. A row whose text is missing or not a string, or whose id
-is missing, is a `BadRow`: the caller decides to skip it or fail.
+without an id field, its position (`default_id_field` picks `id` when the rows have one). A
+row whose text is missing or not a string, or whose id is missing, is a `BadRow`: the caller
+decides to skip it or fail. A row also carries the values of the `keep` fields, as strings
+(other JSON values as their JSON text; missing or null: None).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Row:
     position: int
     id: str
     text: str
+    kept: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,17 +160,58 @@ def _records(path: Path, fmt: str, fields: list[str], skip: int = 0) -> Iterator
 
 
 def read_rows(files: Sequence[Path], text_field: str = "text", id_field: str | None = None,
-              fmt: str | None = None, start: int = 0) -> Iterator[Row | BadRow]:
+              fmt: str | None = None, start: int = 0, keep: Sequence[str] = ()
+              ) -> Iterator[Row | BadRow]:
     """Every row of `files` in order, as Row or BadRow; rows before position `start` are
     counted, not decoded."""
     position = 0
     for path in files:
         kind = file_format(path, fmt)
-        fields = [] if kind == "text" else [text_field] + ([id_field] if id_field else [])
+        if kind == "text" and keep:
+            raise InputError(f"{path}: plain text rows have no fields to keep")
+        fields = [] if kind == "text" else list(dict.fromkeys(
+            [text_field, *([id_field] if id_field else []), *keep]))
         for record in _records(path, kind, fields, max(start - position, 0)):
             if position >= start:
-                yield _row(position, record, text_field, id_field)
+                row = _row(position, record, text_field, id_field)
+                if keep and isinstance(row, Row):
+                    row = Row(row.position, row.id, row.text,
+                              tuple(_kept(record.get(f)) for f in keep))
+                yield row
             position += 1
+
+
+def _kept(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def default_id_field(files: Sequence[Path], fmt: str | None = None) -> str | None:
+    """`id` when the first input's rows have an `id` field (a CSV/TSV header or Parquet column
+    named `id`, or an `id` key in the first JSONL row), else None (ids are row positions)."""
+    if not files:
+        return None
+    path = files[0]
+    kind = file_format(path, fmt)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return "id" if "id" in pq.ParquetFile(path).schema_arrow.names else None
+    if kind == "text":
+        return None
+    with open_text(path) as f:
+        if kind in ("csv", "tsv"):
+            header = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), [])
+            return "id" if "id" in header else None
+        for line in _lines(f):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return None
+                return "id" if isinstance(record, dict) and "id" in record else None
+    return None
 
 
 def _row(position: int, record: Any, text_field: str, id_field: str | None) -> Row | BadRow:

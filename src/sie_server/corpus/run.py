@@ -64,6 +64,7 @@ class _Batch:
     ids: list[str]
     positions: list[int]
     texts: list[str]
+    kept: list[tuple[str | None, ...]]
     results: Future
 
 
@@ -108,7 +109,9 @@ class Job:
     output_dtype: str = "float32"
     options: dict[str, Any] = field(default_factory=dict)  # is_query, instruction, lora_id
     text_field: str = "text"
-    id_field: str | None = None
+    id_field: str | None = None  # None: ids are row positions
+    id_field_default: bool = False  # id_field came from the rows (default_id_field), not a flag
+    keep_fields: list[str] = field(default_factory=list)  # input fields kept as output columns
     format: str | None = None
     shard_rows: int = 100_000
     batch_size: int = 256
@@ -123,14 +126,33 @@ class Job:
         return {"model": identity, "output_types": self.output_types,
                 "output_dtype": self.output_dtype, "options": self.options,
                 "text_field": self.text_field, "id_field": self.id_field,
+                # only when set: folders written before the flag existed still resume
+                **({"keep_fields": self.keep_fields} if self.keep_fields else {}),
                 "format": self.format, "shard_rows": self.shard_rows,
                 "inputs": describe(self.files)}
 
+    def ids(self) -> str:
+        """Where the ids come from, in words (the manifest's `ids`)."""
+        if self.id_field is None:
+            return "row positions (the rows have no 'id' field, or --id-field '' was given)"
+        if self.id_field_default:
+            return (f"the {self.id_field!r} field: the rows have one, so it is the default "
+                    "(--id-field overrides)")
+        return f"the {self.id_field!r} field (--id-field)"
 
-def output_schema(output_types: Sequence[str], output_dtype: str, dims: dict[str, int]) -> pa.Schema:
-    """The shards' schema: `id` (string) then columns.py's columns."""
+
+def output_schema(output_types: Sequence[str], output_dtype: str, dims: dict[str, int],
+                  keep_fields: Sequence[str] = ()) -> pa.Schema:
+    """The shards' schema: `id` (string), the kept input fields (strings), then columns.py's
+    columns; a kept field named like another column is a ValueError."""
     base = schema_for(output_types, output_dtype, dims)
-    return pa.schema([pa.field("id", pa.string(), nullable=False), *base])
+    taken = {"id", *base.names}
+    clash = [f for f in keep_fields if f in taken]
+    if clash:
+        raise ValueError(f"--keep-fields: {clash[0]!r} is also an output column; the output "
+                         f"columns are {', '.join(sorted(taken))}")
+    return pa.schema([pa.field("id", pa.string(), nullable=False),
+                      *(pa.field(f, pa.string()) for f in keep_fields), *base])
 
 
 def _probe_dims(backend, output_types: Sequence[str]) -> dict[str, int]:
@@ -185,10 +207,12 @@ class _Writer(threading.Thread):
                 raise
             raise BadRowError(f"rows {batch.positions[0]} to {batch.positions[-1]}: "
                               f"{reason}{_RAY_HINT}") from None
-        ids = []
-        for row_id, position, r in zip(batch.ids, batch.positions, results, strict=True):
+        ids, kept = [], []
+        for row_id, position, row_kept, r in zip(batch.ids, batch.positions, batch.kept,
+                                                 results, strict=True):
             if not isinstance(r, Refused):
                 ids.append(row_id)
+                kept.append(row_kept)
             elif self.job.on_bad_row == "fail":
                 raise bad_row(position, row_id, r.reason)
             else:
@@ -197,7 +221,10 @@ class _Writer(threading.Thread):
         if not results:
             return
         cols = to_columns(results, self.job.output_types, self.job.output_dtype, self.dims)
-        table = pa.table({"id": pa.array(ids, pa.string()), **cols}, schema=self.schema)
+        kept_cols = {f: pa.array([k[i] for k in kept], pa.string())
+                     for i, f in enumerate(self.job.keep_fields)}
+        table = pa.table({"id": pa.array(ids, pa.string()), **kept_cols, **cols},
+                         schema=self.schema)
         self._writer_for(stats).append(table)
         tokens = int(cols["token_count"].to_numpy().sum())
         stats.rows += len(results)
@@ -229,15 +256,17 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
     ids: list[str] = []
     positions: list[int] = []
     texts: list[str] = []
+    kept: list[tuple[str | None, ...]] = []
 
     def flush() -> None:
         if texts:
             writer.put(("batch", stats, _Batch(list(ids), list(positions), list(texts),
-                                               _submit(backend, list(texts)))))
-            for column in (ids, positions, texts):
+                                               list(kept), _submit(backend, list(texts)))))
+            for column in (ids, positions, texts, kept):
                 column.clear()
 
-    for row in read_rows(job.files, job.text_field, job.id_field, job.format, start):
+    for row in read_rows(job.files, job.text_field, job.id_field, job.format, start,
+                         job.keep_fields):
         k = row.position // job.shard_rows
         if k in out.done:
             continue
@@ -254,6 +283,7 @@ def _feed(job: Job, backend, out: OutputFolder, writer: _Writer, start: int) -> 
         ids.append(row.id)
         positions.append(row.position)
         texts.append(row.text)
+        kept.append(row.kept)
         if len(texts) >= job.batch_size:
             flush()
     flush()
@@ -276,8 +306,8 @@ def run(job: Job, backend, progress: Progress | None = None) -> dict[str, Any]:
     for path in job.files:
         file_format(path, job.format)  # an unknown format fails before any work
     dims = _probe_dims(backend, job.output_types)
-    schema = output_schema(job.output_types, job.output_dtype, dims)
-    info = {"backend": backend.name, "dims": dims,
+    schema = output_schema(job.output_types, job.output_dtype, dims, job.keep_fields)
+    info = {"backend": backend.name, "dims": dims, "ids": job.ids(),
             "schema": {f.name: str(f.type) for f in schema}}
     out = OutputFolder(job.output, job.config(backend.identity), info)
     if out.complete:

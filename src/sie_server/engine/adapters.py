@@ -231,6 +231,7 @@ class AdapterManager:
             self._by_slot[adapter.uid] = adapter
             entry.adapter, entry.loaded_at = adapter, time.monotonic()
             self._evict(keep=entry)
+            self._count()
         self.metrics.adapter_loads.labels(self.model.spec.name, "loaded").inc()
         log.info("loaded adapter %s for %s (slot %d, rank %d, %d bytes) in %.2fs",
                  entry.lora_id, self.model.spec.name, adapter.uid, adapter.rank, adapter.nbytes,
@@ -284,7 +285,14 @@ class AdapterManager:
             self._retired.add(slot)
         else:
             self._drop(slot)
+        self._count()
         return in_use
+
+    def _count(self) -> None:
+        """The loaded-adapters gauge: adapters in service (retired ones still finishing count
+        only in the memory gauge, which the registry keeps)."""
+        self.metrics.adapters_loaded.labels(self.model.spec.name).set(
+            sum(e.adapter is not None for e in self._entries.values()))
 
     def _drop(self, slot: int) -> None:
         self._retired.discard(slot)

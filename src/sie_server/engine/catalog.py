@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InvalidRequest
 from ..models.base import ModelSpec
+from ..muvera import MuveraConfig
 from ..runtime.decoder import MODEL_TYPES as DECODER_TYPES
 from ..runtime.weights import DamagedFile, read_json
 from .sources import package_folder
@@ -27,6 +29,11 @@ def load_catalog(files: list[Path]) -> tuple[dict[str, ModelSpec], list[str]]:
             unknown = set(entry) - _SPEC_FIELDS
             if unknown:
                 raise ValueError(f"{path}: model {name} has unknown keys {sorted(unknown)}")
+            if entry.get("muvera") is not None:
+                try:
+                    MuveraConfig.parse(entry["muvera"], "muvera")
+                except InvalidRequest as e:
+                    raise ValueError(f"{path}: model {name}: {e}") from None
             if "output_types" in entry:
                 entry = {**entry, "output_types": tuple(entry["output_types"])}
             specs[name] = ModelSpec(name=name, **entry)
@@ -38,6 +45,16 @@ def spec_for_source(name: str, source: str, known: ModelSpec | None) -> ModelSpe
     if known is not None:
         return ModelSpec(**{**known.__dict__, "source": source})
     return ModelSpec(name=name, family=detect_family(source), source=source)
+
+
+def _has_dense_projection(folder: Path) -> bool:
+    """A PyLate (ColBERT) folder: a Dense module and no Pooling in modules.json."""
+    try:
+        modules = read_json(folder / "modules.json") if (folder / "modules.json").exists() else []
+    except DamagedFile:
+        return False
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)}
+    return "Dense" in kinds and "Pooling" not in kinds
 
 
 def detect_family(source: str) -> str:
@@ -57,6 +74,8 @@ def detect_family(source: str) -> str:
         return cfg["model_type"]
     if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline
         return "decoder-embedder" if (folder / "modules.json").exists() else "llm-reranker"
+    if "HF_ColBERT" in arch or _has_dense_projection(folder):
+        return "colbert"
     if cfg.get("model_type") == "modernbert":
         return "modernbert-cross-encoder" if "ForSequenceClassification" in arch else "modernbert"
     if (folder / "modules.json").exists():

@@ -18,6 +18,7 @@ from ..models import FAMILIES
 from .adapters import AdapterManager
 from .extract import ExtractOptions
 from ..metrics import Metrics
+from .. import muvera
 from .options import check_options
 from .registry import ModelRegistry
 from .request import ItemResult, Request
@@ -31,12 +32,15 @@ class EncodeOptions:
     instruction: str | None = None
     lora_id: str | None = None
     timeout_s: float | None = None  # deadline, counted from submission
+    # MUVERA: the dense output is the encoding of the multivector; these settings override
+    # the model's (muvera.py). None: off.
+    muvera: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "EncodeOptions":
         """Validate a request's options dict; errors name the offending field."""
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
-                 "timeout_s": (int, float)}
+                 "timeout_s": (int, float), "muvera": dict}
         options = check_options(options, kinds, "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
@@ -74,6 +78,10 @@ class Engine:
         types = list(output_types) if output_types else ["dense"]
         with self.registry.use(model) as handle:
             m = handle.model
+            fde = None
+            if opts.muvera is not None:
+                fde = self._muvera(m, opts.muvera, opts.is_query, types)
+                types = list(dict.fromkeys("multivector" if t == "dense" else t for t in types))
             m.check_output_types(types)
             if not texts:
                 raise InvalidRequest("items must hold at least one item")
@@ -86,7 +94,30 @@ class Engine:
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
                                   tenant=tenant)
                 self._enqueue(handle, request)
-            return request.future
+            return request.future if fde is None else self._then(request.future, fde)
+
+    @staticmethod
+    def _muvera(m, overrides: dict[str, Any], is_query: bool,
+                types: list[str]) -> Callable[[list[ItemResult]], list[ItemResult]]:
+        """What turns results into MUVERA results: the dense output becomes the encoding of
+        the multivector (settings: the model's, then the request's), which stays only if it
+        was asked for too."""
+        field = "params.options.muvera"
+        if "multivector" not in m.output_types:
+            raise InvalidRequest(f"{field}: {m.spec.name} has no multivector output to encode")
+        config = muvera.MuveraConfig.parse({**(m.spec.muvera or {}), **overrides}, field)
+        config.check(m.dims()["multivector"], field)
+        dense, keep = "dense" in types, "multivector" in types
+
+        def finish(results: list[ItemResult]) -> list[ItemResult]:
+            for r in results:
+                if dense:
+                    r.dense = muvera.encode(r.multivector, config, is_query)
+                if not keep:
+                    r.multivector = None
+            return results
+
+        return finish
 
     def encode(self, model: str, texts: Sequence[str], output_types: Sequence[str] | None = None,
                options: dict[str, Any] | EncodeOptions | None = None) -> list[ItemResult]:
@@ -192,6 +223,25 @@ class Engine:
                 ) -> tuple[list[dict[str, Any]], int]:
         """Blocking extract."""
         return self.submit_extract(model, texts, labels, options).result()
+
+    def tokenize(self, model: str, texts: Sequence[str], is_query: bool = False,
+                 instruction: str | None = None) -> list[list[int]]:
+        """The token ids `model` computes on for each text when encoding it with these options
+        (prefix, instruction, truncation to its limit); nothing is queued."""
+        with self.registry.use(model) as handle:
+            tok = self._prepare(handle.model, list(texts), is_query, instruction)
+        return [row.tolist() for row in tok.ids]
+
+    def vocab(self, model: str, ids: Sequence[int]) -> list[tuple[str, str]]:
+        """(the vocabulary's string, the token decoded alone) of each token id of `model`."""
+        with self.registry.use(model) as handle:
+            tokenizer = handle.model.tokenizer
+        size = tokenizer.vocab_size
+        for i, token_id in enumerate(ids):
+            if not 0 <= token_id < size:
+                raise InvalidRequest(f"ids[{i}]: {token_id} is not a token id of {model} "
+                                     f"(0 to {size - 1})")
+        return [(tokenizer.piece(t), tokenizer.decode([t])) for t in ids]
 
     @staticmethod
     def _check_images(m, items: list, field: str = "items[{i}]") -> list[int]:

@@ -175,6 +175,7 @@ class ModelRegistry:
             handle.adapter_bytes = 0
             handle.state, handle.error, handle.attempts = "ready", None, 0
         self.metrics.model_loads.labels(spec.name, "loaded").inc()
+        self.metrics.start_model(spec.name)
         self._memory_changed(handle)
         self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
         log.info("loaded %s (%s) from %s in %.1fs, %.0f MB", spec.name, spec.family, folder,
@@ -236,6 +237,7 @@ class ModelRegistry:
 
     def _memory_changed(self, handle: ModelHandle) -> None:
         self.metrics.model_memory.labels(handle.spec.name).set(handle.held_bytes)
+        self.metrics.adapter_memory.labels(handle.spec.name).set(handle.adapter_bytes)
 
     def _unload(self, handle: ModelHandle) -> None:
         if handle.scheduler is not None:
@@ -244,6 +246,7 @@ class ModelRegistry:
             handle.model = handle.scheduler = None
             handle.memory_bytes = handle.adapter_bytes = 0
         self._memory_changed(handle)
+        self.metrics.adapters_loaded.labels(handle.spec.name).set(0)  # they went with the model
         self.metrics.models_loaded.set(sum(h.state == "ready" for h in self._handles.values()))
         self.placement.release_memory()
 

@@ -6,11 +6,10 @@ free: a lone request is dispatched at once, and under load the queue fills while
 busy so batches grow to the budget (continuous batching). Tokenization happens before queueing,
 in the submitting thread, so it overlaps the running batch.
 
-Fairness: queued work is grouped by client, the request's tenant (its API key) or, without one,
-the request itself. A batch is filled by deficit round robin over clients (each turn adds
-`max_batch_tokens // 4` tokens of credit; a client spends it on its items) and, within a
-client, round robin over its requests. So a small request arriving behind a giant one joins the
-next batch instead of waiting for the giant one to finish.
+Fairness (`fair_queue.py`): queued work is grouped by client, the request's tenant (its API
+key) or, without one, the request itself, and batches are formed by deficit round robin over
+clients with credit in tokens. A small request arriving behind a giant one, whatever the giant
+one's item lengths, runs in one of the next C + 1 batches (C: clients with queued work).
 
 Admission, in `submit` only. A request of more than `max_queued_tokens` (L) tokens is refused
 at once (413: it could never be queued whole). Any other request is queued while the queue
@@ -26,49 +25,22 @@ than 3L tokens.
 
 from __future__ import annotations
 
-import collections
 import contextvars
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from ..errors import (BodyTooLarge, DeadlineExceeded, InternalError, ModelUnavailable,
-                      Overloaded, ResourceExhausted)
+from ..errors import (BodyTooLarge, InternalError, ModelUnavailable, Overloaded,
+                      ResourceExhausted)
 from ..metrics import Metrics
 from ..models.base import BatchOutputs, EncoderModel
 from ..runtime.batch import pack, split_rows
+from .fair_queue import Entry, FairQueue, client_key
 from .request import ItemResult, Request
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[Request, int]  # (request, item index)
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A queued request: its next item and the tokens it still has queued."""
-
-    request: Request
-    tokens: int
-    next: int = 0
-
-
-@dataclass(eq=False)
-class _Client:
-    """One client's queued requests (served in turn) and its round-robin credit."""
-
-    requests: collections.deque[_Pending] = field(default_factory=collections.deque)
-    tokens: int = 0
-    deficit: int = 0
-
-
-def client_key(request: Request) -> object:
-    """Who a request counts against: its tenant, else the request itself."""
-    return ("tenant", request.tenant) if request.tenant is not None else ("request", id(request))
 
 
 class Scheduler:
@@ -84,8 +56,7 @@ class Scheduler:
         self.max_queued_tokens = max_queued_tokens
         self.metrics = metrics or Metrics()
         self._label = model.spec.name
-        self._clients: collections.OrderedDict[object, _Client] = collections.OrderedDict()
-        self._queued_tokens = 0
+        self._queue = FairQueue(max_batch_tokens, max_batch_items)
         self._in_flight = 0  # items taken from the queue and not yet resolved
         self._cond = threading.Condition()
         self._closing = False
@@ -106,7 +77,7 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         """Work queued or running."""
-        return bool(self._clients) or self._in_flight > 0
+        return bool(self._queue) or self._in_flight > 0
 
     def submit(self, request: Request) -> None:
         """Queue a request's items, or refuse it at once (see the module docstring)."""
@@ -115,131 +86,58 @@ class Scheduler:
             if self._closing:
                 raise ModelUnavailable(f"{name} is shutting down")
             if tokens > limit:
-                self.metrics.rejected.labels(self._label).inc()
+                self.metrics.rejected.labels(self._label, "too_large").inc()
                 raise BodyTooLarge(f"the request holds {tokens} tokens; {name} queues at most "
                                    f"{limit} (--max-queued-tokens): send its items in smaller "
                                    "requests")
-            key = client_key(request)
-            client = self._clients.get(key)
-            holding = client.tokens if client is not None else 0
-            if not self._admits(client):
-                self.metrics.rejected.labels(self._label).inc()
-                raise Overloaded(f"{name}: queue full ({self._queued_tokens} tokens waiting, "
-                                 f"limit {limit}; this client holds {holding}); retry later",
+            holding = self._queue.holding(client_key(request))
+            if not self._admits(holding):
+                self.metrics.rejected.labels(self._label, "queue_full").inc()
+                raise Overloaded(f"{name}: queue full ({self._queue.tokens} tokens waiting, "
+                                 f"limit {limit}; this client holds {holding or 0}); retry later",
                                  retry_after=1.0)
-            if client is None:
-                client = self._clients[key] = _Client()
-            client.requests.append(_Pending(request, tokens))
-            client.tokens += tokens
-            self._queued_tokens += tokens
-            self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
+            self._queue.push(request)
+            self.metrics.queue_tokens.labels(self._label).set(self._queue.tokens)
             self._cond.notify()
 
-    def _admits(self, client: _Client | None) -> bool:
-        """Whether `client` (None: one with nothing queued) may queue one more request (the
-        module docstring); independent of the request's size."""
-        queued, limit = self._queued_tokens, self.max_queued_tokens
+    def _admits(self, holding: int | None) -> bool:
+        """Whether a client holding `holding` queued tokens (None: nothing queued) may queue
+        one more request (the module docstring); independent of the request's size."""
+        queued, limit = self._queue.tokens, self.max_queued_tokens
         if queued < limit:
             return True
         if queued >= 2 * limit:
             return False
-        if client is None:
+        if holding is None:
             return True  # it holds nothing: below any share
-        return client.tokens < limit / len(self._clients)
+        return holding < limit / len(self._queue)
 
     def close(self, drain: bool = True) -> None:
         """Stop the threads; with drain, after everything queued has run."""
         with self._cond:
             self._closing = True
             if not drain:
-                for client in self._clients.values():
-                    for pending in client.requests:
-                        pending.request.fail(ModelUnavailable(f"{self.model.spec.name} was unloaded"))
-                self._clients.clear()
-                self._queued_tokens = 0
+                for request in self._queue.clear():
+                    request.fail(ModelUnavailable(f"{self.model.spec.name} was unloaded"))
             self._cond.notify_all()
         for t in self._threads:
             t.join()
 
-    def _drop(self, client: _Client, pending: _Pending) -> None:
-        """Forget a request's queued items (it is done, or taken whole)."""
-        client.requests.remove(pending)
-        client.tokens -= pending.tokens
-        self._queued_tokens -= pending.tokens
-        pending.tokens = 0
-
-    def _head(self, client: _Client, now: float) -> _Pending | None:
-        """The client's current request, dropping those cancelled, failed or expired."""
-        while client.requests:
-            pending = client.requests[0]
-            req = pending.request
-            if req.expired(now) and not req.done():
-                req.fail(DeadlineExceeded("the request's deadline passed while queued"))
-            if not req.done():
-                return pending
-            self._drop(client, pending)
-        return None
-
     def _take(self) -> list[Entry] | None:
-        """Block until work is queued; fill a batch up to the token and item budgets by
-        deficit round robin over clients (module docstring)."""
+        """Block until work is queued; the next batch from the fair queue."""
         with self._cond:
-            while not self._clients and not self._closing:
+            while not self._queue and not self._closing:
                 self._cond.wait()
-            if not self._clients:
+            if not self._queue:
                 return None
-            batch: list[Entry] = []
             now = time.monotonic()
-            tokens, progress = 0, True
-            while self._clients and len(batch) < self.max_batch_items and (
-                    progress or self._could_add(tokens)):  # else: the batch is full
-                progress = False
-                for key in list(self._clients):
-                    client = self._clients[key]
-                    added = self._serve(client, batch, tokens, now)
-                    tokens, progress = tokens + added, progress or added > 0
-                    if client.requests:
-                        client.requests.rotate(-1)  # its requests take turns
-                        self._clients.move_to_end(key)
-                    else:
-                        del self._clients[key]
+            batch = self._queue.take(now)
             batch.sort(key=lambda entry: entry[0].adapter_slot)  # each adapter's rows contiguous
             for req in {id(r): r for r, _ in batch}.values():
                 self.metrics.queue_seconds.labels(self._label).observe(now - req.enqueued_at)
-            self.metrics.queue_tokens.labels(self._label).set(self._queued_tokens)
+            self.metrics.queue_tokens.labels(self._label).set(self._queue.tokens)
             self._in_flight += len(batch)
             return batch
-
-    def _serve(self, client: _Client, batch: list[Entry], tokens: int, now: float) -> int:
-        """One turn of `client`: add a quantum of credit and spend it on its items (an empty
-        batch always takes one); returns the tokens added to `batch`."""
-        pending = self._head(client, now)
-        if pending is None:
-            return 0
-        client.deficit = min(client.deficit + max(1, self.max_batch_tokens // 4),
-                             self.max_batch_tokens)
-        added = 0
-        while pending is not None and len(batch) < self.max_batch_items:
-            req, i = pending.request, pending.next
-            n = len(req.tokens[i])
-            if batch and (tokens + added + n > self.max_batch_tokens or n > client.deficit):
-                break
-            batch.append((req, i))
-            added += n
-            client.deficit -= n
-            pending.next += 1
-            pending.tokens -= n
-            client.tokens -= n
-            self._queued_tokens -= n
-            if pending.next == len(req.tokens):
-                client.requests.popleft()
-                pending = self._head(client, now)
-        return added
-
-    def _could_add(self, tokens: int) -> bool:
-        """Whether some client's next item fits beside `tokens` (it may lack credit yet)."""
-        return any(len(c.requests[0].request.tokens[c.requests[0].next]) + tokens
-                   <= self.max_batch_tokens for c in self._clients.values() if c.requests)
 
     def _finished(self, batch: list[Entry]) -> None:
         with self._cond:

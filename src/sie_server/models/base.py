@@ -42,6 +42,9 @@ class ModelSpec:
     hypothesis_template: str | None = None  # NLI zero-shot: "This text is about {}."; None: the family's
     extract_threshold: float | None = None  # GLiNER: the default options.threshold (None: 0.5)
     merge_adjacent_entities: bool = False  # GLiNER: the default of that option (SIE's, per model)
+    query_max_tokens: int | None = None  # ColBERT: query length (None: the checkpoint's)
+    query_expansion: bool | None = None  # ColBERT: pad queries with mask tokens (None: checkpoint's)
+    muvera: dict[str, Any] | None = None  # MUVERA settings (SIE's muvera_config keys); muvera.py
 
 
 @dataclass(frozen=True)
@@ -210,13 +213,15 @@ class EncoderModel(abc.ABC):
 
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
         """Apply the model's prefixes/instruction, then tokenize."""
+        return self.tokenizer.encode(self.prefixed(texts, is_query, instruction))
+
+    def prefixed(self, texts: list[str], is_query: bool, instruction: str | None) -> list[str]:
+        """The texts with the instruction (through the template) and the catalog's prefix."""
         if instruction is not None:
             texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
                      for t in texts]
         prefix = self.spec.query_prefix if is_query else self.spec.document_prefix
-        if prefix:
-            texts = [prefix + t for t in texts]
-        return self.tokenizer.encode(texts)
+        return [prefix + t for t in texts] if prefix else texts
 
     def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
         """The rows of an extraction (families with `extracts` set)."""

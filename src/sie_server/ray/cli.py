@@ -11,10 +11,10 @@ import json
 import signal
 import threading
 
+from ..flags import add_engine_flags, settings_from_args
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_engine_flags
-
     r = sub.add_parser("ray", help="serve the HTTP API from Ray Serve replicas")
     r.add_argument("--address", help="Ray cluster to join ('auto', 'ray://HOST:10001'); "
                    "default: start a local one on 127.0.0.1")
@@ -49,7 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Deploy, print the URL, and keep the application up until SIGINT/SIGTERM."""
     from .. import logs
-    from ..cli import settings_from_args
     from .cluster import connect, start_http
 
     logs.configure(args.log_level)

@@ -6,7 +6,9 @@ and runs SDPA per group, so padding stays small without changing the packed layo
 Both are built once per batch and reused by every layer. With `causal=True` (decoders) each
 token attends to itself and the tokens before it in its own sequence; keys and values may have
 fewer heads than queries (grouped-query attention). With `window=w` a token attends only to
-tokens at most w positions away in its sequence (ModernBERT's local layers).
+tokens at most w positions away in its sequence (ModernBERT's local layers). With `keys`
+(per sequence, how many of its leading tokens may be attended) the tokens after them still
+get outputs but no token attends to them (ColBERT's query expansion tokens).
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ class BucketedAttention:
     Causal groups need no padding mask: a real token's keys (itself and before) are all real."""
 
     def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False,
-                 window: int | None = None) -> None:
+                 window: int | None = None, keys: np.ndarray | None = None) -> None:
         self.causal = causal
         self.window = window
         lengths = np.diff(cu_seqlens)
+        self.keys = lengths if keys is None else keys
         order = np.argsort(lengths, kind="stable")
         self.groups = []
         start, real = 0, 0
@@ -84,17 +87,20 @@ class BucketedAttention:
         cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
         packed_idx = cu[seqs][rows] + cols
         padded_idx = rows * width + cols
+        keys = self.keys[seqs]
         mask = None
-        if (lens != width).any() and not self.causal:
-            m = np.arange(width)[None, :] < lens[:, None]
+        if (keys != width).any() and not self.causal:
+            m = np.arange(width)[None, :] < keys[:, None]
             mask = torch.from_numpy(m[:, None, None, :]).to(device)
         if self.window is not None and width > self.window + 1:
             pos = np.arange(width)
             band = np.abs(pos[:, None] - pos[None, :]) <= self.window  # (query, key)
             real = pos[None, :] < lens[:, None]
-            # padding keys never count; padding queries (dropped later) see every real key,
-            # so no row is empty
-            m = real[:, None, :] & (band[None] | ~real[:, :, None])
+            seen = pos[None, :] < keys[:, None]
+            # keys not attended never count; padding queries (dropped later), and a token whose
+            # window holds no attended key, see every attended key, so no row is empty
+            blind = ~(band[None] & seen[:, None, :]).any(-1, keepdims=True)
+            m = seen[:, None, :] & (band[None] | ~real[:, :, None] | blind)
             mask = torch.from_numpy(m[:, None]).to(device)
         return (
             torch.from_numpy(packed_idx).to(device),
@@ -127,12 +133,15 @@ class BucketedAttention:
 
 
 def make_attention(cu_seqlens: np.ndarray, device: torch.device, dtype: torch.dtype, *,
-                   causal: bool = False, window: int | None = None):
+                   causal: bool = False, window: int | None = None,
+                   keys: np.ndarray | None = None):
     """The best attention for this device and dtype; `causal` for decoders, `window`: attend
-    only to tokens at most this many positions away (None: the whole sequence)."""
+    only to tokens at most this many positions away (None: the whole sequence); `keys`: per
+    sequence, how many leading tokens may be attended (None: all)."""
     half = dtype in (torch.float16, torch.bfloat16)
     kernel_has_it = ((not causal or _VARLEN_CAUSAL)
-                     and (window is None or "window_size" in _VARLEN_ARGS))
+                     and (window is None or "window_size" in _VARLEN_ARGS)
+                     and (keys is None or bool((keys == np.diff(cu_seqlens)).all())))
     if device.type == "cuda" and varlen_attn is not None and half and kernel_has_it:
         return VarlenAttention(cu_seqlens, device, causal=causal, window=window)
-    return BucketedAttention(cu_seqlens, device, causal=causal, window=window)
+    return BucketedAttention(cu_seqlens, device, causal=causal, window=window, keys=keys)

@@ -174,14 +174,15 @@ class ModernBertEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(h, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
     def attention(self, cu_seqlens: np.ndarray, device: torch.device,
-                  dtype: torch.dtype) -> LayerAttention:
+                  dtype: torch.dtype, keys: np.ndarray | None = None) -> LayerAttention:
         """Both attentions for a batch; the local one is the full one when no sequence is
-        longer than the window."""
-        full = make_attention(cu_seqlens, device, dtype)
+        longer than the window. `keys`: make_attention's."""
+        full = make_attention(cu_seqlens, device, dtype, keys=keys)
         reach = self.cfg.local_attention // 2
         if int(np.diff(cu_seqlens).max()) <= reach + 1:
             return LayerAttention(full, full)
-        return LayerAttention(full, make_attention(cu_seqlens, device, dtype, window=reach))
+        return LayerAttention(full, make_attention(cu_seqlens, device, dtype, window=reach,
+                                                   keys=keys))
 
     def forward(
         self,

@@ -73,6 +73,16 @@ class SiglipTextTokenizer:
             out = out[1:]
         return out
 
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
     def encode(self, texts: list[str]) -> Tokenized:
         n = self.max_tokens
         ids, lengths = [], []

@@ -182,6 +182,18 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary's string for a token id ("▁Hello", "##ing", "<s>")."""
+        return self._tok.id_to_token(token_id) or ""
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens kept (one id: the token as a word)."""
+        return self._tok.decode(ids, skip_special_tokens=False)
+
     def _encode_all(self, texts: list[str], add_special_tokens: bool) -> list:
         if sum(map(len, texts)) <= SMALL_INPUT_CHARS:
             return [self._tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
