@@ -291,7 +291,7 @@ def test_haystack_dspy_crewai_extractors(server, engine, tmp_path) -> None:
 
     from conftest import ROOT, run_public
 
-    setup = subprocess.run([str(ROOT / "scripts" / "setup-sie-extract-integrations.sh")],
+    setup = subprocess.run([str(ROOT / "scripts" / "setup-sie-public.sh"), "extract"],
                            capture_output=True, text=True, timeout=1800)
     if setup.returncode == 3:
         pytest.skip(setup.stderr.strip())

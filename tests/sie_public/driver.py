@@ -211,7 +211,7 @@ def extract(url: str, arrays: dict, info: dict) -> None:
 
 def extract_more(url: str, arrays: dict, info: dict) -> None:
     """The extractor components of sie-haystack, sie-dspy and sie-crewai (their own environment,
-    scripts/setup-sie-extract-integrations.sh), as their documentation shows them."""
+    scripts/setup-sie-public.sh extract), as their documentation shows them."""
     options = {"threshold": 0.4}
     text = EXTRACT_TEXTS[0]
     from sie_haystack import SIEExtractor as HaystackExtractor
