@@ -16,6 +16,8 @@
 #   e. decoder embedder, Qwen3-Embedding-0.6B's shape: engine vs sentence-transformers -> $OUT/decoder.json
 #   f. long documents (2k-8k tokens), if time is left                          -> $OUT/long.json
 #   g. images: CLIP ViT-B/32 shape, engine vs transformers loop (bench/images.py) -> $OUT/images.json
+#   h. extract: GLiNER, gliner_multi-v2.1's shape, engine vs gliner's batch_predict_entities
+#      (bench/extract.py; gliner must be installed or travel as a wheel) -> $OUT/extract.json
 # Everything printed also goes to $OUT/gpu_log.txt; a summary table ends the output.
 set -uo pipefail  # no -e: a failed step must not lose the others
 cd "$(dirname "$0")/.."
@@ -99,6 +101,8 @@ step "f. long documents" 90 "${RUN[@]}" --corpus long $(N --n 64) --outputs dens
   --paths inprocess,flag --json-out "$OUT/long.json" >/dev/null
 step "g. images" 60 "$PY" -m bench.images --device "$DEVICE" $(N --images 1024) \
   --clients 8 --request-size 32 --cache /tmp/sie-bench-cache > "$OUT/images.json"
+step "h. extract" 60 "$PY" -m bench.extract --device "$DEVICE" --size base --dtype bfloat16 \
+  $(N --texts 512) --clients 8 --request-size 16 --cache /tmp/sie-bench-cache > "$OUT/extract.json"
 
 echo "== summary [${SECONDS}s]"
 "$PY" -m bench.summarize "$OUT"/passages.json "$OUT"/queries.json "$OUT"/lora.json "$OUT"/decoder.json "$OUT"/long.json

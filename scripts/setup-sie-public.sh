@@ -5,11 +5,19 @@
 # `sie-server` goes in without its dependencies: tests run its MUVERA code
 # (core/postprocessor.py, numpy only) as the reference for ours (tests/test_muvera.py).
 # Idempotent: quick when the pins below did not change. Prints the interpreter's path.
+# With the argument `extract`: another environment, see below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-sie-public
 pins=(sie-sdk==0.10.1 sie-langchain==0.10.1 sie-llamaindex==0.10.1 sie-qdrant==0.10.1
       sie-lancedb==0.10.1)
+if [ "${1:-}" = extract ]; then
+  # `setup-sie-public.sh extract`: .venv-sie-extract, the integrations whose extractor
+  # components tests/test_gliner.py drives and whose dependencies (haystack-ai, dspy, crewai:
+  # large, with pins of their own) must not touch .venv-sie-public
+  venv=.venv-sie-extract
+  pins=(sie-sdk==0.10.1 sie-haystack==0.10.1 sie-dspy==0.10.1 sie-crewai==0.10.1)
+fi
 nodeps=(sie-server==0.10.1)
 stamp="$venv/.installed-$(echo "${pins[*]} ${nodeps[*]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then

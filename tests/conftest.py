@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -125,3 +126,32 @@ def bge_m3_server(start_server, bge_m3_dir: Path, minilm_dir: Path, legal_lora) 
                          "--adapter-root", str(legal_lora["root"]),
                          "--default-model", "BAAI/bge-m3",
                          "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])
+
+
+# The public `sie-sdk` and its integrations (.venv-sie-public, Python 3.12), driven as
+# subprocesses (tests/sie_public/driver.py). A PYTHONPATH pointing at our src/ would shadow
+# SIE's `sie_sdk` with ours, so it is dropped from their environment.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+@pytest.fixture(scope="session")
+def sie_python() -> str:
+    setup = subprocess.run([str(ROOT / "scripts" / "setup-sie-public.sh")], capture_output=True,
+                           text=True, timeout=1200)
+    if setup.returncode == 3:
+        pytest.skip(setup.stderr.strip())
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    return setup.stdout.strip().splitlines()[-1]
+
+
+def run_public(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, dict]:
+    """Run one check of tests/sie_public/driver.py: (its arrays, its JSON)."""
+    import numpy as np
+
+    done = subprocess.run([sie_python, str(ROOT / "tests" / "sie_public" / "driver.py"), check,
+                           url, str(tmp)], capture_output=True, text=True, timeout=600,
+                          env=CLEAN_ENV)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with np.load(tmp / f"{check}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, json.loads((tmp / f"{check}.json").read_text())

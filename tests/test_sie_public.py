@@ -13,17 +13,15 @@ run as subprocesses (tests/sie_public/driver.py). What they return is compared h
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, ServerProcess
+from conftest import CLEAN_ENV, ROOT, ServerProcess, run_public as run
 from sie_sdk import SIEClient
 from sie_sdk.types import Item
 from sie_server.config import Settings
@@ -36,35 +34,11 @@ DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 
 @pytest.fixture(scope="module")
-def sie_python() -> str:
-    setup = subprocess.run([str(ROOT / "scripts" / "setup-sie-public.sh")], capture_output=True,
-                           text=True, timeout=1200)
-    if setup.returncode == 3:
-        pytest.skip(setup.stderr.strip())
-    assert setup.returncode == 0, setup.stderr[-3000:]
-    return setup.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
 def docs(sie_python: str) -> list[str]:
     out = subprocess.run([sie_python, "-c", "import driver; print(__import__('json').dumps(driver.DOCS))"],
                          cwd=ROOT / "tests" / "sie_public", capture_output=True, text=True, check=True,
                          env=CLEAN_ENV)
     return json.loads(out.stdout)
-
-
-# The public packages' own environment: a PYTHONPATH pointing at our src/ would shadow SIE's
-# `sie_sdk` with ours.
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
-def run(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, dict]:
-    done = subprocess.run([sie_python, str(ROOT / "tests" / "sie_public" / "driver.py"), check, url, str(tmp)],
-                          capture_output=True, text=True, timeout=600, env=CLEAN_ENV)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with np.load(tmp / f"{check}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads((tmp / f"{check}.json").read_text())
 
 
 @pytest.fixture(scope="module")

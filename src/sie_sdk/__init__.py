@@ -22,14 +22,18 @@ from .errors import (
     UnauthorizedError,
     error_from_response,
 )
-from .types import EncodeOptions, EncodeResult, Item, ScoreEntry, ScoreResult, SparseVector
+from .types import (Classification, EncodeOptions, EncodeResult, Entity, ExtractResult, Item,
+                    ScoreEntry, ScoreResult, SparseVector)
 
 __all__ = [
     "AdapterLoadingError",
     "AdapterNotFoundError",
+    "Classification",
     "DeadlineExceededError",
     "EncodeOptions",
     "EncodeResult",
+    "Entity",
+    "ExtractResult",
     "GatewayTimeoutError",
     "InputTooLongError",
     "InternalServerError",

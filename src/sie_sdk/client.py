@@ -22,7 +22,7 @@ import httpx
 
 from . import wire
 from .errors import SIEConnectionError, SIEError, SIEServerError, error_from_response
-from .types import EncodeOptions, EncodeResult, Item, ScoreResult
+from .types import EncodeOptions, EncodeResult, ExtractResult, Item, ScoreResult
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -120,6 +120,25 @@ class _Base:
     ) -> bytes:
         return wire.score_request(_to_item(query), [_to_item(x) for x in items], options, top_k,
                                   instruction=instruction)
+
+    @staticmethod
+    def _extract_body(
+        items: ItemLike | Sequence[ItemLike], labels: Sequence[str] | None,
+        output_schema: Mapping[str, Any] | None, instruction: str | None,
+        options: Mapping[str, Any] | None,
+    ) -> tuple[bool, int, bytes]:
+        """(single, number of items, msgpack body) of an extract call, sent as one request."""
+        single = _is_one(items)
+        lst = [_to_item(items)] if single else [_to_item(x) for x in items]  # type: ignore[union-attr]
+        return single, len(lst), wire.extract_request(lst, labels, options, instruction=instruction,
+                                                     output_schema=output_schema)
+
+    @staticmethod
+    def _extract_results(payload: Any, single: bool, n_items: int) -> ExtractResult | list[ExtractResult]:
+        results = wire.decode_extract_response(payload)
+        if len(results) != n_items:
+            raise SIEError(f"server returned {len(results)} results for {n_items} items")
+        return results[0] if single else results
 
     @staticmethod
     def _error(resp: httpx.Response) -> SIEServerError:
@@ -261,6 +280,22 @@ class SIEClient(_Base):
         body = self._score_body(query, items, options, top_k, instruction)
         return wire.decode_score_response(self._payload(self._request("POST", f"/v1/score/{model}", body)))
 
+    def extract(
+        self,
+        model: str,
+        items: ItemLike | Sequence[ItemLike],
+        *,
+        labels: Sequence[str] | None = None,
+        output_schema: Mapping[str, Any] | None = None,
+        instruction: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Entities (GLiNER) or classifications (zero-shot) of `labels` in each item, in one
+        request; an ExtractResult for one item, a list for a list (as SIE's `extract`)."""
+        single, n, body = self._extract_body(items, labels, output_schema, instruction, options)
+        return self._extract_results(self._payload(self._request("POST", f"/v1/extract/{model}", body)),
+                                     single, n)
+
     def list_models(self) -> list[dict[str, Any]]:
         """The server's models (`GET /v1/models`): SIE's ModelInfo fields and ours."""
         return self._payload(self._request("GET", "/v1/models", headers={"Accept": "application/json"}))["models"]
@@ -359,6 +394,22 @@ class SIEAsyncClient(_Base):
         """Score `items` against `query` in one request (never split: ranks span all items)."""
         body = self._score_body(query, items, options, top_k, instruction)
         return wire.decode_score_response(self._payload(await self._request("POST", f"/v1/score/{model}", body)))
+
+    async def extract(
+        self,
+        model: str,
+        items: ItemLike | Sequence[ItemLike],
+        *,
+        labels: Sequence[str] | None = None,
+        output_schema: Mapping[str, Any] | None = None,
+        instruction: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Entities (GLiNER) or classifications (zero-shot) of `labels` in each item, in one
+        request; an ExtractResult for one item, a list for a list (as SIE's `extract`)."""
+        single, n, body = self._extract_body(items, labels, output_schema, instruction, options)
+        return self._extract_results(self._payload(await self._request("POST", f"/v1/extract/{model}", body)),
+                                     single, n)
 
     async def list_models(self) -> list[dict[str, Any]]:
         """The server's models (`GET /v1/models`): SIE's ModelInfo fields and ours."""

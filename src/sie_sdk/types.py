@@ -73,3 +73,33 @@ class ScoreResult(TypedDict):
     activation: NotRequired[str]  # cross-encoders: "sigmoid" or "none"
     query_id: NotRequired[str]  # the query item's id, when it had one
     usage: NotRequired[dict[str, int]]  # {"input_tokens": tokens the model saw}
+
+
+class Entity(TypedDict):
+    """A span found by `extract`: its text, label and score, and its character offsets in the
+    item's text (`text == item_text[start:end]`)."""
+
+    text: str
+    label: str
+    score: float
+    start: int | None
+    end: int | None
+    bbox: NotRequired[list[int] | None]
+
+
+class Classification(TypedDict):
+    label: str
+    score: float
+
+
+class ExtractResult(TypedDict, total=False):
+    """One item's extraction (SIE's ExtractResult): GLiNER models fill `entities`, zero-shot
+    classifiers `classifications`; `relations`, `objects` and `data` are SIE's other kinds."""
+
+    model: str
+    id: str
+    entities: list[Entity]
+    relations: list[dict]
+    classifications: list[Classification]
+    objects: list[dict]
+    data: dict

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import SIEError
-from .types import EncodeResult, Item, ScoreResult
+from .types import EncodeResult, ExtractResult, Item, ScoreResult
 
 MSGPACK = "application/msgpack"
 # The numpy dtype of each `dtype` name of the wire (JSON lists carry no dtype of their own).
@@ -168,3 +168,51 @@ def decode_score_response(payload: Mapping[str, Any]) -> ScoreResult:
         if payload.get(key) is not None:
             result[key] = payload[key]  # type: ignore[literal-required]
     return result
+
+
+def extract_request(
+    items: Sequence[Item],
+    labels: Sequence[str] | None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    instruction: str | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Body of `POST /v1/extract/{model}`: `{"items", "params"?: {"labels", "instruction",
+    "output_schema", "options"}}`, params only when set (as SIE's SDK sends it)."""
+    params: dict[str, Any] = {}
+    if labels is not None:
+        params["labels"] = list(labels)
+    if output_schema is not None:
+        params["output_schema"] = dict(output_schema)
+    if instruction is not None:
+        params["instruction"] = instruction
+    if options:
+        params["options"] = dict(options)
+    body: dict[str, Any] = {"items": [item_to_wire(i) for i in items]}
+    if params:
+        body["params"] = params
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_extract_response(payload: Mapping[str, Any]) -> list[ExtractResult]:
+    """`{"model", "items": [ExtractResult]}` -> one ExtractResult per item, `model` set on each."""
+    results: list[ExtractResult] = []
+    for item in payload["items"]:
+        result: ExtractResult = {
+            "entities": [{"text": e["text"], "label": e["label"], "score": float(e["score"]),
+                          "start": e.get("start"), "end": e.get("end"), "bbox": e.get("bbox")}
+                         for e in item.get("entities", [])],
+            "relations": list(item.get("relations", [])),
+            "classifications": [{"label": c["label"], "score": float(c["score"])}
+                                for c in item.get("classifications", [])],
+            "objects": list(item.get("objects", [])),
+        }
+        if item.get("data"):  # as sie-sdk: only when there is some
+            result["data"] = dict(item["data"])
+        if item.get("id") is not None:
+            result["id"] = item["id"]
+        if payload.get("model"):
+            result["model"] = payload["model"]
+        results.append(result)
+    return results

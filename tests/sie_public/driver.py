@@ -193,8 +193,75 @@ def lancedb(url: str, arrays: dict, info: dict) -> None:
         arrays[f"doc{DOCS.index(row['text'])}"] = np.asarray(row["vector"], dtype=np.float32)
 
 
-CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, score_modes, loading, langchain,
-                                  llamaindex, qdrant, lancedb)}
+GLINER = "urchade/gliner_multi-v2.1"
+EXTRACT_TEXTS = ["Apple Inc. was founded by Steve Jobs in Cupertino, California in 1976.",
+                 "Angela Merkel traf Emmanuel Macron in Paris.", "東京は日本の首都です。"]
+EXTRACT_LABELS = ["person", "organization", "location"]
+
+
+def extract(url: str, arrays: dict, info: dict) -> None:
+    """The public SDK's `extract` (sie-sdk's documented call), then the extractor components of
+    the integrations installed here (sie-langchain, sie-llamaindex, sie-lancedb)."""
+    from sie_sdk.client.errors import RequestError
+
+    client = SIEClient(url)
+    one = client.extract(GLINER, Item(text=EXTRACT_TEXTS[0]), labels=EXTRACT_LABELS,
+                         options={"threshold": 0.4})
+    many = client.extract(GLINER, [Item(text=t, id=f"t{i}") for i, t in enumerate(EXTRACT_TEXTS)],
+                          labels=EXTRACT_LABELS, options={"threshold": 0.4})
+    info["one"] = dict(one)
+    info["many"] = [{"id": r.get("id"), "entities": r["entities"], "model": r.get("model")} for r in many]
+    for bad in ({"labels": None}, {"labels": []}):
+        try:
+            client.extract(GLINER, Item(text="x"), **bad)
+            info.setdefault("errors", []).append("no error")
+        except RequestError as err:
+            info.setdefault("errors", []).append(type(err).__name__)
+
+    from sie_langchain import SIEExtractor as LangchainExtractor
+    tool = LangchainExtractor(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                              options={"threshold": 0.4})
+    info["langchain"] = tool.invoke(EXTRACT_TEXTS[0])
+    from sie_llamaindex import create_sie_extractor_tool
+    fn = create_sie_extractor_tool(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                                   options={"threshold": 0.4})
+    info["llamaindex"] = fn.call(EXTRACT_TEXTS[0]).raw_output
+    import tempfile
+
+    import lancedb as ldb
+    from sie_lancedb import SIEExtractor as LanceExtractor
+
+    lance = LanceExtractor(base_url=url, model=GLINER, options={"threshold": 0.4})
+    info["lancedb"] = lance.extract(EXTRACT_TEXTS, labels=EXTRACT_LABELS)
+    table = ldb.connect(tempfile.mkdtemp()).create_table(
+        "docs", data=[{"id": i, "text": t} for i, t in enumerate(EXTRACT_TEXTS)])
+    lance.enrich_table(table, source_column="text", target_column="entities",
+                       labels=EXTRACT_LABELS, id_column="id")
+    rows = sorted(table.to_arrow().to_pylist(), key=lambda r: r["id"])
+    info["lancedb_table"] = [r["entities"] for r in rows]
+
+
+def extract_more(url: str, arrays: dict, info: dict) -> None:
+    """The extractor components of sie-haystack, sie-dspy and sie-crewai (their own environment,
+    scripts/setup-sie-public.sh extract), as their documentation shows them."""
+    options = {"threshold": 0.4}
+    text = EXTRACT_TEXTS[0]
+    from sie_haystack import SIEExtractor as HaystackExtractor
+
+    out = HaystackExtractor(base_url=url, model=GLINER, labels=EXTRACT_LABELS, options=options).run(text)
+    info["haystack"] = [vars(e) if not isinstance(e, dict) else e for e in out["entities"]]
+    from sie_dspy import SIEExtractor as DspyExtractor
+
+    info["dspy"] = DspyExtractor(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                                 options=options)(text=text).entities_dict
+    from sie_crewai import SIEExtractorTool
+
+    info["crewai"] = SIEExtractorTool(base_url=url, model=GLINER, labels=EXTRACT_LABELS,
+                                      options=options)._run(text=text)
+
+
+CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, score_modes, loading,
+                                  langchain, llamaindex, qdrant, lancedb, extract, extract_more)}
 
 
 def main() -> None:

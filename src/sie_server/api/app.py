@@ -37,9 +37,10 @@ from . import validate
 from .calls import Calls, ClientDisconnected
 from .middleware import ServerMiddleware
 from .openapi import BOTH, Operation
-from .validate import parse_encode, parse_score
+from .validate import parse_encode, parse_extract, parse_score
 from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, encode_body, encode_response,
-                   error_body, score_to_wire, timing_headers, wants_msgpack)
+                   error_body, extract_to_wire, score_to_wire, timing_headers,
+                   wants_msgpack)
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,12 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
                                               result.input_tokens, timing),
                        headers=timing_headers(timing))
 
+    async def extract(request: Request) -> Response:
+        model, call = await read_call(request, parse_extract)
+        results, tokens = await calls.extract(request, model, call.texts, call.labels,
+                                              call.options)
+        return respond(request, extract_to_wire(model, call.ids, results, tokens))
+
     async def models(request: Request) -> Response:
         """SIE's `{"models": [ModelInfo]}` and OpenAI's `{"object": "list", "data"}` at once."""
         def listing() -> list[dict[str, Any]]:
@@ -232,14 +239,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         results = await calls.encode(request, call.model, call.texts, ["dense"], {})
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
         return Response(encode_body(payload, False), media_type=JSON)
-
-    async def tokens(request: Request) -> Response:
-        model, call, _ = await read_call(request, tokens_api.parse)
-        body = await anyio.to_thread.run_sync(tokens_api.run, engine, model, call)
-        return respond(request, body)
-
-    async def status_route(request: Request) -> Response:
-        return respond(request, status.build(engine))
 
     async def tokens(request: Request) -> Response:
         model, call = await read_call(request, tokens_api.parse)
@@ -308,6 +307,9 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         Operation("POST", "/v1/score/{model:path}", score, "Score items against a query (SIE)",
                   sie, validate.ScoreRequest, {200: validate.ScoreResponse, **sie_errors},
                   BOTH, path_params=("model",)),
+        Operation("POST", "/v1/extract/{model:path}", extract,
+                  "Extract entities or classifications (SIE)", sie, validate.ExtractRequest,
+                  {200: validate.ExtractResponse, **sie_errors}, BOTH, path_params=("model",)),
         Operation("GET", "/v1/models", models, "Served models (SIE and OpenAI)", sie, None,
                   {200: dict[str, Any]}, BOTH),
         Operation("GET", "/v1/models/{path:path}", model_route, "One model (SIE)", sie, None,

@@ -175,6 +175,16 @@ class Calls:
         request.state.timing = future.timing  # engine/request.py Timing
         return await await_result(request, future, options.get("timeout_s"), self.waker())
 
+    async def extract(self, request: Request, model: str, texts: list[str],
+                      labels: list[str] | None, options: dict[str, Any]):
+        """The engine's (results, input tokens) of extracting `labels` from `texts`."""
+        request.state.model = model
+        options = with_deadline(request, options)
+        future = await anyio.to_thread.run_sync(functools.partial(
+            self.engine.submit_extract, model, texts, labels, options,
+            tenant=tenant_of(request)))
+        return await await_result(request, future, options.get("timeout_s"), self.waker())
+
     def served(self, name: str) -> str:
         """`name` if this server has it, else 404."""
         if self.engine.registry.handle(name) is None:

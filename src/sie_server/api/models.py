@@ -25,10 +25,13 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
     """One model: SIE's ModelInfo plus this server's own fields."""
     info = engine.registry.describe(h)
     model = h.model
-    score_modes = list(FAMILIES[h.spec.family].score_types)
+    cls = FAMILIES[h.spec.family]
+    score_modes = list(cls.score_types)
     outputs = list(info.output_types) if info is not None else []
     if score_modes:
         outputs.append("score")
+    if cls.extracts:
+        outputs.append("json")  # SIE's output of extract models
     error = h.error if h.state == "failed" else None
     out: dict[str, Any] = {
         "name": h.spec.name, "inputs": ["text"], "outputs": outputs,
@@ -47,6 +50,8 @@ def entry(engine: Engine, h: ModelHandle) -> dict[str, Any]:
         "last_used": h.last_used or None,
         "output_types": list(info.output_types) if info is not None else None,
         "score_modes": score_modes,
+        "tasks": [t for t, on in (("encode", bool(cls.output_types)), ("score", bool(score_modes)),
+                                  ("extract", bool(cls.extracts))) if on],
         "dtype": info.dtype if info is not None else None,  # set once the model is loaded
     }
     if model is not None:

@@ -200,6 +200,52 @@ def parse_timeout(value: Any, field: str) -> float:
     return seconds
 
 
+MAX_EXTRACT_LABELS = 1000  # SIE's core/extract_cost.MAX_EXTRACT_LABELS
+MAX_LABEL_CHARS = 128  # SIE's adapters/_prompt_limit.MAX_LABEL_CHARS
+MAX_ITEM_TEXT_BYTES = 2 * 1024 * 1024  # SIE's types/inputs.DEFAULT_MAX_ITEM_TEXT_BYTES
+
+
+@dataclass(frozen=True)
+class ExtractCall:
+    texts: list[str]
+    ids: list[str | None]
+    labels: list[str] | None
+    options: dict[str, Any]  # engine options (engine.extract.ExtractOptions)
+
+
+def parse_extract(body: Any, max_items: int) -> ExtractCall:
+    """`{"items": [Item], "params"?: {"labels", "output_schema", "instruction", "options"}}`."""
+    body = _obj(body, "body")
+    _known(body, {"items", "params"}, "body")
+    if "items" not in body:
+        raise InvalidRequest("items is missing")
+    texts, ids = parse_items(body["items"], "items", max_items)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"items[{i}].images: extraction here reads text; send items[{i}].text")
+        if len(text) > MAX_ITEM_TEXT_BYTES // 4 and len(text.encode("utf-8")) > MAX_ITEM_TEXT_BYTES:
+            raise InvalidRequest(f"items[{i}].text must hold at most {MAX_ITEM_TEXT_BYTES} bytes "
+                                 "of UTF-8 text")
+    params = _obj(body.get("params") or {}, "params")
+    _known(params, {"labels", "output_schema", "instruction", "options"}, "params")
+    if params.get("output_schema") is not None:
+        raise InvalidRequest("params.output_schema: structured extraction is not served by "
+                             "this server; send params.labels")
+    labels = params.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list):
+            raise InvalidRequest("params.labels must be a list of strings")
+        if len(labels) > MAX_EXTRACT_LABELS:
+            raise InvalidRequest(f"params.labels must contain at most {MAX_EXTRACT_LABELS} labels")
+        for i, label in enumerate(labels):
+            check_text(label, f"params.labels[{i}]")
+            if len(label) > MAX_LABEL_CHARS:
+                raise InvalidRequest(f"params.labels[{i}] may have at most {MAX_LABEL_CHARS} "
+                                     "characters")
+    options = parse_options(params.get("options"), "params.options", params.get("instruction"))
+    return ExtractCall(texts, ids, labels, options)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ the wire, as OpenAPI shows it
 # The shapes of SIE's bodies for api/openapi.py. The functions above check the same fields by
 # hand, with SIE's messages (which its SDK and tests rely on); these definitions describe them.
@@ -282,3 +328,24 @@ class ErrorDetailModel(BaseModel):
 
 class SIEErrorResponse(BaseModel):
     detail: ErrorDetailModel
+
+
+class ExtractParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    labels: list[str] | None = Field(None, max_length=MAX_EXTRACT_LABELS)
+    output_schema: dict[str, Any] | None = Field(None, description="refused: not served here")
+    instruction: str | None = None
+    options: dict[str, Any] | None = None
+
+
+class ExtractRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemModel] = Field(min_length=1)
+    params: ExtractParams | None = None
+
+
+class ExtractResponse(BaseModel):
+    model: str
+    items: list[dict[str, Any]] = Field(description="per item: id, entities, relations, "
+                                        "classifications, objects, data")
+    usage: SIEUsage

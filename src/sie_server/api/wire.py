@@ -149,3 +149,22 @@ def score_to_wire(model: str, query_id: str | None, ids: list[str | None], resul
     if timing is not None:
         payload["timing"] = timing
     return payload
+
+
+def extract_to_wire(model: str, ids: list[str | None], results: list[dict[str, Any]],
+                    input_tokens: int) -> dict[str, Any]:
+    """SIE's ExtractResponse: per item `id` ("item-{i}" when it had none), `entities` (text,
+    label, score, start, end, bbox), `relations`, `classifications`, `objects`, `data`."""
+    items = []
+    for i, (item_id, r) in enumerate(zip(ids, results)):
+        items.append({
+            "id": f"item-{i}" if item_id is None else item_id,
+            "entities": [{"text": e["text"], "label": e["label"], "score": e["score"],
+                          "start": e["start"], "end": e["end"], "bbox": None}
+                         for e in r.get("entities", [])],
+            "relations": [],
+            "classifications": r.get("classifications", []),
+            "objects": [],
+            "data": {},
+        })
+    return {"model": model, "items": items, "usage": {"input_tokens": input_tokens}}

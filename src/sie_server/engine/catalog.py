@@ -67,6 +67,8 @@ def detect_family(source: str) -> str:
     folder = package_folder(source) if source.startswith("package:") else Path(source).expanduser()
     if (folder / "colbert_linear.pt").exists() or (folder / "sparse_linear.pt").exists():
         return "bge-m3"
+    if (folder / "gliner_config.json").exists():
+        return "gliner"
     config = folder / "config.json"
     try:
         cfg = read_json(config) if config.exists() else {}
@@ -84,6 +86,9 @@ def detect_family(source: str) -> str:
     if (folder / "modules.json").exists():
         return "sentence-transformers"
     if config.exists():
+        if "ForSequenceClassification" in arch and any(
+                str(v).lower().startswith("entail") for v in (cfg.get("id2label") or {}).values()):
+            return "nli-zero-shot"
         if "ForSequenceClassification" in arch:
             return "cross-encoder"
         if "ForMaskedLM" in arch:

@@ -17,7 +17,9 @@ from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong
 from ..runtime.device import Placement
 from ..runtime.images import ImageInput
 from ..runtime.tokenizer import Tokenized, UnsettledWord
+from ..models import FAMILIES
 from .adapters import AdapterManager
+from .extract import ExtractOptions
 from ..metrics import Metrics
 from .. import muvera
 from .options import check_options
@@ -157,6 +159,9 @@ class Engine:
             raise InvalidRequest("items must hold at least one item")
         with self.registry.use(model) as handle:
             m = handle.model
+            if not m.score_types and m.extracts:
+                raise InvalidRequest(f"{model} ({m.spec.family}) cannot score; it extracts: use "
+                                     "/v1/extract")
             if not m.score_types:
                 raise InvalidRequest(
                     f"{model} ({m.spec.family}) cannot score: scoring needs a cross-encoder or a "
@@ -217,6 +222,35 @@ class Engine:
               top_k: int | None = None) -> ScoreResult:
         """Blocking score."""
         return self.submit_score(model, query, texts, options, top_k).result()
+
+    def submit_extract(self, model: str, texts: Sequence[str], labels: Sequence[str] | None,
+                       options: dict[str, Any] | ExtractOptions | None = None, *,
+                       tenant: str | None = None) -> Future:
+        """Queue an extraction (entities or classifications of `labels` in each text); the
+        future resolves to (one dict per text, {"entities": [...]} or {"classifications":
+        [...]}, the input tokens read). The model's rows (windows of a text, or text/hypothesis pairs) are scheduled
+        like encode items, in the shared token-budget batches."""
+        opts = options if isinstance(options, ExtractOptions) else ExtractOptions.parse(options)
+        handle = self.registry.handle(model)
+        if handle is not None and not FAMILIES[handle.spec.family].extracts:
+            raise InvalidRequest(f"Model '{model}' does not support extraction. Use an "
+                                 "extraction model like GLiNER, GLiClass, or Florence-2.")
+        if not texts:
+            raise InvalidRequest("items must hold at least one item")
+        with self.registry.use(model) as handle:
+            m = handle.model
+            plan = m.prepare_extract(list(texts), list(labels or []), opts)
+            deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+            request = Request(plan.rows, [len(r) for r in plan.rows], plan.output_types, -1,
+                              deadline, token_types=plan.type_ids, tenant=tenant)
+            self._enqueue(handle, request)
+        return self._then(request.future, plan.finish)
+
+    def extract(self, model: str, texts: Sequence[str], labels: Sequence[str] | None,
+                options: dict[str, Any] | ExtractOptions | None = None
+                ) -> tuple[list[dict[str, Any]], int]:
+        """Blocking extract."""
+        return self.submit_extract(model, texts, labels, options).result()
 
     def tokenize(self, model: str, texts: Sequence[str], is_query: bool = False,
                  instruction: str | None = None) -> list[list[int]]:

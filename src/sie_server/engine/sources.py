@@ -23,6 +23,8 @@ REQUIRED_FILES: dict[str, list[tuple[str, ...]]] = {
 }
 # Families whose tokenizer is another file than the common tokenizer.json.
 TOKENIZER_FILES: dict[str, tuple[str, ...]] = {"siglip": ("spiece.model",)}
+# Families whose configuration is another file than the common config.json.
+CONFIG_FILES: dict[str, tuple[str, ...]] = {"gliner": ("gliner_config.json",)}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.pt", "pytorch_model.bin", "1_Pooling/*",
                  "*.txt", "*.model"]
 
@@ -34,8 +36,9 @@ def missing_files(folder: Path, family: str) -> list[str]:
 
 
 def _needs(family: str) -> list[tuple[str, ...]]:
-    common = [TOKENIZER_FILES.get(family, alts) if alts == ("tokenizer.json",) else alts
-              for alts in REQUIRED_FILES["common"]]
+    swap = {("tokenizer.json",): TOKENIZER_FILES.get(family),
+            ("config.json",): CONFIG_FILES.get(family)}
+    common = [swap.get(alts) or alts for alts in REQUIRED_FILES["common"]]
     return common + REQUIRED_FILES.get(family, [])
 
 

@@ -39,6 +39,9 @@ class ModelSpec:
     matryoshka_min_dims: int | None = None  # the fewest it was trained for (Qwen3-Embedding: 32)
     pinned: bool = False  # never evicted
     score_activation: str | None = None  # cross-encoders: "sigmoid" | "none"; None: the model's config
+    hypothesis_template: str | None = None  # NLI zero-shot: "This text is about {}."; None: the family's
+    extract_threshold: float | None = None  # GLiNER: the default options.threshold (None: 0.5)
+    merge_adjacent_entities: bool = False  # GLiNER: the default of that option (SIE's, per model)
     query_max_tokens: int | None = None  # ColBERT: query length (None: the checkpoint's)
     query_expansion: bool | None = None  # ColBERT: pad queries with mask tokens (None: checkpoint's)
     muvera: dict[str, Any] | None = None  # MUVERA settings (SIE's muvera_config keys); muvera.py
@@ -117,6 +120,18 @@ class BatchOutputs:
         )
 
 
+@dataclass
+class ExtractPlan:
+    """An extraction turned into encoder rows: token ids per row (token types for pairs), what
+    each row asks the heads for, and `finish`, turning the rows' results (ItemResults, in row
+    order) into (one result dict per item, the input tokens the model read)."""
+
+    rows: list[np.ndarray]
+    output_types: frozenset[str]
+    finish: Any  # Callable[[list[ItemResult]], tuple[list[dict], int]]
+    type_ids: list[np.ndarray] | None = None
+
+
 class EncoderModel(abc.ABC):
     """A transformer encoder plus heads; sees only PackedBatches."""
 
@@ -127,6 +142,9 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # What /v1/extract gives: "entities" (GLiNER) or "classifications" (NLI zero-shot);
+    # None: the model does not extract. Such families implement `prepare_extract`.
+    extracts: str | None = None
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
@@ -209,7 +227,14 @@ class EncoderModel(abc.ABC):
         prefix = self.spec.query_prefix if is_query else self.spec.document_prefix
         return [prefix + t for t in texts] if prefix else texts
 
+    def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
+        """The rows of an extraction (families with `extracts` set)."""
+        raise NotImplementedError
+
     def check_output_types(self, output_types: list[str]) -> None:
+        if self.extracts:
+            raise InvalidRequest(f"{self.spec.name} ({self.spec.family}) does not encode; it "
+                                 "extracts: use /v1/extract")
         if not self.output_types:
             raise InvalidRequest(f"{self.spec.name} ({self.spec.family}) does not encode; "
                                  f"it scores query/item pairs: use /v1/score")
@@ -239,6 +264,8 @@ class EncoderModel(abc.ABC):
 
     def attention(self, batch: PackedBatch):
         """The attention the encoder's layers use on this batch (built once per batch)."""
+        if hasattr(self.encoder, "layout"):  # DeBERTa: attention on padded sequences
+            return self.encoder.layout(batch.cu_seqlens, self.placement.device)
         return make_attention(batch.cu_seqlens, self.placement.device, self.placement.dtype,
                               causal=getattr(self.encoder, "causal", False))
 

@@ -21,7 +21,6 @@ BERT / XLM-R or ModernBERT, as config.json says. The catalog may set `query_max_
 from __future__ import annotations
 
 import copy
-import json
 import string
 from dataclasses import replace
 from pathlib import Path

@@ -69,23 +69,27 @@ class EncoderConfig:
     def from_folder(cls, folder: Path) -> "EncoderConfig":
         path = folder / "config.json"
         with reading(path):  # unparsable, or a key missing: DamagedFile naming config.json
-            c = json.loads(path.read_text())
-            roberta = c.get("model_type") in ("xlm-roberta", "roberta", "camembert")
-            pad = c.get("pad_token_id", 1 if roberta else 0)
-            return cls(
-                vocab_size=c["vocab_size"],
-                hidden_size=c["hidden_size"],
-                num_layers=c["num_hidden_layers"],
-                num_heads=c["num_attention_heads"],
-                intermediate_size=c["intermediate_size"],
-                max_position_embeddings=c["max_position_embeddings"],
-                type_vocab_size=c.get("type_vocab_size", 2),
-                layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-                hidden_act=c.get("hidden_act", "gelu"),
-                pad_token_id=pad,
-                position_offset=pad + 1 if roberta else 0,
-                position_pad_id=pad if roberta else None,
-            )
+            return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "EncoderConfig":
+        """From a Hugging Face BERT / XLM-R config.json's content."""
+        roberta = c.get("model_type") in ("xlm-roberta", "roberta", "camembert")
+        pad = c.get("pad_token_id", 1 if roberta else 0)
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            max_position_embeddings=c["max_position_embeddings"],
+            type_vocab_size=c.get("type_vocab_size", 2),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+            hidden_act=c.get("hidden_act", "gelu"),
+            pad_token_id=pad,
+            position_offset=pad + 1 if roberta else 0,
+            position_pad_id=pad if roberta else None,
+        )
 
     @property
     def max_tokens(self) -> int:
@@ -159,13 +163,18 @@ class Encoder(nn.Module):
     def from_folder(cls, folder: Path) -> tuple["Encoder", dict[str, torch.Tensor]]:
         """Build from config.json + weights; also returns the weights the encoder did not use
         (pooler, classifier, LM head...) for the model family to take its heads from."""
-        cfg = EncoderConfig.from_folder(folder)
+        return cls.from_weights(EncoderConfig.from_folder(folder), load_state_dict(folder))
+
+    @classmethod
+    def from_weights(cls, cfg: EncoderConfig, weights: dict[str, torch.Tensor]
+                     ) -> tuple["Encoder", dict[str, torch.Tensor]]:
+        """Build from Hugging Face weights; also returns the weights the encoder did not use."""
         with torch.device("meta"):
             enc = cls(cfg)
-        state, rest = _convert(load_state_dict(folder), cfg.num_layers)
+        state, rest = _convert(weights, cfg.num_layers)
         missing = set(enc.state_dict()) - set(state)
         if missing:
-            raise ValueError(f"weights in {folder} lack {sorted(missing)[:5]}")
+            raise ValueError(f"the encoder's weights lack {sorted(missing)[:5]}")
         enc.load_state_dict(state, assign=True)
         return enc.eval(), rest
 

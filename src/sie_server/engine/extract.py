@@ -1,0 +1,47 @@
+"""Options of /v1/extract requests, checked before anything is queued.
+
+SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
+`merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot classification). A model's own
+defaults apply to what a request leaves out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidRequest
+from .options import check_options
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    threshold: float | None = None
+    flat_ner: bool | None = None
+    multi_label: bool | None = None
+    hypothesis_template: str | None = None
+    merge_adjacent_entities: bool | None = None
+    timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "ExtractOptions":
+        kinds = {"threshold": (int, float), "flat_ner": bool, "multi_label": bool,
+                 "hypothesis_template": str, "merge_adjacent_entities": bool,
+                 "timeout_s": (int, float),
+                 "relation_labels": list, "relation_threshold": (int, float),
+                 "instruction": str}
+        options = check_options(options, kinds, "params.options")
+        if options.get("relation_labels"):
+            raise InvalidRequest("params.options.relation_labels: this model does not extract "
+                                 "relations; relations need a joint entity-relation model")
+        threshold = options.get("threshold")
+        if threshold is not None and not (math.isfinite(float(threshold)) and 0 <= threshold <= 1):
+            raise InvalidRequest("params.options.threshold must be a finite number between 0 "
+                                 "and 1")
+        template = options.get("hypothesis_template")
+        if template is not None and template.count("{}") != 1:
+            raise InvalidRequest("params.options.hypothesis_template must hold '{}' once, "
+                                 "where the label goes")
+        return cls(**{k: v for k, v in options.items()
+                      if v is not None and k in cls.__dataclass_fields__})

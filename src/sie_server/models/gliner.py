@@ -1,0 +1,395 @@
+"""GLiNER uni-encoder span models: zero-shot entities of any labels (/v1/extract).
+
+A checkpoint as the hub has it: `gliner_config.json` (with the backbone's `encoder_config`),
+`model.safetensors` or `pytorch_model.bin`, and the backbone tokenizer with `<<ENT>>` and
+`<<SEP>>` added. What `gliner` 0.2.29 computes, row by row:
+
+1. The text is split into words (`\\w+(?:[-_]\\w+)*|\\S`, gliner's whitespace splitter); a row
+   is the label prompt `<<ENT>> label <<ENT>> label ... <<SEP>>` followed by the words, all
+   tokenized as pre-split words with the tokenizer's special tokens, cut at its
+   `model_max_length`.
+2. The encoder (DeBERTa-v2/v3 or BERT, `runtime/`) runs on the row; a projection follows
+   when GLiNER's hidden size differs from the encoder's.
+3. Label vectors: the hidden states at the `<<ENT>>` tokens (the token after, when
+   `embed_ent_token` is false), through `prompt_rep_layer` (Linear 4h, ReLU, Linear).
+   Word vectors: each word's first subword, then a bidirectional LSTM (`num_rnn_layers`).
+4. Spans of 1..`max_width` words: markerV0, MLPs on the start and end words, concatenated,
+   ReLU, an MLP; a span's score for a label is sigmoid(span . label).
+5. Spans above `threshold` are kept greedily, best first: with `flat_ner` none may overlap
+   one kept, else only one nested in it or holding it; the same span with a second label
+   only with `multi_label`. Offsets are characters of the text. SIE's
+   `merge_adjacent_entities` (its default for NeuML/gliner-bert-tiny) then joins touching
+   entities of one label.
+
+Long texts are read as SIE reads them (its issues #446-#451): in windows of at most
+`max_len` words (and of a subword budget), each sharing 64 words with the one before, each a
+row of its own; the spans found are moved to the text and merged (`merge_windows`). The
+rows go through the engine's token-budget batches like any other family's; steps 3-5 run
+after the encoder, on the rows' hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..errors import InputTooLong, InvalidRequest
+from ..runtime.batch import PackedBatch
+from ..runtime.deberta import DebertaConfig, DebertaEncoder
+from ..runtime.device import Placement
+from ..runtime.encoder import Encoder, EncoderConfig
+from ..runtime.weights import load_state_dict, reading
+from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
+
+WORD = re.compile(r"\w+(?:[-_]\w+)*|\S")
+MAX_WORD_CHARS = 256  # a longer word is read as pieces of this many characters (as SIE)
+WINDOW_OVERLAP_WORDS = 64  # words a window shares with the one before (SIE's _word_window)
+MAX_WINDOWS = 128  # windows of one text (SIE: more is INPUT_TOO_LONG)
+SUBWORDS_PER_WORD = 8  # a window's subword budget per word of max_len (SIE)
+MAX_SUBWORDS = {"deberta": 4096, "other": 8192}  # SIE's caps on a window's subwords
+DEFAULT_THRESHOLD = 0.5  # SIE's GLiNER adapter defaults
+MAX_PROMPT_TOKENS = 1024  # SIE's DEFAULT_MAX_PROMPT_TOKENS: the labels' tokens in a row
+_ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
+
+Word = tuple[str, int, int]
+
+
+def words_of(text: str) -> list[Word]:
+    """gliner's whitespace splitter, a word longer than MAX_WORD_CHARS in pieces (as SIE)."""
+    out = []
+    for m in WORD.finditer(text):
+        start, end = m.span()
+        for cut in range(start, end, MAX_WORD_CHARS):
+            piece_end = min(cut + MAX_WORD_CHARS, end)
+            out.append((text[cut:piece_end], cut, piece_end))
+    return out
+
+
+@dataclass(frozen=True)
+class Window:
+    first: int  # index of its first word
+    last: int  # one past its last word
+    overlap: int  # words shared with the window before (0 for the first)
+
+
+def windows_of(counts: list[int], max_words: int, max_subwords: int) -> list[Window]:
+    """Windows of at most `max_words` words and `max_subwords` subwords (a window always
+    reads its first word), each after the first starting `min(64, half its words)` words
+    before the end of the one before."""
+    out: list[Window] = []
+    start, overlap, n = 0, 0, len(counts)
+    while True:
+        end, used = start, 0
+        while end < n and end - start < max_words and (end == start or used + counts[end] <= max_subwords):
+            used += counts[end]
+            end += 1
+        out.append(Window(start, end, overlap))
+        if end >= n:
+            return out
+        overlap = min(WINDOW_OVERLAP_WORDS, (end - start) // 2)
+        start = end - overlap
+
+
+def _overlaps(a: dict, b: dict, flat: bool, multi_label: bool) -> bool:
+    """gliner's greedy-search conflict of two spans (inclusive word or exclusive char ends
+    alike: only their order matters)."""
+    if (a["start"], a["end"]) == (b["start"], b["end"]):
+        return not multi_label
+    if a["start"] >= b["end"] or b["start"] >= a["end"]:
+        return False
+    if flat:
+        return True
+    nested = (a["start"] <= b["start"] and b["end"] <= a["end"]) or \
+        (b["start"] <= a["start"] and a["end"] <= b["end"])
+    return not nested
+
+
+def greedy(spans: list[dict], flat: bool, multi_label: bool) -> list[dict]:
+    """Best first, keeping a span that conflicts with none kept; in text order."""
+    kept: list[dict] = []
+    for span in sorted(spans, key=lambda s: -s["score"]):
+        if not any(_overlaps(span, k, flat, multi_label) for k in kept):
+            kept.append(span)
+    return sorted(kept, key=lambda s: s["start"])
+
+
+def merge_windows(found: list[list[dict]], edges: list[tuple[int, int]], flat: bool,
+                  multi_label: bool) -> list[dict]:
+    """One text's spans from its windows' (char offsets in the text; `edges` each window's
+    first and last character). A span touching a window's edge that the next (or previous)
+    window reads whole, where that window found an overlapping span of the label, may be cut
+    short and is dropped; the same span twice keeps its best score; then `greedy` as in one
+    window."""
+    if len(found) == 1:
+        return found[0]
+    best: dict[tuple[int, int, str], dict] = {}
+    for i, spans in enumerate(found):
+        for span in spans:
+            near = ([i - 1] if i > 0 and span["start"] <= edges[i][0] else []) + \
+                ([i + 1] if i + 1 < len(found) and span["end"] >= edges[i][1] else [])
+            if any(edges[j][0] <= span["start"] and span["end"] <= edges[j][1] and any(
+                    o["label"] == span["label"] and o["start"] < span["end"]
+                    and span["start"] < o["end"] for o in found[j]) for j in near):
+                continue
+            key = (span["start"], span["end"], span["label"])
+            if key not in best or span["score"] > best[key]["score"]:
+                best[key] = span
+    return greedy(list(best.values()), flat, multi_label)
+
+
+def merge_adjacent(entities: list[dict], text: str) -> list[dict]:
+    """SIE's `merge_adjacent_entities`: entities of one label that touch (at most one character
+    apart), in text order, become one, with the best score (for token-level checkpoints)."""
+    merged: list[dict] = []
+    for e in sorted(entities, key=lambda x: x["start"]):
+        last = merged[-1] if merged else None
+        if last is not None and last["label"] == e["label"] and e["start"] <= last["end"] + 1:
+            end = max(last["end"], e["end"])
+            merged[-1] = {**last, "end": end, "text": text[last["start"]:end],
+                          "score": max(last["score"], e["score"])}
+        else:
+            merged.append(e)
+    return merged
+
+
+class Mlp(nn.Module):
+    """gliner's projection layer: Linear(d, 4 o), ReLU, Linear(4 o, o) (names 0 and 3)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        self.w0, self.b0 = weights[f"{prefix}.0.weight"], weights[f"{prefix}.0.bias"]
+        self.w3, self.b3 = weights[f"{prefix}.3.weight"], weights[f"{prefix}.3.bias"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(x, self.w0, self.b0)), self.w3, self.b3)
+
+
+@dataclass
+class _Row:
+    item: int
+    words: list[Word]  # the window's words (offsets in the item's text)
+    window: Window
+
+
+@family("gliner")
+class GLiNER(EncoderModel):
+    output_types = ()  # does not encode
+    extracts = "entities"
+
+    def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
+        self.spec, self.folder, self.placement = spec, folder, placement
+        self.config = cfg = self.read_config(folder)
+        if cfg.get("span_mode", "markerV0") != "markerV0":
+            raise ValueError(f"{folder}: span_mode {cfg.get('span_mode')!r}; only markerV0 "
+                             "(uni-encoder span GLiNER) is supported")
+        if cfg.get("subtoken_pooling", "first") != "first" or cfg.get("post_fusion_schema"):
+            raise ValueError(f"{folder}: only first-subtoken pooling without post-fusion layers "
+                             "is supported")
+        if cfg.get("words_splitter_type", "whitespace") != "whitespace":
+            raise ValueError(f"{folder}: only gliner's whitespace word splitter is supported")
+        weights = load_state_dict(folder)
+        backbone = {k[len(_ENCODER_PREFIX):]: v for k, v in weights.items()
+                    if k.startswith(_ENCODER_PREFIX)}
+        enc_cfg = dict(cfg["encoder_config"])
+        enc_cfg["vocab_size"] = backbone["embeddings.word_embeddings.weight"].shape[0]
+        self.deberta = enc_cfg.get("model_type") in ("deberta-v2", "deberta")
+        if self.deberta:
+            encoder, _ = DebertaEncoder.from_weights(DebertaConfig.from_dict(enc_cfg), backbone)
+        else:
+            encoder, _ = Encoder.from_weights(EncoderConfig.from_dict(enc_cfg), backbone)
+        self.encoder = encoder.to(placement.device, placement.dtype)
+        self.extra_weights: dict[str, torch.Tensor] = {}
+        # the heads run after the encoder, on the host, in float32
+        head = {k: v.float() for k, v in weights.items() if not k.startswith(_ENCODER_PREFIX)}
+        self.projection = (head["token_rep_layer.projection.weight"],
+                           head["token_rep_layer.projection.bias"]) \
+            if "token_rep_layer.projection.weight" in head else None
+        hidden = cfg["hidden_size"]
+        self.lstm = None
+        if cfg.get("num_rnn_layers", 0) > 0:
+            self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=cfg["num_rnn_layers"],
+                                bidirectional=True, batch_first=True)
+            self.lstm.load_state_dict({k[len("rnn.lstm."):]: v for k, v in head.items()
+                                       if k.startswith("rnn.lstm.")})
+            self.lstm.eval()
+        marker = "span_rep_layer.span_rep_layer"
+        self.start_mlp, self.end_mlp = Mlp(head, f"{marker}.project_start"), Mlp(head, f"{marker}.project_end")
+        self.out_mlp, self.prompt_mlp = Mlp(head, f"{marker}.out_project"), Mlp(head, "prompt_rep_layer")
+        self.max_width = cfg.get("max_width", 12)
+        self.max_words = cfg.get("max_len", 384)
+        self.class_token = cfg["class_token_index"]
+        self.embed_ent_token = cfg.get("embed_ent_token", True)
+        self.ent_token, self.sep_token = cfg.get("ent_token", "[ENT]"), cfg.get("sep_token", "[SEP]")
+        self.tokenizer = self._tokenizer(folder)
+        self.word_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        self.word_tokenizer.no_truncation()
+        self.max_tokens = self.encoder.cfg.max_tokens
+        self.max_subwords = min(SUBWORDS_PER_WORD * self.max_words,
+                                MAX_SUBWORDS["deberta" if self.deberta else "other"])
+        if not self.deberta:  # absolute positions: the window stays inside the table
+            self.max_subwords = min(self.max_subwords, self.encoder.cfg.max_tokens - 4)
+
+    @staticmethod
+    def read_config(folder: Path) -> dict:
+        path = folder / "gliner_config.json"
+        with reading(path):
+            return json.loads(path.read_text())
+
+    @staticmethod
+    def _tokenizer(folder: Path) -> Tokenizer:
+        """The backbone tokenizer, cut at its `model_max_length` as gliner's call cuts it."""
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer.json: put the backbone's tokenizer (with <<ENT>> and "
+                "<<SEP>> added, as gliner saves it) beside gliner_config.json")
+        tok = Tokenizer.from_file(str(path))
+        limit = None
+        config = folder / "tokenizer_config.json"
+        if config.exists():
+            limit = json.loads(config.read_text()).get("model_max_length")
+        tok.no_padding()
+        if isinstance(limit, int) and limit < 1_000_000:
+            tok.enable_truncation(limit)
+        else:
+            tok.no_truncation()
+        return tok
+
+    @classmethod
+    def describe(cls, spec: ModelSpec, folder: Path) -> ModelInfo:
+        return ModelInfo(spec.name, spec.family, (), {}, cls.read_config(folder).get("max_len"))
+
+    def dims(self) -> dict[str, int]:
+        return {}
+
+    # ------------------------------------------------------------------ before the encoder
+
+    def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
+        if not labels:
+            raise InvalidRequest("params.labels: GLiNER requires labels parameter for extraction")
+        labels = list(dict.fromkeys(labels))  # gliner drops repeated labels
+        prompt = [w for label in labels for w in ([self.ent_token, label] if label else [self.ent_token])]
+        prompt.append(self.sep_token)
+        rows: list[_Row] = []
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidRequest(f"items[{i}].text: GLiNER requires non-blank text for "
+                                     "extraction")
+            words = words_of(text)
+            step = self.max_words - min(WINDOW_OVERLAP_WORDS, self.max_words // 2)
+            if len(words) > self.max_words + step * (MAX_WINDOWS - 1):  # before any tokenizing
+                raise self._too_long(i)
+            counts = self._subwords([w for w, _, _ in words])
+            windows = windows_of(counts, self.max_words, self.max_subwords)
+            if len(windows) > MAX_WINDOWS:
+                raise self._too_long(i)
+            rows += [_Row(i, words[w.first:w.last], w) for w in windows]
+        encodings = self.tokenizer.encode_batch([prompt + [w for w, _, _ in r.words] for r in rows],
+                                                is_pretokenized=True)
+        prompt_tokens = len(self._prompt_tokens(encodings[0].word_ids, len(prompt)))
+        if prompt_tokens > MAX_PROMPT_TOKENS:
+            raise InvalidRequest(f"params.labels: GLiNER labels take {prompt_tokens} tokens; a "
+                                 f"request may use at most {MAX_PROMPT_TOKENS} tokens for them")
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        starts = [self._word_starts(e.word_ids, len(prompt), len(r.words))
+                  for e, r in zip(encodings, rows)]
+        if any(first[0] < 0 for first in starts):  # the cut left no word of the text
+            raise InvalidRequest("params.labels: GLiNER label prompt leaves no document tokens "
+                                 "for extraction")
+        threshold = float(options.threshold if options.threshold is not None
+                          else self.spec.extract_threshold or DEFAULT_THRESHOLD)
+        flat = True if options.flat_ner is None else options.flat_ner
+        multi = bool(options.multi_label)
+        merge = self.spec.merge_adjacent_entities if options.merge_adjacent_entities is None \
+            else options.merge_adjacent_entities
+        tokens = sum(len(e.ids) - len(self._prompt_tokens(e.word_ids, len(prompt)))
+                     for e in encodings)
+
+        def finish(results: list) -> tuple[list[dict], int]:
+            found: list[list[list[dict]]] = [[] for _ in texts]
+            edges: list[list[tuple[int, int]]] = [[] for _ in texts]
+            for row, enc, first, result in zip(rows, encodings, starts, results):
+                spans = self._spans(torch.from_numpy(result.multivector).float(),
+                                    np.asarray(enc.ids), first, row.words, labels, threshold,
+                                    flat, multi)
+                for s in spans:
+                    s["text"] = texts[row.item][s["start"]:s["end"]]
+                found[row.item].append(spans)
+                edges[row.item].append((row.words[0][1], row.words[-1][2]))
+            out = [{"entities": merge_windows(f, e, flat, multi)} for f, e in zip(found, edges)]
+            if merge:
+                out = [{"entities": merge_adjacent(r["entities"], t)} for r, t in zip(out, texts)]
+            return out, tokens
+
+        return ExtractPlan(ids, frozenset({"multivector"}), finish)
+
+    @staticmethod
+    def _too_long(i: int) -> InputTooLong:
+        return InputTooLong(f"items[{i}].text: GLiNER reads a document in at most {MAX_WINDOWS} "
+                            "windows of words; split this document into shorter items")
+
+    def _subwords(self, words: list[str]) -> list[int]:
+        """Subword tokens of each word, as the tokenizer reads split words."""
+        if not words:
+            return []
+        enc = self.word_tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+        counts = np.bincount([w for w in enc.word_ids if w is not None], minlength=len(words))
+        return counts.tolist()
+
+    @staticmethod
+    def _prompt_tokens(word_ids: list[int | None], prompt_words: int) -> list[int]:
+        return [t for t, w in enumerate(word_ids) if w is not None and w < prompt_words]
+
+    @staticmethod
+    def _word_starts(word_ids: list[int | None], prompt_words: int, n_words: int) -> np.ndarray:
+        """Token position of each text word's first subword; -1 for a word cut off."""
+        first = np.full(n_words, -1, dtype=np.int64)
+        previous = None
+        for t, w in enumerate(word_ids):
+            if w is not None and w != previous and w >= prompt_words:
+                first[w - prompt_words] = t
+            previous = w
+        return first
+
+    # ------------------------------------------------------------------ after the encoder
+
+    def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
+        """Every token's hidden state, for the span scoring after the batch (`_spans`)."""
+        return BatchOutputs(multivector=(hidden, torch.from_numpy(batch.lengths), 0))
+
+    @torch.inference_mode()
+    def _spans(self, hidden: torch.Tensor, ids: np.ndarray, first: np.ndarray,
+               words: list[Word], labels: list[str], threshold: float, flat: bool,
+               multi_label: bool) -> list[dict]:
+        if self.projection is not None:
+            hidden = F.linear(hidden, *self.projection)
+        marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)
+        label_vecs = self.prompt_mlp(hidden[torch.from_numpy(marks)])  # (C, h)
+        n = len(words)
+        word_vecs = torch.zeros(n, hidden.shape[1])
+        seen = first >= 0
+        word_vecs[torch.from_numpy(np.flatnonzero(seen))] = hidden[torch.from_numpy(first[seen])]
+        if self.lstm is not None:
+            word_vecs = self.lstm(word_vecs[None])[0][0]
+        width = self.max_width
+        starts = torch.arange(n).repeat_interleave(width)
+        ends = starts + torch.arange(width).repeat(n)
+        valid = ends < n
+        starts, ends = starts * valid, ends * valid  # masked spans read word 0, as gliner's
+        span = torch.cat([self.start_mlp(word_vecs)[starts], self.end_mlp(word_vecs)[ends]], -1)
+        scores = torch.sigmoid(self.out_mlp(F.relu(span)) @ label_vecs.T)  # (n * width, C)
+        scores[~valid] = 0
+        rows, cols = torch.where(scores > threshold)
+        spans = [{"start": words[int(starts[r])][1], "end": words[int(ends[r])][2],
+                  "label": labels[int(c)], "score": float(scores[r, c])}
+                 for r, c in zip(rows.tolist(), cols.tolist())]
+        return greedy(spans, flat, multi_label)

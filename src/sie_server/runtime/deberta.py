@@ -1,0 +1,301 @@
+"""A DeBERTa-v2/v3 encoder over packed sequences, loaded from Hugging Face weights.
+
+DeBERTa's disentangled attention adds two relative-position terms to the content score of
+every query/key pair: content-to-position (the query against the embedding of the key's
+relative position) and position-to-content (the key against the embedding of the query's),
+with relative positions in log buckets (v3: 256 buckets over 512 positions). Those terms are
+L x L per head, so attention runs on sequences padded to the batch's longest one (`Layout`),
+while every linear layer runs on the packed (tokens, hidden) matrix. Post-LN blocks as in BERT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoder import _ACTIVATIONS, HookedBlock, LinearHook
+from .weights import load_state_dict, reading
+
+
+@dataclass(frozen=True)
+class DebertaConfig:
+    vocab_size: int
+    hidden_size: int
+    embedding_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+    position_biased_input: bool
+    relative_attention: bool
+    position_buckets: int
+    max_relative_positions: int
+    pos_att_type: tuple[str, ...]
+    share_att_key: bool
+    norm_rel_ebd: str
+    position_offset: int = 0  # positions count 0..n-1 in each sequence
+    position_pad_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "DebertaConfig":
+        if c.get("conv_kernel_size", 0) > 0:
+            raise ValueError("DeBERTa-v2 convolution layers (conv_kernel_size) are not supported")
+        kinds = c.get("pos_att_type") or []
+        if isinstance(kinds, str):
+            kinds = [k.strip() for k in kinds.lower().split("|")]
+        max_rel = c.get("max_relative_positions", -1)
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            embedding_size=c.get("embedding_size") or c["hidden_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            max_position_embeddings=c["max_position_embeddings"],
+            type_vocab_size=c.get("type_vocab_size", 0),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-7),
+            hidden_act=c.get("hidden_act", "gelu"),
+            pad_token_id=c.get("pad_token_id", 0),
+            position_biased_input=c.get("position_biased_input", True),
+            relative_attention=c.get("relative_attention", False),
+            position_buckets=c.get("position_buckets", -1),
+            max_relative_positions=max_rel if max_rel >= 1 else c["max_position_embeddings"],
+            pos_att_type=tuple(kinds),
+            share_att_key=c.get("share_att_key", False),
+            norm_rel_ebd=(c.get("norm_rel_ebd") or "none").lower(),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "DebertaConfig":
+        path = folder / "config.json"
+        with reading(path):
+            return cls.from_dict(json.loads(path.read_text()))
+
+    @property
+    def span(self) -> int:
+        """Relative positions each side: the buckets, or the positions when not bucketed."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
+
+    @property
+    def max_tokens(self) -> int:
+        """DeBERTa reads any length (positions are relative); beyond its training length the
+        log buckets saturate. The position table, when it has one, bounds it."""
+        return self.max_position_embeddings
+
+
+def relative_positions(length: int, cfg: DebertaConfig, device: torch.device) -> torch.Tensor:
+    """(L, L) bucketed relative position of query i to key j (i - j), as DeBERTa computes it."""
+    ids = torch.arange(length, dtype=torch.long, device=device)
+    rel = ids[:, None] - ids[None, :]
+    bucket, top = cfg.position_buckets, cfg.max_relative_positions
+    if bucket > 0 and top > 0:
+        mid = bucket // 2
+        sign = torch.sign(rel)
+        near = (rel < mid) & (rel > -mid)
+        magnitude = torch.where(near, torch.tensor(mid - 1).type_as(rel), rel.abs())
+        log_pos = torch.ceil(torch.log(magnitude / mid) / torch.log(torch.tensor((top - 1) / mid))
+                             * (mid - 1)) + mid
+        rel = torch.where(magnitude <= mid, rel.type_as(log_pos), log_pos * sign)
+    return rel.to(torch.long)
+
+
+class Layout:
+    """Packed tokens <-> sequences padded to the longest (B, L), for attention."""
+
+    def __init__(self, cu_seqlens: np.ndarray, device: torch.device) -> None:
+        lengths = np.diff(cu_seqlens)
+        self.batch, self.length = len(lengths), int(lengths.max()) if len(lengths) else 0
+        starts = np.repeat(cu_seqlens[:-1], lengths)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        flat = rows * self.length + (np.arange(int(cu_seqlens[-1])) - starts)
+        self.index = torch.from_numpy(flat.astype(np.int64)).to(device)
+        keys = torch.arange(self.length, device=device)[None, :] < \
+            torch.from_numpy(lengths).to(device)[:, None]
+        self.key_mask = keys[:, None, None, :]  # (B, 1, 1, L)
+        self.device = device
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((self.batch * self.length, *x.shape[1:]))
+        out[self.index] = x
+        return out.view(self.batch, self.length, *x.shape[1:])
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(self.batch * self.length, *y.shape[2:])[self.index]
+
+
+class DebertaLayer(HookedBlock):
+    def __init__(self, cfg: DebertaConfig, index: int) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg, self.index, self.heads = cfg, index, cfg.num_heads
+        self.query_proj, self.key_proj, self.value_proj = (nn.Linear(h, h) for _ in range(3))
+        if cfg.relative_attention and not cfg.share_att_key:
+            if "c2p" in cfg.pos_att_type:
+                self.pos_key_proj = nn.Linear(h, h)
+            if "p2c" in cfg.pos_att_type:
+                self.pos_query_proj = nn.Linear(h, h)
+        self.attn_out = nn.Linear(h, h)
+        self.ln1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.factor = 1 + sum(k in cfg.pos_att_type for k in ("c2p", "p2c")) \
+            if cfg.relative_attention else 1
+
+    def _heads(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """(T, h) -> (B, H, L, d)."""
+        return layout.pad(x.view(x.shape[0], self.heads, -1)).transpose(1, 2)
+
+    def attention(self, x: torch.Tensor, layout: Layout, rel: torch.Tensor | None,
+                  rel_emb: torch.Tensor | None, hook: LinearHook | None) -> torch.Tensor:
+        q = self._heads(self._linear("query_proj", x, hook), layout)
+        k = self._heads(self._linear("key_proj", x, hook), layout)
+        v = self._heads(self._linear("value_proj", x, hook), layout)
+        d = q.shape[-1]
+        scale = math.sqrt(d * self.factor)
+        scores = q @ (k / torch.tensor(scale, dtype=q.dtype)).transpose(-1, -2)
+        if rel is not None and rel_emb is not None:
+            scores = scores + self._position_bias(q, k, rel, rel_emb, scale)
+        scores = scores.masked_fill(~layout.key_mask, torch.finfo(scores.dtype).min)
+        context = torch.softmax(scores, dim=-1) @ v  # (B, H, L, d)
+        return layout.unpad(context.transpose(1, 2)).reshape(x.shape)
+
+    def _position_bias(self, q: torch.Tensor, k: torch.Tensor, rel: torch.Tensor,
+                       rel_emb: torch.Tensor, scale: float) -> torch.Tensor:
+        """Content-to-position and position-to-content terms, (B, H, L, L)."""
+        span = self.cfg.span
+        share = self.cfg.share_att_key
+        length = q.shape[-2]
+        pos = lambda name: self._linear(name, rel_emb, None).view(  # noqa: E731
+            rel_emb.shape[0], self.heads, -1).transpose(0, 1)  # (H, 2span, d)
+        bias = torch.zeros((), dtype=q.dtype, device=q.device)
+        shape = (*q.shape[:2], length, length)
+        if "c2p" in self.cfg.pos_att_type:
+            pos_key = pos("key_proj" if share else "pos_key_proj")
+            index = torch.clamp(rel + span, 0, 2 * span - 1).expand(shape)
+            bias = bias + torch.gather(q @ pos_key.transpose(-1, -2), -1, index) / scale
+        if "p2c" in self.cfg.pos_att_type:
+            pos_query = pos("query_proj" if share else "pos_query_proj")
+            index = torch.clamp(-rel + span, 0, 2 * span - 1).expand(shape)
+            bias = bias + torch.gather(k @ pos_query.transpose(-1, -2), -1,
+                                       index).transpose(-1, -2) / scale
+        return bias
+
+    def forward(self, x: torch.Tensor, layout: Layout, rel: torch.Tensor | None,
+                rel_emb: torch.Tensor | None, hook: LinearHook | None) -> torch.Tensor:
+        a = self.attention(x, layout, rel, rel_emb, hook)
+        x = self.ln1(x + self._linear("attn_out", a, hook))
+        f = self._linear("ffn_out", self.act(self._linear("ffn_in", x, hook)), hook)
+        return self.ln2(x + f)
+
+
+class DebertaEncoder(nn.Module):
+    """Embeddings + DeBERTa layers; returns the last hidden state of every packed token.
+
+    Called as the other stacks are (ids, positions, token types, attention, hook), with a
+    `Layout` of the batch as its attention (`layout(cu_seqlens, device)`)."""
+
+    def __init__(self, cfg: DebertaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, e = cfg.hidden_size, cfg.embedding_size
+        self.word = nn.Embedding(cfg.vocab_size, e)
+        self.position = nn.Embedding(cfg.max_position_embeddings, e) \
+            if cfg.position_biased_input else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, e) if cfg.type_vocab_size > 0 else None
+        self.embed_proj = nn.Linear(e, h, bias=False) if e != h else None
+        self.ln = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(DebertaLayer(cfg, i) for i in range(cfg.num_layers))
+        if cfg.relative_attention:
+            self.rel_embeddings = nn.Embedding(2 * cfg.span, h)
+            self.rel_ln = nn.LayerNorm(h, eps=cfg.layer_norm_eps) \
+                if "layer_norm" in cfg.norm_rel_ebd else None
+
+    @staticmethod
+    def layout(cu_seqlens: np.ndarray, device: torch.device) -> Layout:
+        return Layout(cu_seqlens, device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor | None, layout: Layout,
+                hook: LinearHook | None = None) -> torch.Tensor:
+        x = self.word(input_ids)
+        if self.position is not None:
+            x = x + self.position(position_ids)
+        if self.token_type is not None:
+            x = x + (self.token_type(token_type_ids) if token_type_ids is not None
+                     else self.token_type.weight[0])
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = self.ln(x)
+        rel = rel_emb = None
+        if self.cfg.relative_attention:
+            rel = relative_positions(layout.length, self.cfg, x.device)
+            rel_emb = self.rel_embeddings.weight
+            if self.rel_ln is not None:
+                rel_emb = self.rel_ln(rel_emb)
+        for layer in self.layers:
+            x = layer(x, layout, rel, rel_emb, hook)
+        return x
+
+    @classmethod
+    def from_weights(cls, cfg: DebertaConfig, weights: dict[str, torch.Tensor],
+                     prefix: str = "") -> tuple["DebertaEncoder", dict[str, torch.Tensor]]:
+        """Build from Hugging Face DebertaV2Model weights (names after `prefix`); also returns
+        the weights it did not use."""
+        with torch.device("meta"):
+            enc = cls(cfg)
+        state, rest = _convert(weights, prefix, cfg.num_layers)
+        missing = set(enc.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"DeBERTa weights lack {sorted(missing)[:5]}")
+        enc.load_state_dict(state, assign=True, strict=False)
+        return enc.eval(), rest
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> tuple["DebertaEncoder", dict[str, torch.Tensor]]:
+        weights = load_state_dict(folder)
+        prefix = "deberta." if any(k.startswith("deberta.") for k in weights) else ""
+        return cls.from_weights(DebertaConfig.from_folder(folder), weights, prefix)
+
+
+def _convert(hf: dict[str, torch.Tensor], prefix: str, num_layers: int) -> tuple[dict, dict]:
+    """Hugging Face DeBERTa-v2 names (after `prefix`) -> ours."""
+    sd = {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in hf.items() if not k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    names = {"embeddings.word_embeddings.weight": "word.weight",
+             "embeddings.position_embeddings.weight": "position.weight",
+             "embeddings.token_type_embeddings.weight": "token_type.weight",
+             "embeddings.embed_proj.weight": "embed_proj.weight",
+             "embeddings.LayerNorm.weight": "ln.weight", "embeddings.LayerNorm.bias": "ln.bias",
+             "encoder.rel_embeddings.weight": "rel_embeddings.weight",
+             "encoder.LayerNorm.weight": "rel_ln.weight", "encoder.LayerNorm.bias": "rel_ln.bias"}
+    for src, dst in names.items():
+        if src in sd:
+            out[dst] = sd.pop(src)
+    sd.pop("embeddings.position_ids", None)
+    layer = {"attention.self.query_proj": "query_proj", "attention.self.key_proj": "key_proj",
+             "attention.self.value_proj": "value_proj",
+             "attention.self.pos_key_proj": "pos_key_proj",
+             "attention.self.pos_query_proj": "pos_query_proj",
+             "attention.output.dense": "attn_out", "attention.output.LayerNorm": "ln1",
+             "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ln2"}
+    for i in range(num_layers):
+        for src, dst in layer.items():
+            for p in ("weight", "bias"):
+                key = f"encoder.layer.{i}.{src}.{p}"
+                if key in sd:
+                    out[f"layers.{i}.{dst}.{p}"] = sd.pop(key)
+    rest.update({prefix + k: v for k, v in sd.items()})
+    return out, rest
