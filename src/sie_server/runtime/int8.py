@@ -52,7 +52,7 @@ class Int8Linear(nn.Module):
         inv = sx.reciprocal()
         # q = round((x - lo) / sx) - 128 in [-128, 127]; x ~ sx * q + (lo + 128 sx)
         q = torch.addcmul(lo.mul(inv).add_(128).neg_(), x, inv).round_().clamp_(-128, 127)
-        y = torch._int_mm(q.to(torch.int8), self.weight_t).mul(self.scale).mul_(sx)  # -> float32
+        y = torch._int_mm(q.to(torch.int8), self.weight_t).float().mul_(self.scale).mul_(sx)
         ones = torch.ones_like(lo)
         y.addmm_(torch.cat([sx.mul(128).add_(lo), ones], dim=1), self.offset_bias)
         return y.view(*lead, self.out_features)
