@@ -25,6 +25,11 @@ def summarize(doc: dict, name: str = "") -> list[str]:
     lines.append(f"== {name} {doc.get('model', {}).get('name')} on {where}"
                  f" (matmul peak {doc.get('matmul_peak_tflops')} TFLOP/s) git {doc.get('versions', {}).get('git')}")
     lines.append(f"   {doc.get('command')}")
+    roof = doc.get("cpu_roofline")
+    if roof:
+        lines.append(f"   CPU {roof.get('cpu_model')}, flags {','.join(roof.get('flags', []))}, "
+                     f"{roof.get('threads')} threads; GEMM roofline " + ", ".join(
+                         f"{d} {g['gflops']} GFLOP/s" for d, g in roof.get("gemm", {}).items()))
     for key, run in doc.get("runs", {}).items():
         lines.append(f"  {key}")
         for path, s in run.items():
@@ -38,6 +43,12 @@ def summarize(doc: dict, name: str = "") -> list[str]:
                 parts.append(f"{_fmt(s['requests_per_s'])} req/s")
             if "p50_ms" in s:
                 parts.append(f"p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms")
+            if "pct_of_roofline" in s:
+                parts.append(f"{s['useful_gflops']:.1f} GFLOP/s ({s['pct_of_roofline']:.0f}% of "
+                             f"the {s['roofline_dtype']} roofline)")
+            for k, v in s.items():
+                if k.startswith("dense_min_cosine"):
+                    parts.append(f"min cos {v}")
             if "pct_of_matmul_peak" in s:
                 parts.append(f"{s['useful_tflops']:.1f} TFLOP/s ({s['pct_of_matmul_peak']:.0f}% peak)")
             es = s.get("engine_stats") or {}

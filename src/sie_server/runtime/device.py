@@ -96,6 +96,9 @@ class Placement:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dtype == "int8" and dev.type != "cpu":
+            raise ValueError("--dtype int8 is a CPU path (int8 linears through oneDNN); "
+                             "on CUDA use bfloat16 or float16")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         if dtype == "auto":
@@ -108,9 +111,6 @@ class Placement:
         elif dtype in _DTYPES:
             dt, why = _DTYPES[dtype], "asked for with --dtype"
         elif dtype == "int8":
-            if dev.type != "cpu":
-                raise ValueError("--dtype int8 is a CPU path (int8 linears through oneDNN); "
-                                 "on CUDA use bfloat16 or float16")
             dt, why = torch.float32, ("asked for with --dtype: int8 linears (weights per output "
                                       "channel, activations per token), the rest float32")
         else:
