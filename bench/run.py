@@ -296,42 +296,34 @@ class Bench:
         return True
 
     def setup_fp32(self, stack: contextlib.ExitStack) -> bool:
-        from sie_server.engine import Engine
-
         if self.engine_dtype()[0] == "float32":
             self.extra["engine_inprocess_fp32"] = "skipped: the engine's dtype is float32 already"
             return False
-        log("engine in-process, float32: loading")
-        engine = Engine(self.settings("float32"))
-        stack.callback(engine.close)
-        engine.start()
-        self.engine32 = engine
+        self.engine32 = self.second_engine(stack, "float32")
         return True
 
-    def setup_int8(self, stack: contextlib.ExitStack) -> bool:
+    def second_engine(self, stack: contextlib.ExitStack, dtype: str):
+        """An in-process engine in `dtype` beside the default one, closed by `stack`."""
         from sie_server.engine import Engine
 
+        log(f"engine in-process, {dtype}: loading")
+        engine = Engine(self.settings(dtype))
+        stack.callback(engine.close)
+        engine.start()
+        return engine
+
+    def setup_int8(self, stack: contextlib.ExitStack) -> bool:
         if self.a.devtype != "cpu":
             self.extra["engine_inprocess_int8"] = "skipped: int8 is a CPU path"
             return False
-        log("engine in-process, int8: loading")
-        engine = Engine(self.settings("int8"))
-        stack.callback(engine.close)
-        engine.start()
-        self.engine8 = engine
+        self.engine8 = self.second_engine(stack, "int8")
         return True
 
     def setup_http_int8(self, stack: contextlib.ExitStack) -> bool:
-        from .server import Server
-
         if self.a.devtype != "cpu":
             self.extra["engine_http_int8"] = "skipped: int8 is a CPU path"
             return False
-        extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
-            if self.a.max_batch_tokens else []
-        log("engine over HTTP, int8: starting the server")
-        self.server8 = stack.enter_context(
-            Server(self.a.name, self.folder, self.a.device, "int8", extra))
+        self.server8 = self.start_server(stack, "int8")
         return True
 
     def setup_peer(self, stack: contextlib.ExitStack, path: str) -> bool:
@@ -384,15 +376,18 @@ class Bench:
         return True
 
     def setup_http(self, stack: contextlib.ExitStack) -> bool:
+        self.server = self.start_server(stack, self.a.dtype)
+        self.extra["server_start_s"] = round(self.server.startup_s, 2)
+        return True
+
+    def start_server(self, stack: contextlib.ExitStack, dtype: str):
+        """`sie-server serve` in `dtype` in its own process, stopped by `stack`."""
         from .server import Server
 
         extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
             if self.a.max_batch_tokens else []
-        log("engine over HTTP: starting the server")
-        self.server = stack.enter_context(
-            Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra))
-        self.extra["server_start_s"] = round(self.server.startup_s, 2)
-        return True
+        log(f"engine over HTTP ({dtype}): starting the server")
+        return stack.enter_context(Server(self.a.name, self.folder, self.a.device, dtype, extra))
 
     def setup_reference(self, stack: contextlib.ExitStack) -> bool:
         from . import reference as ref_mod
