@@ -16,7 +16,7 @@ engine in float32, beside a default-dtype one that is bf16 on CPUs with native b
 ``ort_int8``, ``openvino``, ``openvino_int8`` (the CPU peers, bench/cpu_peers.py;
 all-MiniLM-L6-v2 only), ``lora`` (bench/lora.py; needs ``--adapters K``). Dense outputs of the
 engine and the CPU peers are checked against sentence-transformers fp32 (cosine >= 0.999;
->= 0.95 for the int8 paths, whose minimum is reported) before anything is timed. On CPU the
+>= 0.9 for the int8 paths, whose minimum is reported) before anything is timed. On CPU the
 run also measures the GEMM roofline (bench/roofline.py) and reports every path's fraction.
 See bench/README.md for what every number means.
 """
@@ -60,7 +60,7 @@ REF_KEYS = ("naive_transformers", "flag_style", "sentence_transformers", "onnxru
             "fastembed", "onnxruntime_int8", "openvino", "openvino_int8")
 INT8_KEYS = tuple(KEYS[p] for p in INT8_PATHS)
 AGREE_COS = 0.999  # dense cosine against sentence-transformers, checked before timing
-AGREE_COS_INT8 = 0.95  # the int8 paths: the same model, within int8's error (reported beside)
+AGREE_COS_INT8 = 0.9  # the int8 paths: the same model, within int8 error (reported beside)
 
 # (device, corpus) -> default number of texts; quick mode overrides
 DEFAULT_N = {("cpu", "passages"): 128, ("cpu", "queries"): 2048, ("cpu", "long"): 8,

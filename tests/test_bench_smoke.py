@@ -78,7 +78,7 @@ def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
         assert s["tokens"] == corpus["tokens"], s
     agree = doc["dense_agreement"]["passages"] if PEERS else {}
     for path in int8 if PEERS else []:
-        assert 0.95 <= agree[path] < 1.0, agree  # int8: close, not equal
+        assert 0.9 <= agree[path] < 1.0, agree  # int8: close, not equal
     assert doc["model"]["engine_dtype_resolved"] in ("float32", "bfloat16")
     if not PEERS:
         return
