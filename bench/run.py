@@ -11,10 +11,13 @@ on one corpus and one device, in one invocation. Prints one JSON document.
 Paths (``--paths``): ``inprocess`` (Engine.submit from N client threads), ``http`` (a separate
 `sie-server serve` process, N SDK clients in client processes), ``fp32`` (a second in-process
 engine in float32, beside a default-dtype one that is bf16 on CPUs with native bf16),
-``naive``, ``flag``, ``st`` (reference loops, bench/reference.py), ``ort``, ``fastembed`` (the
-CPU peers, bench/cpu_peers.py; all-MiniLM-L6-v2 only), ``lora`` (bench/lora.py; needs
-``--adapters K``). Dense outputs of the engine and the CPU peers are checked against
-sentence-transformers fp32 (cosine >= 0.999) before anything is timed.
+``int8`` / ``http_int8`` (the engine with ``--dtype int8``, in-process / over HTTP),
+``naive``, ``flag``, ``st`` (reference loops, bench/reference.py), ``ort``, ``fastembed``,
+``ort_int8``, ``openvino``, ``openvino_int8`` (the CPU peers, bench/cpu_peers.py;
+all-MiniLM-L6-v2 only), ``lora`` (bench/lora.py; needs ``--adapters K``). Dense outputs of the
+engine and the CPU peers are checked against sentence-transformers fp32 (cosine >= 0.999;
+>= 0.9 for the int8 paths, whose minimum is reported) before anything is timed. On CPU the
+run also measures the GEMM roofline (bench/roofline.py) and reports every path's fraction.
 See bench/README.md for what every number means.
 """
 
@@ -41,17 +44,23 @@ from .load import chunk, closed_loop_threads, default_procs, engine_call, http_c
     http_sequential
 from .models import DENSE_ONLY, MODELS, REPO, corpus_flops, flops_per_token, model_folder
 
-ENGINE_PATHS = ("inprocess", "http", "fp32")
-REF_PATHS = ("naive", "flag", "st", "ort", "fastembed")
+ENGINE_PATHS = ("inprocess", "http", "fp32", "int8", "http_int8")
+REF_PATHS = ("naive", "flag", "st", "ort", "fastembed", "ort_int8", "openvino", "openvino_int8")
 CPU_PEERS = ("ort", "fastembed", "fp32")  # default on CPU with minilm
+INT8_PATHS = ("int8", "http_int8", "ort_int8", "openvino_int8")  # opt-in (--paths)
 ALL_PATHS = (*ENGINE_PATHS, *REF_PATHS, "lora")
 KEYS = {"inprocess": "engine_inprocess", "http": "engine_http", "fp32": "engine_inprocess_fp32",
+        "int8": "engine_inprocess_int8", "http_int8": "engine_http_int8",
         "naive": "naive_transformers", "flag": "flag_style", "st": "sentence_transformers",
-        "ort": "onnxruntime", "fastembed": "fastembed"}
-ENGINE_KEYS = ("engine_inprocess", "engine_http", "engine_inprocess_fp32")
+        "ort": "onnxruntime", "fastembed": "fastembed", "ort_int8": "onnxruntime_int8",
+        "openvino": "openvino", "openvino_int8": "openvino_int8"}
+ENGINE_KEYS = ("engine_inprocess", "engine_http", "engine_inprocess_fp32",
+               "engine_inprocess_int8", "engine_http_int8")
 REF_KEYS = ("naive_transformers", "flag_style", "sentence_transformers", "onnxruntime",
-            "fastembed")
+            "fastembed", "onnxruntime_int8", "openvino", "openvino_int8")
+INT8_KEYS = tuple(KEYS[p] for p in INT8_PATHS)
 AGREE_COS = 0.999  # dense cosine against sentence-transformers, checked before timing
+AGREE_COS_INT8 = 0.9  # the int8 paths: the same model, within int8 error (reported beside)
 
 # (device, corpus) -> default number of texts; quick mode overrides
 DEFAULT_N = {("cpu", "passages"): 128, ("cpu", "queries"): 2048, ("cpu", "long"): 8,
@@ -200,7 +209,8 @@ class Bench:
         self.engine_dense: dict[str, np.ndarray] = {}
         self.extra: dict = {}
         self.engine = self.engine32 = self.server = self.ref = self.st = None
-        self.ort = self.fastembed = None
+        self.ort = self.fastembed = self.engine8 = self.server8 = None
+        self.peers: dict = {}  # ort_int8 / openvino / openvino_int8 -> cpu_peers.OnnxPeer
         self.fastembed_tokens: dict[str, int] = {}  # per corpus, counted by its tokenizer
         self.flag_bs: dict = {}
         for kind in args.corpus:
@@ -243,18 +253,24 @@ class Bench:
         `stack` closes them. Returns {path: measure(kind, outputs, warm) -> summary}. A path
         that cannot be set up is reported in `errors` and left out; the others still run."""
         paths: dict = {}
-        peers = [p for p in ("ort", "fastembed", "fp32") if p in self.a.paths]
+        peers = [p for p in ("ort", "fastembed", "fp32", "int8", "ort_int8", "openvino",
+                             "openvino_int8") if p in self.a.paths]
         for path, setup in (("inprocess", self.setup_engine), ("http", self.setup_http),
-                            ("fp32", self.setup_fp32), ("naive", self.setup_reference),
+                            ("fp32", self.setup_fp32), ("int8", self.setup_int8),
+                            ("http_int8", self.setup_http_int8),
+                            ("naive", self.setup_reference),
                             ("flag", self.setup_reference), ("st", self.setup_st),
-                            ("ort", self.setup_ort), ("fastembed", self.setup_fastembed)):
+                            ("ort", self.setup_ort), ("fastembed", self.setup_fastembed),
+                            ("ort_int8", self.setup_peer), ("openvino", self.setup_peer),
+                            ("openvino_int8", self.setup_peer)):
             # the CPU peers' agreement check needs the engine and sentence-transformers
             needed = (path == "inprocess" and ("lora" in self.a.paths or peers)) or \
                 (path == "st" and peers)
             if path not in self.a.paths and not needed:
                 continue
             try:
-                if setup(stack) and path in self.a.paths:
+                if (setup(stack, path) if setup == self.setup_peer else setup(stack)) \
+                        and path in self.a.paths:
                     paths[path] = getattr(self, f"measure_{path}")
             except Exception as exc:  # noqa: BLE001 - report it, run the rest
                 self.error(f"setting up {path}", exc)
@@ -280,16 +296,55 @@ class Bench:
         return True
 
     def setup_fp32(self, stack: contextlib.ExitStack) -> bool:
-        from sie_server.engine import Engine
-
         if self.engine_dtype()[0] == "float32":
             self.extra["engine_inprocess_fp32"] = "skipped: the engine's dtype is float32 already"
             return False
-        log("engine in-process, float32: loading")
-        engine = Engine(self.settings("float32"))
+        self.engine32 = self.second_engine(stack, "float32")
+        return True
+
+    def second_engine(self, stack: contextlib.ExitStack, dtype: str):
+        """An in-process engine in `dtype` beside the default one, closed by `stack`."""
+        from sie_server.engine import Engine
+
+        log(f"engine in-process, {dtype}: loading")
+        engine = Engine(self.settings(dtype))
         stack.callback(engine.close)
         engine.start()
-        self.engine32 = engine
+        return engine
+
+    def setup_int8(self, stack: contextlib.ExitStack) -> bool:
+        if self.a.devtype != "cpu":
+            self.extra["engine_inprocess_int8"] = "skipped: int8 is a CPU path"
+            return False
+        self.engine8 = self.second_engine(stack, "int8")
+        return True
+
+    def setup_http_int8(self, stack: contextlib.ExitStack) -> bool:
+        if self.a.devtype != "cpu":
+            self.extra["engine_http_int8"] = "skipped: int8 is a CPU path"
+            return False
+        self.server8 = self.start_server(stack, "int8")
+        return True
+
+    def setup_peer(self, stack: contextlib.ExitStack, path: str) -> bool:
+        from . import cpu_peers
+
+        if self.a.model != "minilm" or self.a.devtype != "cpu":
+            self.extra[KEYS[path]] = "skipped: all-MiniLM-L6-v2 on CPU only"
+            return False
+        log(f"{path}: loading")
+        if path == "ort_int8":
+            peer = cpu_peers.OrtPeer(self.folder, self.limit, torch_threads(),
+                                     int8_dir=self.a.cache_dir)
+        else:  # NNCF calibrates on texts the timed corpora do not hold
+            calibration = None
+            if path == "openvino_int8":
+                calibration = [t for kind in ("passages", "queries") for t in corpus_mod.make_corpus(
+                    kind, 8 if self.a.quick else 64, self.tok, self.a.seed + 1).texts]
+            peer = cpu_peers.OpenVinoPeer(self.folder, self.limit, torch_threads(),
+                                          calibration=calibration)
+        self.peers[path] = peer
+        self.extra.setdefault("peer_versions", {})[KEYS[path]] = peer.version
         return True
 
     def engine_dtype(self) -> tuple[str, str]:
@@ -321,15 +376,18 @@ class Bench:
         return True
 
     def setup_http(self, stack: contextlib.ExitStack) -> bool:
+        self.server = self.start_server(stack, self.a.dtype)
+        self.extra["server_start_s"] = round(self.server.startup_s, 2)
+        return True
+
+    def start_server(self, stack: contextlib.ExitStack, dtype: str):
+        """`sie-server serve` in `dtype` in its own process, stopped by `stack`."""
         from .server import Server
 
         extra = ["--max-batch-tokens", str(self.a.max_batch_tokens)] \
             if self.a.max_batch_tokens else []
-        log("engine over HTTP: starting the server")
-        self.server = stack.enter_context(
-            Server(self.a.name, self.folder, self.a.device, self.a.dtype, extra))
-        self.extra["server_start_s"] = round(self.server.startup_s, 2)
-        return True
+        log(f"engine over HTTP ({dtype}): starting the server")
+        return stack.enter_context(Server(self.a.name, self.folder, self.a.device, dtype, extra))
 
     def setup_reference(self, stack: contextlib.ExitStack) -> bool:
         from . import reference as ref_mod
@@ -372,6 +430,26 @@ class Bench:
     def measure_fp32(self, kind: str, outputs: list[str], warm: bool) -> dict:
         return self.measure_inprocess(kind, outputs, warm, self.engine32)
 
+    def measure_int8(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_inprocess(kind, outputs, warm, self.engine8)
+
+    def measure_http_int8(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_http(kind, outputs, warm, self.server8)
+
+    def measure_peer(self, path: str, kind: str, warm: bool) -> dict:
+        texts = self.corpora[kind].texts
+        run, _ = self.peers[path].run(texts[:32] if warm else texts)
+        return {} if warm else run.summary(**self.agreement(kind, path))
+
+    def measure_ort_int8(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_peer("ort_int8", kind, warm)
+
+    def measure_openvino(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_peer("openvino", kind, warm)
+
+    def measure_openvino_int8(self, kind: str, outputs: list[str], warm: bool) -> dict:
+        return self.measure_peer("openvino_int8", kind, warm)
+
     def measure_ort(self, kind: str, outputs: list[str], warm: bool) -> dict:
         texts = self.corpora[kind].texts
         run, _ = self.ort.run(texts[:32] if warm else texts)
@@ -401,7 +479,10 @@ class Bench:
         if self.fastembed is not None:
             self.fastembed_tokens[kind] = self.fastembed.tokens(texts)
             vectors["fastembed"] = lambda: self.fastembed.run(texts, 0)[1]
-        for path, engine in (("inprocess", self.engine), ("fp32", self.engine32)):
+        for path, peer in self.peers.items():
+            vectors[path] = lambda p=peer: p.run(texts)[1]
+        for path, engine in (("inprocess", self.engine), ("fp32", self.engine32),
+                             ("int8", self.engine8)):
             if engine is not None:
                 vectors[path] = lambda e=engine: np.stack(
                     [r.dense for r in e.encode(self.a.name, texts, ["dense"])])
@@ -417,9 +498,11 @@ class Bench:
                 self.error(f"{kind}: {path} agreement check", exc)
                 failed.add(path)
                 continue
-            if cos < AGREE_COS:
+            bar = AGREE_COS_INT8 if path in INT8_PATHS or (
+                path == "inprocess" and self.a.dtype == "int8") else AGREE_COS
+            if cos < bar:
                 self.error(f"{kind}: {path} agreement", ValueError(
-                    f"min dense cosine {cos} < {AGREE_COS} against sentence-transformers"))
+                    f"min dense cosine {cos} < {bar} against sentence-transformers"))
                 failed.add(path)
         if "fastembed" in vectors and self.fastembed_tokens[kind] != int(self.lengths[kind].sum()):
             self.error(f"{kind}: fastembed tokens", ValueError(
@@ -429,16 +512,17 @@ class Bench:
         log(f"  dense min cosine vs sentence-transformers: {agree}")
         return failed & set(paths)
 
-    def measure_http(self, kind: str, outputs: list[str], warm: bool) -> dict:
+    def measure_http(self, kind: str, outputs: list[str], warm: bool, server=None) -> dict:
+        server = server or self.server
         clients, size = self.shape(kind)
         procs = self.a.client_procs or default_procs(clients)
         reqs = chunk(self.corpora[kind].texts, size)
-        url = self.server.url
+        url = server.url
         if warm:
             http_closed_loop(url, self.a.name, warm_slice(reqs, clients, self.a.quick), outputs,
                              clients, procs)
             return {}
-        snap = stats.snapshot_http(url, self.server.proc.pid)
+        snap = stats.snapshot_http(url, server.proc.pid)
         before = snap()
         res = http_closed_loop(url, self.a.name, reqs, outputs, clients, procs)
         summary = res.summary(clients=clients, request_size=size, client_procs=procs)
@@ -611,7 +695,15 @@ class Bench:
 
     # -------------------------------------------------------------- report
 
-    def report(self, peak: float | None) -> dict:
+    def path_dtype(self, name: str) -> str:
+        """The dtype whose GEMM roofline a path is measured against."""
+        if name in INT8_KEYS:
+            return "int8"
+        return self.engine_dtype()[0] if name in ("engine_inprocess", "engine_http") \
+            else "float32"
+
+    def report(self, peak: float | None, roof: dict | None = None) -> dict:
+        gemm = (roof or {}).get("gemm", {})
         for key, run in self.runs.items():
             kind, outs = key.split(":")
             outputs = outs.split("+")
@@ -623,10 +715,17 @@ class Bench:
                 s["useful_tflops"] = round(tflops, 4)
                 if peak:
                     s["pct_of_matmul_peak"] = round(100 * tflops / peak, 2)
+                dtype = self.path_dtype(name)
+                if dtype in gemm:
+                    s["useful_gflops"] = round(tflops * 1e3, 1)
+                    s["roofline_dtype"] = dtype
+                    s["pct_of_roofline"] = round(100 * tflops * 1e3 / gemm[dtype]["gflops"], 1)
             ratios = {}
             pairs = [(e, r) for e in ENGINE_KEYS for r in REF_KEYS] + [
                 ("engine_inprocess", "engine_inprocess_fp32"),
-                ("engine_http", "engine_inprocess_fp32")]
+                ("engine_http", "engine_inprocess_fp32"),
+                ("engine_inprocess_int8", "engine_inprocess"),
+                ("engine_http_int8", "engine_http")]
             for e, r in pairs:
                 if e in run and r in run and run[r].get("tokens_per_s"):
                     ratios[f"{e}_vs_{r}"] = round(
@@ -662,6 +761,22 @@ class Bench:
                 add(f"{key} HTTP / sentence-transformers", r.get(
                     "engine_http_vs_sentence_transformers"), bar[0])
                 add(f"{key} HTTP / onnxruntime", r.get("engine_http_vs_onnxruntime"), bar[1])
+            if cpu and self.a.model == "minilm" and kind == "passages":
+                # issue 25: on an AVX2-only CPU (fp32 engine); benchmark figures, not tests
+                http = run.get("engine_http", {})
+                if self.engine_dtype()[0] == "float32" and self.a.dtype != "int8":
+                    add(f"{key} fp32 HTTP / sentence-transformers (AVX2-only CPU)",
+                        r.get("engine_http_vs_sentence_transformers"), 1.5)
+                    add(f"{key} fp32 HTTP % of the fp32 GEMM roofline (AVX2-only CPU)",
+                        http.get("pct_of_roofline"), 80.0)
+                add(f"{key} int8 HTTP / sentence-transformers fp32",
+                    r.get("engine_http_int8_vs_sentence_transformers"), 2.2)
+                peers = [p for p in ("onnxruntime_int8", "openvino_int8")
+                         if run.get(p, {}).get("tokens_per_s")]
+                if "engine_http_int8" in run and peers:
+                    fastest = max(peers, key=lambda p: run[p]["tokens_per_s"])
+                    add(f"{key} int8 HTTP / fastest int8 peer ({fastest})",
+                        r.get(f"engine_http_int8_vs_{fastest}"), 1.2)
             if gpu and self.a.model == "bge-m3-large" and kind == "passages":
                 if outs == "dense+sparse":
                     add(f"{key} HTTP tokens/s", run.get("engine_http", {}).get("tokens_per_s"),
@@ -780,10 +895,20 @@ def main(argv: list[str] | None = None) -> dict:
     for kind, c in bench.corpora.items():
         log(f"corpus {kind}: {len(c.texts)} texts, {int(bench.lengths[kind].sum()):,} tokens "
             f"({c.source})")
-    peak = None
+    peak = roof = None
     if a.devtype == "cuda":
         peak = round(matmul_peak_tflops(), 1)
         log(f"bf16 8192^3 matmul: {peak} TFLOP/s")
+    else:
+        from .roofline import roofline
+
+        dtypes = [bench.engine_dtype()[0], "float32"]
+        if any(p in INT8_PATHS for p in a.paths):
+            dtypes.append("int8")
+        roof = roofline(a.folder, dtypes, torch_threads(), rounds=2 if a.quick else 7)
+        log(f"CPU {roof['cpu_model']} flags {','.join(roof['flags'])}; GEMM roofline at "
+            f"{roof['threads']} threads: " + ", ".join(
+                f"{d} {g['gflops']} GFLOP/s" for d, g in roof["gemm"].items()))
     try:
         bench.run()
     finally:
@@ -800,10 +925,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                       bench.engine_dtype())), **shape,
                   "linear_gflop_per_token": round(linear / 1e9, 4)},
         "matmul_peak_tflops": peak,
+        "cpu_roofline": roof,
         "corpora": {k: c.stats(bench.tok, bench.limit) for k, c in bench.corpora.items()},
         "runs": bench.runs,
     }
-    doc.update(bench.report(peak))
+    doc.update(bench.report(peak, roof))
     doc.update(bench.extra)
     doc["total_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(doc, indent=1)

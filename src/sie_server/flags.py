@@ -22,7 +22,8 @@ def add_model_flags(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32) | "
-                        "float32 | float16 | bfloat16")
+                        "float32 | float16 | bfloat16 | int8 (CPU: the transformer's linears in "
+                        "int8, weights per channel, activations per token; never chosen by auto)")
     if model_flag:
         p.add_argument("--model", action="append", type=_model_flag, default=[],
                        metavar="NAME=PATH", help="serve NAME from a folder or hub id (repeatable)")

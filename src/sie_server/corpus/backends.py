@@ -76,7 +76,7 @@ class InProcessBackend:
         # texts of 8,192 tokens are over the default 2,000,000: refused whole, 413)
         self.per_request = max(1, engine.settings.max_queued_tokens // info.max_input_tokens)
         self.identity = model_identity(engine.settings, model,
-                                       str(engine.placement.dtype).removeprefix("torch."))
+                                       engine.placement.dtype_name)
 
     def submit(self, texts: list[str]) -> Future | _Parts:
         n = self.per_request

@@ -157,7 +157,7 @@ class EncoderModel(abc.ABC):
         self.folder = folder
         self.placement = placement
         encoder, self.extra_weights = self.stack.from_folder(folder)
-        self.encoder = encoder.to(placement.device, placement.dtype)
+        self.encoder = placement.place(encoder)
         limit = self.encoder.cfg.max_tokens
         self.max_tokens = min(spec.max_input_tokens or limit, limit)
         self.tokenizer = TextTokenizer(folder / "tokenizer.json", self.max_tokens)

@@ -85,9 +85,8 @@ class ImageTextModel(EncoderModel):
         vcfg = TowerConfig.from_dict(tower("vision"), self.defaults[1])
         state = load_state_dict(folder)
         modules = tuple(sorted({k.rpartition(".")[0] or k for k in state}))
-        dev, dt = placement.device, placement.dtype
-        self.text = text_tower(tcfg, state, "text_model.").to(dev, dt)
-        self.vision = vision_tower(vcfg, state, "vision_model.").to(dev, dt)
+        self.text = placement.place(text_tower(tcfg, state, "text_model."))
+        self.vision = placement.place(vision_tower(vcfg, state, "vision_model."))
         self.load_heads(state)
         self._lora = TowersLora(tcfg, vcfg, hasattr(self, "pool"), modules)  # SigLIP: a head
         self.max_tokens = min(spec.max_input_tokens or tcfg.max_positions, tcfg.max_positions)

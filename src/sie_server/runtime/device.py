@@ -4,6 +4,8 @@
 or AVX512-BF16, Arm BF16, through oneDNN); fp32 on any other CPU, where bf16 matmuls are
 emulated and slower than fp32. The CPU check reads what the CPU reports (torch's cpuinfo and
 /proc/cpuinfo); it never times anything.
+`--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
+int8 (runtime/int8.py) and everything else in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +74,20 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     reason: str = ""  # why this dtype (logged at start)
+    quantize: str | None = None  # "int8": the blocks' linears in int8, the rest in `dtype`
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return self.quantize or str(self.dtype).removeprefix("torch.")
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """`module` on this device in this dtype, its blocks' linears quantized if asked."""
+        module = module.to(self.device, self.dtype)
+        if self.quantize == "int8":
+            from .int8 import quantize_linears
+
+            quantize_linears(module)
+        return module
 
     @classmethod
     def resolve(cls, device: str = "auto", dtype: str = "auto") -> "Placement":
@@ -83,6 +96,9 @@ class Placement:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dtype == "int8" and dev.type != "cpu":
+            raise ValueError("--dtype int8 is a CPU path (int8 linears through oneDNN); "
+                             "on CUDA use bfloat16 or float16")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         if dtype == "auto":
@@ -94,9 +110,13 @@ class Placement:
                 why = f"auto on CPU: {why}"
         elif dtype in _DTYPES:
             dt, why = _DTYPES[dtype], "asked for with --dtype"
+        elif dtype == "int8":
+            dt, why = torch.float32, ("asked for with --dtype: int8 linears (weights per output "
+                                      "channel, activations per token), the rest float32")
         else:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-        placement = cls(dev, dt, why)
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}, "
+                             "int8")
+        placement = cls(dev, dt, why, "int8" if dtype == "int8" else None)
         log.info("computing in %s on %s (%s)", placement.dtype_name, dev, why)
         return placement
 

@@ -1,0 +1,86 @@
+"""The CPU's GEMM roofline for one model: how fast this machine multiplies the model's own
+linear shapes, at the engine's thread count, in the engine's dtype (and in int8).
+
+For a BERT-style layer the shapes are (tokens x hidden) times hidden -> 3 hidden (fused QKV),
+hidden -> hidden, hidden -> intermediate and intermediate -> hidden, with `tokens` the engine's
+CPU batch (2,048 tokens). float32 / bfloat16 time `torch.nn.functional.linear`; int8 times the
+bare `torch._int_mm` (int8 x int8 -> int32, what runtime/int8.py calls; its quantization
+passes are not counted, so they show as a lower fraction). The rate is the layer's FLOPs over
+the best of several timed rounds of the four shapes (best, not median: on a shared machine the
+best round is the one least disturbed). A path's fraction of the roofline is its useful FLOP/s
+(model parameters and attention on the corpus's real token counts, bench/models.py) over this.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
+         "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The matmul-relevant flags this CPU reports (/proc/cpuinfo), in FLAGS order."""
+    from sie_server.runtime.device import cpu_flags as all_flags
+
+    have = all_flags()
+    return [f for f in FLAGS if f in have]
+
+
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
+def shapes(folder: Path) -> list[tuple[int, int]]:
+    """(in, out) of one layer's linears."""
+    cfg = json.loads((folder / "config.json").read_text())
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    return [(h, 3 * h), (h, h), (h, i), (i, h)]
+
+
+def gemm_gflops(folder: Path, dtype: str, tokens: int = 2048, rounds: int = 7) -> dict:
+    """{"gflops": the layer's rate, "shapes": per shape} in `dtype` (float32 | bfloat16 | int8)."""
+    import torch
+
+    ops = []
+    for k, n in shapes(folder):
+        if dtype == "int8":
+            a = torch.randint(-128, 128, (tokens, k), dtype=torch.int8)
+            b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t().contiguous()
+            ops.append(((k, n), lambda a=a, b=b: torch._int_mm(a, b)))
+        else:
+            dt = getattr(torch, dtype)
+            x, w = torch.randn(tokens, k, dtype=dt), torch.randn(n, k, dtype=dt)
+            ops.append(((k, n), lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+    best = {shape: float("inf") for shape, _ in ops}
+    with torch.inference_mode():
+        for shape, op in ops:
+            op()
+        for _ in range(rounds):
+            for shape, op in ops:
+                t0 = time.perf_counter()
+                op()
+                best[shape] = min(best[shape], time.perf_counter() - t0)
+    flop = {s: 2.0 * tokens * s[0] * s[1] for s in best}
+    return {"gflops": round(sum(flop.values()) / sum(best.values()) / 1e9, 1),
+            "shapes": {f"{tokens}x{k}x{n}": round(flop[(k, n)] / t / 1e9, 1)
+                       for (k, n), t in best.items()}}
+
+
+def roofline(folder: Path, dtypes: list[str], threads: int, tokens: int = 2048,
+             rounds: int = 7) -> dict:
+    """The CPU section of the benchmark's output: flags, threads and a rate per dtype."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"cpu_model": cpu_model(), "flags": cpu_flags(), "threads": threads,
+            "gemm_tokens": tokens,
+            "gemm": {d: gemm_gflops(folder, d, tokens, rounds) for d in dict.fromkeys(dtypes)}}

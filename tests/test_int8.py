@@ -1,0 +1,202 @@
+"""`--dtype int8` (runtime/int8.py) against the same engine in float32, on the same weights.
+
+Tolerances, measured on this project's CPUs (avx512_vnni; the int8 arithmetic is exact
+integer work, so other CPUs give the same figures up to float rounding) and set with margin:
+- all-MiniLM-L6-v2 (real weights), every text of tests/texts.py: dense cosine to fp32 >= 0.99
+  (measured min 0.9934, on "?", mean 0.998); Lee corpus Pearson within 0.01 of fp32's 0.656.
+- BGE-M3-shaped test model (random weights), every text: dense cosine >= 0.998 (measured min
+  0.9995); multivector: same token count, every token vector's cosine >= 0.998 (measured min
+  0.9994); sparse: every token's weight within 0.075 of fp32's (measured max 0.049, weights
+  up to 3.8; rounding moves weights near zero across relu's edge, so a token may be kept on
+  one side only) and the sparse vectors' cosine >= 0.95 (measured min 0.972, median 0.9999).
+- cross-encoders (BERT and XLM-R heads): |logit - fp32 logit| <= 0.05 x the spread of fp32's
+  logits over the documents.
+- LoRA on int8: cosine to the fp32 engine with the same adapter >= 0.99; a base row's vectors
+  are those of the int8 engine without adapters (LoRA touches only its rows).
+- ModernBERT, decoder (Qwen3-style) and CLIP / SigLIP text towers: dense cosine >= 0.99.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from texts import SHORT_TEXTS, TEXTS
+
+from sie_server.config import Settings
+from sie_server.engine import Engine
+from sie_server.runtime.device import Placement
+from sie_server.runtime.int8 import Int8Linear
+from test_score import DOCS, QUERIES, ce_bert_dir, ce_xlmr_dir  # noqa: F401 - fixtures
+
+ALL = ["dense", "sparse", "multivector"]
+LEGAL_LORA = "org/bge-m3-legal-lora"
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def engines(models: dict[str, Path], **kw) -> dict[str, Engine]:
+    return {d: Engine(Settings(models={k: str(v) for k, v in models.items()}, default_models=[],
+                               device="cpu", dtype=d, **kw)) for d in ("float32", "int8")}
+
+
+def dense(eng: Engine, model: str, texts, options=None) -> np.ndarray:
+    return np.stack([r.dense for r in eng.encode(model, texts, ["dense"], options)])
+
+
+def test_int8_linear_is_close_and_per_token() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(384, 1536)
+    x = torch.randn(300, 384)
+    x[:, 3] *= 30  # an outlier channel, as BERT LayerNorm outputs have
+    x[5] = 2.0     # a constant row
+    x[6] = 0.0
+    q = Int8Linear(lin)
+    with torch.no_grad():
+        got, want = q(x), lin(x)
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert float(torch.nn.functional.cosine_similarity(got, want).min()) > 0.999
+    assert torch.equal(got[6], lin.bias.detach())  # a zero row: the bias
+    # each token has its own scales: a row does not depend on the rows beside it
+    assert torch.allclose(q(x[7:8]), got[7:8], atol=1e-5)
+    nobias = torch.nn.Linear(128, 7, bias=False).requires_grad_(False)
+    want = nobias(x[:, :128])
+    assert float((Int8Linear(nobias)(x[:, :128]) - want).norm() / want.norm()) < 0.03
+
+
+def test_int8_is_asked_for_never_auto() -> None:
+    p = Placement.resolve("cpu", "int8")
+    assert (p.dtype, p.quantize, p.dtype_name) == (torch.float32, "int8", "int8")
+    assert Placement.resolve("cpu", "auto").quantize is None
+    with pytest.raises(ValueError, match="int8 is a CPU path"):
+        Placement.resolve("cuda", "int8")
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir: Path):
+    engs = engines({"m": minilm_dir})
+    yield engs
+    for e in engs.values():
+        e.close()
+
+
+def test_minilm_int8_dense_on_every_text(minilm) -> None:
+    info = minilm["int8"].registry.get("m").model
+    assert info.info.dtype == "int8"
+    assert sum(isinstance(m, Int8Linear) for m in info.encoder.modules()) == 6 * 4
+    cos = cosines(dense(minilm["int8"], "m", TEXTS), dense(minilm["float32"], "m", TEXTS))
+    assert cos.min() >= 0.99, (float(cos.min()), TEXTS[int(cos.argmin())][:40])
+
+
+def lee_corpus() -> tuple[list[str], np.ndarray]:
+    """gensim 4.4.0's Lee corpus: 50 news documents and the 50 x 50 human similarity matrix."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None:
+        pytest.skip("gensim (test extra) is not installed")
+    data = Path(spec.origin).parent / "test" / "test_data"
+    docs = (data / "lee.cor").read_text(encoding="latin-1").splitlines()
+    return docs, np.loadtxt(data / "similarities0-1.txt")
+
+
+def test_minilm_int8_lee_correlation(minilm) -> None:
+    """Pearson of cosine vs human similarity over the 1,225 document pairs (upper triangle)."""
+    docs, human = lee_corpus()
+    assert len(docs) == 50 and human.shape == (50, 50)
+    upper = np.triu_indices(50, 1)
+    pearson = {}
+    for dtype, eng in minilm.items():
+        v = dense(eng, "m", docs)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        pearson[dtype] = float(np.corrcoef((v @ v.T)[upper], human[upper])[0, 1])
+    assert abs(pearson["float32"] - 0.656) < 0.005, pearson  # FIELD_NOTES section 1
+    assert abs(pearson["int8"] - pearson["float32"]) <= 0.01, pearson
+
+
+@pytest.fixture(scope="module")
+def m3(bge_m3_dir: Path, legal_lora):
+    engs = engines({"m3": bge_m3_dir}, adapter_roots=[legal_lora["root"]])
+    yield engs
+    for e in engs.values():
+        e.close()
+
+
+def test_bge_m3_int8_outputs(m3) -> None:
+    want = m3["float32"].encode("m3", TEXTS, ALL)
+    got = m3["int8"].encode("m3", TEXTS, ALL)
+    model = m3["int8"].registry.get("m3").model
+    assert not any(isinstance(m, Int8Linear) for m in vars(model).values())  # heads in float
+    for text, g, w in zip(TEXTS, got, want):
+        label = text[:30]
+        assert cosines(g.dense, w.dense) >= 0.998, label
+        assert g.multivector.shape == w.multivector.shape, label
+        assert cosines(g.multivector, w.multivector).min() >= 0.998, label
+        gs, ws = (dict(zip(*map(np.ndarray.tolist, r.sparse))) for r in (g, w))
+        for tok in set(gs) | set(ws):
+            assert abs(gs.get(tok, 0.0) - ws.get(tok, 0.0)) <= 0.075, (label, tok)
+        if len(ws) > 0 and len(gs) > 0:
+            keys = sorted(set(gs) | set(ws))
+            a, b = (np.array([d.get(k, 0.0) for k in keys]) for d in (gs, ws))
+            assert cosines(a, b) >= 0.95, label
+
+
+def test_bge_m3_int8_lora_per_row(m3) -> None:
+    texts = SHORT_TEXTS[:12]
+    lora = {"lora_id": LEGAL_LORA}
+    got, want = dense(m3["int8"], "m3", texts, lora), dense(m3["float32"], "m3", texts, lora)
+    assert cosines(got, want).min() >= 0.99
+    base = dense(m3["int8"], "m3", texts)
+    assert cosines(got, base).min() < 0.999  # the adapter changes the int8 outputs
+    # a mixed batch: base rows are the int8 base vectors, adapter rows the adapter's
+    futures = [m3["int8"].submit("m3", [t], ["dense"], lora if i % 2 else None)
+               for i, t in enumerate(texts)]
+    mixed = np.stack([f.result()[0].dense for f in futures])
+    expect = np.where((np.arange(len(texts)) % 2 == 1)[:, None], got, base)
+    np.testing.assert_allclose(mixed, expect, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["ce-bert", "ce-xlmr"])
+def test_cross_encoder_int8_scores(name, ce_bert_dir, ce_xlmr_dir) -> None:
+    engs = engines({"ce-bert": ce_bert_dir, "ce-xlmr": ce_xlmr_dir})
+    try:
+        for query in QUERIES:
+            s = {d: e.score(name, query, DOCS, {"activation": "none"}).scores
+                 for d, e in engs.items()}
+            spread = float(s["float32"].max() - s["float32"].min())
+            assert spread > 0
+            assert np.abs(s["int8"] - s["float32"]).max() <= 0.05 * spread, (query, s)
+    finally:
+        for e in engs.values():
+            e.close()
+
+
+def test_every_family_int8(tmp_path_factory) -> None:
+    """ModernBERT, a Qwen3-style decoder and CLIP / SigLIP: their blocks' linears all become
+    Int8Linear, and text vectors stay within 0.99 cosine of fp32."""
+    import make_clip_test_models
+    import make_decoder_test_models
+    import make_modernbert_test_models
+
+    root = tmp_path_factory.mktemp("int8-families")
+    folders = {"modernbert": make_modernbert_test_models.build(root / "mb", "gte"),
+               "decoder": make_decoder_test_models.build(root / "dec", "qwen3-embedding"),
+               **make_clip_test_models.build(root / "clip", SHORT_TEXTS)}
+    engs = engines(folders)
+    try:
+        for name in folders:
+            model = engs["int8"].registry.get(name).model
+            stacks = [model.text, model.vision] if hasattr(model, "vision") else [model.encoder]
+            for stack in stacks:
+                linears = [m for m in stack.modules() if isinstance(m, torch.nn.Linear)]
+                int8 = [m for m in stack.modules() if isinstance(m, Int8Linear)]
+                assert int8 and len(linears) <= 1, (name, len(int8), len(linears))  # patch embed
+            cos = cosines(dense(engs["int8"], name, SHORT_TEXTS),
+                          dense(engs["float32"], name, SHORT_TEXTS))
+            assert cos.min() >= 0.99, (name, float(cos.min()))
+    finally:
+        for e in engs.values():
+            e.close()
