@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import CLEAN_ENV, ROOT
 from sie_sdk import SIEClient
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_colbert_test_models  # noqa: E402
-from test_sie_public import CLEAN_ENV, sie_python  # noqa: E402,F401  (a fixture)
+
 
 pytestmark = pytest.mark.slow
 M3, COLBERT = "BAAI/bge-m3", "colbert-test"
