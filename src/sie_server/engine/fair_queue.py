@@ -3,12 +3,14 @@
 Clients (a tenant, else a request: `client_key`) stand in a ring. The client at its head has
 the turn: a turn starts by adding a quantum of credit, `Q = max_batch_tokens // 4`, capped at
 the larger of `Q` and the cost of the client's next item (cost = its tokens), and serves the
-client's items in order while their cost is covered by the credit. The turn ends when the
-next item costs more than what is left (the client goes to the back of the ring and keeps its
+client's items in order while their cost is covered by the credit. The turn ends when the next
+item costs more than what is left (the client goes to the back of the ring and keeps its
 credit) or when the client has nothing left (it leaves the ring, its credit with it). When the
 next item is covered but does not fit in the batch (token or item budget), the batch is closed
-and the next batch starts with the rest of the same turn. Within a client its requests take
-turns: after each of its turns that served something the client's requests rotate.
+and the next batch starts with the rest of the same turn, once the next few of the client's
+other requests have filled what they can of the batch within the same credit. Within a client
+its requests take turns: after each of its turns that served something the client's requests
+rotate.
 
 The cap makes a turn serve at most max(Q, one item) tokens: either items of at most Q tokens in
 all, or one item longer than Q, which its client buys with the credit of several turns (an item
@@ -26,12 +28,14 @@ first item needs ceil(tokens / Q) turns of its client. The batch budget in items
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded
 from .request import Request
 
 Entry = tuple[Request, int]  # (request, item index)
+_FILLERS = 8  # how many of a client's other requests may fill a batch: a bounded look
 
 
 @dataclass(eq=False)
@@ -117,7 +121,15 @@ class FairQueue:
             while pending is not None and (n := pending.cost()) <= client.credit:
                 if batch and (tokens + n > self.max_batch_tokens
                               or len(batch) >= self.max_batch_items):
-                    return batch  # the turn goes on in the next batch
+                    filler = self._filler(client, self.max_batch_tokens - tokens)
+                    if filler is None or len(batch) >= self.max_batch_items:
+                        return batch  # the turn goes on in the next batch
+                    n = filler.cost()
+                    batch.append((filler.request, filler.next))
+                    tokens += n
+                    client.credit -= n
+                    self._spend(client, filler, n)
+                    continue
                 batch.append((pending.request, pending.next))
                 tokens += n
                 client.credit -= n
@@ -138,7 +150,14 @@ class FairQueue:
         client.tokens -= n
         self.tokens -= n
         if pending.next == len(pending.request.tokens):
-            client.requests.popleft()
+            client.requests.remove(pending)
+
+    def _filler(self, client: _Client, room: int) -> _Pending | None:
+        """One of the next few requests of the client in turn whose next item fits in `room` tokens and is
+        covered by its credit: it fills the batch the turn's next item does not fit in."""
+        limit = min(room, client.credit)
+        return next((p for p in itertools.islice(client.requests, 1, 1 + _FILLERS)
+                     if not p.request.done() and p.cost() <= limit), None)
 
     def _head(self, client: _Client, now: float) -> _Pending | None:
         """The client's current request, dropping those cancelled, failed or expired."""
