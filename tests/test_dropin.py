@@ -254,8 +254,9 @@ EXAMPLES = 20  # per operation and request content type: ~900 requests in all
 
 def test_openapi_fuzzed(server):
     """schemathesis on every operation of /openapi.json and each of its request content types
-    (JSON, msgpack), a fixed budget of generated cases (derandomized): no 500, and every
-    status, content type and body as the document declares them."""
+    (JSON, msgpack), a fixed budget of generated cases (derandomized): no 5xx but the 501 of
+    the SIE features not served, and every status, content type and body as the document
+    declares them."""
     schemathesis = pytest.importorskip("schemathesis")
     import msgpack
     from schemathesis.checks import not_a_server_error
@@ -278,6 +279,9 @@ def test_openapi_fuzzed(server):
     for result in schema.get_all_operations():
         op = result.ok()
         media = list(op.definition.raw.get("requestBody", {}).get("content", {})) or [None]
+        # a SIE feature this server does not have answers 501 by design (declared): its
+        # status is checked against the document, not as a server error
+        op_checks = checks[1:] if set(op.definition.raw.get("responses", {})) == {"501"} else checks
         for media_type in media:
             seen.add((op.method.upper(), op.path, media_type))
 
@@ -286,7 +290,7 @@ def test_openapi_fuzzed(server):
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(media_type=media_type))
             def fuzz(case):
-                case.call_and_validate(checks=checks, timeout=60)
+                case.call_and_validate(checks=op_checks, timeout=60)
 
             fuzz()
     assert ("POST", "/v1/encode/{model}", "application/msgpack") in seen
