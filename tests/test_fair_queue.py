@@ -99,3 +99,19 @@ def test_cancelled_and_expired_requests_are_dropped():
     batch = queue.take(now=2.0)
     assert {id(r) for r, _ in batch} == {id(kept)} and not queue and queue.tokens == 0
     assert expired.future.exception().code == "DEADLINE_EXCEEDED"
+
+
+def test_one_key_with_many_requests_fills_its_batches():
+    """An item that does not fit closes the batch only after the next few of the same client's
+    other requests have filled what they can: batches of one API key with 16 requests in flight
+    are on average over 96% full (without the filling, about 92%)."""
+    rng = np.random.default_rng(3)
+    budget = 2048
+    queue = FairQueue(max_batch_tokens=budget, max_batch_items=10_000)
+    for _ in range(16):
+        queue.push(request(rng.integers(16, 512, size=256), "one-key"))
+    batches = []
+    while queue:
+        batches.append(queue.take(0.0))
+    fill = [sum(len(r.tokens[i]) for r, i in b) / budget for b in batches[:-1]]
+    assert np.mean(fill) > 0.96, np.mean(fill)

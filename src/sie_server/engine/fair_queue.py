@@ -121,8 +121,8 @@ class FairQueue:
             while pending is not None and (n := pending.cost()) <= client.credit:
                 if batch and (tokens + n > self.max_batch_tokens
                               or len(batch) >= self.max_batch_items):
-                    filler = self._filler(client, self.max_batch_tokens - tokens)
-                    if filler is None or len(batch) >= self.max_batch_items:
+                    if len(batch) >= self.max_batch_items or (filler := self._filler(
+                            client, self.max_batch_tokens - tokens, now)) is None:
                         return batch  # the turn goes on in the next batch
                     n = filler.cost()
                     batch.append((filler.request, filler.next))
@@ -152,12 +152,14 @@ class FairQueue:
         if pending.next == len(pending.request.tokens):
             client.requests.remove(pending)
 
-    def _filler(self, client: _Client, room: int) -> _Pending | None:
-        """One of the next few requests of the client in turn whose next item fits in `room` tokens and is
-        covered by its credit: it fills the batch the turn's next item does not fit in."""
+    def _filler(self, client: _Client, room: int, now: float) -> _Pending | None:
+        """One of the next few live requests of the client in turn whose next item fits in
+        `room` tokens and is covered by its credit: it fills the batch that the turn's next item
+        does not fit in."""
         limit = min(room, client.credit)
         return next((p for p in itertools.islice(client.requests, 1, 1 + _FILLERS)
-                     if not p.request.done() and p.cost() <= limit), None)
+                     if not p.request.done() and not p.request.expired(now)
+                     and p.cost() <= limit), None)
 
     def _head(self, client: _Client, now: float) -> _Pending | None:
         """The client's current request, dropping those cancelled, failed or expired."""
