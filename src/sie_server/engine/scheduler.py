@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+
 import numpy as np
 
 from ..errors import (BodyTooLarge, InternalError, ModelUnavailable, Overloaded,
