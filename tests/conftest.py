@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -155,3 +157,30 @@ def run_public(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, 
     with np.load(tmp / f"{check}.npz") as z:
         arrays = {k: z[k] for k in z.files}
     return arrays, json.loads((tmp / f"{check}.json").read_text())
+
+
+@contextlib.contextmanager
+def held_worker(engine, model: str) -> Iterator:
+    """(scheduler, release, batches): the model's worker blocks on its next batch until
+    release(), so what is submitted meanwhile stays queued; `batches` records every batch's
+    entries in launch order (batch 0 holds the worker)."""
+    sched = engine.registry.get(model).scheduler
+    gate, running = threading.Event(), threading.Event()
+    batches: list = []
+    launch = sched._launch
+
+    def recording(batch):
+        batches.append(list(batch))
+        running.set()
+        gate.wait(60)
+        launch(batch)
+
+    sched._launch = recording
+    blocker = engine.submit(model, ["holds the worker"])
+    try:
+        assert running.wait(30)
+        yield sched, gate.set, batches
+    finally:
+        gate.set()
+        blocker.result(30)
+        del sched._launch

@@ -5,12 +5,10 @@ did before; a request to a second model is not held up at all. The worker is hel
 around the real forward so that everything is queued before the first batch is formed."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from conftest import LEGAL_LORA
+from conftest import LEGAL_LORA, held_worker
 from sie_server.config import Settings
 from sie_server.engine import Engine
 
@@ -32,21 +30,7 @@ def engine(bge_m3_dir, legal_lora):
 
 
 def test_small_requests_run_within_the_bound_behind_long_documents(engine):
-    sched = engine.registry.get(M3).scheduler
-    gate, running = threading.Event(), threading.Event()
-    batches: list = []
-    launch = sched._launch
-
-    def recording(batch):
-        batches.append(list(batch))
-        running.set()
-        gate.wait(60)
-        launch(batch)
-
-    sched._launch = recording
-    try:
-        blocker = engine.submit(M3, ["holds the worker"])
-        assert running.wait(30)
+    with held_worker(engine, M3) as (_, release, batches):
         docs = engine.submit(M3, [DOC] * 10, ["dense", "sparse"], {"lora_id": LEGAL_LORA},
                              tenant="key-docs")
         smalls = [engine.submit(M3, ["a short query"], tenant="key-queries"),
@@ -56,13 +40,9 @@ def test_small_requests_run_within_the_bound_behind_long_documents(engine):
         clients = 4  # key-docs, key-queries, key-other and the keyless request
         other_model = engine.submit(MINILM, ["another model is not held up"])
         assert len(other_model.result(60)) == 1 and not docs.done()
-        gate.set()
+        release()
         small_out = [f.result(120) for f in smalls]
         doc_out = docs.result(300)
-        blocker.result(60)
-    finally:
-        gate.set()
-        del sched._launch
 
     doc_req = next(r for b in batches for r, _ in b if len(r.tokens) == 10)
     assert all(len(t) > 4 * BUDGET for t in doc_req.tokens)  # items far over the budget

@@ -2,11 +2,10 @@
 the worker is held with a gate around the real forward so that what follows stays queued)."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
+from conftest import held_worker
 from sie_server.config import Settings
 from sie_server.engine import Engine
 from sie_server.errors import BodyTooLarge, Overloaded
@@ -25,26 +24,9 @@ def engine():
 
 @pytest.fixture()
 def held(engine):
-    """(scheduler, release, batches): the worker blocks on its next batch until release();
-    `batches` records every batch's entries in launch order."""
-    sched = engine.registry.get(MINILM).scheduler
-    gate, running = threading.Event(), threading.Event()
-    batches: list = []
-    launch = sched._launch
-
-    def recording(batch):
-        batches.append(list(batch))
-        running.set()
-        gate.wait(60)
-        launch(batch)
-
-    sched._launch = recording
-    blocker = engine.submit(MINILM, ["holds the worker"])
-    assert running.wait(30)
-    yield sched, gate.set, batches
-    gate.set()
-    blocker.result(30)
-    del sched._launch
+    """(scheduler, release, batches): see conftest.held_worker."""
+    with held_worker(engine, MINILM) as (sched, release, batches):
+        yield sched, release, batches
     sched.max_queued_tokens = engine.settings.max_queued_tokens
 
 
