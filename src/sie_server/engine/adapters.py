@@ -314,7 +314,9 @@ class AdapterManager:
     def batch_heads(self, batch: PackedBatch, head: str):
         """The model's adapter_heads: (token rows, weights) per adapter replacing `head`."""
         cached = getattr(self._local, "view", None)
-        if cached is not None and cached[0] is batch:
+        # the encoder's hook may have been built on the batch with bucketed tokens (CPU):
+        # its rows are the batch's, plus padding rows no adapter touches
+        if cached is not None and (cached[0] is batch or cached[0].bucketed_from is batch):
             view = cached[1]
         else:
             with self._lock:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidRequest
 from ..runtime.attention import make_attention
-from ..runtime.batch import PackedBatch, positions
+from ..runtime.batch import PackedBatch, positions, with_bucketed_tokens
 from ..runtime.device import Placement
 from ..runtime.encoder import Encoder, LinearHook
 from ..runtime.tokenizer import TextTokenizer, Tokenized
@@ -246,21 +246,27 @@ class EncoderModel(abc.ABC):
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> BatchOutputs:
-        """Run the encoder on a packed batch and the heads on its output."""
+        """Run the encoder on a packed batch and the heads on its output. On CPU the encoder
+        sees the batch with its token count bucketed (runtime/batch.py); the heads see the
+        batch's own tokens."""
         dev = self.placement.device
-        ids = torch.from_numpy(batch.input_ids).to(dev, non_blocking=True)
         cfg = self.encoder.cfg
+        n = batch.num_tokens
+        run = batch
+        if dev.type == "cpu":
+            run = with_bucketed_tokens(batch, getattr(cfg, "pad_token_id", None) or 0)
+        ids = torch.from_numpy(run.input_ids).to(dev, non_blocking=True)
         # RoBERTa / XLM-R number positions from the ids (a typed <pad> keeps the padding
         # position); stacks without a padding position (BERT, decoders) count 0..n-1
-        pos = torch.from_numpy(positions(batch.cu_seqlens, cfg.position_offset, batch.input_ids,
+        pos = torch.from_numpy(positions(run.cu_seqlens, cfg.position_offset, run.input_ids,
                                          getattr(cfg, "position_pad_id", None)))
         types = None
-        if batch.token_type_ids is not None:
-            types = torch.from_numpy(batch.token_type_ids).to(dev, non_blocking=True)
-        attention = self.attention(batch)
+        if run.token_type_ids is not None:
+            types = torch.from_numpy(run.token_type_ids).to(dev, non_blocking=True)
+        attention = self.attention(run)
         hidden = self.encoder(ids, pos.to(dev, non_blocking=True), types, attention,
-                              self.adapter_hook(batch))
-        return self.heads(batch, hidden, ids)
+                              self.adapter_hook(run))
+        return self.heads(batch, hidden[:n], ids[:n])
 
     def attention(self, batch: PackedBatch):
         """The attention the encoder's layers use on this batch (built once per batch)."""
