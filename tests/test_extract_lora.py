@@ -56,9 +56,10 @@ ADAPTERS = {
         r=4, targets=["query", "key", "value", "dense", "prompt_rep_layer.0", "out_project.3"],
         seed=3, b_std=0.1)),
     "nli-deberta/all": ("nli-deberta", "nli", dict(
-        r=4, targets=["query_proj", "key_proj", "value_proj", "dense", "classifier"], seed=4)),
+        r=4, targets=["query_proj", "key_proj", "value_proj", "dense", "classifier"], seed=4,
+        b_std=0.5)),
     "nli-bert/qv-cls": ("nli-bert", "nli", dict(
-        r=2, targets=["query", "value", "intermediate.dense", "classifier"], seed=5)),
+        r=2, targets=["query", "value", "intermediate.dense", "classifier"], seed=5, b_std=0.5)),
 }
 
 
@@ -171,11 +172,14 @@ def test_nli_adapters_equal_peft_merged(engine, refs, model) -> None:
         base, _ = engine.extract(model, NLI_TEXTS, CLASSES, {"multi_label": multi})
         ours, _ = engine.extract(model, NLI_TEXTS, CLASSES, {"multi_label": multi,
                                                              "lora_id": lora})
-        for t, o, b in zip(nli_expected(refs, model, lora, multi), ours, base, strict=True):
+        for t, o in zip(nli_expected(refs, model, lora, multi), ours, strict=True):
             same_classes(t, o)
-            assert max(abs(x["score"] - y["score"]) for x, y in
-                       zip(sorted(o["classifications"], key=lambda c: c["label"]),
-                           sorted(b["classifications"], key=lambda c: c["label"]))) > 1e-3
+        # the adapter changes the answer (the random models score near-uniformly: their
+        # single-label scores stay near 1/5, the order changes)
+        score = lambda r: {c["label"]: c["score"] for c in r["classifications"]}  # noqa: E731
+        order = lambda r: [c["label"] for c in r["classifications"]]  # noqa: E731
+        assert any(order(o) != order(b) for o, b in zip(ours, base)) or max(
+            abs(score(o)[c] - score(b)[c]) for o, b in zip(ours, base) for c in CLASSES) > 1e-2
 
 
 @pytest.mark.parametrize("model", ["deberta", "nli-deberta"])
@@ -197,7 +201,7 @@ def test_mixed_batch_each_request_its_own_adapter(engine, refs, model) -> None:
         release()
         results = [f.result(timeout=60)[0][0] for f in futures]
     slots = [{req.adapter_slot for req, _ in batch} for batch in batches[1:]]
-    assert max(map(len, slots)) >= 3, slots  # two adapters and the base in one batch
+    assert max(map(len, slots)) == len(names), slots  # the adapters and the base in one batch
     for (n, i), got in zip(jobs, results):
         if gliner:
             theirs = refs[(model, n)].inference([texts[i % len(texts)]], labels, threshold=0.3)
@@ -237,7 +241,7 @@ def test_deberta_adapter_per_sequence(tmp_path, share) -> None:
         adapters[slot] = load_adapter(name, tmp_path / name, ident, torch.device("cpu"),
                                       torch.float32)
         adapters[slot].uid = slot
-    assert "pos_key_proj" in adapters[0].targets or share
+    assert "attention.self.pos_key_proj" in adapters[0].targets or share
     lengths, slots = [5, 30, 12, 9, 20], [0, -1, 1, 0, 1]
     rows = [torch.randint(0, 100, (n,)) for n in lengths]
     batch = pack([r.numpy() for r in rows], frozenset(), np.array(slots))
@@ -285,9 +289,10 @@ def test_http(start_server, folders, root, engine, minilm_dir) -> None:
     missing = httpx.post(f"{server.url}/v1/extract/{GLINER}", json=body, timeout=60)
     encode = httpx.post(f"{server.url}/v1/encode/{MINILM}", timeout=60, json={
         "items": [{"text": TEXTS[0]}], "params": {"options": {"lora_id": "org/no-such-adapter"}}})
+    detail = lambda r: {k: v for k, v in r.json()["detail"].items() if k != "request_id"}  # noqa: E731
     assert missing.status_code == encode.status_code == 404
-    assert missing.json() == encode.json() and missing.json()["detail"]["code"] == "LORA_NOT_FOUND"
+    assert detail(missing) == detail(encode) and detail(missing)["code"] == "LORA_NOT_FOUND"
     body["params"]["options"]["lora_id"] = "minilm-q"  # made for another model
     wrong = httpx.post(f"{server.url}/v1/extract/{GLINER}", json=body, timeout=60)
     assert wrong.status_code == 422 and wrong.json()["detail"]["code"] == "INVALID_ADAPTER"
-    assert "query" in wrong.json()["detail"]["message"]
+    assert "made for another base model" in wrong.json()["detail"]["message"]

@@ -179,7 +179,9 @@ class Mlp(nn.Module):
         self.w0, self.b0 = weights[f"{prefix}.0.weight"], weights[f"{prefix}.0.bias"]
         self.w3, self.b3 = weights[f"{prefix}.3.weight"], weights[f"{prefix}.3.bias"]
 
-    def forward(self, x: torch.Tensor, heads: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                heads: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        heads = heads or {}
         x = F.relu(head_linear(x, self.w0, self.b0, heads.get(f"{self.prefix}.0")))
         return head_linear(x, self.w3, self.b3, heads.get(f"{self.prefix}.3"))
 
@@ -328,8 +330,8 @@ class GLiNER(EncoderModel):
             rows += [_Row(i, words[w.first:w.last], w) for w in windows]
         encodings = self.tokenizer.encode_batch([prompt + [w for w, _, _ in r.words] for r in rows],
                                                 is_pretokenized=True)
-        first = encodings[0] if encodings else self.tokenizer.encode(prompt, is_pretokenized=True)
-        prompt_tokens = len(self._prompt_tokens(first.word_ids, len(prompt)))
+        sample = encodings[0] if encodings else self.tokenizer.encode(prompt, is_pretokenized=True)
+        prompt_tokens = len(self._prompt_tokens(sample.word_ids, len(prompt)))
         if prompt_tokens > MAX_PROMPT_TOKENS:
             raise InvalidRequest(f"params.labels: GLiNER labels take {prompt_tokens} tokens; a "
                                  f"request may use at most {MAX_PROMPT_TOKENS} tokens for them")
@@ -412,7 +414,10 @@ class GLiNER(EncoderModel):
     @torch.inference_mode()
     def _spans(self, hidden: torch.Tensor, ids: np.ndarray, first: np.ndarray,
                words: list[Word], labels: list[str], threshold: float, flat: bool,
-               multi_label: bool, heads: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+               multi_label: bool, heads: dict[str, dict[str, torch.Tensor]] | None = None
+               ) -> list[dict]:
+        """Step 3-5 on one row; `heads`: the request's adapter's LoRA pairs of gliner's linears."""
+        heads = heads or {}
         if self.projection is not None:
             hidden = head_linear(hidden, *self.projection, heads.get(_PROJECTION))
         marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)

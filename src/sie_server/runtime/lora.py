@@ -327,7 +327,8 @@ def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
 def _shape(model_type: str | None, cfg: Any) -> str:
     if not hasattr(cfg, "hidden_size"):  # several stacks (CLIP / SigLIP): the type says it
         return str(model_type)
-    return f"{model_type}, hidden {cfg.hidden_size}, {cfg.num_layers} layers"
+    size = f"hidden {cfg.hidden_size}, {cfg.num_layers} layers"
+    return f"{model_type}, {size}" if model_type else size  # GLiNER: no config.json
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
