@@ -16,7 +16,6 @@ projections) equals peft's merged DebertaV2Model per sequence. Over HTTP: SIE's 
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import httpx
@@ -26,6 +25,7 @@ import torch
 from conftest import held_worker
 from lora_adapters import adapt, make_adapter
 from make_gliner_test_models import build
+from test_gliner import reference, same
 from test_nli_zero_shot import _build as build_nli
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config,
                           DebertaV2Model, pipeline)
@@ -63,14 +63,6 @@ ADAPTERS = {
 }
 
 
-def gliner_reference(folder: Path):
-    from gliner import GLiNER
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return GLiNER.from_pretrained(str(folder), local_files_only=True).eval()
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("extract-lora")
@@ -91,7 +83,7 @@ def refs(folders, root) -> dict:
     or a zero-shot-classification pipeline."""
     out: dict = {}
     for model in ("deberta", "bert"):
-        out[(model, None)] = gliner_reference(folders[model])
+        out[(model, None)] = reference(folders[model])
     for model in ("nli-deberta", "nli-bert"):
         out[(model, None)] = _nli_pipeline(folders[model], _nli_model(folders[model]))
     for name, (model, wraps, kw) in ADAPTERS.items():
@@ -99,7 +91,7 @@ def refs(folders, root) -> dict:
             merged = adapt(_nli_model(folders[model]), root / name, **kw)
             out[(model, name)] = _nli_pipeline(folders[model], merged)
             continue
-        ref = gliner_reference(folders[model])
+        ref = reference(folders[model])
         if wraps == "model":
             ref.model = adapt(ref.model, root / name, **kw)
         else:
@@ -124,13 +116,6 @@ def engine(folders, root, refs):
                           models={k: str(v) for k, v in folders.items()}))
     yield eng
     eng.close()
-
-
-def same(theirs: list[dict], ours: list[dict]) -> None:
-    key = lambda e: (e["start"], e["end"], e["label"], e["text"])  # noqa: E731
-    assert [key(e) for e in ours] == [key(e) for e in theirs]
-    for a, b in zip(theirs, ours):
-        assert abs(a["score"] - b["score"]) <= 1e-4
 
 
 def gliner_expected(refs, model: str, lora: str | None, threshold: float, flat: bool):
