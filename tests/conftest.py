@@ -160,10 +160,11 @@ def run_public(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, 
 
 
 @contextlib.contextmanager
-def held_worker(engine, model: str) -> Iterator:
+def held_worker(engine, model: str, hold=None) -> Iterator:
     """(scheduler, release, batches): the model's worker blocks on its next batch until
     release(), so what is submitted meanwhile stays queued; `batches` records every batch's
-    entries in launch order (batch 0 holds the worker)."""
+    entries in launch order (batch 0 holds the worker). `hold()` submits the request that
+    holds it (default: an encode of one text)."""
     sched = engine.registry.get(model).scheduler
     gate, running = threading.Event(), threading.Event()
     batches: list = []
@@ -176,7 +177,7 @@ def held_worker(engine, model: str) -> Iterator:
         launch(batch)
 
     sched._launch = recording
-    blocker = engine.submit(model, ["holds the worker"])
+    blocker = hold() if hold is not None else engine.submit(model, ["holds the worker"])
     try:
         assert running.wait(30)
         yield sched, gate.set, batches

@@ -24,23 +24,13 @@ def make_adapter(base_dir: Path, out_dir: Path, *, r: int, targets: Any, seed: i
                  b_std: float = 0.2, **extra: Any) -> dict[str, Any]:
     """Save a peft LoRA adapter of the model in `base_dir` with random non-zero B matrices to
     `out_dir`; return {"merged": merged model (eval), "heads": head weights or None}."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
     torch.manual_seed(seed)
     base = AutoModel.from_pretrained(str(base_dir), dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r,
-                        target_modules=targets, use_rslora=rslora, lora_dropout=0.0,
-                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
-                        **extra)
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: the adapter would do nothing
-                p.normal_(0.0, b_std)
-            elif "lora_A" in name:
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
-    model.save_pretrained(str(out_dir))
+    merged = adapt(base, out_dir, r=r, targets=targets, seed=seed, alpha=alpha, b_std=b_std,
+                   use_rslora=rslora, rank_pattern=rank_pattern or {},
+                   alpha_pattern=alpha_pattern or {}, **extra)
     head_weights = None
     if heads:
         h = base.config.hidden_size
@@ -53,8 +43,28 @@ def make_adapter(base_dir: Path, out_dir: Path, *, r: int, targets: Any, seed: i
         }
         for name, sd in head_weights.items():
             torch.save(sd, Path(out_dir) / f"{name}.pt")
-    merged = model.merge_and_unload().eval()
     return {"merged": merged, "heads": head_weights}
+
+
+def adapt(module: torch.nn.Module, out_dir: Path, *, r: int, targets: Any, seed: int,
+          alpha: float | None = None, b_std: float = 0.2, **extra: Any) -> torch.nn.Module:
+    """Wrap `module` (any torch module: a transformers model, a GLiNER model or a part of one)
+    with a peft LoRA of random non-zero A and B, save the adapter to `out_dir` and return
+    peft's merged module (eval). `module` itself is changed: merged in place."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r,
+                        target_modules=targets, lora_dropout=0.0, **extra)
+    model = get_peft_model(module, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: the adapter would do nothing
+                p.normal_(0.0, b_std)
+            elif "lora_A" in name:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    model.save_pretrained(str(out_dir))
+    return model.merge_and_unload().eval()
 
 
 def load_base(base_dir: Path):

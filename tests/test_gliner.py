@@ -168,6 +168,14 @@ def test_long_texts_are_read_in_windows(engine, folders) -> None:
                               {"threshold": threshold, "flat_ner": flat})[0][0]["entities"]
         assert len(expected) > 5 and any(e["start"] > edges[1][1] for e in ours)
         same(expected, ours)
+    # usage (SIE's GLiNER meter): each subword of the text once, the special tokens once, no
+    # label prompt: what one row holding the whole text would read
+    from transformers import AutoTokenizer
+
+    words = [m.group() for m in re.finditer(r"\w+(?:[-_]\w+)*|\S", text)]
+    whole = AutoTokenizer.from_pretrained(str(folders["deberta-40"]))(
+        words, is_split_into_words=True, truncation=False)["input_ids"]
+    assert engine.extract("deberta-40", [text], LABELS)[1] == len(whole)
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +257,19 @@ def test_errors_and_bad_input(server) -> None:
     huge = "word " * 2_000_000  # 10 MB
     refused({"items": [{"text": huge}], "params": {"labels": ["person"]}}, "items[0].text")
     long = "word " * 400_000  # 2 MB: within SIE's item limit, more windows than SIE reads
-    refused({"items": [{"text": long}], "params": {"labels": ["person"]}}, "items[0].text",
-            code="INPUT_TOO_LONG")
+    params = {"labels": ["person", "organization"], "options": {"threshold": 0.3}}
+    r = _post(server, {"items": [{"text": long}, *items], "params": params})
+    alone = _post(server, {"items": items, "params": params}).json()
+    assert r.status_code == 200, r.text  # as SIE: that item's error, the others answered
+    first, second = r.json()["items"]
+    assert first["entities"] == [] and first["error"] == {
+        "code": "INPUT_TOO_LONG", "message": "GLiNER reads a document in at most 128 windows "
+        "of words; split this document into shorter items"}
+    assert "error" not in second and second["entities"] == alone["items"][0]["entities"]
+    assert r.json()["usage"] == alone["usage"]  # the item not read counts no tokens
+    with SIEClient(server.url) as client:
+        got = client.extract(GLINER, [long, items[0]["text"]], labels=["person"])
+    assert got[0]["error"]["code"] == "INPUT_TOO_LONG" and "error" not in got[1]
     assert _rss_kib(server.proc.pid) - before < 400 * 1024  # bounded: no 10 MB text expanded
     with SIEClient(server.url) as client, pytest.raises(SIEServerError) as e:
         client.extract(GLINER, ["text"], labels=None)

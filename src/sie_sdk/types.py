@@ -92,9 +92,15 @@ class Classification(TypedDict):
     score: float
 
 
+class ExtractItemError(TypedDict):
+    code: str  # e.g. "INPUT_TOO_LONG"
+    message: str
+
+
 class ExtractResult(TypedDict, total=False):
     """One item's extraction (SIE's ExtractResult): GLiNER models fill `entities`, zero-shot
-    classifiers `classifications`; `relations`, `objects` and `data` are SIE's other kinds."""
+    classifiers `classifications`; `relations`, `objects` and `data` are SIE's other kinds;
+    `error` is set for an item the server could not read (the others are still answered)."""
 
     model: str
     id: str
@@ -103,3 +109,4 @@ class ExtractResult(TypedDict, total=False):
     classifications: list[Classification]
     objects: list[dict]
     data: dict
+    error: ExtractItemError

@@ -212,6 +212,8 @@ def decode_extract_response(payload: Mapping[str, Any]) -> list[ExtractResult]:
             result["data"] = dict(item["data"])
         if item.get("id") is not None:
             result["id"] = item["id"]
+        if item.get("error") is not None:  # an item the server could not read
+            result["error"] = {"code": item["error"]["code"], "message": item["error"]["message"]}
         if payload.get("model"):
             result["model"] = payload["model"]
         results.append(result)

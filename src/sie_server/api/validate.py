@@ -347,5 +347,6 @@ class ExtractRequest(BaseModel):
 class ExtractResponse(BaseModel):
     model: str
     items: list[dict[str, Any]] = Field(description="per item: id, entities, relations, "
-                                        "classifications, objects, data")
+                                        "classifications, objects, data; error ({code, "
+                                        "message}) for an item that could not be read")
     usage: SIEUsage

@@ -154,7 +154,8 @@ def score_to_wire(model: str, query_id: str | None, ids: list[str | None], resul
 def extract_to_wire(model: str, ids: list[str | None], results: list[dict[str, Any]],
                     input_tokens: int) -> dict[str, Any]:
     """SIE's ExtractResponse: per item `id` ("item-{i}" when it had none), `entities` (text,
-    label, score, start, end, bbox), `relations`, `classifications`, `objects`, `data`."""
+    label, score, start, end, bbox), `relations`, `classifications`, `objects`, `data`, and
+    `error` ({code, message}) for an item that could not be read."""
     items = []
     for i, (item_id, r) in enumerate(zip(ids, results)):
         items.append({
@@ -167,4 +168,6 @@ def extract_to_wire(model: str, ids: list[str | None], results: list[dict[str, A
             "objects": [],
             "data": {},
         })
+        if "error" in r:
+            items[-1]["error"] = r["error"]
     return {"model": model, "items": items, "usage": {"input_tokens": input_tokens}}

@@ -158,6 +158,11 @@ class AdapterManager:
                              f"({self.settings.max_adapters}) / --max-adapter-bytes allow; retry",
                              retry_after=2.0)
 
+    def adapter(self, slot: int) -> LoraAdapter:
+        """The adapter of a slot a request holds (see `acquire`)."""
+        with self._lock:
+            return self._by_slot[slot]
+
     def release(self, slot: int) -> None:
         with self._lock:
             n = self._refs.get(slot, 0) - 1
@@ -244,7 +249,7 @@ class AdapterManager:
         p = self.model.placement
         adapter = load_adapter(lora_id, folder, self.base, p.device, p.dtype)
         try:
-            adapter.heads = self.model.load_adapter_heads(folder)
+            adapter.heads.update(self.model.load_adapter_heads(folder))
         except Exception as exc:  # noqa: BLE001 - pickle / shape errors
             raise InvalidAdapter(f"adapter {lora_id!r}: its head files do not fit "
                                  f"{self.model.spec.name}: {exc}") from None

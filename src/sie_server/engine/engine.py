@@ -239,11 +239,19 @@ class Engine:
             raise InvalidRequest("items must hold at least one item")
         with self.registry.use(model) as handle:
             m = handle.model
-            plan = m.prepare_extract(list(texts), list(labels or []), opts)
-            deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
-            request = Request(plan.rows, [len(r) for r in plan.rows], plan.output_types, -1,
-                              deadline, token_types=plan.type_ids, tenant=tenant)
-            self._enqueue(handle, request)
+            with self._adapter(handle, opts.lora_id) as slot:
+                if slot >= 0:
+                    opts = dataclasses.replace(opts, adapter=m.adapter_manager.adapter(slot))
+                plan = m.prepare_extract(list(texts), list(labels or []), opts)
+                deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
+                request = Request(plan.rows, [len(r) for r in plan.rows], plan.output_types,
+                                  slot, deadline, token_types=plan.type_ids, tenant=tenant)
+                if plan.rows:
+                    self._enqueue(handle, request)
+                else:  # every item failed on its own (SIE's item errors): nothing to compute
+                    if slot >= 0:
+                        m.adapter_manager.release(slot)
+                    request.future.set_result([])
         return self._then(request.future, plan.finish)
 
     def extract(self, model: str, texts: Sequence[str], labels: Sequence[str] | None,

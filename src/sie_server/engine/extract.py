@@ -1,8 +1,9 @@
 """Options of /v1/extract requests, checked before anything is queued.
 
 SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
-`merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot classification). A model's own
-defaults apply to what a request leaves out.
+`merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot
+classification); `lora_id` as for encode. A model's own defaults apply to what a request
+leaves out.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ class ExtractOptions:
     multi_label: bool | None = None
     hypothesis_template: str | None = None
     merge_adjacent_entities: bool | None = None
+    lora_id: str | None = None
     timeout_s: float | None = None
+    # the loaded adapter of lora_id (runtime.lora.LoraAdapter), set by the engine: a family
+    # running heads after the batch (GLiNER) applies its head updates from it
+    adapter: Any = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ExtractOptions":
         kinds = {"threshold": (int, float), "flat_ner": bool, "multi_label": bool,
                  "hypothesis_template": str, "merge_adjacent_entities": bool,
-                 "timeout_s": (int, float),
+                 "lora_id": str, "timeout_s": (int, float),
                  "relation_labels": list, "relation_threshold": (int, float),
                  "instruction": str}
         options = check_options(options, kinds, "params.options")

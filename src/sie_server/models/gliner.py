@@ -26,6 +26,10 @@ Long texts are read as SIE reads them (its issues #446-#451): in windows of at m
 row of its own; the spans found are moved to the text and merged (`merge_windows`). The
 rows go through the engine's token-budget batches like any other family's; steps 3-5 run
 after the encoder, on the rows' hidden states.
+
+LoRA (`options.lora_id`): adapters made with peft on the GLiNER model (or its backbone alone)
+adapt the backbone's linears per row of the shared batches, and gliner's own linears (the
+projection and the prompt and span MLPs; not the LSTM) in the request's steps 3-4.
 """
 
 from __future__ import annotations
@@ -42,11 +46,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..errors import InputTooLong, InvalidRequest
+from ..errors import InvalidRequest
 from ..runtime.batch import PackedBatch
 from ..runtime.deberta import DebertaConfig, DebertaEncoder
 from ..runtime.device import Placement
 from ..runtime.encoder import Encoder, EncoderConfig
+from ..runtime.lora import ModelLora, head_linear
 from ..runtime.weights import load_state_dict, reading
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
 
@@ -58,7 +63,10 @@ SUBWORDS_PER_WORD = 8  # a window's subword budget per word of max_len (SIE)
 MAX_SUBWORDS = {"deberta": 4096, "other": 8192}  # SIE's caps on a window's subwords
 DEFAULT_THRESHOLD = 0.5  # SIE's GLiNER adapter defaults
 MAX_PROMPT_TOKENS = 1024  # SIE's DEFAULT_MAX_PROMPT_TOKENS: the labels' tokens in a row
+TOO_MANY_WINDOWS = (f"GLiNER reads a document in at most {MAX_WINDOWS} windows of words; split "
+                    "this document into shorter items")  # SIE's item error (INPUT_TOO_LONG)
 _ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
+_PROJECTION = "token_rep_layer.projection"
 
 Word = tuple[str, int, int]
 
@@ -162,15 +170,24 @@ def merge_adjacent(entities: list[dict], text: str) -> list[dict]:
 
 
 class Mlp(nn.Module):
-    """gliner's projection layer: Linear(d, 4 o), ReLU, Linear(4 o, o) (names 0 and 3)."""
+    """gliner's projection layer: Linear(d, 4 o), ReLU, Linear(4 o, o) (names 0 and 3); an
+    adapter's `heads` may hold LoRA pairs for either linear (by module name)."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str) -> None:
         super().__init__()
+        self.prefix = prefix
         self.w0, self.b0 = weights[f"{prefix}.0.weight"], weights[f"{prefix}.0.bias"]
         self.w3, self.b3 = weights[f"{prefix}.3.weight"], weights[f"{prefix}.3.bias"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.w0, self.b0)), self.w3, self.b3)
+    def forward(self, x: torch.Tensor,
+                heads: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        heads = heads or {}
+        x = F.relu(head_linear(x, self.w0, self.b0, heads.get(f"{self.prefix}.0")))
+        return head_linear(x, self.w3, self.b3, heads.get(f"{self.prefix}.3"))
+
+    def lora_heads(self) -> dict[str, tuple[int, int]]:
+        """Its linears' (fan-in, fan-out) by module name (runtime/lora.py's layout heads)."""
+        return {f"{self.prefix}.{i}": (w.shape[1], w.shape[0]) for i, w in ((0, self.w0), (3, self.w3))}
 
 
 @dataclass
@@ -210,9 +227,8 @@ class GLiNER(EncoderModel):
         self.extra_weights: dict[str, torch.Tensor] = {}
         # the heads run after the encoder, on the host, in float32
         head = {k: v.float() for k, v in weights.items() if not k.startswith(_ENCODER_PREFIX)}
-        self.projection = (head["token_rep_layer.projection.weight"],
-                           head["token_rep_layer.projection.bias"]) \
-            if "token_rep_layer.projection.weight" in head else None
+        self.projection = (head[f"{_PROJECTION}.weight"], head[f"{_PROJECTION}.bias"]) \
+            if f"{_PROJECTION}.weight" in head else None
         hidden = cfg["hidden_size"]
         self.lstm = None
         if cfg.get("num_rnn_layers", 0) > 0:
@@ -268,34 +284,54 @@ class GLiNER(EncoderModel):
     def describe(cls, spec: ModelSpec, folder: Path) -> ModelInfo:
         return ModelInfo(spec.name, spec.family, (), {}, cls.read_config(folder).get("max_len"))
 
+    @property
+    def lora_config(self) -> ModelLora:
+        """LoRA on the backbone's linears (under gliner's module path) and on gliner's own: the
+        projection, the prompt and span MLPs (the LSTM is no linear)."""
+        heads = {k: v for mlp in (self.prompt_mlp, self.start_mlp, self.end_mlp, self.out_mlp)
+                 for k, v in mlp.lora_heads().items()}
+        if self.projection is not None:
+            w = self.projection[0]
+            heads[_PROJECTION] = (w.shape[1], w.shape[0])
+        return ModelLora(self.encoder.cfg, heads, _ENCODER_PREFIX)
+
     def dims(self) -> dict[str, int]:
         return {}
 
     # ------------------------------------------------------------------ before the encoder
 
     def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
+        """Rows: each text's windows. A text needing more than MAX_WINDOWS windows is not read;
+        its item gets SIE's INPUT_TOO_LONG item error. The input tokens are SIE's: each text's
+        subwords once (a window after the first counts neither the words it shares with the
+        one before nor its special tokens), the first window's special tokens, no prompt."""
         if not labels:
             raise InvalidRequest("params.labels: GLiNER requires labels parameter for extraction")
         labels = list(dict.fromkeys(labels))  # gliner drops repeated labels
         prompt = [w for label in labels for w in ([self.ent_token, label] if label else [self.ent_token])]
         prompt.append(self.sep_token)
+        if not all(text.strip() for text in texts):
+            i = next(i for i, text in enumerate(texts) if not text.strip())
+            raise InvalidRequest(f"items[{i}].text: GLiNER requires non-blank text for "
+                                 "extraction")
         rows: list[_Row] = []
+        too_long: set[int] = set()
+        step = self.max_words - min(WINDOW_OVERLAP_WORDS, self.max_words // 2)
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidRequest(f"items[{i}].text: GLiNER requires non-blank text for "
-                                     "extraction")
             words = words_of(text)
-            step = self.max_words - min(WINDOW_OVERLAP_WORDS, self.max_words // 2)
             if len(words) > self.max_words + step * (MAX_WINDOWS - 1):  # before any tokenizing
-                raise self._too_long(i)
-            counts = self._subwords([w for w, _, _ in words])
-            windows = windows_of(counts, self.max_words, self.max_subwords)
+                too_long.add(i)
+                continue
+            windows = windows_of(self._subwords([w for w, _, _ in words]), self.max_words,
+                                 self.max_subwords)
             if len(windows) > MAX_WINDOWS:
-                raise self._too_long(i)
+                too_long.add(i)
+                continue
             rows += [_Row(i, words[w.first:w.last], w) for w in windows]
         encodings = self.tokenizer.encode_batch([prompt + [w for w, _, _ in r.words] for r in rows],
                                                 is_pretokenized=True)
-        prompt_tokens = len(self._prompt_tokens(encodings[0].word_ids, len(prompt)))
+        sample = encodings[0] if encodings else self.tokenizer.encode(prompt, is_pretokenized=True)
+        prompt_tokens = len(self._prompt_tokens(sample.word_ids, len(prompt)))
         if prompt_tokens > MAX_PROMPT_TOKENS:
             raise InvalidRequest(f"params.labels: GLiNER labels take {prompt_tokens} tokens; a "
                                  f"request may use at most {MAX_PROMPT_TOKENS} tokens for them")
@@ -311,8 +347,9 @@ class GLiNER(EncoderModel):
         multi = bool(options.multi_label)
         merge = self.spec.merge_adjacent_entities if options.merge_adjacent_entities is None \
             else options.merge_adjacent_entities
-        tokens = sum(len(e.ids) - len(self._prompt_tokens(e.word_ids, len(prompt)))
-                     for e in encodings)
+        heads = options.adapter.heads if options.adapter is not None else {}
+        tokens = sum(self._input_tokens(e.word_ids, len(prompt), r.window)
+                     for e, r in zip(encodings, rows))
 
         def finish(results: list) -> tuple[list[dict], int]:
             found: list[list[list[dict]]] = [[] for _ in texts]
@@ -320,22 +357,30 @@ class GLiNER(EncoderModel):
             for row, enc, first, result in zip(rows, encodings, starts, results):
                 spans = self._spans(torch.from_numpy(result.multivector).float(),
                                     np.asarray(enc.ids), first, row.words, labels, threshold,
-                                    flat, multi)
+                                    flat, multi, heads)
                 for s in spans:
                     s["text"] = texts[row.item][s["start"]:s["end"]]
                 found[row.item].append(spans)
                 edges[row.item].append((row.words[0][1], row.words[-1][2]))
-            out = [{"entities": merge_windows(f, e, flat, multi)} for f, e in zip(found, edges)]
-            if merge:
-                out = [{"entities": merge_adjacent(r["entities"], t)} for r, t in zip(out, texts)]
+            out = []
+            for i, text in enumerate(texts):
+                if i in too_long:
+                    out.append({"entities": [], "error": {"code": "INPUT_TOO_LONG",
+                                                          "message": TOO_MANY_WINDOWS}})
+                    continue
+                entities = merge_windows(found[i], edges[i], flat, multi)
+                out.append({"entities": merge_adjacent(entities, text) if merge else entities})
             return out, tokens
 
         return ExtractPlan(ids, frozenset({"multivector"}), finish)
 
     @staticmethod
-    def _too_long(i: int) -> InputTooLong:
-        return InputTooLong(f"items[{i}].text: GLiNER reads a document in at most {MAX_WINDOWS} "
-                            "windows of words; split this document into shorter items")
+    def _input_tokens(word_ids: list[int | None], prompt_words: int, window: Window) -> int:
+        """A row's billed tokens (SIE's GLiNER `_meter`): its text's subwords past the words
+        shared with the window before, and, in a text's first window, the special tokens."""
+        if window.first == 0:
+            return sum(w is None or w >= prompt_words for w in word_ids)
+        return sum(w is not None and w >= prompt_words + window.overlap for w in word_ids)
 
     def _subwords(self, words: list[str]) -> list[int]:
         """Subword tokens of each word, as the tokenizer reads split words."""
@@ -369,11 +414,14 @@ class GLiNER(EncoderModel):
     @torch.inference_mode()
     def _spans(self, hidden: torch.Tensor, ids: np.ndarray, first: np.ndarray,
                words: list[Word], labels: list[str], threshold: float, flat: bool,
-               multi_label: bool) -> list[dict]:
+               multi_label: bool, heads: dict[str, dict[str, torch.Tensor]] | None = None
+               ) -> list[dict]:
+        """Step 3-5 on one row; `heads`: the request's adapter's LoRA pairs of gliner's linears."""
+        heads = heads or {}
         if self.projection is not None:
-            hidden = F.linear(hidden, *self.projection)
+            hidden = head_linear(hidden, *self.projection, heads.get(_PROJECTION))
         marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)
-        label_vecs = self.prompt_mlp(hidden[torch.from_numpy(marks)])  # (C, h)
+        label_vecs = self.prompt_mlp(hidden[torch.from_numpy(marks)], heads)  # (C, h)
         n = len(words)
         word_vecs = torch.zeros(n, hidden.shape[1])
         seen = first >= 0
@@ -385,8 +433,9 @@ class GLiNER(EncoderModel):
         ends = starts + torch.arange(width).repeat(n)
         valid = ends < n
         starts, ends = starts * valid, ends * valid  # masked spans read word 0, as gliner's
-        span = torch.cat([self.start_mlp(word_vecs)[starts], self.end_mlp(word_vecs)[ends]], -1)
-        scores = torch.sigmoid(self.out_mlp(F.relu(span)) @ label_vecs.T)  # (n * width, C)
+        span = torch.cat([self.start_mlp(word_vecs, heads)[starts],
+                          self.end_mlp(word_vecs, heads)[ends]], -1)
+        scores = torch.sigmoid(self.out_mlp(F.relu(span), heads) @ label_vecs.T)  # (n * width, C)
         scores[~valid] = 0
         rows, cols = torch.where(scores > threshold)
         spans = [{"start": words[int(starts[r])][1], "end": words[int(ends[r])][2],

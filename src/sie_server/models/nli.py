@@ -11,6 +11,9 @@ Checkpoints: `*ForSequenceClassification` with an entailment label in `id2label`
 (ContextPooler: dense + `pooler_hidden_act` on the first token, then `classifier`), BERT
 (pooler dense + tanh, `classifier`) and XLM-R/RoBERTa (`classifier.dense` + tanh +
 `classifier.out_proj`). The pair rows go through the engine's token-budget batches.
+
+LoRA (`options.lora_id`): on the stack's linears as for encoders, and on the pooler and
+classifier linears, which run per sequence with its adapter's pair (`heads`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..runtime.batch import PackedBatch
 from ..runtime.deberta import DebertaEncoder
 from ..runtime.device import Placement
 from ..runtime.encoder import _ACTIVATIONS, Encoder
+from ..runtime.lora import ModelLora, head_linear
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
 
 DEFAULT_TEMPLATE = "This example is {}."  # transformers' pipeline default
@@ -53,19 +57,29 @@ class NLIZeroShot(EncoderModel):
         w, dev = self.extra_weights, placement.device
         take = lambda name: w[name].to(dev, torch.float32)  # noqa: E731
         if "classifier.out_proj.weight" in w:  # RoBERTa-style
-            self.pre = (take("classifier.dense.weight"), take("classifier.dense.bias"), torch.tanh)
-            self.out = (take("classifier.out_proj.weight"), take("classifier.out_proj.bias"))
+            self.pre_name, self.out_name, act = "classifier.dense", "classifier.out_proj", torch.tanh
         else:
-            pre = next(p for p in ("pooler.dense", "bert.pooler.dense", "deberta.pooler.dense")
-                       if f"{p}.weight" in w)
+            self.pre_name = next(p for p in ("pooler.dense", "bert.pooler.dense",
+                                             "deberta.pooler.dense") if f"{p}.weight" in w)
+            self.out_name = "classifier"
             act = _ACTIVATIONS[config.get("pooler_hidden_act", "gelu")] if deberta else torch.tanh
-            self.pre = (take(f"{pre}.weight"), take(f"{pre}.bias"), act)
-            self.out = (take("classifier.weight"), take("classifier.bias"))
+        self.pre = (take(f"{self.pre_name}.weight"), take(f"{self.pre_name}.bias"), act)
+        self.out = (take(f"{self.out_name}.weight"), take(f"{self.out_name}.bias"))
+        # where the stack's modules sit in the checkpoint (LoRA module names)
+        self.stack_prefix = "deberta." if deberta else \
+            "bert." if config.get("model_type") == "bert" else "roberta."
         self.template = spec.hypothesis_template or DEFAULT_TEMPLATE
         self.use_token_types = getattr(self.encoder.cfg, "type_vocab_size", 0) > 0
         self.pairs = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.pairs.no_padding()
         self.pairs.enable_truncation(self.max_tokens, strategy="only_first")
+
+    @property
+    def lora_config(self) -> ModelLora:
+        """LoRA on the stack's linears and on the pooler and classifier linears."""
+        heads = {name: (w.shape[1], w.shape[0]) for name, w in
+                 ((self.pre_name, self.pre[0]), (self.out_name, self.out[0]))}
+        return ModelLora(self.encoder.cfg, heads, self.stack_prefix)
 
     @classmethod
     def describe(cls, spec: ModelSpec, folder: Path) -> ModelInfo:
@@ -109,6 +123,17 @@ class NLIZeroShot(EncoderModel):
         return ExtractPlan(rows, frozenset({"dense"}), finish, types)
 
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
+        first = self.first_tokens(batch)
         w, b, act = self.pre
-        x = act(F.linear(hidden[self.first_tokens(batch)].float(), w, b))
-        return BatchOutputs(dense=F.linear(x, *self.out))
+        x = act(self._head(batch, first, hidden[first].float(), self.pre_name, w, b))
+        return BatchOutputs(dense=self._head(batch, first, x, self.out_name, *self.out))
+
+    def _head(self, batch: PackedBatch, first: torch.Tensor, x: torch.Tensor, name: str,
+              w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A head linear on the sequences' first-token vectors `x`, the sequences whose adapter
+        changes it (LoRA on the pooler or classifier) computed with that change."""
+        y = F.linear(x, w, b)
+        for rows, head in self.adapter_heads(batch, name):
+            seqs = torch.isin(first, rows)
+            y[seqs] = head_linear(x[seqs], w, b, head)
+        return y

@@ -6,6 +6,11 @@ relative position) and position-to-content (the key against the embedding of the
 with relative positions in log buckets (v3: 256 buckets over 512 positions). Those terms are
 L x L per head, so attention runs on sequences padded to the batch's longest one (`Layout`),
 while every linear layer runs on the packed (tokens, hidden) matrix. Post-LN blocks as in BERT.
+
+LoRA (`DebertaConfig.lora_layout`): the query, key and value projections (separate linears
+here, as in the checkpoints), the attention output and the feed-forward linears. With shared
+attention keys (v3) the key and query projections also project the relative position
+embeddings, so an adapter changes those terms too, per sequence (`LinearHook.shared`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from .encoder import _ACTIVATIONS, HookedBlock, LinearHook
+from .lora import LoraLayout
 from .weights import load_state_dict, reading
 
 
@@ -80,6 +86,26 @@ class DebertaConfig:
         path = folder / "config.json"
         with reading(path):
             return cls.from_dict(json.loads(path.read_text()))
+
+    def lora_layout(self) -> LoraLayout:
+        """Where LoRA applies: Hugging Face's module names in a layer -> our linears (none
+        fused; the separate position projections where the checkpoint has them)."""
+        h, inter = self.hidden_size, self.intermediate_size
+        ours = {"attention.self.query_proj": "query_proj", "attention.self.key_proj": "key_proj",
+                "attention.self.value_proj": "value_proj", "attention.output.dense": "attn_out",
+                "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+        if self.relative_attention and not self.share_att_key:
+            for kind, name in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj")):
+                if kind in self.pos_att_type:
+                    ours[f"attention.self.{name}"] = name
+        sizes = {"ffn_in": (h, (inter,)), "ffn_out": (inter, (h,))}
+        linears = {v: sizes.get(v, (h, (h,))) for v in ours.values()}
+        in_layer = [*ours, "attention.output.LayerNorm", "output.LayerNorm"]
+        names = [f"encoder.layer.{i}.{m}" for i in range(self.num_layers) for m in in_layer]
+        names += ["embeddings.word_embeddings", "embeddings.LayerNorm", "encoder.rel_embeddings",
+                  "encoder.LayerNorm"]
+        targets = {k.removeprefix("attention.self."): (v, None) for k, v in ours.items()}
+        return LoraLayout(targets, linears, tuple(names))
 
     @property
     def span(self) -> int:
@@ -166,19 +192,28 @@ class DebertaLayer(HookedBlock):
         scale = math.sqrt(d * self.factor)
         scores = q @ (k / torch.tensor(scale, dtype=q.dtype)).transpose(-1, -2)
         if rel is not None and rel_emb is not None:
-            scores = scores + self._position_bias(q, k, rel, rel_emb, scale)
+            scores = scores + self._position_bias(q, k, rel, rel_emb, scale, hook)
         scores = scores.masked_fill(~layout.key_mask, torch.finfo(scores.dtype).min)
         context = torch.softmax(scores, dim=-1) @ v  # (B, H, L, d)
         return layout.unpad(context.transpose(1, 2)).reshape(x.shape)
 
     def _position_bias(self, q: torch.Tensor, k: torch.Tensor, rel: torch.Tensor,
-                       rel_emb: torch.Tensor, scale: float) -> torch.Tensor:
+                       rel_emb: torch.Tensor, scale: float,
+                       hook: LinearHook | None) -> torch.Tensor:
         """Content-to-position and position-to-content terms, (B, H, L, L)."""
         span = self.cfg.span
         share = self.cfg.share_att_key
         length = q.shape[-2]
-        pos = lambda name: self._linear(name, rel_emb, None).view(  # noqa: E731
-            rel_emb.shape[0], self.heads, -1).transpose(0, 1)  # (H, 2span, d)
+
+        def pos(name: str) -> torch.Tensor:
+            """The projected position embeddings, (H, 2span, d), or (B, H, 2span, d) when the
+            sequences' adapters project them differently."""
+            y = getattr(self, name)(rel_emb)
+            per_seq = hook.shared(self.index, name, rel_emb, y) if hook is not None else None
+            if per_seq is not None:
+                return per_seq.view(per_seq.shape[0], rel_emb.shape[0], self.heads, -1).transpose(1, 2)
+            return y.view(rel_emb.shape[0], self.heads, -1).transpose(0, 1)
+
         bias = torch.zeros((), dtype=q.dtype, device=q.device)
         shape = (*q.shape[:2], length, length)
         if "c2p" in self.cfg.pos_att_type:

@@ -29,9 +29,14 @@ LORA_TARGETS: dict[str, tuple[str, int | None]] = {
 
 
 class LinearHook(Protocol):
-    """Adds per-row updates (LoRA) to a linear layer's output: hook(layer, name, x, y) -> y."""
+    """Adds per-row updates (LoRA) to a linear layer's output: hook(layer, name, x, y) -> y;
+    `shared` does it for an input all sequences share, giving one y per sequence (or None
+    when no sequence's update touches that linear)."""
 
     def __call__(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def shared(self, layer: int, name: str, x: torch.Tensor,
+               y: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class HookedBlock(nn.Module):

@@ -9,6 +9,10 @@ A matrices, B is block-diagonal over the output slices (`LoraLayout` says which 
 which slice, for encoders and decoders). A model with several stacks (CLIP / SigLIP's text
 and vision towers) lists them in `LoraLayout.stacks`: a module belongs to the stack whose path
 precedes its `layers.N`, and our linears carry the stack's name ("text.qkv", "vision.fc1").
+A model's own linears outside its layers (GLiNER's span and prompt MLPs, an NLI model's pooler
+and classifier) are `LoraLayout.heads`: their pairs are kept unmerged as the adapter's head
+`{"lora_a", "lora_b"}` entries, which the family adds where it runs that linear (`head_linear`).
+`ModelLora` gives a stack's layout such heads and the stack's path inside the model.
 Everything that does not fit the base model is refused with InvalidAdapter naming the adapter
 and the reason, before anything is kept.
 
@@ -28,6 +32,7 @@ gives. Batches are never regrouped by adapter:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -93,11 +98,36 @@ class LoraLayout:
     linears: dict[str, tuple[int, tuple[int, ...]]]  # our linear -> (fan-in, piece sizes)
     module_names: tuple[str, ...]  # every module a target_modules entry may name
     stacks: tuple[LoraStack, ...] = ()  # empty: one stack of cfg.num_layers layers
+    # a model's own linears outside the layers: module name -> (fan-in, fan-out)
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # modules whose LoRA changes nothing the model outputs (a head of the same name wins)
+    ignored: tuple[str, ...] = IGNORED_MODULES
+
+
+@dataclass(frozen=True)
+class ModelLora:
+    """A model's `lora_config` when it has LoRA-able linears of its own (`heads`) or its stack
+    sits under a path (`prefix`, e.g. GLiNER's "token_rep_layer.bert_layer.model."); reads as
+    the stack's config otherwise."""
+
+    stack: Any
+    heads: dict[str, tuple[int, int]]
+    prefix: str = ""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "stack":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.stack, name)
+
+    def lora_layout(self) -> LoraLayout:
+        base = layout_for(self.stack)
+        names = tuple(self.prefix + n for n in base.module_names) + tuple(self.heads)
+        return dataclasses.replace(base, module_names=names, heads=self.heads)
 
 
 def layout_for(cfg: Any) -> LoraLayout:
-    """A stack's config that is not BERT / XLM-R's (decoder, ModernBERT) gives its own layout
-    (`cfg.lora_layout()`); BERT / XLM-R's is built here."""
+    """A stack's config that is not BERT / XLM-R's (decoder, ModernBERT, DeBERTa) gives its own
+    layout (`cfg.lora_layout()`); BERT / XLM-R's is built here."""
     if hasattr(cfg, "lora_layout"):
         return cfg.lora_layout()
     h, inter = cfg.hidden_size, cfg.intermediate_size
@@ -105,6 +135,10 @@ def layout_for(cfg: Any) -> LoraLayout:
     return LoraLayout(LORA_TARGETS, {"qkv": (h, (h, h, h)), "attn_out": (h, (h,)),
                                      "ffn_in": (h, (inter,)), "ffn_out": (inter, (h,))},
                       tuple(names + list(OTHER_MODULES)))
+
+
+def _is(module: str, name: str) -> bool:
+    return module == name or module.endswith("." + name)
 
 
 def _target(rel: str, targets: dict[str, tuple[str, int | None]]) -> tuple[str, int | None] | None:
@@ -158,9 +192,11 @@ class LoraAdapter:
     alpha: float
     rslora: bool
     # PEFT module names inside a layer, e.g. "attention.self.query" (with several stacks the
-    # stack's name in front: "text.self_attn.q_proj")
+    # stack's name in front: "text.self_attn.q_proj"), and the head linears it adapts
     targets: tuple[str, ...]
     layers: int  # layers it adapts (over all stacks; a stack without layers counts as one)
+    # per head: weights replacing it ({"weight", "bias"}: BGE-M3's head files) or a LoRA pair
+    # added to it ({"lora_a" (R, in), "lora_b" (out, R), scaling folded in}: LoraLayout.heads)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     uid: int = -1  # the slot, set by the adapter manager
@@ -291,7 +327,8 @@ def _check_base(name: str, config: dict[str, Any], base: BaseModelId) -> None:
 def _shape(model_type: str | None, cfg: Any) -> str:
     if not hasattr(cfg, "hidden_size"):  # several stacks (CLIP / SigLIP): the type says it
         return str(model_type)
-    return f"{model_type}, hidden {cfg.hidden_size}, {cfg.num_layers} layers"
+    size = f"hidden {cfg.hidden_size}, {cfg.num_layers} layers"
+    return f"{model_type}, {size}" if model_type else size  # GLiNER: no config.json
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -324,29 +361,36 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
                     "DoRA" if "lora_magnitude" in key else "not a LoRA weight")
             raise _invalid(name, f"tensor {key!r} ({what}) cannot be applied by this server")
         module = m["module"]
-        if any(module == i or module.endswith("." + i) for i in IGNORED_MODULES):
+        if not any(_is(module, h) for h in layout.heads) and \
+                any(_is(module, i) for i in layout.ignored):
             ignored.add(module.removeprefix("base_model.model."))
             continue
         pairs.setdefault(module, {})[m["ab"]] = tensor
 
     parts: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
     targets, layers = set(), set()
     for module, ab in sorted(pairs.items()):
-        where = _locate(module, layout, cfg)
-        if where is None:
+        head = next((h for h in layout.heads if _is(module, h)), None)
+        where = None if head is not None else _locate(module, layout, cfg)
+        if head is None and where is None:
             raise _invalid(name, f"it targets module {module!r}, which this model does not "
                                  "have or cannot adapt (LoRA applies to the attention query, "
-                                 "key, value and output and the feed-forward linears)")
-        layer, linear, piece, rel, num_layers = where
-        if layer >= num_layers:
-            raise _invalid(name, f"it adapts layer {layer} but the model has {num_layers} "
+                                 "key, value and output and the feed-forward linears"
+                                 + (f", and {', '.join(layout.heads)}" if layout.heads else "")
+                                 + ")")
+        if where is not None and where[0] >= where[4]:
+            raise _invalid(name, f"it adapts layer {where[0]} but the model has {where[4]} "
                                  f"layers (made for a deeper model?)")
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise _invalid(name, f"{module} has no {missing} weight")
         a, b = ab["A"], ab["B"]
-        fan_in, sizes = layout.linears[linear]
-        fan_out = sizes[piece or 0]
+        if head is not None:
+            fan_in, fan_out = layout.heads[head]
+        else:
+            fan_in, sizes = layout.linears[where[1]]
+            fan_out = sizes[where[2] or 0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out \
                 or b.shape[1] != a.shape[0]:
             raise _invalid(name, f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
@@ -363,10 +407,16 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
             raise _invalid(name, f"{module} holds NaN or infinite values")
         mod_alpha = _pattern(config.get("alpha_pattern"), rel_key, alpha)
         scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
+        if head is not None:  # the family runs its heads in float32
+            heads[head] = {"lora_a": a.float().to(device).contiguous(),
+                           "lora_b": (b.float() * scale).to(device).contiguous()}
+            targets.add(head)
+            continue
+        layer, linear, piece, rel, _ = where
         parts.setdefault((layer, linear), []).append((piece, a.float(), b.float() * scale))
         targets.add(rel)
         layers.add((linear.rpartition(".")[0], layer))
-    if not parts:
+    if not parts and not heads:
         raise _invalid(name, "it holds no LoRA weights for any encoder layer")
 
     deltas: dict[tuple[int, str], Delta] = {}
@@ -387,7 +437,19 @@ def load_adapter(name: str, folder: Path, base: BaseModelId, device: torch.devic
                                         b.to(device, dtype).contiguous())
     return LoraAdapter(name=name, folder=folder, deltas=deltas, rank=int(r), alpha=float(alpha),
                        rslora=rslora, targets=tuple(sorted(targets)), layers=len(layers),
-                       ignored=tuple(sorted(ignored)))
+                       heads=heads, ignored=tuple(sorted(ignored)))
+
+
+def head_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                head: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """A model's head linear on `x`, as an adapter's `heads` entry changes it: its weights
+    instead of the model's, or its LoRA pair added (None: the model's)."""
+    if head is None:
+        return torch.nn.functional.linear(x, w, b)
+    if "weight" in head:
+        return torch.nn.functional.linear(x, head["weight"], head["bias"])
+    a, b_ = head["lora_a"].to(x.device), head["lora_b"].to(x.device)  # GLiNER's run on the host
+    return torch.nn.functional.linear(x, w, b) + (x @ a.T) @ b_.T
 
 
 # ------------------------------------------------------------------------- applying per row
@@ -455,6 +517,7 @@ class BatchLora:
         self.stacks = stacks
         self.table = table if table is not None else adapters
         self.device = device
+        self.local = local
         token_local = np.repeat(local, batch.lengths)
         self._token_local = token_local
         self._rows_cache: dict[int, torch.Tensor] = {}
@@ -515,8 +578,23 @@ class BatchLora:
         d = torch.bmm(u, b.index_select(0, self.chunk_adapter).transpose(1, 2))
         return y.index_add_(0, self.rows, d.view(-1, y.shape[1]).index_select(0, self.pos))
 
+    def shared(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor
+               ) -> torch.Tensor | None:
+        """A linear of an input every sequence shares (DeBERTa's relative position embeddings
+        through its key / query projections), per sequence: (sequences, rows, out), each with
+        its adapter's update; None when no adapter of the batch adapts this linear."""
+        key = (layer, name)
+        deltas = [(i, a.deltas[key]) for i, a in enumerate(self.adapters) if key in a.deltas]
+        if not deltas:
+            return None
+        out = y.expand(len(self.local), *y.shape).clone()
+        for i, d in deltas:
+            out[torch.from_numpy(self.local == i).to(self.device)] += (x @ d.a.T) @ d.b.T
+        return out
+
     def head_overrides(self, head: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """(token rows, replacement head weights) for each adapter of the batch carrying `head`."""
+        """(token rows, the adapter's `heads` entry: replacement weights or a LoRA pair) for
+        each adapter of the batch carrying `head`."""
         out = []
         for i, adapter in enumerate(self.adapters):
             weights = adapter.heads.get(head)
