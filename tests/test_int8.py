@@ -14,6 +14,10 @@ integer work, so other CPUs give the same figures up to float rounding) and set 
 - LoRA on int8: cosine to the fp32 engine with the same adapter >= 0.99; a base row's vectors
   are those of the int8 engine without adapters (LoRA touches only its rows).
 - ModernBERT, decoder (Qwen3-style) and CLIP / SigLIP text towers: dense cosine >= 0.99.
+- CLIP / SigLIP vision towers (the small random-weight test models of
+  scripts/make_clip_test_models.py, tests/clip_reference.py's 9 test images): image vector
+  cosine >= 0.999 (measured min 0.9999 for both; random weights, so this bounds the int8
+  arithmetic on a ViT, not the quality on a trained checkpoint, of which none is offline).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from test_score import DOCS, QUERIES, ce_bert_dir, ce_xlmr_dir  # noqa: F401 - f
 
 ALL = ["dense", "sparse", "multivector"]
 LEGAL_LORA = "org/bge-m3-legal-lora"
-IMAGE_COS = 0.99  # CLIP / SigLIP image vectors, int8 vs fp32 (module docstring)
+IMAGE_COS = 0.999  # CLIP / SigLIP image vectors, int8 vs fp32 (module docstring)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
