@@ -2,7 +2,8 @@
 
 SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
 `merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot classification). A model's own
-defaults apply to what a request leaves out.
+defaults apply to what a request leaves out. GLiClass: `classification_type` (single-label or
+multi-label), `threshold` and the request's `instruction`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class ExtractOptions:
     hypothesis_template: str | None = None
     merge_adjacent_entities: bool | None = None
     timeout_s: float | None = None
+    classification_type: str | None = None
+    instruction: str | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ExtractOptions":
@@ -30,7 +33,7 @@ class ExtractOptions:
                  "hypothesis_template": str, "merge_adjacent_entities": bool,
                  "timeout_s": (int, float),
                  "relation_labels": list, "relation_threshold": (int, float),
-                 "instruction": str}
+                 "instruction": str, "classification_type": str}
         options = check_options(options, kinds, "params.options")
         if options.get("relation_labels"):
             raise InvalidRequest("params.options.relation_labels: this model does not extract "
@@ -43,5 +46,9 @@ class ExtractOptions:
         if template is not None and template.count("{}") != 1:
             raise InvalidRequest("params.options.hypothesis_template must hold '{}' once, "
                                  "where the label goes")
+        kind = options.get("classification_type")
+        if kind is not None and kind not in ("single-label", "multi-label"):
+            raise InvalidRequest("params.options.classification_type must be 'single-label' or "
+                                 "'multi-label'")
         return cls(**{k: v for k, v in options.items()
                       if v is not None and k in cls.__dataclass_fields__})

@@ -14,7 +14,9 @@ A checkpoint as the hub has it: `gliner_config.json` (with the backbone's `encod
    `embed_ent_token` is false), through `prompt_rep_layer` (Linear 4h, ReLU, Linear).
    Word vectors: each word's first subword, then a bidirectional LSTM (`num_rnn_layers`).
 4. Spans of 1..`max_width` words: markerV0, MLPs on the start and end words, concatenated,
-   ReLU, an MLP; a span's score for a label is sigmoid(span . label).
+   ReLU, an MLP (`marker`: one Linear, as numind/NuNER_Zero with `max_width` 1); a span's
+   score for a label is sigmoid(span . label). `token_level` checkpoints score words, not
+   spans, and decode start/end/inside probabilities instead (`gliner_token.py`).
 5. Spans above `threshold` are kept greedily, best first: with `flat_ner` none may overlap
    one kept, else only one nested in it or holding it; the same span with a second label
    only with `multi_label`. Offsets are characters of the text. SIE's
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from ..runtime.device import Placement
 from ..runtime.encoder import Encoder, EncoderConfig
 from ..runtime.weights import load_state_dict, reading
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
+from .gliner_token import TokenScorer, token_spans
 
 WORD = re.compile(r"\w+(?:[-_]\w+)*|\S")
 MAX_WORD_CHARS = 256  # a longer word is read as pieces of this many characters (as SIE)
@@ -59,6 +63,7 @@ MAX_SUBWORDS = {"deberta": 4096, "other": 8192}  # SIE's caps on a window's subw
 DEFAULT_THRESHOLD = 0.5  # SIE's GLiNER adapter defaults
 MAX_PROMPT_TOKENS = 1024  # SIE's DEFAULT_MAX_PROMPT_TOKENS: the labels' tokens in a row
 _ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
+SPAN_MODES = ("markerV0", "marker", "token_level")  # gliner's span_rep_layer kinds read here
 
 Word = tuple[str, int, int]
 
@@ -188,9 +193,10 @@ class GLiNER(EncoderModel):
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec, self.folder, self.placement = spec, folder, placement
         self.config = cfg = self.read_config(folder)
-        if cfg.get("span_mode", "markerV0") != "markerV0":
-            raise ValueError(f"{folder}: span_mode {cfg.get('span_mode')!r}; only markerV0 "
-                             "(uni-encoder span GLiNER) is supported")
+        self.span_mode = cfg.get("span_mode", "markerV0")
+        if self.span_mode not in SPAN_MODES or cfg.get("represent_spans"):
+            raise ValueError(f"{folder}: span_mode {self.span_mode!r}; supported: "
+                             f"{', '.join(SPAN_MODES)} (without represent_spans)")
         if cfg.get("subtoken_pooling", "first") != "first" or cfg.get("post_fusion_schema"):
             raise ValueError(f"{folder}: only first-subtoken pooling without post-fusion layers "
                              "is supported")
@@ -221,9 +227,7 @@ class GLiNER(EncoderModel):
             self.lstm.load_state_dict({k[len("rnn.lstm."):]: v for k, v in head.items()
                                        if k.startswith("rnn.lstm.")})
             self.lstm.eval()
-        marker = "span_rep_layer.span_rep_layer"
-        self.start_mlp, self.end_mlp = Mlp(head, f"{marker}.project_start"), Mlp(head, f"{marker}.project_end")
-        self.out_mlp, self.prompt_mlp = Mlp(head, f"{marker}.out_project"), Mlp(head, "prompt_rep_layer")
+        self._span_heads(head)
         self.max_width = cfg.get("max_width", 12)
         self.max_words = cfg.get("max_len", 384)
         self.class_token = cfg["class_token_index"]
@@ -237,6 +241,19 @@ class GLiNER(EncoderModel):
                                 MAX_SUBWORDS["deberta" if self.deberta else "other"])
         if not self.deberta:  # absolute positions: the window stays inside the table
             self.max_subwords = min(self.max_subwords, self.encoder.cfg.max_tokens - 4)
+
+    def _span_heads(self, head: dict[str, torch.Tensor]) -> None:
+        """The heads after the word vectors: gliner's `Scorer` (token_level), or the span
+        markers' MLPs and the label projection (markerV0; `marker`'s output is one Linear)."""
+        if self.span_mode == "token_level":
+            self.scorer = TokenScorer(head)
+            return
+        marker = "span_rep_layer.span_rep_layer"
+        self.start_mlp, self.end_mlp = Mlp(head, f"{marker}.project_start"), Mlp(head, f"{marker}.project_end")
+        out = f"{marker}.out_project"
+        self.out_mlp = Mlp(head, out) if self.span_mode == "markerV0" else \
+            partial(F.linear, weight=head[f"{out}.weight"], bias=head[f"{out}.bias"])
+        self.prompt_mlp = Mlp(head, "prompt_rep_layer")
 
     @staticmethod
     def read_config(folder: Path) -> dict:
@@ -373,13 +390,19 @@ class GLiNER(EncoderModel):
         if self.projection is not None:
             hidden = F.linear(hidden, *self.projection)
         marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)
-        label_vecs = self.prompt_mlp(hidden[torch.from_numpy(marks)])  # (C, h)
+        label_vecs = hidden[torch.from_numpy(marks)]  # (C, h)
         n = len(words)
         word_vecs = torch.zeros(n, hidden.shape[1])
         seen = first >= 0
         word_vecs[torch.from_numpy(np.flatnonzero(seen))] = hidden[torch.from_numpy(first[seen])]
         if self.lstm is not None:
             word_vecs = self.lstm(word_vecs[None])[0][0]
+        if self.span_mode == "token_level":
+            return greedy([{"start": words[st][1], "end": words[ed][2], "label": labels[c],
+                            "score": score}
+                           for st, ed, c, score in token_spans(self.scorer(word_vecs, label_vecs),
+                                                               threshold)], flat, multi_label)
+        label_vecs = self.prompt_mlp(label_vecs)
         width = self.max_width
         starts = torch.arange(n).repeat_interleave(width)
         ends = starts + torch.arange(width).repeat(n)
