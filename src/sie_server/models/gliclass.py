@@ -23,8 +23,9 @@ backbone, `model.text_projector.*`, `model.classes_projector.*`, `model.scorer.*
    sigmoid (multi-label; a lone label always gets its sigmoid); labels under
    `options.threshold` (default 0) dropped.
 
-Text-first models need the labels inside the window: a text that pushes them out is refused
-(SIE: INPUT_TOO_LONG); prompt-first models cut the text.
+Text-first models need the labels inside the window: a text that pushes a label marker out is
+refused (SIE: INPUT_TOO_LONG); prompt-first models cut the text, and refuse labels that leave
+it under 8 tokens.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ from ..runtime.deberta import DebertaConfig, DebertaEncoder
 from ..runtime.device import Placement
 from ..runtime.encoder import _ACTIVATIONS, Encoder, EncoderConfig
 from ..runtime.modernbert import ModernBertConfig, ModernBertEncoder
+from ..runtime.tokenizer import TextTokenizer
 from ..runtime.weights import load_state_dict, reading
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
 
 LABEL_TOKEN, SEP_TOKEN = "<<LABEL>>", "<<SEP>>"  # the pipeline's markers
 WINDOW = 1024  # the pipeline's max_length (SIE's max_sequence_length for GLiClass)
-CLASSIFICATION_TYPES = ("single-label", "multi-label")
+MAX_INSTRUCTION_CHARS = 2048  # SIE's cap on the instruction read with every text
 _PREFIX = "model."
 _ENCODER = "model.encoder_model."
 # What this module reads; other values of these config keys are refused at load.
@@ -167,6 +169,7 @@ class GLiClass(EncoderModel):
         if not path.exists():
             raise FileNotFoundError(f"{folder} has no tokenizer.json: put the backbone's tokenizer "
                                     f"(with {LABEL_TOKEN} and {SEP_TOKEN} added) beside config.json")
+        self.tokenizer = TextTokenizer(path, self.max_tokens)  # /v1/tokenize and friends
         self.rows = Tokenizer.from_file(str(path))
         self.rows.no_padding()
         self.whole = Tokenizer.from_str(self.rows.to_str())
@@ -197,8 +200,11 @@ class GLiClass(EncoderModel):
             raise InvalidRequest("params.labels: GLiClass labels must be unique")
         kind = options.classification_type or "single-label"  # SIE's default for every GLiClass
         threshold = float(options.threshold or 0.0)
-        prompt = "".join(LABEL_TOKEN + label for label in labels) + SEP_TOKEN + \
-            (options.instruction or "")
+        instruction = options.instruction if (options.instruction or "").strip() else ""
+        if len(instruction) > MAX_INSTRUCTION_CHARS:
+            raise InvalidRequest(f"instruction: GLiClass instruction must be at most "
+                                 f"{MAX_INSTRUCTION_CHARS} characters")
+        prompt = "".join(LABEL_TOKEN + label for label in labels) + SEP_TOKEN + instruction
         for i, text in enumerate(texts):
             if not text.strip():
                 raise InvalidRequest(f"items[{i}].text: zero-shot classification requires "
@@ -207,7 +213,7 @@ class GLiClass(EncoderModel):
         encodings = self.rows.encode_batch(rows)
         for i, enc in enumerate(encodings):
             marks = sum(1 for t in enc.ids if t == self.class_token)
-            if marks < len(labels) or (not self.prompt_first and enc.overflowing):
+            if marks < len(labels):
                 raise InputTooLong(f"items[{i}].text: the text pushes the labels out of the "
                                    f"GLiClass model's {self.max_tokens}-token window; shorten "
                                    "it or send fewer labels")
@@ -219,7 +225,7 @@ class GLiClass(EncoderModel):
                                      "send fewer or shorter labels")
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         # as SIE bills: the text and instruction tokens, not the label names
-        names = len(self.whole.encode(prompt[:len(prompt) - len(options.instruction or "")]).ids)
+        names = len(self.whole.encode(prompt[:len(prompt) - len(instruction)]).ids)
         tokens = sum(max(0, len(r) - names) for r in ids)
 
         def finish(results: list) -> tuple[list[dict], int]:
