@@ -67,17 +67,18 @@ def test_matches_gliner(engine, folders, name) -> None:
                     same(t, o["entities"])
                     found += len(t)
                     words = max(words, *(len(e["text"].split()) for e in t), 0)
-    assert found > 50
+    assert found > (50 if name == "token" else 30)
     assert words > 1 if name == "token" else words == 1  # token spans have any length
 
 
 def test_nuner_zero_merges_by_default(engine) -> None:
     """The catalog's numind/NuNER_Zero entry merges touching entities of one label, as SIE's."""
-    text = TEXTS["deberta"][0]
-    plain, _ = engine.extract(NUNER, [text], LABELS, {"threshold": 0.3, "merge_adjacent_entities": False})
-    merged, _ = engine.extract(NUNER, [text], LABELS, {"threshold": 0.3})
-    assert merged[0]["entities"] == merge_adjacent(plain[0]["entities"], text)
-    assert len(merged[0]["entities"]) < len(plain[0]["entities"])
+    texts = [t for t in TEXTS["deberta"] if t.strip()]
+    plain, _ = engine.extract(NUNER, texts, LABELS, {"threshold": 0.1, "merge_adjacent_entities": False})
+    merged, _ = engine.extract(NUNER, texts, LABELS, {"threshold": 0.1})
+    for text, p, m in zip(texts, plain, merged):
+        assert m["entities"] == merge_adjacent(p["entities"], text)
+    assert sum(len(m["entities"]) for m in merged) < sum(len(p["entities"]) for p in plain)
 
 
 def test_token_level_long_text_in_windows(engine, folders) -> None:
@@ -85,7 +86,7 @@ def test_token_level_long_text_in_windows(engine, folders) -> None:
     text = " ".join(TEXTS["deberta"][i % 5] for i in range(12))  # ~150 words, 5+ windows
     edges = _windows(text, 40)
     assert len(edges) >= 5
-    for threshold, flat in ((0.5, True), (0.4, False)):
+    for threshold, flat in ((0.3, True), (0.2, False)):
         per_window = ref.inference([text[a:b] for a, b in edges], LABELS, threshold=threshold,
                                    flat_ner=flat)
         moved = [[{**e, "start": e["start"] + a, "end": e["end"] + a} for e in spans]

@@ -127,7 +127,13 @@ class GLiClass(EncoderModel):
                                  f"(supported: {', '.join(map(str, allowed))})")
         weights = load_state_dict(folder)
         enc_cfg = dict(cfg["encoder_config"])
-        enc_cfg["vocab_size"] = weights[f"{_ENCODER}embeddings.word_embeddings.weight"].shape[0]
+        table = next((k for k in (f"{_ENCODER}embeddings.word_embeddings.weight",
+                                  f"{_ENCODER}embeddings.tok_embeddings.weight") if k in weights),
+                     None)
+        if table is None:
+            raise ValueError(f"{folder}: no {_ENCODER}embeddings in the weights: not a GLiClass "
+                             "uni-encoder checkpoint")
+        enc_cfg["vocab_size"] = weights[table].shape[0]
         kind = enc_cfg.get("model_type", "deberta-v2")
         if kind in ("deberta-v2", "deberta"):
             encoder, rest = DebertaEncoder.from_weights(DebertaConfig.from_dict(enc_cfg), weights,
