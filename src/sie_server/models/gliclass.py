@@ -11,7 +11,7 @@ backbone, `model.text_projector.*`, `model.classes_projector.*`, `model.scorer.*
    tokenized with the tokenizer's special tokens and cut at 1,024 tokens (the pipeline's
    `max_length`, SIE's window for every GLiClass model).
 2. The encoder (DeBERTa-v2/v3, ModernBERT, BERT or XLM-R, `runtime/`) runs on the row, an
-   LSTM after it when `use_lstm`.
+   LSTM after it for the text vector when `use_lstm` (the label vectors read the encoder's).
 3. The text vector is the row's first token (`pooling_strategy: first`); a label's is its
    `<<LABEL>>` state (the token after it when `embed_class_token` is false, the mean of its
    tokens with `class_token_pooling: average`); each through its projector (Linear, the
@@ -262,9 +262,9 @@ class GLiClass(EncoderModel):
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor, ids: np.ndarray, count: int) -> torch.Tensor:
-        if self.lstm is not None:
-            hidden = self.lstm(hidden[None])[0][0]
-        text = self.text_projector(hidden[0])
+        # the text vector reads the LSTM's output, the label vectors the encoder's
+        first = self.lstm(hidden[None])[0][0, 0] if self.lstm is not None else hidden[0]
+        text = self.text_projector(first)
         marks = np.flatnonzero(ids == self.class_token)[:count]
         if self.average:  # a label's tokens: from its marker to the next (the last: to the end)
             owner = np.cumsum(ids == self.class_token) - 1
