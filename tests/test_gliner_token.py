@@ -13,19 +13,17 @@ each window, merged by SIE's rule, as tests/test_gliner.py states it).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
+import test_gliner
 from make_gliner_test_models import build
-from test_gliner import LABELS, TEXTS, _merge, _windows, reference, same
+from test_gliner import LABELS, TEXTS, check_windows, reference, same, windows_of_40
 
-from sie_server.config import Settings
-from sie_server.engine import Engine
 from sie_server.models.gliner import merge_adjacent
 
 NUNER = "numind/NuNER_Zero"
+engine = test_gliner.engine  # its fixture, on this module's `folders`
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +31,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gliner-token")
     out = {"token": build(root / "token", "deberta", seed=2, span_mode="token_level"),
            NUNER: build(root / "nuner", "deberta", seed=3, span_mode="marker", max_width=1)}
-    short = root / "token-40"  # same weights, windows of 40 words
-    shutil.copytree(out["token"], short)
-    config = json.loads((short / "gliner_config.json").read_text())
-    (short / "gliner_config.json").write_text(json.dumps({**config, "max_len": 40}))
-    out["token-40"] = short
+    out["token-40"] = windows_of_40(out["token"], root / "token-40")
     return out
-
-
-@pytest.fixture(scope="module")
-def engine(folders: dict[str, Path]):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
 
 
 @pytest.mark.parametrize("name", ["token", NUNER])
@@ -82,19 +68,4 @@ def test_nuner_zero_merges_by_default(engine) -> None:
 
 
 def test_token_level_long_text_in_windows(engine, folders) -> None:
-    ref = reference(folders["token-40"])
-    text = " ".join(TEXTS["deberta"][i % 5] for i in range(12))  # ~150 words, 5+ windows
-    edges = _windows(text, 40)
-    assert len(edges) >= 5
-    for threshold, flat in ((0.3, True), (0.2, False)):
-        per_window = ref.inference([text[a:b] for a, b in edges], LABELS, threshold=threshold,
-                                   flat_ner=flat)
-        moved = [[{**e, "start": e["start"] + a, "end": e["end"] + a} for e in spans]
-                 for (a, _), spans in zip(edges, per_window)]
-        expected = _merge(moved, edges, flat)
-        for e in expected:
-            e["text"] = text[e["start"]:e["end"]]
-        ours = engine.extract("token-40", [text], LABELS,
-                              {"threshold": threshold, "flat_ner": flat})[0][0]["entities"]
-        assert len(expected) > 5 and any(e["start"] > edges[1][1] for e in ours)
-        same(expected, ours)
+    check_windows(engine, "token-40", folders["token-40"], ((0.3, True), (0.2, False)))
