@@ -9,11 +9,14 @@ ModernBERT backbone (sliding-window layers) with the labels first, as gliclass-m
 Reference: the `ZeroShotClassificationPipeline` (its `__call__`, single- and multi-label), and
 every label's probability as SIE's GLiClass adapter takes it from the pipeline's model (its
 `prepare_inputs`, the model's logits, softmax or sigmoid). Same labels, scores within 1e-4,
-with and without an instruction, a text longer than the 1,024-token window.
+with and without an instruction, a text longer than the 1,024-token window. Configurations not
+read here are refused at load, naming the key.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from make_gliclass_test_models import build
 from sie_sdk import SIEClient
 from sie_server.config import Settings
 from sie_server.engine import Engine
-from sie_server.errors import InputTooLong
+from sie_server.errors import InputTooLong, ModelLoadFailed
 
 LABELS = ["sports", "economy", "technology", "weather", "politics"]
 TEXTS = ["The team won the championship after a dramatic final.",
@@ -148,3 +151,19 @@ def test_through_the_server(start_server, folders, engine) -> None:
             "params.options.classification_type")
     refused({"items": [{"text": " "}], "params": {"labels": ["a"]}}, "items[0].text")
     refused({"items": [{"text": LONG}], "params": {"labels": LABELS}}, "items[0].text")
+
+
+def test_unread_configurations_are_refused_by_name(folders, tmp_path) -> None:
+    for key, value in (("scorer_type", "cross-attn"), ("squeeze_layers", True),
+                       ("architecture_type", "bi-encoder")):
+        bad = tmp_path / key
+        shutil.copytree(folders["a"], bad)
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**config, key: value}))
+        eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
+                              models={"bad": str(bad)}))
+        try:
+            with pytest.raises(ModelLoadFailed, match=f"GLiClass {key}"):
+                eng.extract("bad", TEXTS[:1], LABELS)
+        finally:
+            eng.close()

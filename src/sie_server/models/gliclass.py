@@ -55,16 +55,15 @@ WINDOW = 1024  # the pipeline's max_length (SIE's max_sequence_length for GLiCla
 MAX_INSTRUCTION_CHARS = 2048  # SIE's cap on the instruction read with every text
 _PREFIX = "model."
 _ENCODER = "model.encoder_model."
-# What this module reads; other values of these config keys are refused at load.
-_SUPPORTED = {"architecture_type": ("uni-encoder",), "pooling_strategy": ("first",),
-              "scorer_type": ("simple", "weighted-dot", "mlp"),
-              "class_token_pooling": ("first", "average"), "squeeze_layers": (False,),
-              "encoder_layer_id": (-1,), "extract_text_features": (False,),
-              "use_segment_embeddings": (False,)}
-_DEFAULTS = {"architecture_type": "uni-encoder", "pooling_strategy": "first",
-             "scorer_type": "simple", "class_token_pooling": "first", "squeeze_layers": False,
-             "encoder_layer_id": -1, "extract_text_features": False,
-             "use_segment_embeddings": False}
+# What this module reads: config key -> (gliclass's default, the values read); other values
+# are refused at load
+_SUPPORTED = {"architecture_type": ("uni-encoder", ("uni-encoder",)),
+              "pooling_strategy": ("first", ("first",)),
+              "scorer_type": ("simple", ("simple", "weighted-dot", "mlp")),
+              "class_token_pooling": ("first", ("first", "average")),
+              "squeeze_layers": (False, (False,)), "encoder_layer_id": (-1, (-1,)),
+              "extract_text_features": (False, (False,)),
+              "use_segment_embeddings": (False, (False,))}
 
 
 class _Projector:
@@ -121,8 +120,8 @@ class GLiClass(EncoderModel):
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec, self.folder, self.placement = spec, folder, placement
         self.config = cfg = self.read_config(folder)
-        for key, allowed in _SUPPORTED.items():
-            if cfg.get(key, _DEFAULTS[key]) not in allowed:
+        for key, (default, allowed) in _SUPPORTED.items():
+            if cfg.get(key, default) not in allowed:
                 raise ValueError(f"{folder}: GLiClass {key} {cfg.get(key)!r} is not supported "
                                  f"(supported: {', '.join(map(str, allowed))})")
         weights = load_state_dict(folder)
