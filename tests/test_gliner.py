@@ -56,12 +56,16 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gliner")
     out = {"deberta": build(root / "deberta", "deberta", seed=0),
            "bert": build(root / "bert", "bert", seed=1)}
-    short = root / "deberta-40"  # same weights, windows of 40 words
-    shutil.copytree(out["deberta"], short)
-    config = json.loads((short / "gliner_config.json").read_text())
-    (short / "gliner_config.json").write_text(json.dumps({**config, "max_len": 40}))
-    out["deberta-40"] = short
+    out["deberta-40"] = windows_of_40(out["deberta"], root / "deberta-40")
     return out
+
+
+def windows_of_40(folder: Path, copy: Path) -> Path:
+    """A copy of a checkpoint (same weights) that reads windows of 40 words."""
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "gliner_config.json").read_text())
+    (copy / "gliner_config.json").write_text(json.dumps({**config, "max_len": 40}))
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +156,17 @@ def _merge(per_window: list[list[dict]], edges: list[tuple[int, int]], flat: boo
 
 
 def test_long_texts_are_read_in_windows(engine, folders) -> None:
-    ref = reference(folders["deberta-40"])
+    check_windows(engine, "deberta-40", folders["deberta-40"], ((0.5, True), (0.4, False)))
+
+
+def check_windows(engine, name: str, folder: Path, settings) -> None:
+    """A ~150-word text through a model with windows of 40 words equals gliner on each
+    window's text, moved and merged, at each (threshold, flat_ner) of `settings`."""
+    ref = reference(folder)
     text = " ".join(TEXTS["deberta"][i % 5] for i in range(12))  # ~150 words, 5+ windows
     edges = _windows(text, 40)
     assert len(edges) >= 5
-    for threshold, flat in ((0.5, True), (0.4, False)):
+    for threshold, flat in settings:
         per_window = ref.inference([text[a:b] for a, b in edges], LABELS, threshold=threshold,
                                    flat_ner=flat)
         moved = [[{**e, "start": e["start"] + a, "end": e["end"] + a} for e in spans]
@@ -164,7 +174,7 @@ def test_long_texts_are_read_in_windows(engine, folders) -> None:
         expected = _merge(moved, edges, flat)
         for e in expected:
             e["text"] = text[e["start"]:e["end"]]
-        ours = engine.extract("deberta-40", [text], LABELS,
+        ours = engine.extract(name, [text], LABELS,
                               {"threshold": threshold, "flat_ner": flat})[0][0]["entities"]
         assert len(expected) > 5 and any(e["start"] > edges[1][1] for e in ours)
         same(expected, ours)

@@ -75,6 +75,8 @@ def detect_family(source: str) -> str:
     except DamagedFile:
         cfg = {}  # loading it will refuse the damaged file by name
     arch = " ".join(cfg.get("architectures") or [])
+    if cfg.get("model_type") == "GLiClass":
+        return "gliclass"
     if cfg.get("model_type") in ("clip", "siglip"):  # CLIPModel / SiglipModel: both towers
         return cfg["model_type"]
     if cfg.get("model_type") in DECODER_TYPES:  # decoders: embedders have an ST pipeline

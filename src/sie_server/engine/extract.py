@@ -2,8 +2,9 @@
 
 SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
 `merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot
-classification); `lora_id` as for encode. A model's own defaults apply to what a request
-leaves out.
+classification); GLiClass: `classification_type` (single-label or multi-label), `threshold`
+and the request's `instruction`; `lora_id` as for encode. A model's own defaults apply to what
+a request leaves out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ExtractOptions:
     merge_adjacent_entities: bool | None = None
     lora_id: str | None = None
     timeout_s: float | None = None
+    classification_type: str | None = None
+    instruction: str | None = None
     # the loaded adapter of lora_id (runtime.lora.LoraAdapter), set by the engine: a family
     # running heads after the batch (GLiNER) applies its head updates from it
     adapter: Any = None
@@ -35,7 +38,7 @@ class ExtractOptions:
                  "hypothesis_template": str, "merge_adjacent_entities": bool,
                  "lora_id": str, "timeout_s": (int, float),
                  "relation_labels": list, "relation_threshold": (int, float),
-                 "instruction": str}
+                 "instruction": str, "classification_type": str}
         options = check_options(options, kinds, "params.options")
         if options.get("relation_labels"):
             raise InvalidRequest("params.options.relation_labels: this model does not extract "
@@ -48,5 +51,9 @@ class ExtractOptions:
         if template is not None and template.count("{}") != 1:
             raise InvalidRequest("params.options.hypothesis_template must hold '{}' once, "
                                  "where the label goes")
+        kind = options.get("classification_type")
+        if kind is not None and kind not in ("single-label", "multi-label"):
+            raise InvalidRequest("params.options.classification_type must be 'single-label' or "
+                                 "'multi-label'")
         return cls(**{k: v for k, v in options.items()
                       if v is not None and k in cls.__dataclass_fields__})

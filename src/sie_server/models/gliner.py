@@ -14,7 +14,9 @@ A checkpoint as the hub has it: `gliner_config.json` (with the backbone's `encod
    `embed_ent_token` is false), through `prompt_rep_layer` (Linear 4h, ReLU, Linear).
    Word vectors: each word's first subword, then a bidirectional LSTM (`num_rnn_layers`).
 4. Spans of 1..`max_width` words: markerV0, MLPs on the start and end words, concatenated,
-   ReLU, an MLP; a span's score for a label is sigmoid(span . label).
+   ReLU, an MLP (`marker`: one Linear, as numind/NuNER_Zero with `max_width` 1); a span's
+   score for a label is sigmoid(span . label). `token_level` checkpoints score words, not
+   spans, and decode start/end/inside probabilities instead (`gliner_token.py`).
 5. Spans above `threshold` are kept greedily, best first: with `flat_ner` none may overlap
    one kept, else only one nested in it or holding it; the same span with a second label
    only with `multi_label`. Offsets are characters of the text. SIE's
@@ -54,6 +56,7 @@ from ..runtime.encoder import Encoder, EncoderConfig
 from ..runtime.lora import ModelLora, head_linear
 from ..runtime.weights import load_state_dict, reading
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
+from .gliner_token import TokenScorer, token_spans
 
 WORD = re.compile(r"\w+(?:[-_]\w+)*|\S")
 MAX_WORD_CHARS = 256  # a longer word is read as pieces of this many characters (as SIE)
@@ -67,6 +70,7 @@ TOO_MANY_WINDOWS = (f"GLiNER reads a document in at most {MAX_WINDOWS} windows o
                     "this document into shorter items")  # SIE's item error (INPUT_TOO_LONG)
 _ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
 _PROJECTION = "token_rep_layer.projection"
+SPAN_MODES = ("markerV0", "marker", "token_level")  # gliner's span_rep_layer kinds read here
 
 Word = tuple[str, int, int]
 
@@ -190,6 +194,23 @@ class Mlp(nn.Module):
         return {f"{self.prefix}.{i}": (w.shape[1], w.shape[0]) for i, w in ((0, self.w0), (3, self.w3))}
 
 
+class HeadLinear(nn.Module):
+    """One of gliner's linears by module name (`marker`'s output projection), with the
+    adapter's LoRA pair for it if `heads` has one."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.w, self.b = weights[f"{prefix}.weight"], weights[f"{prefix}.bias"]
+
+    def forward(self, x: torch.Tensor,
+                heads: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        return head_linear(x, self.w, self.b, (heads or {}).get(self.prefix))
+
+    def lora_heads(self) -> dict[str, tuple[int, int]]:
+        return {self.prefix: (self.w.shape[1], self.w.shape[0])}
+
+
 @dataclass
 class _Row:
     item: int
@@ -205,9 +226,10 @@ class GLiNER(EncoderModel):
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.spec, self.folder, self.placement = spec, folder, placement
         self.config = cfg = self.read_config(folder)
-        if cfg.get("span_mode", "markerV0") != "markerV0":
-            raise ValueError(f"{folder}: span_mode {cfg.get('span_mode')!r}; only markerV0 "
-                             "(uni-encoder span GLiNER) is supported")
+        self.span_mode = cfg.get("span_mode", "markerV0")
+        if self.span_mode not in SPAN_MODES or cfg.get("represent_spans"):
+            raise ValueError(f"{folder}: span_mode {self.span_mode!r}; supported: "
+                             f"{', '.join(SPAN_MODES)} (without represent_spans)")
         if cfg.get("subtoken_pooling", "first") != "first" or cfg.get("post_fusion_schema"):
             raise ValueError(f"{folder}: only first-subtoken pooling without post-fusion layers "
                              "is supported")
@@ -237,9 +259,7 @@ class GLiNER(EncoderModel):
             self.lstm.load_state_dict({k[len("rnn.lstm."):]: v for k, v in head.items()
                                        if k.startswith("rnn.lstm.")})
             self.lstm.eval()
-        marker = "span_rep_layer.span_rep_layer"
-        self.start_mlp, self.end_mlp = Mlp(head, f"{marker}.project_start"), Mlp(head, f"{marker}.project_end")
-        self.out_mlp, self.prompt_mlp = Mlp(head, f"{marker}.out_project"), Mlp(head, "prompt_rep_layer")
+        self._span_heads(head)
         self.max_width = cfg.get("max_width", 12)
         self.max_words = cfg.get("max_len", 384)
         self.class_token = cfg["class_token_index"]
@@ -253,6 +273,20 @@ class GLiNER(EncoderModel):
                                 MAX_SUBWORDS["deberta" if self.deberta else "other"])
         if not self.deberta:  # absolute positions: the window stays inside the table
             self.max_subwords = min(self.max_subwords, self.encoder.cfg.max_tokens - 4)
+
+    def _span_heads(self, head: dict[str, torch.Tensor]) -> None:
+        """The heads after the word vectors: gliner's `Scorer` (token_level), or the span
+        markers' MLPs and the label projection (markerV0; `marker`'s output is one Linear)."""
+        if self.span_mode == "token_level":
+            self.scorer = TokenScorer(head)
+            self.adaptable: tuple[Mlp | HeadLinear, ...] = ()  # the scorer takes no LoRA here
+            return
+        marker = "span_rep_layer.span_rep_layer"
+        self.start_mlp, self.end_mlp = Mlp(head, f"{marker}.project_start"), Mlp(head, f"{marker}.project_end")
+        out = f"{marker}.out_project"
+        self.out_mlp = Mlp(head, out) if self.span_mode == "markerV0" else HeadLinear(head, out)
+        self.prompt_mlp = Mlp(head, "prompt_rep_layer")
+        self.adaptable = (self.prompt_mlp, self.start_mlp, self.end_mlp, self.out_mlp)
 
     @staticmethod
     def read_config(folder: Path) -> dict:
@@ -288,8 +322,7 @@ class GLiNER(EncoderModel):
     def lora_config(self) -> ModelLora:
         """LoRA on the backbone's linears (under gliner's module path) and on gliner's own: the
         projection, the prompt and span MLPs (the LSTM is no linear)."""
-        heads = {k: v for mlp in (self.prompt_mlp, self.start_mlp, self.end_mlp, self.out_mlp)
-                 for k, v in mlp.lora_heads().items()}
+        heads = {k: v for mlp in self.adaptable for k, v in mlp.lora_heads().items()}
         if self.projection is not None:
             w = self.projection[0]
             heads[_PROJECTION] = (w.shape[1], w.shape[0])
@@ -421,13 +454,19 @@ class GLiNER(EncoderModel):
         if self.projection is not None:
             hidden = head_linear(hidden, *self.projection, heads.get(_PROJECTION))
         marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)
-        label_vecs = self.prompt_mlp(hidden[torch.from_numpy(marks)], heads)  # (C, h)
+        label_vecs = hidden[torch.from_numpy(marks)]  # (C, h)
         n = len(words)
         word_vecs = torch.zeros(n, hidden.shape[1])
         seen = first >= 0
         word_vecs[torch.from_numpy(np.flatnonzero(seen))] = hidden[torch.from_numpy(first[seen])]
         if self.lstm is not None:
             word_vecs = self.lstm(word_vecs[None])[0][0]
+        if self.span_mode == "token_level":
+            return greedy([{"start": words[st][1], "end": words[ed][2], "label": labels[c],
+                            "score": score}
+                           for st, ed, c, score in token_spans(self.scorer(word_vecs, label_vecs),
+                                                               threshold)], flat, multi_label)
+        label_vecs = self.prompt_mlp(label_vecs, heads)
         width = self.max_width
         starts = torch.arange(n).repeat_interleave(width)
         ends = starts + torch.arange(width).repeat(n)

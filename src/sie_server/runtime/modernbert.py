@@ -72,7 +72,10 @@ class ModernBertConfig:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ModernBertConfig":
-        c = json.loads((folder / "config.json").read_text())
+        return cls.from_dict(json.loads((folder / "config.json").read_text()))
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "ModernBertConfig":
         return cls(
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
@@ -206,14 +209,21 @@ class ModernBertEncoder(nn.Module):
     def from_folder(cls, folder: Path) -> tuple["ModernBertEncoder", dict[str, torch.Tensor]]:
         """Build from config.json + weights; also returns the weights the encoder did not use
         (the sequence-classification head, an MLM head...) under their checkpoint names."""
-        cfg = ModernBertConfig.from_folder(folder)
+        return cls.from_weights(ModernBertConfig.from_folder(folder), load_state_dict(folder),
+                                str(folder))
+
+    @classmethod
+    def from_weights(cls, cfg: ModernBertConfig, weights: dict[str, torch.Tensor],
+                     where: str = "the checkpoint") -> tuple["ModernBertEncoder", dict[str, torch.Tensor]]:
+        """Build from ModernBertModel weights (names with or without `model.`); also returns the
+        weights it did not use."""
         with torch.device("meta"):
             enc = cls(cfg)
-        state, rest = _convert(load_state_dict(folder))
+        state, rest = _convert(weights)
         want = set(enc.state_dict())
         missing, unexpected = want - set(state), set(state) - want
         if missing or unexpected:
-            raise ValueError(f"weights in {folder} do not fit its config.json: missing "
+            raise ValueError(f"weights in {where} do not fit its config: missing "
                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         enc.load_state_dict(state, assign=True)
         return enc.eval(), rest
