@@ -151,6 +151,8 @@ def test_through_the_server(start_server, folders, engine) -> None:
             "params.options.classification_type")
     refused({"items": [{"text": " "}], "params": {"labels": ["a"]}}, "items[0].text")
     refused({"items": [{"text": LONG}], "params": {"labels": LABELS}}, "items[0].text")
+    refused({"items": items, "params": {"labels": ["a"], "options": {"lora_id": "org/adapter"}}},
+            "params.options.lora_id")
 
 
 def test_unread_configurations_are_refused_by_name(folders, tmp_path) -> None:

@@ -194,6 +194,13 @@ class GLiClass(EncoderModel):
     def dims(self) -> dict[str, int]:
         return {}
 
+    @property
+    def lora_config(self) -> Any:
+        """No LoRA here (its scorer and poolings are not adapted): a request naming an adapter
+        gets this 400 when the model's adapter manager would be made."""
+        raise InvalidRequest("params.options.lora_id: LoRA adapters are not served for GLiClass "
+                             "models")
+
     def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
         if not labels:
             raise InvalidRequest("params.labels: Zero-shot classification requires labels "
