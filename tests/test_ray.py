@@ -554,7 +554,7 @@ def test_every_protocol_through_serve_equals_a_direct_server(serve_app, direct_s
         ("GET", "/info", None),
         ("POST", "/v1/rerank", {"model": BGE, "query": q, "documents": texts,
                                 "return_documents": True}),
-        ("POST", "/v2/rerank", {"query": q, "documents": texts, "top_n": 2}),
+        ("POST", "/v2/rerank", {"model": CE, "query": q, "documents": texts, "top_n": 2}),
         ("POST", "/rerank", {"query": q, "documents": texts, "return_documents": True}),
         ("POST", "/embeddings", {"input": texts}),  # infinity's
         ("GET", "/models", None),
@@ -570,5 +570,5 @@ def test_every_protocol_through_serve_equals_a_direct_server(serve_app, direct_s
         assert through.status_code == direct.status_code == 200, (path, through.text[:300])
         assert "x-sie-replica" in through.headers
         _assert_close(_comparable(through), _comparable(direct), path)
-        if path in timed:
+        if path in timed and "documents" not in body:  # infinity's /rerank: not TEI's
             assert int(through.headers["x-total-time"]) >= int(through.headers["x-inference-time"])
