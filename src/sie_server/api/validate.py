@@ -1,11 +1,12 @@
 """SIE's request bodies: the pydantic definitions below validate them (strictly: `true` is no
 integer, `5` no string) and are what /openapi.json shows; `validated` turns the first problem
 into a 400 INVALID_INPUT naming the field. After them, code settles only what a schema cannot
-say: an item holds text or an image, the per-request item limit (a setting), an image's
-base64 and size (api/images.py), and SIE's request options the engine has no use for:
-`output_dtype` and `normalize` shape the response (wire layer), `overflow_policy` maps to
-`truncate`; `profile` goes on to the engine (engine/profiles.py); `smve` is refused as not
-supported. The rest of `options` is the engine's, which checks it (engine/options.py).
+say: an item holds text or an image, lone surrogates in its text and id, the per-request
+item limit (a setting), an image's base64 and size (api/images.py), and SIE's request
+options the engine has no use for: `output_dtype` and `normalize` shape the response (wire
+layer), `overflow_policy` maps to `truncate`; `profile` goes on to the engine
+(engine/profiles.py); `smve` is refused as not supported. The rest of `options` is the
+engine's, which checks it (engine/options.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from typing_extensions import TypedDict
-
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict  # pydantic's TypedDict on Python < 3.12
 
 from ..errors import InvalidRequest, shown
 from ..quantize import OUTPUT_DTYPES
@@ -45,7 +45,7 @@ def _unicode(text: str) -> str:
 
 
 def check_text(text: Any, field: str) -> None:
-    """`_unicode` for the protocols that check their strings by hand."""
+    """A string UTF-8 can carry, else InvalidRequest naming `field`."""
     if not isinstance(text, str):
         raise InvalidRequest(f"{field} must be a string")
     try:
@@ -111,7 +111,7 @@ class Item(TypedDict, total=False):
 
 class EncodeParams(BaseModel):
     model_config = STRICT
-    output_types: list[Literal["dense", "sparse", "multivector"]] | None = None
+    output_types: list[Literal[OUTPUT_TYPES]] | None = None  # type: ignore[valid-type]
     instruction: Text | None = None
     output_dtype: Literal[OUTPUT_DTYPES] | None = None  # type: ignore[valid-type]
     options: dict[str, Any] | None = None
