@@ -105,14 +105,14 @@ def test_bad_image_gets_a_400_naming_the_item(server, case, data, fmt, why) -> N
 
 
 @pytest.mark.parametrize("item,why", [
-    ({"images": "not-a-list"}, "items[0].images must be a list"),
-    ({"images": []}, "items[0].images must be a list"),
-    ({"images": [{"data": b"x"}, {"data": b"y"}]}, "one image per item"),
+    ({"images": "not-a-list"}, "items[0].images: Input should be a valid list"),
+    ({"images": []}, "items[0].images: List should have at least 1 item"),
+    ({"images": [{"data": b"x"}, {"data": b"y"}]}, "items[0].images: List should have at most 1 item"),
     ({"text": "a caption", "images": [{"data": b"x"}]}, "text or images, not both"),
     ({"images": [{"data": b"x", "format": "heic"}]}, "items[0].images[0].format 'heic'"),
     ({"images": [{"format": "png"}]}, "items[0].images[0].data is missing"),
     ({"images": [{"data": b"x", "colour": 1}]}, "items[0].images[0].colour is not a known"),
-    ({"images": [42]}, "items[0].images[0] must be an object"),
+    ({"images": [42]}, "items[0].images[0]: Input should be a valid"),
 ])
 def test_malformed_image_items_get_a_400_naming_the_field(server, item, why) -> None:
     assert why in _error(post(server, "/v1/encode/clip-test", {"items": [item]}))

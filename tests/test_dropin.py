@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+from urllib.parse import urljoin
 
 import httpx
 import numpy as np
@@ -211,11 +213,49 @@ def test_tei_sparse_all_and_errors(server):
         assert r.json()["error"]
     r = httpx.post(f"{u}/v1/rerank", json={"query": "q", "documents": ["a"], "bogus": 1})
     assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
-    r = httpx.post(f"{u}/embed", json={"inputs": TEXTS}, timeout=60)
-    assert int(r.headers["x-compute-tokens"]) > 0 and "x-total-time" in r.headers
     decoded = httpx.post(f"{u}/decode", json={"ids": [[t["id"] for t in tok]
                          for tok in httpx.post(f"{u}/tokenize", json={"inputs": TEXTS}).json()]})
     assert [s.lower() for s in decoded.json()] == [t.lower() for t in TEXTS]
+
+
+def test_tei_timing_headers(server):
+    """TEI's timing headers (TEI's router/src/lib.rs, ResponseMetadata) on every route TEI
+    times, /v1/embeddings and /embeddings included: whole milliseconds; total = compute >=
+    tokenization + queue + inference (disjoint parts of it); the characters TEI counts and the
+    tokens the engine computed on."""
+    u = server.url
+    pairs = [[QUERY, t] for t in TEXTS]
+    chars = sum(map(len, TEXTS))
+    cases = [("/embed", {"inputs": TEXTS}, chars),
+             ("/embed_sparse", {"inputs": TEXTS, "model": M3}, chars),
+             ("/embed_all", {"inputs": TEXTS, "model": M3}, chars),
+             ("/similarity", {"inputs": {"source_sentence": QUERY, "sentences": TEXTS}},
+              len(QUERY) + chars),
+             ("/rerank", {"query": QUERY, "texts": TEXTS}, 3 * len(QUERY) + chars),
+             ("/predict", {"inputs": pairs}, 3 * len(QUERY) + chars),
+             ("/", {"inputs": TEXTS}, chars),
+             ("/v1/embeddings", {"input": TEXTS}, chars),
+             ("/embeddings", {"input": TEXTS}, chars)]
+    tokens = sum(i["token_count"] for i in encode(u, EMBED, TEXTS))
+    inference = 0
+    for path, body, characters in cases:
+        r = httpx.post(u + path, json=body, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+        h = {k[2:]: v for k, v in r.headers.items() if k.startswith("x-compute-") or
+             k in ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time")}
+        assert h.keys() == {"compute-type", "compute-time", "compute-characters",
+                            "compute-tokens", "total-time", "tokenization-time", "queue-time",
+                            "inference-time"}, (path, h)
+        ms = {k: int(v) for k, v in h.items() if k.endswith("-time")}  # whole numbers
+        assert ms["total-time"] == ms["compute-time"] >= \
+            ms["tokenization-time"] + ms["queue-time"] + ms["inference-time"], (path, ms)
+        assert h["compute-type"] == "cpu" and int(h["compute-characters"]) == characters, path
+        assert int(h["compute-tokens"]) > 0
+        if path in ("/embed", "/", "/v1/embeddings", "/embeddings"):
+            assert int(h["compute-tokens"]) == tokens, path
+        inference += ms["inference-time"]
+    assert inference > 0  # measured, not a constant 0
+    assert "x-total-time" not in httpx.post(f"{u}/tokenize", json={"inputs": "a"}).headers
 
 
 # ---------------------------------------------------------------- OpenAPI, fuzzed
@@ -241,11 +281,21 @@ def test_openapi_lists_every_route_and_docs_are_served_offline(server):
     assert spec["paths"]["/v1/encode/{model}"]["post"]["requestBody"]["content"].keys() == \
         {"application/json", "application/msgpack"}
     page = httpx.get(f"{server.url}/docs")
-    assert page.status_code == 200 and "/docs/swagger-ui-bundle.js" in page.text
+    assert page.status_code == 200 and '"docs/swagger-ui-bundle.js"' in page.text
     bundle = httpx.get(f"{server.url}/docs/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and len(bundle.content) > 100_000
     assert "Apache License" in httpx.get(f"{server.url}/docs/LICENSE").text
     assert "cdn" not in page.text.lower()
+    # the links are relative to /docs, so the page works under a prefix (a Ray application's,
+    # which names it in X-Forwarded-Prefix: the document's server)
+    links = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+    assert len(links) == 4 and all(not link.startswith("/") for link in links)
+    for link in links:
+        assert httpx.get(urljoin(f"{server.url}/docs", link)).status_code == 200, link
+    assert 'url: "openapi.json"' in httpx.get(f"{server.url}/docs/init.js").text
+    assert "servers" not in spec
+    prefixed = httpx.get(f"{server.url}/openapi.json", headers={"x-forwarded-prefix": "/small/"})
+    assert prefixed.json()["servers"] == [{"url": "/small"}]
     assert httpx.get(f"{server.url}/docs/..%2Fsecret").status_code == 404
 
 

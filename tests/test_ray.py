@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import LEGAL_LORA, ROOT, free_port
+from test_score import ce_bert_dir  # noqa: F401  (the random-weight cross-encoder fixture)
 from texts import SHORT_TEXTS, miracl_passages
 
 from sie_server.ray import cluster  # noqa: E402  (imports no ray)
@@ -35,10 +36,11 @@ from sie_sdk.errors import InvalidRequestError, SIEServerError  # noqa: E402
 from sie_sdk.types import Item  # noqa: E402
 from sie_server.config import Settings  # noqa: E402
 from sie_server.engine import Engine  # noqa: E402
-from sie_server.ray.serve import ReplicaOptions, build_app, split_args  # noqa: E402
+from sie_server.ray.serve import ReplicaOptions, build_app, routed_model, split_args  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 BGE = "BAAI/bge-m3"
+CE, NLI = "test/ce-bert", "test/nli-bert"
 ALL = ["dense", "sparse", "multivector"]
 ATOL = 1e-5
 RETRYABLE = (429, 503)
@@ -46,9 +48,20 @@ REPLICA_LABEL = re.compile(r'^sie_replica\{[^}]*\breplica="([^"]+)"[^}]*\} 1\.0$
 
 
 @pytest.fixture(scope="module")
-def settings(bge_m3_dir: Path, legal_lora) -> Settings:
-    return Settings(dtype="float32", device="cpu", models={BGE: str(bge_m3_dir)}, default_models=[MINILM],
-                    adapter_roots=[legal_lora["root"]])
+def nli_dir(tmp_path_factory) -> Path:
+    """A random-weight BERT NLI classifier (extraction's zero-shot classifications)."""
+    from test_nli_zero_shot import _build
+
+    return _build(tmp_path_factory.mktemp("nli") / "bert", "bert")
+
+
+@pytest.fixture(scope="module")
+def settings(bge_m3_dir: Path, legal_lora, ce_bert_dir: Path, nli_dir: Path) -> Settings:  # noqa: F811
+    """MiniLM loaded; BGE-M3, a cross-encoder (the rerank default, not preloaded) and an NLI
+    classifier on demand."""
+    return Settings(dtype="float32", device="cpu", default_models=[MINILM],
+                    models={BGE: str(bge_m3_dir), CE: str(ce_bert_dir), NLI: str(nli_dir)},
+                    rerank_model=CE, adapter_roots=[legal_lora["root"]])
 
 
 @pytest.fixture(scope="module")
@@ -437,3 +450,125 @@ def test_sie_server_ray_command_joins_the_cluster(cli_command, engine) -> None:
     assert proc.returncode == 0, output
     assert f"serving on http://127.0.0.1:{cli_command['port']}/cli" in output
     assert httpx.get(f"{url}/readyz").status_code == 404
+
+
+# ---------------------------------------------------------------- every protocol through Serve
+
+@pytest.fixture(scope="module")
+def direct_server(start_server, settings: Settings):
+    """`sie-server serve` with the Serve application's settings."""
+    args = [a for name, folder in settings.models.items() for a in ("--model", f"{name}={folder}")]
+    return start_server([*args, "--default-model", MINILM, "--rerank-model", settings.rerank_model,
+                         "--adapter-root", str(settings.adapter_roots[0])])
+
+
+def test_gateway_routes_by_the_model_each_route_names(settings: Settings) -> None:
+    """Every POST / DELETE route of the app's operation table: one with a `model` path
+    parameter routes by it (a profile suffix by its model), one whose request has a `model`
+    field by the body's, else by --embed-model / --rerank-model; any other names no model."""
+    import dataclasses
+    import threading
+    import typing
+
+    from sie_server.api.app import operations
+    from sie_server.api.calls import Calls
+
+    routing = dataclasses.replace(settings, embed_model="E", rerank_model="R",
+                                  infinity_prefix="/inf")
+    engine = Engine(dataclasses.replace(routing, default_models=[]))
+    try:
+        ops = operations(Calls(engine), threading.Event(), [])
+    finally:
+        engine.close()
+    checked = set()
+    for op in ops:
+        if op.method not in ("POST", "DELETE") or op.tag == "not served":
+            continue
+        path = op.path.replace(":path", "")
+        members = typing.get_args(op.request) or (op.request,)
+        if "model" in op.path_params or "path" in op.path_params:
+            url = path.replace("{model}", "org/m:fast").replace("{path}", "org/m/adapters/a")
+            assert routed_model(op.method, url, b"", routing) == "org/m", op.path
+        elif any("model" in getattr(m, "model_fields", {}) for m in members):
+            assert routed_model(op.method, path, b'{"model": "org/b:p"}', routing) == "org/b"
+            assert routed_model(op.method, path, b'{"inputs": "x"}', routing) in ("E", "R")
+        else:
+            assert routed_model(op.method, path, b'{"model": "org/b"}', routing) is None, path
+        checked.add(path)
+    assert {"/v1/extract/{model}", "/v1/tokens/{model}", "/embed", "/", "/rerank",
+            "/inf/rerank", "/inf/embeddings", "/v2/rerank", "/v1/embeddings"} <= checked
+    assert [routed_model("POST", p, b"{}", routing) for p in ("/embed", "/predict", "/rerank")] \
+        == ["E", "R", "R"]
+    assert routed_model("POST", "/embeddings", b'{"model": "default/not-specified"}', routing) == "E"
+    assert routed_model("GET", "/v1/models/org/m/adapters/a", b"", routing) is None
+
+
+def _comparable(r: httpx.Response):
+    """A response body without what differs between two servers by design: top-level `id`
+    (a fresh uuid), and `created`, `request_id` and `timing` wherever they are."""
+    if not r.headers.get("content-type", "").startswith("application/json"):
+        return r.text
+
+    def strip(node, top=False):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()
+                    if k not in ("created", "request_id", "timing") and not (top and k == "id")}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+    return strip(r.json(), top=True)
+
+
+def _assert_close(got, want, where: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=ATOL), where
+    else:
+        assert got == want, where
+
+
+def test_every_protocol_through_serve_equals_a_direct_server(serve_app, direct_server) -> None:
+    """One request per route of the other protocols and SIE's model-in-path routes, through
+    Serve's Gateway and straight to `sie-server serve` with the same settings: the same status
+    and answer (vectors and scores within float32 noise, ATOL), TEI's timing headers along."""
+    q, texts = "Where is the cat?", SHORT_TEXTS[:3]
+    requests = [
+        ("POST", f"/v1/score/{CE}", {"query": {"text": q}, "items": [{"text": t} for t in texts]}),
+        ("POST", f"/v1/extract/{NLI}", {"items": [{"text": texts[0]}],
+                                        "params": {"labels": ["sports", "weather"]}}),
+        ("POST", f"/v1/tokens/{MINILM}", {"items": [{"text": texts[0]}], "ids": [101, 102]}),
+        ("POST", "/embed", {"inputs": texts}),
+        ("POST", "/embed_sparse", {"inputs": texts, "model": BGE}),
+        ("POST", "/embed_all", {"inputs": texts[:1], "model": BGE}),
+        ("POST", "/similarity", {"inputs": {"source_sentence": q, "sentences": texts}}),
+        ("POST", "/rerank", {"query": q, "texts": texts, "return_text": True}),  # TEI's
+        ("POST", "/predict", {"inputs": [[q, t] for t in texts]}),
+        ("POST", "/tokenize", {"inputs": texts[0]}),
+        ("POST", "/decode", {"ids": [101, 7592, 102]}),
+        ("POST", "/", {"inputs": texts[0]}),
+        ("GET", "/info", None),
+        ("POST", "/v1/rerank", {"model": BGE, "query": q, "documents": texts,
+                                "return_documents": True}),
+        ("POST", "/v2/rerank", {"model": CE, "query": q, "documents": texts, "top_n": 2}),
+        ("POST", "/rerank", {"query": q, "documents": texts, "return_documents": True}),
+        ("POST", "/embeddings", {"input": texts}),  # infinity's
+        ("GET", "/models", None),
+        ("POST", "/v1/embeddings", {"input": texts, "model": BGE}),
+        ("GET", "/openapi.json", None),
+        ("GET", "/docs", None),
+    ]
+    timed = {"/embed", "/embed_sparse", "/embed_all", "/similarity", "/rerank", "/predict", "/",
+             "/embeddings", "/v1/embeddings"}
+    for method, path, body in requests:
+        through = httpx.request(method, serve_app["url"] + path, json=body, timeout=120)
+        direct = httpx.request(method, direct_server.url + path, json=body, timeout=120)
+        assert through.status_code == direct.status_code == 200, (path, through.text[:300])
+        assert "x-sie-replica" in through.headers
+        _assert_close(_comparable(through), _comparable(direct), path)
+        if path in timed and "documents" not in body:  # infinity's /rerank: not TEI's
+            assert int(through.headers["x-total-time"]) >= int(through.headers["x-inference-time"])

@@ -229,7 +229,9 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         return respond(request, {"model": model, "unloaded": info})
 
     async def embeddings(request: Request) -> Response:
-        """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak)."""
+        """OpenAI-compatible embeddings (JSON only, as the OpenAI clients speak); TEI serves
+        this route too, so TEI's timing headers come along."""
+        timer = tei_api.Timer(request, engine)
         body = await calls.json(request)
         if isinstance(body, dict) and body.get("model") is None:  # TEI's route takes none
             body["model"] = calls.default_model("embed")
@@ -238,7 +240,8 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         call = openai.parse(body)
         results = await calls.encode(request, call.model, call.texts, ["dense"], {})
         payload = await anyio.to_thread.run_sync(openai.response, engine, call, results)
-        return Response(encode_body(payload, False), media_type=JSON)
+        return Response(encode_body(payload, False), media_type=JSON,
+                        headers=timer.headers(call.texts, payload["usage"]["prompt_tokens"]))
 
     async def tokens(request: Request) -> Response:
         model, call = await read_call(request, tokens_api.parse)

@@ -12,13 +12,12 @@ import logging
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from ..engine import Engine
-from ..engine.request import ItemResult
+from ..engine.request import ItemResult, Timing
 from ..engine.scoring import ScoreResult
-from ..errors import BodyTooLarge, DeadlineExceeded, InvalidRequest, ModelNotFound
+from ..errors import BodyTooLarge, DeadlineExceeded, ModelNotFound
 from ..models import FAMILIES
 from .validate import parse_timeout
 from .waker import LoopWaker
@@ -96,31 +95,16 @@ async def await_result(request: Request, future: concurrent.futures.Future,
     raise DeadlineExceeded(f"no result within the request's deadline of {timeout}s")
 
 
+def _timed(request: Request, timing: Timing) -> None:
+    """Keep an engine call's Timing on the request: `timing` the last call's (SIE's routes
+    make one), `timings` every call's (TEI's headers sum them)."""
+    request.state.timing = timing
+    request.state.timings = [*getattr(request.state, "timings", ()), timing]
+
+
 def tenant_of(request: Request) -> str | None:
     """The API key's identity set by ServerMiddleware (None without keys)."""
     return request.scope.get("state", {}).get("tenant")
-
-
-def validated(model: type[BaseModel], body: Any) -> Any:
-    """`body` checked against a request definition (the one the OpenAPI spec is made of);
-    the first problem becomes a 400 naming the field."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        # the most specific problem; a union's member names ("str", "list[str]") leave the path
-        err = max(exc.errors(include_url=False, include_input=False),
-                  key=lambda e: len(e["loc"]))
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
-                        for p in err["loc"] if not _member(p)).lstrip(".") or "body"
-        if err["type"] == "extra_forbidden":
-            raise InvalidRequest(f"{where} is not a known field") from None
-        raise InvalidRequest(f"{where}: {err['msg']}") from None
-
-
-def _member(part: Any) -> bool:
-    """A union member's tag in a pydantic error location (not a field name or index)."""
-    return isinstance(part, str) and ("[" in part or part in (
-        "str", "int", "float", "bool", "dict", "list", "none") or part[:1].isupper())
 
 
 class Calls:
@@ -161,7 +145,7 @@ class Calls:
             future = submit()  # a few short texts: tokenizing costs less than a thread hop
         else:  # loading, adapter loads and long tokenization never run on the event loop
             future = await anyio.to_thread.run_sync(submit)
-        request.state.timing = future.timing  # engine/request.py Timing
+        _timed(request, future.timing)
         return await await_result(request, future, options.get("timeout_s"), self.waker())
 
     async def score(self, request: Request, model: str, query: Any, texts: list,
@@ -172,7 +156,7 @@ class Calls:
         future = await anyio.to_thread.run_sync(functools.partial(
             self.engine.submit_score, model, query, texts, options, top_k,
             tenant=tenant_of(request)))
-        request.state.timing = future.timing  # engine/request.py Timing
+        _timed(request, future.timing)
         return await await_result(request, future, options.get("timeout_s"), self.waker())
 
     async def extract(self, request: Request, model: str, texts: list[str],

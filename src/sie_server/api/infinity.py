@@ -22,9 +22,11 @@ from starlette.responses import JSONResponse, Response
 from ..errors import InvalidRequest
 from ..models import FAMILIES
 from . import openai
-from .calls import Calls, validated
+from .calls import Calls
 from .models import STARTED
 from .rerank import texts_of
+from .tei import Timer
+from .validate import validated
 
 DEFAULT = "default/not-specified"  # infinity-client's model when none is given
 
@@ -94,6 +96,8 @@ class Infinity:
         return self.calls.model_or_default(None if name == DEFAULT else name, role)
 
     async def embeddings(self, request: Request) -> Response:
+        """infinity's (and TEI's) /embeddings: TEI's timing headers come along."""
+        timer = Timer(request, self.calls.engine)
         req = validated(InfinityEmbeddingsRequest, await self.calls.json(request))
         call = openai.parse({"model": self._model(req.model, "embed"), "input": req.input,
                              "encoding_format": req.encoding_format,
@@ -101,7 +105,8 @@ class Infinity:
         results = await self.calls.encode(request, call.model, call.texts, ["dense"], {})
         payload = openai.response(self.calls.engine, call, results)
         return JSONResponse({**payload, "id": f"infinity-{uuid.uuid4()}",
-                             "created": int(time.time())})
+                             "created": int(time.time())},
+                            headers=timer.headers(call.texts, payload["usage"]["prompt_tokens"]))
 
     async def rerank(self, request: Request, body: Any = None) -> Response:
         req = validated(InfinityRerankRequest,

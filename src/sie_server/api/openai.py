@@ -12,8 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Engine
 from ..errors import InvalidRequest, SIEError
-from .calls import validated
-from .validate import check_text
+from .validate import check_text, validated
 
 PATH = "/v1/embeddings"
 MAX_INPUTS = 2048  # OpenAI's own limit per request

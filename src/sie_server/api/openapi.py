@@ -140,15 +140,18 @@ def licence() -> str:
         "Apache-2.0"
 
 
+# Links relative to /docs, so that the page works under a route prefix (a Ray Serve
+# application's, which the Gateway names in PREFIX_HEADER).
 DOCS_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>SIE server API</title>
-<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<link rel="stylesheet" href="docs/swagger-ui.css"></head>
 <body><div id="ui"></div>
-<script src="/docs/swagger-ui-bundle.js"></script>
-<script src="/docs/init.js"></script>
-<p style="font:12px sans-serif">Swagger UI (swagger-ui-bundle, <a href="/docs/LICENSE">Apache-2.0
+<script src="docs/swagger-ui-bundle.js"></script>
+<script src="docs/init.js"></script>
+<p style="font:12px sans-serif">Swagger UI (swagger-ui-bundle, <a href="docs/LICENSE">Apache-2.0
 licence</a>)</p></body></html>"""
-INIT_JS = 'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});'
+INIT_JS = 'window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#ui"});'
+PREFIX_HEADER = "x-forwarded-prefix"  # a path prefix in front of this app: the spec's server
 ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js"}
 
 
@@ -158,7 +161,8 @@ def routes(operations: list[Operation], examples: dict[str, str] | None = None
     spec = document(operations, examples)
 
     async def openapi_json(request) -> Response:
-        return JSONResponse(spec)
+        prefix = request.headers.get(PREFIX_HEADER, "").rstrip("/")
+        return JSONResponse({**spec, "servers": [{"url": prefix}]} if prefix else spec)
 
     async def docs(request) -> Response:
         return HTMLResponse(DOCS_HTML)

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse, Response
 from ..engine.scoring import ScoreResult
 from ..errors import InvalidRequest, SIEError
 from . import openai
-from .calls import Calls, validated
-from .validate import check_text
+from .calls import Calls
+from .validate import check_text, validated
 
 
 class DocumentObject(BaseModel):

@@ -6,7 +6,8 @@ TEI serves one model per process; here its routes use the model named by the req
 `--rerank-model` (rerank, predict) (api/calls.py `default_model`). `POST /` answers as TEI's
 does for the embedding model (embed; embed_sparse for a sparse-only model), and also takes a
 sentence-similarity body (`inputs.source_sentence`), which is what huggingface_hub's
-InferenceClient sends there. Errors are TEI's `{error, error_type}` with TEI's statuses.
+InferenceClient sends there. Errors are TEI's `{error, error_type}` with TEI's statuses;
+answers that compute carry TEI's timing headers (`Timer`).
 
 Not served (422 naming the field): token-id inputs, `truncation_direction: left`, and
 `normalize: false` on a model whose own last module normalises (the vectors are its output).
@@ -23,12 +24,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
+from ..engine import Engine
 from ..errors import InvalidRequest, SIEError
 from ..models import FAMILIES
-from .calls import Calls, validated
+from .calls import Calls
 from .openapi import Operation
 from .openai import shorten
-from .validate import check_text
+from .validate import check_text, validated
 
 Inputs = str | list[str]
 LABEL = "LABEL_0"  # a one-logit cross-encoder's only label (transformers' default id2label)
@@ -236,16 +238,28 @@ def _options(req: Any, prompt_name: str | None = None) -> dict[str, Any]:
 
 
 class Timer:
-    """TEI's timing headers: x-compute-time / x-total-time (ms), x-compute-characters,
-    x-compute-tokens; the queue / tokenization / inference split is not measured per request
-    here, so those headers are not sent."""
+    """TEI's timing headers (TEI's router/src/lib.rs, ResponseMetadata), in whole
+    milliseconds (truncated, as TEI's `as_millis`): x-total-time and x-compute-time from the
+    request's arrival to its answer; x-tokenization-time, x-queue-time and x-inference-time
+    from the engine's Timing of the request (engine/request.py: disjoint parts of the total),
+    summed over its engine calls; x-compute-characters, x-compute-tokens, and x-compute-type
+    the device ("cpu", "gpu"; TEI's is always "gpu+optimized")."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, request: Request, engine: Engine) -> None:
+        self.request, self.arrived = request, time.monotonic()
+        self.device = engine.placement.device.type
 
     def headers(self, texts: list[str], tokens: int) -> dict[str, str]:
-        ms = str(round((time.perf_counter() - self.started) * 1000))
-        return {"x-compute-type": "cpu", "x-compute-time": ms, "x-total-time": ms,
+        parts = [t.sie(self.arrived) for t in getattr(self.request.state, "timings", ())]
+        total = str(int((time.monotonic() - self.arrived) * 1000))
+
+        def ms(key: str) -> str:
+            return str(int(sum(p[key] for p in parts)))
+
+        return {"x-compute-type": "gpu" if self.device == "cuda" else self.device,
+                "x-compute-time": total, "x-total-time": total,
+                "x-tokenization-time": ms("tokenization_ms"), "x-queue-time": ms("queue_ms"),
+                "x-inference-time": ms("inference_ms"),
                 "x-compute-characters": str(sum(map(len, texts))),
                 "x-compute-tokens": str(tokens)}
 
@@ -270,7 +284,7 @@ class TEI:
                             f"(it gives {', '.join(outputs) or 'scores only'})")
 
     async def embed(self, request: Request, body: Any = None) -> Response:
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(EmbedRequest, await self.calls.json(request) if body is None else body)
         texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
@@ -285,7 +299,7 @@ class TEI:
         return _answer(vectors.tolist(), timer, texts, sum(r.token_count for r in results))
 
     async def embed_sparse(self, request: Request, body: Any = None) -> Response:
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(EmbedSparseRequest,
                         await self.calls.json(request) if body is None else body)
         texts = _texts(req.inputs)
@@ -298,7 +312,7 @@ class TEI:
         return _answer(out, timer, texts, sum(r.token_count for r in results))
 
     async def embed_all(self, request: Request) -> Response:
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(EmbedSparseRequest, await self.calls.json(request))
         texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
@@ -309,7 +323,7 @@ class TEI:
                        texts, sum(r.token_count for r in results))
 
     async def similarity(self, request: Request, body: Any = None) -> Response:
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(SimilarityRequest,
                         await self.calls.json(request) if body is None else body)
         if not req.inputs.sentences:
@@ -333,7 +347,7 @@ class TEI:
         return options
 
     async def rerank(self, request: Request, body: Any = None) -> Response:
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(TEIRerankRequest,
                         await self.calls.json(request) if body is None else body)
         if not req.texts:
@@ -350,7 +364,7 @@ class TEI:
     async def predict(self, request: Request) -> Response:
         """Pairs [query, text] scored by the rerank model (TEI's reranker /predict); a lone
         text is refused: no model here classifies single texts."""
-        timer = Timer()
+        timer = Timer(request, self.calls.engine)
         req = validated(PredictRequest, await self.calls.json(request))
         if isinstance(req.inputs, str) or len(req.inputs) == 1:
             raise InvalidRequest("inputs: a single text cannot be classified here; this "

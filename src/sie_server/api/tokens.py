@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, Field
 
 from ..engine import Engine
-from ..engine.options import check_options
 from ..errors import InvalidRequest
-from .validate import ItemModel, _known, _obj, parse_items
+from .validate import STRICT, Item, Text, item_inputs, validated_items
 
 MAX_IDS = 65536
 
@@ -27,37 +26,28 @@ class TokensCall:
     options: dict[str, Any]  # is_query, instruction: as in encode
 
 
+class TokensOptions(BaseModel):
+    model_config = STRICT
+    is_query: bool | None = None
+    instruction: Text | None = None
+
+
 class TokensRequest(BaseModel):
-    """The body as /openapi.json shows it (`parse` checks it, with the encode messages)."""
-    model_config = ConfigDict(extra="forbid")
-    items: list[ItemModel] | None = None
-    ids: list[int] | None = None
-    options: dict[str, Any] | None = None
+    model_config = STRICT
+    items: list[Item] | None = Field(None, min_length=1)
+    ids: list[int] | None = Field(None, max_length=MAX_IDS)
+    options: TokensOptions | None = None
 
 
 def parse(body: Any, max_items: int) -> TokensCall:
-    """`{"items"?: [Item], "ids"?: [int], "options"?: {"is_query", "instruction"}}`."""
-    body = _obj(body, "body")
-    _known(body, {"items", "ids", "options"}, "body")
-    texts: list[Any] = []
-    if body.get("items") is not None:
-        texts, _ = parse_items(body["items"], "items", max_items)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InvalidRequest(f"items[{i}]: only texts are tokenized")
-    ids = body.get("ids")
-    if ids is None:
-        ids = []
-    if not isinstance(ids, list):
-        raise InvalidRequest("ids must be a list of token ids")
-    if len(ids) > MAX_IDS:
-        raise InvalidRequest(f"ids holds {len(ids)} token ids; at most {MAX_IDS} per request")
-    for i, token_id in enumerate(ids):
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise InvalidRequest(f"ids[{i}] must be an integer token id")
-    options = check_options(body.get("options"), {"is_query": bool, "instruction": str},
-                            "options")
-    return TokensCall(texts, ids, options)
+    """A TokensRequest -> TokensCall (texts only: images are not tokenized)."""
+    req = validated_items(TokensRequest, body, max_items)
+    texts, _ = item_inputs(req.items or [], "items")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"items[{i}]: only texts are tokenized")
+    options = req.options.model_dump(exclude_none=True) if req.options else {}
+    return TokensCall(texts, req.ids or [], options)  # type: ignore[arg-type]
 
 
 def run(engine: Engine, model: str, call: TokensCall) -> dict[str, Any]:

@@ -1,28 +1,155 @@
-"""Turning SIE request bodies into engine calls; every error names the field at fault.
-
-SIE's request options that the engine has no use for are settled here: `output_dtype` and
-`normalize` shape the response (wire layer), `overflow_policy` maps to `truncate`; `profile`
-goes on to the engine (engine/profiles.py); `smve` is refused as not supported.
+"""SIE's request bodies: the pydantic definitions below validate them (strictly: `true` is no
+integer, `5` no string) and are what /openapi.json shows; `validated` turns the first problem
+into a 400 INVALID_INPUT naming the field. After them, code settles only what a schema cannot
+say: an item holds text or an image, lone surrogates in its text and id, the per-request
+item limit (a setting), an image's base64 and size (api/images.py), and SIE's request
+options the engine has no use for: `output_dtype` and `normalize` shape the response (wire
+layer), `overflow_policy` maps to `truncate`; `profile` goes on to the engine
+(engine/profiles.py); `smve` is refused as not supported. The rest of `options` is the
+engine's, which checks it (engine/options.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict  # pydantic's TypedDict on Python < 3.12
 
 from ..errors import InvalidRequest, shown
 from ..quantize import OUTPUT_DTYPES
-from .images import ImageInput, parse_images
+from .images import ImageInput, ItemImages, image_input
 
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
 MAX_ID_CHARS = 1024
 MAX_LORA_ID_CHARS = 512
 OVERFLOW_POLICIES = ("default", "truncate_text", "error")
 UNSUPPORTED_OPTIONS = ("smve",)
+MAX_EXTRACT_LABELS = 1000  # SIE's core/extract_cost.MAX_EXTRACT_LABELS
+MAX_LABEL_CHARS = 128  # SIE's adapters/_prompt_limit.MAX_LABEL_CHARS
+MAX_ITEM_TEXT_BYTES = 2 * 1024 * 1024  # SIE's types/inputs.DEFAULT_MAX_ITEM_TEXT_BYTES
 
+
+# ------------------------------------------------------------------ validation
+
+def _unicode(text: str) -> str:
+    """A string that UTF-8 can carry (JSON's "\\ud800" decodes to a lone surrogate)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def check_text(text: Any, field: str) -> None:
+    """A string UTF-8 can carry, else InvalidRequest naming `field`."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{field} must be a string")
+    try:
+        _unicode(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: {exc}") from None
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def validated(model: type[BaseModel], body: Any) -> Any:
+    """`body` checked against a request definition (the one the OpenAPI spec is made of);
+    the first problem becomes a 400 naming the field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        # the most specific problem; a union's member names ("str", "list[str]") leave the path
+        err = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))
+        loc = [p for p in err["loc"] if not _member(p)]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{shown(p)}"
+                        for p in loc).lstrip(".")
+        if err["type"] == "extra_forbidden":  # a top-level one named as SIE did: body.<key>
+            where = f"body.{where}" if len(loc) == 1 else where
+            raise InvalidRequest(f"{where} is not a known field") from None
+        where = where or "body"
+        if err["type"] == "missing":
+            raise InvalidRequest(f"{where} is missing") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"{where}: {message}{_got(err.get('input'))}") from None
+
+
+def _member(part: Any) -> bool:
+    """A union member's tag in a pydantic error location (not a field name or index)."""
+    return isinstance(part, str) and ("[" in part or part in (
+        "str", "int", "float", "bool", "bytes", "dict", "list", "none") or part[:1].isupper())
+
+
+def _got(value: Any) -> str:
+    """What the client sent, as an error may echo it: a string cut to 64 characters, a
+    number's or other scalar's type; nothing for objects and lists."""
+    if isinstance(value, str):
+        return f" (got {value[:64]!r})"
+    if value is None or isinstance(value, (bool, int, float)):
+        return f" (got {type(value).__name__})"
+    return ""
+
+
+# ------------------------------------------------------------------ the bodies
+
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class Item(TypedDict, total=False):
+    """An item (a TypedDict: validated as a dict, several times faster than a model per
+    item); `item_inputs` checks what its schema cannot."""
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None
+    text: Annotated[str | None, Field(description="an item holds text or images")]
+    images: ItemImages | None
+    metadata: dict[str, Any] | None
+
+
+class EncodeParams(BaseModel):
+    model_config = STRICT
+    output_types: list[Literal[OUTPUT_TYPES]] | None = None  # type: ignore[valid-type]
+    instruction: Text | None = None
+    output_dtype: Literal[OUTPUT_DTYPES] | None = None  # type: ignore[valid-type]
+    options: dict[str, Any] | None = None
+
+
+class EncodeRequest(BaseModel):
+    model_config = STRICT
+    items: list[Item] = Field(min_length=1)
+    params: EncodeParams | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = STRICT
+    query: Item
+    items: list[Item] = Field(min_length=1)
+    instruction: Text | None = None
+    options: dict[str, Any] | None = None
+    top_k: int | None = Field(None, ge=1)
+
+
+Label = Annotated[str, Field(max_length=MAX_LABEL_CHARS), AfterValidator(_unicode)]
+
+
+class ExtractParams(BaseModel):
+    model_config = STRICT
+    labels: list[Label] | None = Field(None, max_length=MAX_EXTRACT_LABELS)
+    output_schema: dict[str, Any] | None = Field(None, description="refused: not served here")
+    instruction: Text | None = None
+    options: dict[str, Any] | None = None
+
+
+class ExtractRequest(BaseModel):
+    model_config = STRICT
+    items: list[Item] = Field(min_length=1)
+    params: ExtractParams | None = None
+
+
+# ------------------------------------------------------------------ what a schema cannot say
 
 @dataclass(frozen=True)
 class EncodeCall:
@@ -44,73 +171,57 @@ class ScoreCall:
     top_k: int | None
 
 
-def _obj(value: Any, field: str) -> dict:
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{field} must be an object")
-    return value
+@dataclass(frozen=True)
+class ExtractCall:
+    texts: list[str]
+    ids: list[str | None]
+    labels: list[str] | None
+    options: dict[str, Any]  # engine options (engine.extract.ExtractOptions)
 
 
-def _known(obj: dict, allowed: set[str], field: str) -> None:
-    unknown = [k for k in obj if k not in allowed]
-    if unknown:
-        raise InvalidRequest(f"{field}.{shown(unknown[0])} is not a known field "
-                             f"(known: {', '.join(sorted(allowed))})")
+def validated_items(model: type[BaseModel], body: Any, max_items: int) -> Any:
+    """`validated`, refusing first (before reading them) more than `max_items` items."""
+    items = body.get("items") if isinstance(body, dict) else None
+    if isinstance(items, list) and len(items) > max_items:
+        raise InvalidRequest(f"items holds {len(items)} items; at most {max_items} per request")
+    return validated(model, body)
 
 
-def parse_items(value: Any, field: str,
-                max_items: int) -> tuple[list[str | ImageInput], list[str | None]]:
-    """`[{"id"?, "text" | "images", "metadata"?}]` -> (texts or images, ids)."""
-    if not isinstance(value, list):
-        raise InvalidRequest(f"{field} must be a list of items")
-    if not value:
-        raise InvalidRequest(f"{field} must hold at least one item")
-    if len(value) > max_items:
-        raise InvalidRequest(f"{field} holds {len(value)} items; at most {max_items} per request")
-    texts, ids = [], []
-    for i, item in enumerate(value):
-        text, item_id = parse_item(item, f"{field}[{i}]")
+def item_input(item: Item, field: str) -> str | ImageInput:
+    """A validated item's text (a string UTF-8 can carry), or its image (api/images.py)."""
+    if item.get("id") is not None:
+        check_text(item["id"], f"{field}.id")
+    if item.get("images") is not None:
+        return image_input(item["images"], item.get("text"), field)
+    text = item.get("text")
+    if text is None:
+        raise InvalidRequest(f"{field}.text is missing")
+    check_text(text, f"{field}.text")
+    return text
+
+
+def item_inputs(items: list[Item], field: str
+                ) -> tuple[list[str | ImageInput], list[str | None]]:
+    """Validated items -> (texts or images, ids). An ASCII text with an ASCII id or none (most
+    items) needs no more checking; `item_input` checks the rest."""
+    texts: list[str | ImageInput] = []
+    ids = []
+    for i, item in enumerate(items):
+        text, item_id = item.get("text"), item.get("id")
+        if (text is None or not text.isascii() or "images" in item
+                or not (item_id is None or item_id.isascii())):
+            text = item_input(item, f"{field}[{i}]")
         texts.append(text)
         ids.append(item_id)
     return texts, ids
 
 
-def parse_item(item: Any, field: str) -> tuple[str | ImageInput, str | None]:
-    """An item's text, or its image (api/images.py), and its id."""
-    item = _obj(item, field)
-    _known(item, {"id", "text", "images", "metadata"}, field)
-    item_id = item.get("id")
-    if item_id is not None:
-        if not isinstance(item_id, str):
-            raise InvalidRequest(f"{field}.id must be a string")
-        if len(item_id) > MAX_ID_CHARS:
-            raise InvalidRequest(f"{field}.id is longer than {MAX_ID_CHARS} characters")
-    if item.get("metadata") is not None and not isinstance(item["metadata"], dict):
-        raise InvalidRequest(f"{field}.metadata must be an object")
-    if item.get("images") is not None:
-        return parse_images(item, field), item_id
-    text = item.get("text")
-    if text is None:
-        raise InvalidRequest(f"{field}.text is missing")
-    check_text(text, f"{field}.text")
-    return text, item_id
-
-
-def check_text(text: Any, field: str) -> None:
-    """A string that UTF-8 can carry (JSON's "\\ud800" decodes to a lone surrogate)."""
-    if not isinstance(text, str):
-        raise InvalidRequest(f"{field} must be a string")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest(f"{field} is not valid Unicode (a lone surrogate)") from None
-
-
-def parse_options(value: Any, field: str, instruction: Any = None) -> dict[str, Any]:
+def parse_options(value: dict[str, Any] | None, field: str,
+                  instruction: str | None = None) -> dict[str, Any]:
     """A request's options with SIE's wire-only keys settled (see the module docstring);
     what is left goes to the engine, which checks it. `instruction` (a top-level field of
     the request) wins over `options.instruction`."""
-    options = dict(_obj(value if value is not None else {}, field))
+    options = dict(value or {})
     for key in UNSUPPORTED_OPTIONS:
         if options.get(key) is not None:
             raise InvalidRequest(f"{field}.{key} is not supported by this server")
@@ -126,41 +237,20 @@ def parse_options(value: Any, field: str, instruction: Any = None) -> dict[str, 
     if isinstance(lora, str) and len(lora) > MAX_LORA_ID_CHARS:
         raise InvalidRequest(f"{field}.lora_id is longer than {MAX_LORA_ID_CHARS} characters")
     if instruction is not None:
-        if not isinstance(instruction, str):
-            raise InvalidRequest("instruction must be a string")
         options["instruction"] = instruction
     return options
 
 
-def _output_dtype(value: Any, field: str) -> str:
-    if value is None:
-        return "float32"
-    if value not in OUTPUT_DTYPES:
-        raise InvalidRequest(f"{field} must be one of {', '.join(OUTPUT_DTYPES)}")
-    return value
-
-
 def parse_encode(body: Any, max_items: int) -> EncodeCall:
-    """`{"items": [Item], "params"?: {"output_types", "instruction", "output_dtype",
-    "options"}}`."""
-    body = _obj(body, "body")
-    _known(body, {"items", "params"}, "body")
-    if "items" not in body:
-        raise InvalidRequest("items is missing")
-    texts, ids = parse_items(body["items"], "items", max_items)
-    params = _obj(body.get("params") or {}, "params")
-    _known(params, {"output_types", "instruction", "output_dtype", "options"}, "params")
-    types = params.get("output_types") or None
-    if types is not None and (not isinstance(types, list)
-                              or not all(isinstance(t, str) for t in types)):
-        raise InvalidRequest("params.output_types must be a list of strings")
-    for t in types or ():
-        if t not in OUTPUT_TYPES:
-            raise InvalidRequest(f"params.output_types: unknown output type {t[:64]!r}; "
-                                 f"'output_types' entries must be one of {list(OUTPUT_TYPES)}")
-    options = parse_options(params.get("options"), "params.options", params.get("instruction"))
-    dtype = params.get("output_dtype") or options.get("output_dtype")
-    dtype = _output_dtype(dtype, "params.output_dtype")
+    """An EncodeRequest -> EncodeCall; `params.options.output_dtype` stands in for
+    `params.output_dtype`, and `normalize: true` asks for normalised vectors."""
+    req = validated_items(EncodeRequest, body, max_items)
+    texts, ids = item_inputs(req.items, "items")
+    params = req.params or EncodeParams()
+    options = parse_options(params.options, "params.options", params.instruction)
+    dtype = params.output_dtype or options.get("output_dtype")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise InvalidRequest(f"params.output_dtype must be one of {', '.join(OUTPUT_DTYPES)}")
     options.pop("output_dtype", None)
     normalize = options.pop("normalize", None)
     if normalize not in (None, True, False):
@@ -168,25 +258,37 @@ def parse_encode(body: Any, max_items: int) -> EncodeCall:
     if normalize is False:
         raise InvalidRequest("params.options.normalize: false is not supported; this server "
                              "returns normalised vectors")
-    return EncodeCall(texts, ids, types and list(dict.fromkeys(types)), options, dtype,
-                      bool(normalize))
+    types = params.output_types or None
+    return EncodeCall(texts, ids, types and list(dict.fromkeys(types)), options,
+                      dtype or "float32", bool(normalize))
 
 
 def parse_score(body: Any, max_items: int) -> ScoreCall:
-    """`{"query": Item, "items": [Item], "instruction"?, "options"?, "top_k"?}`."""
-    body = _obj(body, "body")
-    _known(body, {"query", "items", "instruction", "options", "top_k"}, "body")
-    if body.get("query") is None:
-        raise InvalidRequest("query is missing")
-    query, query_id = parse_item(body["query"], "query")
-    if "items" not in body:
-        raise InvalidRequest("items is missing")
-    texts, ids = parse_items(body["items"], "items", max_items)
-    options = parse_options(body.get("options"), "options", body.get("instruction"))
-    top_k = body.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InvalidRequest("top_k must be a positive integer")
-    return ScoreCall(query, query_id, texts, ids, options, top_k)
+    """A ScoreRequest -> ScoreCall."""
+    req = validated_items(ScoreRequest, body, max_items)
+    texts, ids = item_inputs(req.items, "items")
+    options = parse_options(req.options, "options", req.instruction)
+    return ScoreCall(item_input(req.query, "query"), req.query.get("id"), texts, ids, options,
+                     req.top_k)
+
+
+def parse_extract(body: Any, max_items: int) -> ExtractCall:
+    """An ExtractRequest -> ExtractCall: texts only (no images), each at most SIE's
+    MAX_ITEM_TEXT_BYTES of UTF-8; `params.output_schema` is refused (not served)."""
+    req = validated_items(ExtractRequest, body, max_items)
+    texts, ids = item_inputs(req.items, "items")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"items[{i}].images: extraction here reads text; send items[{i}].text")
+        if len(text) > MAX_ITEM_TEXT_BYTES // 4 and len(text.encode("utf-8")) > MAX_ITEM_TEXT_BYTES:
+            raise InvalidRequest(f"items[{i}].text must hold at most {MAX_ITEM_TEXT_BYTES} bytes "
+                                 "of UTF-8 text")
+    params = req.params or ExtractParams()
+    if params.output_schema is not None:
+        raise InvalidRequest("params.output_schema: structured extraction is not served by "
+                             "this server; send params.labels")
+    options = parse_options(params.options, "params.options", params.instruction)
+    return ExtractCall(texts, ids, params.labels, options)  # type: ignore[arg-type]
 
 
 def parse_timeout(value: Any, field: str) -> float:
@@ -200,86 +302,7 @@ def parse_timeout(value: Any, field: str) -> float:
     return seconds
 
 
-MAX_EXTRACT_LABELS = 1000  # SIE's core/extract_cost.MAX_EXTRACT_LABELS
-MAX_LABEL_CHARS = 128  # SIE's adapters/_prompt_limit.MAX_LABEL_CHARS
-MAX_ITEM_TEXT_BYTES = 2 * 1024 * 1024  # SIE's types/inputs.DEFAULT_MAX_ITEM_TEXT_BYTES
-
-
-@dataclass(frozen=True)
-class ExtractCall:
-    texts: list[str]
-    ids: list[str | None]
-    labels: list[str] | None
-    options: dict[str, Any]  # engine options (engine.extract.ExtractOptions)
-
-
-def parse_extract(body: Any, max_items: int) -> ExtractCall:
-    """`{"items": [Item], "params"?: {"labels", "output_schema", "instruction", "options"}}`."""
-    body = _obj(body, "body")
-    _known(body, {"items", "params"}, "body")
-    if "items" not in body:
-        raise InvalidRequest("items is missing")
-    texts, ids = parse_items(body["items"], "items", max_items)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidRequest(f"items[{i}].images: extraction here reads text; send items[{i}].text")
-        if len(text) > MAX_ITEM_TEXT_BYTES // 4 and len(text.encode("utf-8")) > MAX_ITEM_TEXT_BYTES:
-            raise InvalidRequest(f"items[{i}].text must hold at most {MAX_ITEM_TEXT_BYTES} bytes "
-                                 "of UTF-8 text")
-    params = _obj(body.get("params") or {}, "params")
-    _known(params, {"labels", "output_schema", "instruction", "options"}, "params")
-    if params.get("output_schema") is not None:
-        raise InvalidRequest("params.output_schema: structured extraction is not served by "
-                             "this server; send params.labels")
-    labels = params.get("labels")
-    if labels is not None:
-        if not isinstance(labels, list):
-            raise InvalidRequest("params.labels must be a list of strings")
-        if len(labels) > MAX_EXTRACT_LABELS:
-            raise InvalidRequest(f"params.labels must contain at most {MAX_EXTRACT_LABELS} labels")
-        for i, label in enumerate(labels):
-            check_text(label, f"params.labels[{i}]")
-            if len(label) > MAX_LABEL_CHARS:
-                raise InvalidRequest(f"params.labels[{i}] may have at most {MAX_LABEL_CHARS} "
-                                     "characters")
-    options = parse_options(params.get("options"), "params.options", params.get("instruction"))
-    return ExtractCall(texts, ids, labels, options)  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------ the wire, as OpenAPI shows it
-# The shapes of SIE's bodies for api/openapi.py. The functions above check the same fields by
-# hand, with SIE's messages (which its SDK and tests rely on); these definitions describe them.
-
-class ItemModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="Item")
-    id: str | None = Field(None, max_length=MAX_ID_CHARS)
-    text: str | None = None
-    images: list[Any] | None = Field(None, description="image models: [{data, format}]")
-    metadata: dict[str, Any] | None = None
-
-
-class EncodeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    output_types: list[Literal["dense", "sparse", "multivector"]] | None = None
-    instruction: str | None = None
-    output_dtype: Literal[OUTPUT_DTYPES] | None = None  # type: ignore[valid-type]
-    options: dict[str, Any] | None = None
-
-
-class EncodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    items: list[ItemModel] = Field(min_length=1)
-    params: EncodeParams | None = None
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    query: ItemModel
-    items: list[ItemModel] = Field(min_length=1)
-    instruction: str | None = None
-    options: dict[str, Any] | None = None
-    top_k: int | None = Field(None, ge=1)
-
+# ------------------------------------------------------------------ responses, as OpenAPI shows them
 
 class SIEUsage(BaseModel):
     input_tokens: int
@@ -328,20 +351,6 @@ class ErrorDetailModel(BaseModel):
 
 class SIEErrorResponse(BaseModel):
     detail: ErrorDetailModel
-
-
-class ExtractParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    labels: list[str] | None = Field(None, max_length=MAX_EXTRACT_LABELS)
-    output_schema: dict[str, Any] | None = Field(None, description="refused: not served here")
-    instruction: str | None = None
-    options: dict[str, Any] | None = None
-
-
-class ExtractRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    items: list[ItemModel] = Field(min_length=1)
-    params: ExtractParams | None = None
 
 
 class ExtractResponse(BaseModel):

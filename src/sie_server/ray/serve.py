@@ -4,15 +4,18 @@ Two deployments. `SIEDeployment` replicas each build an Engine and run every req
 `create_app(engine)`, so every route, error, limit and metric of `sie-server serve` comes
 along; each response names its replica (`X-SIE-Replica`, and a `sie_replica` gauge in
 `/metrics`). `Gateway`, the HTTP ingress (`@serve.ingress()` with `__serve_build_asgi_app__`),
-is a thin forwarder: it routes each request by the model id in its path through Serve's model
-multiplexing, sends a request whose replica died to another one, and answers Serve's queue
-limit (`max_queued_requests`) with SIE's 503 QUEUE_FULL. See docs/RAY.md for why there are two.
+is a thin forwarder: it routes each request by the model it is for (`routed_model`: in the path
+for SIE's routes, in the JSON body's `model` or the --embed-model / --rerank-model default for
+the other protocols) through Serve's model multiplexing, sends a request whose replica died to
+another one, and answers Serve's queue limit (`max_queued_requests`) with SIE's 503 QUEUE_FULL.
+See docs/RAY.md for why there are two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -27,14 +30,18 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..api import create_app
+from ..api.infinity import DEFAULT as INFINITY_DEFAULT
+from ..api.openapi import PREFIX_HEADER as _PREFIX
 from ..api.wire import JSON, encode_body, error_body
 from ..config import Settings
 from ..engine import Engine
+from ..engine.profiles import split_ref
 from ..errors import ModelLoading, Overloaded, SIEError
 
 log = logging.getLogger("ray.serve")  # into Serve's replica logs, with request ids
 
 REPLICA_HEADER = b"x-sie-replica"
+PREFIX_HEADER = _PREFIX.encode()  # the application's route prefix, for the app's links
 # Serve options of the SIE deployment; the other arguments of an app are Settings fields
 # and ReplicaOptions / GatewayOptions fields.
 DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "ray_actor_options",
@@ -57,15 +64,50 @@ class GatewayOptions:
     gateway_cpus: float = 0.1
 
 
-def model_in_path(path: str) -> str | None:
-    """The model id a request path names, or None (/v1/embeddings has it in the body)."""
-    for route in ("/v1/encode/", "/v1/score/"):
+# Where the routes of api/app.py's operation table name their model (tests/test_ray.py checks
+# every POST route of the app against these): SIE's in the path after one of PATH_ROUTES (and
+# adapters at /v1/models/{model}/adapters/{id}); the other protocols' in the JSON body's
+# `model`, else the role's default flag. Other routes name none: any replica answers.
+PATH_ROUTES = ("/v1/encode/", "/v1/score/", "/v1/extract/", "/v1/tokens/")
+BODY_ROUTES = {**dict.fromkeys(("/v1/embeddings", "/embeddings", "/embed", "/embed_sparse",
+                                "/embed_all", "/similarity", "/tokenize", "/decode", "/"),
+                               "embed"),
+               **dict.fromkeys(("/v1/rerank", "/v2/rerank", "/rerank", "/predict"), "rerank")}
+_PARSE_INLINE_BYTES = 1 << 16  # larger bodies are parsed for their `model` off the event loop
+
+
+def routed_model(method: str, path: str, body: bytes, settings: Settings) -> str | None:
+    """The model a request is for, as the replica's app will resolve it (a profile suffix
+    `model:profile` routes as its model); None: any replica will do (every replica loads
+    the default models, which is what a body without `model` gets when no default flag is
+    set)."""
+    for route in PATH_ROUTES:
         if path.startswith(route) and len(path) > len(route):
-            return path[len(route):]
-    if path.startswith("/v1/models/"):
+            return split_ref(path[len(route):], {})[0]
+    if path.startswith("/v1/models/") and method in ("POST", "DELETE"):
         model, sep, _ = path[len("/v1/models/"):].partition("/adapters/")
         return model if sep and model else None
-    return None
+    prefix = settings.infinity_prefix.rstrip("/")
+    if prefix and path.startswith(prefix + "/"):
+        path = path[len(prefix):]
+    role = BODY_ROUTES.get(path) if method == "POST" else None
+    if role is None:
+        return None
+    named = _body_model(body)
+    if named and named != INFINITY_DEFAULT:
+        return split_ref(named, {})[0]
+    return settings.embed_model if role == "embed" else settings.rerank_model
+
+
+def _body_model(body: bytes) -> str | None:
+    """A JSON body's top-level `model` string, if it has one (a bad body is the replica's
+    to refuse)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = value.get("model") if isinstance(value, dict) else None
+    return model if isinstance(model, str) else None
 
 
 class _Held:
@@ -136,7 +178,7 @@ class ReplicaApp:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        model = model_in_path(scope["path"])
+        model = serve.get_multiplexed_model_id()  # the Gateway's routed_model
         if model in self.replica.known:
             await self.replica.hold(model)
 
@@ -207,8 +249,9 @@ async def call_asgi(app: Any, request: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """The HTTP entry: forwards each request to an SIE replica that holds its model."""
 
-    def __init__(self, sie: DeploymentHandle, options: GatewayOptions = GatewayOptions()) -> None:
-        self.sie, self.retries = sie, options.retries
+    def __init__(self, sie: DeploymentHandle, settings: Settings,
+                 options: GatewayOptions = GatewayOptions()) -> None:
+        self.sie, self.settings, self.retries = sie, settings, options.retries
 
     def __serve_build_asgi_app__(self):
         return GatewayApp(self)
@@ -250,10 +293,16 @@ class GatewayApp:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # an application with a route_prefix
             path = path[len(root):]
+        headers = [(k, v) for k, v in scope["headers"] if k != PREFIX_HEADER]
+        if root:  # the app's own links and its OpenAPI `servers` (api/openapi.py)
+            headers.append((PREFIX_HEADER, root.encode()))
+        body = b"".join(chunks)
         request = {"method": scope["method"], "path": path,
-                   "query": scope.get("query_string", b""), "headers": scope["headers"],
-                   "body": b"".join(chunks), "client": scope.get("client")}
-        model = model_in_path(path)
+                   "query": scope.get("query_string", b""), "headers": headers,
+                   "body": body, "client": scope.get("client")}
+        find = functools.partial(routed_model, scope["method"], path, body,
+                                 self.gateway.settings)
+        model = find() if len(body) <= _PARSE_INLINE_BYTES else await anyio.to_thread.run_sync(find)
         sie = self.gateway.sie
         handle = sie.options(multiplexed_model_id=model) if model else sie
         try:
@@ -313,7 +362,7 @@ def build_app(settings: Settings, replica: ReplicaOptions = ReplicaOptions(),
     sie = SIEDeployment.options(**deployment).bind(settings, replica)
     front = Gateway.options(num_replicas=gateway.gateway_replicas,
                             ray_actor_options={"num_cpus": gateway.gateway_cpus})
-    return front.bind(sie, gateway)
+    return front.bind(sie, settings, gateway)
 
 
 def app(args: dict[str, Any]) -> serve.Application:
