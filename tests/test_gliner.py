@@ -183,9 +183,9 @@ def check_windows(engine, name: str, folder: Path, settings) -> None:
     from transformers import AutoTokenizer
 
     words = [m.group() for m in re.finditer(r"\w+(?:[-_]\w+)*|\S", text)]
-    whole = AutoTokenizer.from_pretrained(str(folders["deberta-40"]))(
+    whole = AutoTokenizer.from_pretrained(str(folder))(
         words, is_split_into_words=True, truncation=False)["input_ids"]
-    assert engine.extract("deberta-40", [text], LABELS)[1] == len(whole)
+    assert engine.extract(name, [text], LABELS)[1] == len(whole)
 
 
 @pytest.fixture(scope="module")
