@@ -159,6 +159,19 @@ def run_public(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, 
     return arrays, json.loads((tmp / f"{check}.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def engine(folders: dict[str, Path]):
+    """An fp32 CPU engine serving the requesting module's `folders` (name -> model folder);
+    a module with an `engine` of its own overrides this one."""
+    from sie_server.config import Settings
+    from sie_server.engine import Engine
+
+    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
+                          models={k: str(v) for k, v in folders.items()}))
+    yield eng
+    eng.close()
+
+
 @contextlib.contextmanager
 def held_worker(engine, model: str, hold=None) -> Iterator:
     """(scheduler, release, batches): the model's worker blocks on its next batch until

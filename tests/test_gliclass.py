@@ -51,14 +51,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for i, (name, (backbone, options)) in enumerate(CONFIGS.items())}
 
 
-@pytest.fixture(scope="module")
-def engine(folders: dict[str, Path]):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
-
-
 def reference(folder: Path, kind: str):
     from gliclass import GLiClassModel, ZeroShotClassificationPipeline
     from transformers import AutoTokenizer

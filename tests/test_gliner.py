@@ -28,8 +28,6 @@ from make_gliner_test_models import build
 
 from sie_sdk import SIEClient
 from sie_sdk.errors import SIEServerError
-from sie_server.config import Settings
-from sie_server.engine import Engine
 
 LABELS = ["person", "organization", "location", "date"]
 TEXTS = {
@@ -66,14 +64,6 @@ def windows_of_40(folder: Path, copy: Path) -> Path:
     config = json.loads((copy / "gliner_config.json").read_text())
     (copy / "gliner_config.json").write_text(json.dumps({**config, "max_len": 40}))
     return copy
-
-
-@pytest.fixture(scope="module")
-def engine(folders: dict[str, Path]):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
 
 
 def same(theirs: list[dict], ours: list[dict]) -> None:

@@ -16,14 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import test_gliner
 from make_gliner_test_models import build
 from test_gliner import LABELS, TEXTS, check_windows, reference, same, windows_of_40
 
 from sie_server.models.gliner import merge_adjacent
 
 NUNER = "numind/NuNER_Zero"
-engine = test_gliner.engine  # its fixture, on this module's `folders`
 
 
 @pytest.fixture(scope="module")

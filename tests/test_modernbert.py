@@ -46,14 +46,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(folders: dict[str, Path]):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
-
-
 def st_model(folder: Path):
     from sentence_transformers import SentenceTransformer
 
