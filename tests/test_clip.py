@@ -226,18 +226,20 @@ def test_causal_bucketed_attention_equals_per_sequence_sdpa() -> None:
         torch.testing.assert_close(got[a:b], want, atol=1e-5, rtol=1e-5)
 
 
-def test_parse_images_limits_and_aliases() -> None:
+def test_image_items_limits_and_aliases() -> None:
     import base64
 
     from sie_server.api import images as wire
+    from sie_server.api.validate import EncodeRequest, validated
 
-    assert wire.parse_images({"images": [{"data": b"x", "format": "JPG"}]}, "items[0]") == \
-        ImageInput(b"x", "jpeg")
-    assert wire.parse_images({"images": [base64.b64encode(b"xy").decode()]}, "q") == \
-        ImageInput(b"xy", None)
+    def one(image, field: str = "items[0]") -> ImageInput:
+        return wire.image_input([image], None, field)
+
+    assert one(wire.ImageModel(data=b"x", format="JPG")) == ImageInput(b"x", "jpeg")
+    assert one(base64.b64encode(b"xy").decode(), "q") == ImageInput(b"xy", None)
     big = bytes(wire.MAX_IMAGE_BYTES + 1)
     for data in (big, base64.b64encode(big).decode()):
         with pytest.raises(InvalidRequest, match=r"^items\[2\]\.images\[0\]\.data is \d+ bytes"):
-            wire.parse_images({"images": [{"data": data}]}, "items[2]")
-    with pytest.raises(InvalidRequest, match=r"format must be a string"):
-        wire.parse_images({"images": [{"data": b"x", "format": 3}]}, "items[0]")
+            one(wire.ImageModel(data=data), "items[2]")
+    with pytest.raises(InvalidRequest, match=r"^items\[0\]\.images\[0\]\.format: .*string"):
+        validated(EncodeRequest, {"items": [{"images": [{"data": "eA==", "format": 3}]}]})
