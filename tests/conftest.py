@@ -90,9 +90,8 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def start_server() -> Iterator:
-    """Factory: start_server(args, env=None) -> ServerProcess; all are stopped at the end."""
+def _server_factory() -> Iterator:
+    """start(args, env=None) -> ServerProcess; every server it started is stopped after."""
     started: list[ServerProcess] = []
 
     def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
@@ -103,6 +102,14 @@ def start_server() -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+# One factory per scope, so that a server lives no longer than what uses it (a suite that kept
+# every server to its end ran out of memory: 37 servers of 0.6-1.5 GB).
+start_server = pytest.fixture(_server_factory, name="start_server")
+start_module_server = pytest.fixture(_server_factory, scope="module", name="start_module_server")
+start_session_server = pytest.fixture(_server_factory, scope="session",
+                                      name="start_session_server")
 
 
 LEGAL_LORA = "org/bge-m3-legal-lora"  # the adapter id of the README snippet
@@ -121,10 +128,10 @@ def legal_lora(tmp_path_factory: pytest.TempPathFactory, bge_m3_dir: Path) -> di
 
 
 @pytest.fixture(scope="session")
-def bge_m3_server(start_server, bge_m3_dir: Path, minilm_dir: Path, legal_lora) -> ServerProcess:
+def bge_m3_server(start_session_server, bge_m3_dir: Path, minilm_dir: Path, legal_lora) -> ServerProcess:
     """A server serving the test model as "BAAI/bge-m3" (with an adapter root holding the
     snippet's LoRA adapter) and all-MiniLM-L6-v2."""
-    return start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+    return start_session_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
                          "--adapter-root", str(legal_lora["root"]),
                          "--default-model", "BAAI/bge-m3",
                          "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])

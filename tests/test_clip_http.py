@@ -28,8 +28,8 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, folders):
-    return start_server(["--model", f"clip-test={folders['clip']}",
+def server(start_module_server, folders):
+    return start_module_server(["--model", f"clip-test={folders['clip']}",
                          "--model", f"siglip-test={folders['siglip']}",
                          "--default-model", "clip-test", "--default-model", "siglip-test",
                          "--default-model", "sentence-transformers/all-MiniLM-L6-v2"])

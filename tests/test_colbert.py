@@ -97,11 +97,11 @@ def references(folders, lora, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, folders, lora):
+def server(start_module_server, folders, lora):
     args = []
     for k in KINDS:
         args += ["--model", f"colbert-{k}={folders[k]}"]
-    return start_server([*args, "--adapter-root", str(lora["root"])])
+    return start_module_server([*args, "--adapter-root", str(lora["root"])])
 
 
 def ours(url: str, model: str, lora_id: str | None = None) -> dict:

@@ -35,8 +35,8 @@ CLEAN_ENV = {k: v for k, v in os.environ.items()
 
 
 @pytest.fixture(scope="module")
-def server(start_server, minilm_dir, ce_bert_dir, bge_m3_dir):  # noqa: F811
-    return start_server(["--model", f"{EMBED}={minilm_dir}", "--model", f"{RERANK}={ce_bert_dir}",
+def server(start_module_server, minilm_dir, ce_bert_dir, bge_m3_dir):  # noqa: F811
+    return start_module_server(["--model", f"{EMBED}={minilm_dir}", "--model", f"{RERANK}={ce_bert_dir}",
                          "--model", f"{M3}={bge_m3_dir}", "--default-model", EMBED,
                          "--default-model", RERANK, "--default-model", M3,
                          "--infinity-prefix", "/infinity"])

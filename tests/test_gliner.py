@@ -179,8 +179,8 @@ def check_windows(engine, name: str, folder: Path, settings) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, folders, minilm_dir):
-    return start_server(["--model", f"urchade/gliner_multi-v2.1={folders['deberta']}",
+def server(start_module_server, folders, minilm_dir):
+    return start_module_server(["--model", f"urchade/gliner_multi-v2.1={folders['deberta']}",
                          "--model", f"sentence-transformers/all-MiniLM-L6-v2={minilm_dir}",
                          "--default-model", "urchade/gliner_multi-v2.1"])
 

@@ -13,8 +13,8 @@ HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(["--header-timeout", "1", "--keep-alive-timeout", "1",
+def server(start_module_server):
+    return start_module_server(["--header-timeout", "1", "--keep-alive-timeout", "1",
                          "--body-idle-timeout", "1", "--max-connections", "40",
                          "--max-header-bytes", "8192", "--max-headers", "50"])
 

@@ -42,13 +42,13 @@ TEXTS = {True: ["what is late interaction?", "MUVERA: fixed-dimensional encoding
 
 
 @pytest.fixture(scope="module")
-def server(start_server, bge_m3_dir, tmp_path_factory):
+def server(start_module_server, bge_m3_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("muvera")
     colbert = make_colbert_test_models.build(root / "colbert", "stanford", seed=11)
     catalog = root / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"models": {
         COLBERT: {"family": "colbert", "source": str(colbert), "muvera": COLBERTV2}}}))
-    return start_server(["--catalog", str(catalog), "--model", f"{M3}={bge_m3_dir}"])
+    return start_module_server(["--catalog", str(catalog), "--model", f"{M3}={bge_m3_dir}"])
 
 
 def test_encodings_equal_sies(server, sie_python, tmp_path):

@@ -32,8 +32,8 @@ def minilm_ref(minilm_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(start_server):
-    return start_server(["--api-key", "k-one", "--api-key", "k-two"])
+def keyed_server(start_module_server):
+    return start_module_server(["--api-key", "k-one", "--api-key", "k-two"])
 
 
 # ------------------------------------------------------------------------------ API keys

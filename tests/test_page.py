@@ -69,8 +69,8 @@ def test_tokens_route_is_the_tokenizers(bge_m3_server, bge_m3_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(start_server, bge_m3_dir: Path):
-    return start_server(["--model", f"{BGE}={bge_m3_dir}", "--default-model", BGE,
+def keyed_server(start_module_server, bge_m3_dir: Path):
+    return start_module_server(["--model", f"{BGE}={bge_m3_dir}", "--default-model", BGE,
                          "--api-key", KEY])
 
 

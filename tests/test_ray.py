@@ -455,10 +455,10 @@ def test_sie_server_ray_command_joins_the_cluster(cli_command, engine) -> None:
 # ---------------------------------------------------------------- every protocol through Serve
 
 @pytest.fixture(scope="module")
-def direct_server(start_server, settings: Settings):
+def direct_server(start_module_server, settings: Settings):
     """`sie-server serve` with the Serve application's settings."""
     args = [a for name, folder in settings.models.items() for a in ("--model", f"{name}={folder}")]
-    return start_server([*args, "--default-model", MINILM, "--rerank-model", settings.rerank_model,
+    return start_module_server([*args, "--default-model", MINILM, "--rerank-model", settings.rerank_model,
                          "--adapter-root", str(settings.adapter_roots[0])])
 
 

@@ -372,8 +372,8 @@ def test_score_errors(engine, minilm_dir):
 # ---------------------------------------------------------------- HTTP, real server, SDK
 
 @pytest.fixture(scope="module")
-def score_server(start_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir, minilm_dir):
-    return start_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
+def score_server(start_module_server, bge_m3_dir, ce_bert_dir, ce_xlmr_dir, minilm_dir):
+    return start_module_server(["--model", f"BAAI/bge-m3={bge_m3_dir}",
                          "--model", f"test/ce-bert={ce_bert_dir}",
                          "--model", f"test/ce-xlmr={ce_xlmr_dir}",
                          "--model", f"{MINILM}={minilm_dir}",

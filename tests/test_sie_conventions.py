@@ -45,8 +45,8 @@ def catalog(tmp_path_factory, bge_m3_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, catalog, legal_lora):
-    return start_server(["--catalog", str(catalog), "--adapter-root", str(legal_lora["root"]),
+def server(start_module_server, catalog, legal_lora):
+    return start_module_server(["--catalog", str(catalog), "--adapter-root", str(legal_lora["root"]),
                          "--default-model", M3])
 
 
