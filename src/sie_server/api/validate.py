@@ -4,7 +4,7 @@ into a 400 INVALID_INPUT naming the field. After them, code settles only what a 
 say: an item holds text or an image, lone surrogates in its text and id, the per-request
 item limit (a setting), an image's base64 and size (api/images.py), and SIE's request
 options the engine has no use for: `output_dtype` and `normalize` shape the response (wire
-layer), `overflow_policy` maps to `truncate`; `profile` goes on to the engine
+layer), `overflow_policy` maps to `truncate` (extract: it goes on as it is); `profile` goes on to the engine
 (engine/profiles.py); `smve` is refused as not supported. The rest of `options` is the
 engine's, which checks it (engine/options.py).
 """
@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict  # pydantic's TypedDict on Python < 3.12
 
+from ..engine.extract import OVERFLOW_POLICIES
 from ..errors import InvalidRequest, shown
 from ..quantize import OUTPUT_DTYPES
 from .images import ImageInput, ItemImages, image_input
@@ -25,7 +26,6 @@ from .images import ImageInput, ItemImages, image_input
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
 MAX_ID_CHARS = 1024
 MAX_LORA_ID_CHARS = 512
-OVERFLOW_POLICIES = ("default", "truncate_text", "error")
 UNSUPPORTED_OPTIONS = ("smve",)
 MAX_EXTRACT_LABELS = 1000  # SIE's core/extract_cost.MAX_EXTRACT_LABELS
 MAX_LABEL_CHARS = 128  # SIE's adapters/_prompt_limit.MAX_LABEL_CHARS
@@ -217,21 +217,22 @@ def item_inputs(items: list[Item], field: str
 
 
 def parse_options(value: dict[str, Any] | None, field: str,
-                  instruction: str | None = None) -> dict[str, Any]:
+                  instruction: str | None = None, policy_key: bool = False) -> dict[str, Any]:
     """A request's options with SIE's wire-only keys settled (see the module docstring);
     what is left goes to the engine, which checks it. `instruction` (a top-level field of
-    the request) wins over `options.instruction`."""
+    the request) wins over `options.instruction`. `policy_key`: `overflow_policy` goes on to
+    the engine as it is (extract: a model's own overflow rules), not as `truncate`."""
     options = dict(value or {})
     for key in UNSUPPORTED_OPTIONS:
         if options.get(key) is not None:
             raise InvalidRequest(f"{field}.{key} is not supported by this server")
         options.pop(key, None)
-    policy = options.pop("overflow_policy", None)
+    policy = options.get("overflow_policy") if policy_key else options.pop("overflow_policy", None)
     if policy is not None:
         if policy not in OVERFLOW_POLICIES:
             raise InvalidRequest(f"{field}.overflow_policy must be one of "
                                  f"{', '.join(OVERFLOW_POLICIES)}")
-        if policy == "error":
+        if policy == "error" and not policy_key:
             options["truncate"] = False
     lora = options.get("lora_id")
     if isinstance(lora, str) and len(lora) > MAX_LORA_ID_CHARS:
@@ -287,7 +288,7 @@ def parse_extract(body: Any, max_items: int) -> ExtractCall:
     if params.output_schema is not None:
         raise InvalidRequest("params.output_schema: structured extraction is not served by "
                              "this server; send params.labels")
-    options = parse_options(params.options, "params.options", params.instruction)
+    options = parse_options(params.options, "params.options", params.instruction, policy_key=True)
     return ExtractCall(texts, ids, params.labels, options)  # type: ignore[arg-type]
 
 

@@ -2,8 +2,9 @@
 
 SIE's extract options (its GLiNER and NLI adapters): `threshold`, `flat_ner`, `multi_label`,
 `merge_adjacent_entities` (GLiNER), `multi_label` and `hypothesis_template` (zero-shot
-classification); GLiClass: `classification_type` (single-label or multi-label), `threshold`
-and the request's `instruction`; `lora_id` as for encode. A model's own defaults apply to what
+classification); GLiClass: `classification_type` (single-label or multi-label), `threshold`,
+`overflow_policy` (SIE's `default`, `truncate_text` or `error`: what a text too long for the
+window gets) and the request's `instruction`; `lora_id` as for encode. A model's own defaults apply to what
 a request leaves out.
 """
 
@@ -15,6 +16,8 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from .options import check_options
+
+OVERFLOW_POLICIES = ("default", "truncate_text", "error")  # SIE's; None = "default"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class ExtractOptions:
     timeout_s: float | None = None
     classification_type: str | None = None
     instruction: str | None = None
+    overflow_policy: str | None = None
     # the loaded adapter of lora_id (runtime.lora.LoraAdapter), set by the engine: a family
     # running heads after the batch (GLiNER) applies its head updates from it
     adapter: Any = None
@@ -38,7 +42,7 @@ class ExtractOptions:
                  "hypothesis_template": str, "merge_adjacent_entities": bool,
                  "lora_id": str, "timeout_s": (int, float),
                  "relation_labels": list, "relation_threshold": (int, float),
-                 "instruction": str, "classification_type": str}
+                 "instruction": str, "classification_type": str, "overflow_policy": str}
         options = check_options(options, kinds, "params.options")
         if options.get("relation_labels"):
             raise InvalidRequest("params.options.relation_labels: this model does not extract "
@@ -55,5 +59,9 @@ class ExtractOptions:
         if kind is not None and kind not in ("single-label", "multi-label"):
             raise InvalidRequest("params.options.classification_type must be 'single-label' or "
                                  "'multi-label'")
+        policy = options.get("overflow_policy")
+        if policy is not None and policy not in OVERFLOW_POLICIES:
+            raise InvalidRequest("params.options.overflow_policy must be one of "
+                                 f"{', '.join(OVERFLOW_POLICIES)}")
         return cls(**{k: v for k, v in options.items()
                       if v is not None and k in cls.__dataclass_fields__})

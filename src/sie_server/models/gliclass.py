@@ -23,9 +23,18 @@ backbone, `model.text_projector.*`, `model.classes_projector.*`, `model.scorer.*
    sigmoid (multi-label; a lone label always gets its sigmoid); labels under
    `options.threshold` (default 0) dropped.
 
-Text-first models need the labels inside the window: a text that pushes a label marker out is
-refused (SIE: INPUT_TOO_LONG); prompt-first models cut the text, and refuse labels that leave
-it under 8 tokens.
+A text too long for the window (SIE's `options.overflow_policy`, SIE's GLiClass rules): with
+`default`, a model reading the text first fails an item whose text pushes a label marker out
+of the window, one reading the labels first cuts the text (as gliclass does) but fails every
+item when the labels and instruction leave under 8 tokens for it; `truncate_text` cuts the
+text's tokens to the room left (decoded to text, read again beside the labels); `error` fails
+each item whose text does not fit whole. A failed item gets `classifications: []` and
+`error: {code: INPUT_TOO_LONG, message}`; the other items are answered.
+
+LoRA (`options.lora_id`): adapters made with peft on the `GLiClassModel` adapt the backbone's
+linears (under `model.encoder_model.`) per row of the shared batches, and gliclass's own
+linears (the text and class projectors, the scorer's MLPs; not the LSTM) in the request's
+scoring.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from ..runtime.batch import PackedBatch
 from ..runtime.deberta import DebertaConfig, DebertaEncoder
 from ..runtime.device import Placement
 from ..runtime.encoder import _ACTIVATIONS, Encoder, EncoderConfig
+from ..runtime.lora import ModelLora, head_linear
 from ..runtime.modernbert import ModernBertConfig, ModernBertEncoder
 from ..runtime.tokenizer import TextTokenizer
 from ..runtime.weights import load_state_dict, reading
@@ -53,6 +63,7 @@ from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec,
 LABEL_TOKEN, SEP_TOKEN = "<<LABEL>>", "<<SEP>>"  # the pipeline's markers
 WINDOW = 1024  # the pipeline's max_length (SIE's max_sequence_length for GLiClass)
 MAX_INSTRUCTION_CHARS = 2048  # SIE's cap on the instruction read with every text
+MIN_TEXT_TOKENS = 8  # room the labels must leave a labels-first model's text (SIE)
 _PREFIX = "model."
 _ENCODER = "model.encoder_model."
 # What this module reads: config key -> (gliclass's default, the values read); other values
@@ -66,47 +77,64 @@ _SUPPORTED = {"architecture_type": ("uni-encoder", ("uni-encoder",)),
               "use_segment_embeddings": (False, (False,))}
 
 
-class _Projector:
+Heads = dict[str, dict[str, torch.Tensor]]  # an adapter's LoRA pairs of gliclass's linears
+
+
+class _Linears:
+    """Some of gliclass's linears by module name, each run with the adapter's LoRA pair for it
+    when the request's `heads` hold one."""
+
+    def __init__(self, w: dict[str, torch.Tensor], names: list[str]) -> None:
+        self.linears = {n: (w[f"{n}.weight"], w[f"{n}.bias"]) for n in names}
+
+    def run(self, name: str, x: torch.Tensor, heads: Heads) -> torch.Tensor:
+        return head_linear(x, *self.linears[name], heads.get(name))
+
+    def lora_heads(self) -> dict[str, tuple[int, int]]:
+        """Their (fan-in, fan-out) by module name (runtime/lora.py's layout heads)."""
+        return {n: (w.shape[1], w.shape[0]) for n, (w, _) in self.linears.items()}
+
+
+class _Projector(_Linears):
     """gliclass's FeaturesProjector: linear_1, the config's activation, linear_2."""
 
     def __init__(self, w: dict[str, torch.Tensor], prefix: str, act: str) -> None:
-        self.l1 = (w[f"{prefix}.linear_1.weight"], w[f"{prefix}.linear_1.bias"])
-        self.l2 = (w[f"{prefix}.linear_2.weight"], w[f"{prefix}.linear_2.bias"])
+        self.l1, self.l2 = f"{prefix}.linear_1", f"{prefix}.linear_2"
+        super().__init__(w, [self.l1, self.l2])
         self.act = _ACTIVATIONS[act]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(x, *self.l1)), *self.l2)
+    def __call__(self, x: torch.Tensor, heads: Heads) -> torch.Tensor:
+        return self.run(self.l2, self.act(self.run(self.l1, x, heads)), heads)
 
 
-def _linears(w: dict[str, torch.Tensor], prefix: str, names: tuple[int, ...]) -> list:
-    return [(w[f"{prefix}.{i}.weight"], w[f"{prefix}.{i}.bias"]) for i in names]
-
-
-class _Scorer:
+class _Scorer(_Linears):
     """One logit per label from the text vector (h,) and the label vectors (C, h)."""
 
     def __init__(self, kind: str, w: dict[str, torch.Tensor]) -> None:
         self.kind = kind
         s = "model.scorer"
+        self.mlp: list[str] = []
         if kind == "weighted-dot":  # Linear, Dropout, ReLU, Linear
-            self.text = (w[f"{s}.proj_text.weight"], w[f"{s}.proj_text.bias"])
-            self.label = (w[f"{s}.proj_label.weight"], w[f"{s}.proj_label.bias"])
-            self.mlp = _linears(w, f"{s}.out_mlp", (0, 3))
+            self.mlp = [f"{s}.out_mlp.0", f"{s}.out_mlp.3"]
+            super().__init__(w, [f"{s}.proj_text", f"{s}.proj_label", *self.mlp])
         elif kind == "mlp":  # Linear, ReLU, Linear, ReLU, Linear
-            self.mlp = _linears(w, f"{s}.mlp", (0, 2, 4))
+            self.mlp = [f"{s}.mlp.{i}" for i in (0, 2, 4)]
+            super().__init__(w, self.mlp)
+        else:
+            super().__init__(w, [])
 
-    def __call__(self, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, text: torch.Tensor, labels: torch.Tensor, heads: Heads) -> torch.Tensor:
         if self.kind == "simple":
             return labels @ text
         c, h = labels.shape
         if self.kind == "weighted-dot":
-            t = F.linear(text, *self.text).view(2, h)
-            lab = F.linear(labels, *self.label).view(c, 2, h)
+            t = self.run("model.scorer.proj_text", text, heads).view(2, h)
+            lab = self.run("model.scorer.proj_label", labels, heads).view(c, 2, h)
             x = torch.cat([t[0].expand(c, h), lab[:, 0], t[1] * lab[:, 1]], -1)
         else:
             x = torch.cat([text.expand(c, h), labels], -1)
-        for i, (weight, bias) in enumerate(self.mlp):
-            x = F.linear(x, weight, bias)
+        for i, name in enumerate(self.mlp):
+            x = self.run(name, x, heads)
             if i + 1 < len(self.mlp):
                 x = F.relu(x)
         return x[:, 0]
@@ -180,6 +208,9 @@ class GLiClass(EncoderModel):
         self.whole = Tokenizer.from_str(self.rows.to_str())
         self.whole.no_truncation()
         self.rows.enable_truncation(self.max_tokens)
+        config = folder / "tokenizer_config.json"
+        self.clean_up_spaces = bool(config.exists() and json.loads(config.read_text()).get(
+            "clean_up_tokenization_spaces", False))
 
     @staticmethod
     def read_config(folder: Path) -> dict:
@@ -195,13 +226,17 @@ class GLiClass(EncoderModel):
         return {}
 
     @property
-    def lora_config(self) -> Any:
-        """No LoRA here (its scorer and poolings are not adapted): a request naming an adapter
-        gets this 400 when the model's adapter manager would be made."""
-        raise InvalidRequest("params.options.lora_id: LoRA adapters are not served for GLiClass "
-                             "models")
+    def lora_config(self) -> ModelLora:
+        """LoRA on the backbone's linears (under gliclass's module path) and on gliclass's own:
+        the text and class projectors and the scorer's linears (the LSTM is no linear)."""
+        heads = {k: v for part in (self.text_projector, self.classes_projector, self.scorer)
+                 for k, v in part.lora_heads().items()}
+        return ModelLora(self.encoder.cfg, heads, _ENCODER)
 
     def prepare_extract(self, texts: list[str], labels: list[str], options: Any) -> ExtractPlan:
+        """One row per text that the window can read as SIE reads it (`_fit`); an item that
+        cannot be read gets SIE's INPUT_TOO_LONG item error, is not computed and counts no
+        tokens."""
         if not labels:
             raise InvalidRequest("params.labels: Zero-shot classification requires labels "
                                  "parameter.")
@@ -212,49 +247,114 @@ class GLiClass(EncoderModel):
             raise InvalidRequest("params.labels: GLiClass labels must be unique")
         kind = options.classification_type or "single-label"  # SIE's default for every GLiClass
         threshold = float(options.threshold or 0.0)
+        policy = options.overflow_policy or "default"
         instruction = options.instruction if (options.instruction or "").strip() else ""
         if len(instruction) > MAX_INSTRUCTION_CHARS:
             raise InvalidRequest(f"instruction: GLiClass instruction must be at most "
                                  f"{MAX_INSTRUCTION_CHARS} characters")
-        prompt = "".join(LABEL_TOKEN + label for label in labels) + SEP_TOKEN + instruction
         for i, text in enumerate(texts):
             if not text.strip():
                 raise InvalidRequest(f"items[{i}].text: zero-shot classification requires "
                                      "non-blank text")
-        rows = [prompt + t if self.prompt_first else t + prompt for t in texts]
-        encodings = self.rows.encode_batch(rows)
-        for i, enc in enumerate(encodings):
-            marks = sum(1 for t in enc.ids if t == self.class_token)
-            if marks < len(labels):
-                raise InputTooLong(f"items[{i}].text: the text pushes the labels out of the "
-                                   f"GLiClass model's {self.max_tokens}-token window; shorten "
-                                   "it or send fewer labels")
-        if self.prompt_first:  # SIE refuses a prompt that leaves the text under 8 tokens
-            room = self.max_tokens - len(self.whole.encode(prompt).ids)
-            if room < 8:
-                raise InvalidRequest("params.labels: the labels leave no room for the text in "
-                                     f"the GLiClass model's {self.max_tokens}-token window; "
-                                     "send fewer or shorter labels")
+        label_prompt = "".join(LABEL_TOKEN + label for label in labels) + SEP_TOKEN
+        texts, errors = self._fit(texts, label_prompt, instruction, len(labels), policy)
+        prompt = label_prompt + instruction
+        kept = [i for i, e in enumerate(errors) if e is None]
+        encodings = self.rows.encode_batch([prompt + texts[i] if self.prompt_first
+                                            else texts[i] + prompt for i in kept])
+        if not self.prompt_first:  # every label marker must stay in the window (after the
+            # text's own markers, which come first)
+            for i, enc in zip(kept, encodings):
+                if enc.ids.count(self.class_token) < texts[i].count(LABEL_TOKEN) + len(labels):
+                    errors[i] = ("the text pushes the labels out of the GLiClass model's "
+                                 f"{self.max_tokens}-token window; shorten it, send fewer "
+                                 "labels, or send options.overflow_policy 'truncate_text'")
+            encodings = [e for i, e in zip(kept, encodings) if errors[i] is None]
+            kept = [i for i in kept if errors[i] is None]
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         # as SIE bills: the text and instruction tokens, not the label names
-        names = len(self.whole.encode(prompt[:len(prompt) - len(instruction)]).ids)
+        names = len(self.whole.encode(label_prompt).ids)
         tokens = sum(max(0, len(r) - names) for r in ids)
+        heads = options.adapter.heads if options.adapter is not None else {}
 
         def finish(results: list) -> tuple[list[dict], int]:
-            out = []
-            for row, result in zip(ids, results):
+            out: list[dict] = [{"classifications": [],
+                                "error": {"code": "INPUT_TOO_LONG", "message": e}}
+                               if e is not None else {} for e in errors]
+            for i, row, result in zip(kept, ids, results, strict=True):
                 logits = self._logits(torch.from_numpy(result.multivector).float(), row,
-                                      len(labels))
+                                      len(labels), heads)
                 if kind == "multi-label" or len(labels) == 1:
                     probs = torch.sigmoid(logits)
                 else:
                     probs = torch.softmax(logits, -1)
                 found = [{"label": label, "score": p} for label, p in zip(labels, probs.tolist())
                          if p >= threshold or threshold <= 0.0]
-                out.append({"classifications": sorted(found, key=lambda c: -c["score"])})
+                out[i] = {"classifications": sorted(found, key=lambda c: -c["score"])}
             return out, tokens
 
         return ExtractPlan(ids, frozenset({"multivector"}), finish)
+
+    def _fit(self, texts: list[str], label_prompt: str, instruction: str, count: int,
+             policy: str) -> tuple[list[str], list[str | None]]:
+        """The texts as the window will read them (cut under `truncate_text`) and, per text,
+        why it cannot be read (None: not known yet; a text-first row is checked once encoded),
+        by SIE's rules: the label prompt, the instruction and the text tokenized each alone,
+        without special tokens, against the window less the special tokens. Labels that do
+        not fit refuse the request."""
+        special = self.whole.num_special_tokens_to_add(False)
+        window = self.max_tokens - special
+        alone = lambda t: self.whole.encode(t, add_special_tokens=False).ids  # noqa: E731
+        label_ids = alone(label_prompt)
+        errors: list[str | None] = [None] * len(texts)
+        if policy != "default":  # as SIE: this refusal first
+            overhead = len(alone(label_prompt + instruction)) + special
+            budget = self.max_tokens - overhead
+            if budget <= 0:
+                raise InputTooLong(f"params.labels: the labels and instruction take {overhead} "
+                                   f"tokens with the special tokens; the GLiClass model reads "
+                                   f"{self.max_tokens}: send fewer or shorter labels")
+        marks = np.flatnonzero(np.asarray(label_ids) == self.class_token)
+        if len(marks) >= count and marks[-1] >= window:
+            raise InputTooLong(f"params.labels: the labels take {len(label_ids)} tokens, more "
+                               f"than the GLiClass model's {window}-token window holds; send "
+                               "fewer or shorter labels")
+        prompt_tokens = len(alone(instruction)) if instruction else 0
+        if instruction and len(label_ids) + prompt_tokens >= window:
+            raise InvalidRequest(f"instruction: the instruction and the labels leave no room for "
+                                 f"the text in the GLiClass model's {window}-token window; "
+                                 "shorten the instruction or send fewer labels")
+        if policy != "default":
+            texts = list(texts)
+            for i, text_ids in enumerate(self.whole.encode_batch(texts, add_special_tokens=False)):
+                if len(text_ids.ids) <= budget:
+                    continue
+                if policy == "error":
+                    errors[i] = (f"the text takes {len(text_ids.ids)} tokens; beside the labels "
+                                 f"the GLiClass model reads {budget} of it, and "
+                                 "options.overflow_policy is 'error': shorten the text or send "
+                                 "options.overflow_policy 'truncate_text'")
+                else:
+                    texts[i] = self._decode(text_ids.ids[:budget])
+        if self.prompt_first and policy == "default" and \
+                window - len(label_ids) - prompt_tokens < MIN_TEXT_TOKENS:
+            errors = [e or ("the labels leave no room for the text in the GLiClass model's "
+                            f"{self.max_tokens}-token window; send fewer or shorter labels")
+                      for e in errors]
+        return texts, errors
+
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids back to text, as transformers' tokenizer decodes them for SIE's
+        `truncate_text` (special tokens skipped; its clean-up of spaces where the tokenizer's
+        config asks for it)."""
+        text = self.whole.decode(ids, skip_special_tokens=True)
+        if not self.clean_up_spaces:
+            return text
+        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                     (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                     (" 're", "'re")):
+            text = text.replace(a, b)
+        return text
 
     def attention(self, batch: PackedBatch):
         if isinstance(self.encoder, ModernBertEncoder):  # global and sliding-window layers
@@ -267,10 +367,11 @@ class GLiClass(EncoderModel):
         return BatchOutputs(multivector=(hidden, torch.from_numpy(batch.lengths), 0))
 
     @torch.inference_mode()
-    def _logits(self, hidden: torch.Tensor, ids: np.ndarray, count: int) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, ids: np.ndarray, count: int,
+                heads: Heads) -> torch.Tensor:
         # the text vector reads the LSTM's output, the label vectors the encoder's
         first = self.lstm(hidden[None])[0][0, 0] if self.lstm is not None else hidden[0]
-        text = self.text_projector(first)
+        text = self.text_projector(first, heads)
         marks = np.flatnonzero(ids == self.class_token)[:count]
         if self.average:  # a label's tokens: from its marker to the next (the last: to the end)
             owner = np.cumsum(ids == self.class_token) - 1
@@ -279,9 +380,9 @@ class GLiClass(EncoderModel):
                                    for k in range(count)])
         else:
             classes = hidden[torch.from_numpy(marks + (0 if self.embed_class_token else 1))]
-        classes = self.classes_projector(classes)
+        classes = self.classes_projector(classes, heads)
         if self.normalize:
             text = text / (text.norm() + 1e-8)
             classes = classes / (classes.norm(dim=-1, keepdim=True) + 1e-8)
-        logits = self.scorer(text, classes)
+        logits = self.scorer(text, classes, heads)
         return logits * self.logit_scale if self.normalize else logits
