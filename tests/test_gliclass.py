@@ -11,6 +11,12 @@ every label's probability as SIE's GLiClass adapter takes it from the pipeline's
 `prepare_inputs`, the model's logits, softmax or sigmoid). Same labels, scores within 1e-4,
 with and without an instruction, a text longer than the 1,024-token window. Configurations not
 read here are refused at load, naming the key.
+
+Texts too long for the window, as SIE's GLiClass adapter treats them (`options.overflow_policy`
+`default` / `truncate_text` / `error`): `sie_reads` restates its rules with the model's
+transformers tokenizer and gliclass's own prompt (`prepare_input`); the items it reads score as
+the pipeline scores what it reads, the others get an `INPUT_TOO_LONG` item error and the request
+still succeeds; through a real server with our SDK and with SIE's public `sie-sdk` 0.10.1.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import run_public
 from make_gliclass_test_models import build
 
 from sie_sdk import SIEClient
@@ -42,6 +49,7 @@ CONFIGS = {
     "d": ("modernbert", {"prompt_first": True}),
 }
 LONG = " ".join(["The match went to extra time and the crowd cheered loudly."] * 150)
+WINDOW = 1024  # SIE's max_sequence_length of every GLiClass model, the pipeline's max_length
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +114,105 @@ def test_matches_gliclass(engine, folders, name) -> None:
               one[0]["classifications"])  # a lone label: its sigmoid (SIE), not softmax's 1.0
 
 
-def test_long_texts(engine, folders) -> None:
-    """Labels first: the text is cut at the window, as the pipeline cuts it; text first: a
-    text that pushes the labels out of the window is refused (SIE: INPUT_TOO_LONG)."""
+def sie_reads(pipe, texts: list[str], labels: list[str], policy: str,
+              prompt: str | None = None) -> list[str | None]:
+    """What SIE's GLiClass adapter scores of each text under `policy` (None: the item's
+    INPUT_TOO_LONG error), its rules restated with the model's transformers tokenizer: the
+    label prompt, instruction and text tokenized apart, without special tokens. `truncate_text`
+    and `error` measure the text against the window less the prompt and the special tokens:
+    one that does not fit is cut to its tokens that do, decoded (`truncate_text`), or fails
+    (`error`). Then a model reading the text first fails an item whose labels the cut at the
+    window leaves incomplete (SIE decides on an estimate where it is 8 tokens or more from the
+    edge, exactly nearer it: the same answer); one reading the labels first fails every item
+    under `default` when they leave the text under 8 tokens."""
+    inner = pipe.pipe
+    tok, config = inner.tokenizer, inner.model.config
+    alone = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    special = tok.num_special_tokens_to_add(pair=False)
+    out: list[str | None] = list(texts)
+    if policy != "default":
+        overhead = len(alone(inner.prepare_input("", labels, prompt=prompt))) + special
+        for i, text in enumerate(texts):
+            ids = alone(text)
+            if len(ids) + overhead > WINDOW:
+                out[i] = None if policy == "error" else \
+                    tok.decode(ids[:WINDOW - overhead], skip_special_tokens=True)
+    if config.prompt_first:
+        room = WINDOW - special - len(alone(inner.prepare_input("", labels))) - \
+            (len(alone(prompt)) if prompt else 0)
+        return [None] * len(texts) if policy == "default" and room < 8 else out
+    for i, text in enumerate(out):
+        if text is not None:
+            ids = tok(inner.prepare_input(text, labels, prompt=prompt), truncation=True,
+                      max_length=WINDOW)["input_ids"]
+            marker = config.class_token_index
+            if ids.count(marker) < alone(text).count(marker) + len(labels):
+                out[i] = None
+    return out
+
+
+def same_as_sie(pipe, ours: list[dict], texts: list[str], labels: list[str], policy: str,
+                prompt: str | None = None) -> list[str | None]:
+    """`ours` is what SIE answers: INPUT_TOO_LONG where it reads nothing, else the pipeline's
+    probabilities of what it reads; returns what it reads."""
+    reads = sie_reads(pipe, texts, labels, policy, prompt)
+    kept = [t for t in reads if t is not None]
+    probs = iter(probabilities(pipe, kept, labels, "single-label", prompt) if kept else [])
+    for read, got in zip(reads, ours, strict=True):
+        if read is None:
+            assert got["classifications"] == [] and got["error"]["code"] == "INPUT_TOO_LONG", got
+        else:
+            assert "error" not in got
+            check(next(probs), labels, got["classifications"])
+    return reads
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_overflow_policies(engine, folders, name) -> None:
+    """Text first ("a") and labels first ("b"): every policy, and a text at the edge of what
+    `error` accepts (its tokens fill the room exactly) beside one a token longer."""
+    pipe = reference(folders[name], "single-label")
+    tok = pipe.pipe.tokenizer
+    overhead = len(tok(pipe.pipe.prepare_input("", LABELS), add_special_tokens=False)[
+        "input_ids"]) + tok.num_special_tokens_to_add(pair=False)
+    ids = tok(LONG, add_special_tokens=False)["input_ids"]
+    edge, past = (tok.decode(ids[:WINDOW - overhead + k]) for k in (0, 1))
+    texts = [TEXTS[0], LONG, edge, past, TEXTS[1]]
+    first = name == "a"
+    for policy, unread in ((None, {1} if first else set()), ("truncate_text", set()),
+                           ("error", {1, 3})):
+        ours, tokens = engine.extract(name, texts, LABELS, {"overflow_policy": policy})
+        reads = same_as_sie(pipe, ours, texts, LABELS, policy or "default")
+        assert {i for i, r in enumerate(reads) if r is None} == unread  # what is tested
+        assert tokens > 0
+    prompt = "Classify the topic of this text:"
+    ours, _ = engine.extract(name, texts, LABELS, {"overflow_policy": "truncate_text",
+                                                   "instruction": prompt})
+    assert len(pipe.pipe.prepare_inputs([LONG], LABELS, same_labels=True)["input_ids"][0]) == WINDOW
+    same_as_sie(pipe, ours, texts, LABELS, "truncate_text", prompt)
+
+
+def test_labels_that_leave_no_room(engine, folders) -> None:
+    """Labels first: labels leaving the text under 8 tokens fail every item under `default`
+    (SIE's item errors, the request answered), `truncate_text` reads the few tokens left;
+    text first: labels past the window refuse the request, naming params.labels."""
     pipe = reference(folders["b"], "single-label")
-    ours, _ = engine.extract("b", [LONG, TEXTS[0]], LABELS)
-    assert len(pipe.pipe.prepare_inputs([LONG], LABELS, same_labels=True)["input_ids"][0]) == 1024
-    for e, o in zip(probabilities(pipe, [LONG, TEXTS[0]], LABELS, "single-label"), ours):
-        check(e, LABELS, o["classifications"])
-    with pytest.raises(InputTooLong, match=r"items\[1\]\.text"):
-        engine.extract("a", [TEXTS[0], LONG], LABELS)
+    tok = pipe.pipe.tokenizer
+    labels = []
+    while True:  # each label adds under 8 tokens: the room passes through 1..7
+        labels.append(f"topic number {len(labels)}")
+        room = WINDOW - 2 - len(tok(pipe.pipe.prepare_input("", labels),
+                                    add_special_tokens=False)["input_ids"])
+        if room < 8:
+            break
+    assert 0 < room < 8
+    texts = [TEXTS[0], LONG]
+    ours, tokens = engine.extract("b", texts, labels)
+    assert same_as_sie(pipe, ours, texts, labels, "default") == [None, None] and tokens == 0
+    ours, _ = engine.extract("b", texts, labels, {"overflow_policy": "truncate_text"})
+    assert None not in same_as_sie(pipe, ours, texts, labels, "truncate_text")
+    with pytest.raises(InputTooLong, match=r"params\.labels"):
+        engine.extract("a", texts, [f"topic number {i}" for i in range(400)])
 
 
 def test_through_the_server(start_server, folders, engine) -> None:
@@ -142,9 +239,38 @@ def test_through_the_server(start_server, folders, engine) -> None:
     refused({"items": items, "params": {"labels": ["a"], "options": {"classification_type": "x"}}},
             "params.options.classification_type")
     refused({"items": [{"text": " "}], "params": {"labels": ["a"]}}, "items[0].text")
-    refused({"items": [{"text": LONG}], "params": {"labels": LABELS}}, "items[0].text")
-    refused({"items": items, "params": {"labels": ["a"], "options": {"lora_id": "org/adapter"}}},
-            "params.options.lora_id")
+    refused({"items": items, "params": {"labels": ["a"], "options": {"overflow_policy": "cut"}}},
+            "params.options.overflow_policy")
+    # a text too long for the window: that item's INPUT_TOO_LONG, the others answered (SIE)
+    for policy in (None, "error"):
+        with SIEClient(server.url) as client:
+            got = client.extract(name, [TEXTS[0], LONG], labels=LABELS,
+                                 options={"overflow_policy": policy})
+        assert got[0]["classifications"] == engine.extract("a", TEXTS[:1], LABELS)[0][0][
+            "classifications"] and "error" not in got[0]
+        assert got[1]["classifications"] == [] and got[1]["error"]["code"] == "INPUT_TOO_LONG"
+    cut, _ = engine.extract("a", [LONG], LABELS, {"overflow_policy": "truncate_text"})
+    with SIEClient(server.url) as client:
+        got = client.extract(name, [LONG], labels=LABELS,
+                             options={"overflow_policy": "truncate_text"})
+    assert got[0]["classifications"] == cut[0]["classifications"] and "error" not in got[0]
+
+
+def test_public_sdk(sie_python, start_server, folders, engine, tmp_path) -> None:
+    """SIE's own `sie-sdk` 0.10.1 `extract` (tests/sie_public/driver.py) on a GLiClass model
+    with a text too long for the window, under each overflow policy: the engine's answers,
+    the item error as SIE's client returns it."""
+    name = "knowledgator/gliclass-small-v1.0"
+    server = start_server(["--model", f"{name}={folders['a']}", "--default-model", name])
+    _, info = run_public(sie_python, "gliclass", server.url, tmp_path)
+    assert info["texts"] == [TEXTS[0], LONG] and info["labels"] == LABELS
+    for policy in ("default", "truncate_text", "error"):
+        want, _ = engine.extract("a", [TEXTS[0], LONG], LABELS, {"overflow_policy": policy})
+        got = info[policy]
+        assert [g["classifications"] for g in got] == [w["classifications"] for w in want]
+        assert [g.get("error") for g in got] == [w.get("error") for w in want]
+    assert info["truncate_text"][1].get("error") is None and info["error"][1]["error"]["code"] == \
+        "INPUT_TOO_LONG"
 
 
 def test_unread_configurations_are_refused_by_name(folders, tmp_path) -> None:

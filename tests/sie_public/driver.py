@@ -260,8 +260,27 @@ def extract_more(url: str, arrays: dict, info: dict) -> None:
                                       options=options)._run(text=text)
 
 
+GLICLASS = "knowledgator/gliclass-small-v1.0"
+GLICLASS_TEXTS = ["The team won the championship after a dramatic final.",
+                  " ".join(["The match went to extra time and the crowd cheered loudly."] * 150)]
+GLICLASS_LABELS = ["sports", "economy", "technology", "weather", "politics"]
+
+
+def gliclass(url: str, arrays: dict, info: dict) -> None:
+    """The public SDK's `extract` on a GLiClass model, a text too long for its window beside a
+    short one, under each of SIE's overflow policies (an item error comes back in the item)."""
+    client = SIEClient(url)
+    info["texts"], info["labels"] = GLICLASS_TEXTS, GLICLASS_LABELS
+    for policy in ("default", "truncate_text", "error"):
+        got = client.extract(GLICLASS, [Item(text=t) for t in GLICLASS_TEXTS],
+                             labels=GLICLASS_LABELS, options={"overflow_policy": policy})
+        info[policy] = [{"classifications": r["classifications"], "error": r.get("error")}
+                        for r in got]
+
+
 CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, score_modes, loading,
-                                  langchain, llamaindex, qdrant, lancedb, extract, extract_more)}
+                                  langchain, llamaindex, qdrant, lancedb, extract, extract_more,
+                                  gliclass)}
 
 
 def main() -> None:
