@@ -33,7 +33,7 @@ class ExtractOptions:
     instruction: str | None = None
     overflow_policy: str | None = None
     # the loaded adapter of lora_id (runtime.lora.LoraAdapter), set by the engine: a family
-    # running heads after the batch (GLiNER) applies its head updates from it
+    # running heads after the batch (GLiNER, GLiClass) applies its head updates from it
     adapter: Any = None
 
     @classmethod
