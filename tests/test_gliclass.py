@@ -192,6 +192,22 @@ def test_overflow_policies(engine, folders, name) -> None:
     same_as_sie(pipe, ours, texts, LABELS, "truncate_text", prompt)
 
 
+@pytest.mark.parametrize("name", ["a", "d"])
+def test_truncate_text_decodes_as_transformers(engine, folders, name) -> None:
+    """`truncate_text` turns the kept tokens back into text as SIE does (transformers'
+    `decode`, special tokens skipped): the XLM-R tokenizer without the clean-up of spaces
+    before punctuation, ModernBERT's with it (its tokenizer_config.json asks for it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folders[name]))
+    model = engine.registry.get(name).model
+    assert model.clean_up_spaces == (name == "d")
+    for text in [*TEXTS, "Wait , what ? It 's over ! They 're here , aren't they ?", LONG[:300]]:
+        ids = tok(text)["input_ids"]  # with the special tokens, which decoding skips
+        for cut in (len(ids), len(ids) // 2):
+            assert model._decode(ids[:cut]) == tok.decode(ids[:cut], skip_special_tokens=True)
+
+
 def test_labels_that_leave_no_room(engine, folders) -> None:
     """Labels first: labels leaving the text under 8 tokens fail every item under `default`
     (SIE's item errors, the request answered), `truncate_text` reads the few tokens left;
