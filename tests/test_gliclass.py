@@ -89,6 +89,16 @@ def check(expected: list[float], labels: list[str], got: list[dict]) -> None:
     assert max(abs(c["score"] - expected[j]) for c, j in zip(got, order)) <= 1e-4
 
 
+def sie_billed(folder: Path, texts: list[str], instruction: str | None) -> int:
+    """SIE's GLiClass usage for texts that fit the window: each text's tokens with the special
+    tokens, plus the instruction's (alone, without them); label names are not billed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    context = len(tok(instruction, add_special_tokens=False)["input_ids"]) if instruction else 0
+    return sum(len(ids) + context for ids in tok(texts)["input_ids"])
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_gliclass(engine, folders, name) -> None:
     texts = TEXTS if CONFIGS[name][0] != "bert" else TEXTS[:3]
@@ -97,7 +107,7 @@ def test_matches_gliclass(engine, folders, name) -> None:
         for prompt in (None, "Classify the topic of this text:"):
             options = {"classification_type": kind, "instruction": prompt}
             ours, tokens = engine.extract(name, texts, LABELS, options)
-            assert tokens > 0
+            assert tokens == sie_billed(folders[name], texts, prompt)
             for e, o in zip(probabilities(pipe, texts, LABELS, kind, prompt), ours, strict=True):
                 check(e, LABELS, o["classifications"])
         # the pipeline's own answer: the best label, or the labels at or above 0.5

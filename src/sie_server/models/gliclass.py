@@ -272,9 +272,7 @@ class GLiClass(EncoderModel):
             encodings = [e for i, e in zip(kept, encodings) if errors[i] is None]
             kept = [i for i in kept if errors[i] is None]
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-        # as SIE bills: the text and instruction tokens, not the label names
-        names = len(self.whole.encode(label_prompt).ids)
-        tokens = sum(max(0, len(r) - names) for r in ids)
+        tokens = self._billed([texts[i] for i in kept], label_prompt, instruction)
         heads = options.adapter.heads if options.adapter is not None else {}
 
         def finish(results: list) -> tuple[list[dict], int]:
@@ -294,6 +292,19 @@ class GLiClass(EncoderModel):
             return out, tokens
 
         return ExtractPlan(ids, frozenset({"multivector"}), finish)
+
+    def _billed(self, texts: list[str], label_prompt: str, instruction: str) -> int:
+        """Input tokens as SIE bills a GLiClass row: the text's tokens that the window reads,
+        with the special tokens, plus the instruction's, at most the window less the label
+        prompt (unless the text alone counts more); label names and markers are not billed."""
+        special = self.whole.num_special_tokens_to_add(False)
+        alone = self.whole.encode_batch([label_prompt, instruction, *texts],
+                                        add_special_tokens=False)
+        labels, context = len(alone[0].ids), len(alone[1].ids) if instruction else 0
+        room = self.max_tokens - special - (labels + context if self.prompt_first else 0)
+        cap = self.max_tokens - labels
+        docs = [min(len(e.ids), room) + special for e in alone[2:]]
+        return sum(max(d, min(d + context, cap)) for d in docs)
 
     def _fit(self, texts: list[str], label_prompt: str, instruction: str, count: int,
              policy: str) -> tuple[list[str], list[str | None]]:
