@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .encoder import _ACTIVATIONS, HookedBlock, LinearHook
@@ -135,28 +136,95 @@ def relative_positions(length: int, cfg: DebertaConfig, device: torch.device) ->
     return rel.to(torch.long)
 
 
+GROUP_WASTE = 0.25  # padding a group may add to its attention area (its L^2 per sequence)
+GROUP_MIN_AREA = 64 * 64  # below this much padding a group takes the next sequence anyway
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sequences of similar length, attended together padded to the longest (`length`)."""
+
+    seqs: torch.Tensor  # (G,) their numbers in the batch
+    length: int
+    rows: torch.Tensor  # (G * L,) packed token of each padded position (padding: any token)
+    real: torch.Tensor  # (N,) padded positions holding a token, in packed order...
+    tokens: torch.Tensor  # ...and those tokens
+    key_mask: torch.Tensor | None  # (G, 1, 1, L), True where a key is a token; None: no padding
+
+
 class Layout:
-    """Packed tokens <-> sequences padded to the longest (B, L), for attention."""
+    """A batch's sequences in groups for attention (packed tokens in, packed tokens out).
 
-    def __init__(self, cu_seqlens: np.ndarray, device: torch.device) -> None:
+    The relative-position terms are L x L per head, so attention runs per group of sequences
+    padded to the group's longest: sequences sorted by length, a group closed when padding
+    would add more than GROUP_WASTE to its area. Every linear layer runs on the packed
+    (tokens, hidden) matrix. Each length's relative position index is built once per batch."""
+
+    def __init__(self, cu_seqlens: np.ndarray, cfg: DebertaConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
         lengths = np.diff(cu_seqlens)
-        self.batch, self.length = len(lengths), int(lengths.max()) if len(lengths) else 0
-        starts = np.repeat(cu_seqlens[:-1], lengths)
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        flat = rows * self.length + (np.arange(int(cu_seqlens[-1])) - starts)
-        self.index = torch.from_numpy(flat.astype(np.int64)).to(device)
-        keys = torch.arange(self.length, device=device)[None, :] < \
-            torch.from_numpy(lengths).to(device)[:, None]
-        self.key_mask = keys[:, None, None, :]  # (B, 1, 1, L)
-        self.device = device
+        self.groups = [self._group(cu_seqlens, lengths, seqs, device)
+                       for seqs in _grouped(lengths)]
+        self._relative: dict[int, tuple[dict[str, torch.Tensor], int, int]] = {}
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros((self.batch * self.length, *x.shape[1:]))
-        out[self.index] = x
-        return out.view(self.batch, self.length, *x.shape[1:])
+    @staticmethod
+    def _group(cu: np.ndarray, lengths: np.ndarray, seqs: list[int],
+               device: torch.device) -> Group:
+        n = lengths[seqs]
+        length = int(n.max())
+        offset = np.arange(length)
+        valid = offset[None, :] < n[:, None]  # (G, L)
+        rows = np.where(valid, cu[seqs][:, None] + offset[None, :], cu[seqs][:, None])
+        real = np.flatnonzero(valid)
+        mask = None
+        if not valid.all():
+            mask = torch.from_numpy(valid).to(device)[:, None, None, :]
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+        return Group(as_tensor(seqs), length, as_tensor(rows.ravel()), as_tensor(real),
+                     as_tensor(rows.ravel()[real]), mask)
 
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(self.batch * self.length, *y.shape[2:])[self.index]
+    def relative(self, length: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        """For sequences of `length`: the (L, L) index into the relative position table of
+        each query/key pair (content-to-position, "c2p") and key/query pair (p2c), counted
+        from `lo`, and the rows [lo, hi) of the table they read."""
+        if length not in self._relative:
+            span = self.cfg.span
+            rel = relative_positions(length, self.cfg, self.device)
+            c2p = torch.clamp(rel + span, 0, 2 * span - 1)
+            lo, hi = int(c2p.min()), int(c2p.max()) + 1
+            p2c = torch.clamp(-rel + span, 0, 2 * span - 1)  # buckets are symmetric: same rows
+            self._relative[length] = ({"c2p": c2p - lo, "p2c": p2c - lo}, lo, hi)
+        return self._relative[length]
+
+    @property
+    def rows_read(self) -> tuple[int, int]:
+        """The rows of the relative position table any group reads."""
+        if not self.groups:
+            return 0, 0
+        _, lo, hi = self.relative(max(g.length for g in self.groups))
+        return lo, hi
+
+
+def _grouped(lengths: np.ndarray) -> list[list[int]]:
+    """Sequence numbers (non-empty sequences only) in groups: longest first, a group taking
+    the next shorter sequence while its padding stays within GROUP_WASTE of its area (or
+    under GROUP_MIN_AREA)."""
+    groups: list[list[int]] = []
+    area = 0
+    for s in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[s])
+        if n == 0:
+            break
+        if groups:
+            top = int(lengths[groups[-1][0]])
+            padding = (len(groups[-1]) + 1) * top * top - (area + n * n)
+            if padding <= max(GROUP_WASTE * (area + n * n), GROUP_MIN_AREA):
+                groups[-1].append(s)
+                area += n * n
+                continue
+        groups.append([s])
+        area = n * n
+    return groups
 
 
 class DebertaLayer(HookedBlock):
@@ -179,57 +247,75 @@ class DebertaLayer(HookedBlock):
         self.factor = 1 + sum(k in cfg.pos_att_type for k in ("c2p", "p2c")) \
             if cfg.relative_attention else 1
 
-    def _heads(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """(T, h) -> (B, H, L, d)."""
-        return layout.pad(x.view(x.shape[0], self.heads, -1)).transpose(1, 2)
+    def attention(self, x: torch.Tensor, layout: Layout, rel_emb: torch.Tensor | None,
+                  hook: LinearHook | None) -> torch.Tensor:
+        """Per group: content scores plus the position terms as an additive bias, through
+        scaled_dot_product_attention; out in packed order."""
+        t, heads = x.shape[0], self.heads
+        q, k, v = (self._linear(name, x, hook).view(t, heads, -1)
+                   for name in ("query_proj", "key_proj", "value_proj"))
+        scale = math.sqrt(q.shape[-1] * self.factor)
+        pos = self._positions(rel_emb, hook) if rel_emb is not None else {}
+        out = torch.empty_like(q)
+        for g in layout.groups:
+            n, length = len(g.seqs), g.length
 
-    def attention(self, x: torch.Tensor, layout: Layout, rel: torch.Tensor | None,
-                  rel_emb: torch.Tensor | None, hook: LinearHook | None) -> torch.Tensor:
-        q = self._heads(self._linear("query_proj", x, hook), layout)
-        k = self._heads(self._linear("key_proj", x, hook), layout)
-        v = self._heads(self._linear("value_proj", x, hook), layout)
-        d = q.shape[-1]
-        scale = math.sqrt(d * self.factor)
-        scores = q @ (k / torch.tensor(scale, dtype=q.dtype)).transpose(-1, -2)
-        if rel is not None and rel_emb is not None:
-            scores = scores + self._position_bias(q, k, rel, rel_emb, scale, hook)
-        scores = scores.masked_fill(~layout.key_mask, torch.finfo(scores.dtype).min)
-        context = torch.softmax(scores, dim=-1) @ v  # (B, H, L, d)
-        return layout.unpad(context.transpose(1, 2)).reshape(x.shape)
+            def padded(y: torch.Tensor) -> torch.Tensor:
+                return y[g.rows].view(n, length, heads, -1).transpose(1, 2)  # (G, H, L, d)
 
-    def _position_bias(self, q: torch.Tensor, k: torch.Tensor, rel: torch.Tensor,
-                       rel_emb: torch.Tensor, scale: float,
-                       hook: LinearHook | None) -> torch.Tensor:
-        """Content-to-position and position-to-content terms, (B, H, L, L)."""
-        span = self.cfg.span
+            qg, kg, vg = padded(q), padded(k), padded(v)
+            bias = self._position_bias(qg, kg, g, layout, pos, scale) if pos else None
+            if g.key_mask is not None:
+                bias = (torch.zeros((), dtype=q.dtype, device=q.device) if bias is None
+                        else bias).masked_fill(~g.key_mask, torch.finfo(q.dtype).min)
+            context = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias,
+                                                     scale=1 / scale)
+            out[g.tokens] = context.transpose(1, 2).reshape(n * length, heads, -1)[g.real]
+        return out.view(x.shape)
+
+    def _positions(self, rel_emb: torch.Tensor, hook: LinearHook | None
+                   ) -> dict[str, torch.Tensor]:
+        """The relative position embeddings (the rows the batch reads) through the key
+        projection (c2p) and the query projection (p2c): (H, R, d) each, or (B, H, R, d) when
+        the sequences' adapters project them differently."""
         share = self.cfg.share_att_key
-        length = q.shape[-2]
-
-        def pos(name: str) -> torch.Tensor:
-            """The projected position embeddings, (H, 2span, d), or (B, H, 2span, d) when the
-            sequences' adapters project them differently."""
+        out = {}
+        for kind, name in (("c2p", "key_proj" if share else "pos_key_proj"),
+                           ("p2c", "query_proj" if share else "pos_query_proj")):
+            if kind not in self.cfg.pos_att_type:
+                continue
             y = getattr(self, name)(rel_emb)
             per_seq = hook.shared(self.index, name, rel_emb, y) if hook is not None else None
             if per_seq is not None:
-                return per_seq.view(per_seq.shape[0], rel_emb.shape[0], self.heads, -1).transpose(1, 2)
-            return y.view(rel_emb.shape[0], self.heads, -1).transpose(0, 1)
+                out[kind] = per_seq.view(per_seq.shape[0], rel_emb.shape[0], self.heads,
+                                         -1).transpose(1, 2)
+            else:
+                out[kind] = y.view(rel_emb.shape[0], self.heads, -1).transpose(0, 1)
+        return out
 
-        bias = torch.zeros((), dtype=q.dtype, device=q.device)
-        shape = (*q.shape[:2], length, length)
-        if "c2p" in self.cfg.pos_att_type:
-            pos_key = pos("key_proj" if share else "pos_key_proj")
-            index = torch.clamp(rel + span, 0, 2 * span - 1).expand(shape)
-            bias = bias + torch.gather(q @ pos_key.transpose(-1, -2), -1, index) / scale
-        if "p2c" in self.cfg.pos_att_type:
-            pos_query = pos("query_proj" if share else "pos_query_proj")
-            index = torch.clamp(-rel + span, 0, 2 * span - 1).expand(shape)
-            bias = bias + torch.gather(k @ pos_query.transpose(-1, -2), -1,
-                                       index).transpose(-1, -2) / scale
-        return bias
+    @staticmethod
+    def _position_bias(qg: torch.Tensor, kg: torch.Tensor, g: Group, layout: Layout,
+                       pos: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Content-to-position and position-to-content terms of a group, (G, H, L, L)."""
+        index, lo, hi = layout.relative(g.length)
+        first = layout.rows_read[0]
+        shape = (*qg.shape[:2], g.length, g.length)
+        bias = None
+        for kind, y in (("c2p", qg), ("p2c", kg)):
+            if kind not in pos:
+                continue
+            table = pos[kind]
+            if table.dim() == 4:  # per sequence
+                table = table[g.seqs]
+            table = table[..., lo - first:hi - first, :]
+            term = torch.gather(y @ table.transpose(-1, -2), -1, index[kind].expand(shape))
+            term = term if kind == "c2p" else term.transpose(-1, -2)
+            bias = term if bias is None else bias + term
+        return bias / scale
 
-    def forward(self, x: torch.Tensor, layout: Layout, rel: torch.Tensor | None,
-                rel_emb: torch.Tensor | None, hook: LinearHook | None) -> torch.Tensor:
-        a = self.attention(x, layout, rel, rel_emb, hook)
+    def forward(self, x: torch.Tensor, layout: Layout, rel_emb: torch.Tensor | None,
+                hook: LinearHook | None) -> torch.Tensor:
+        a = self.attention(x, layout, rel_emb, hook)
         x = self.ln1(x + self._linear("attn_out", a, hook))
         f = self._linear("ffn_out", self.act(self._linear("ffn_in", x, hook)), hook)
         return self.ln2(x + f)
@@ -257,9 +343,8 @@ class DebertaEncoder(nn.Module):
             self.rel_ln = nn.LayerNorm(h, eps=cfg.layer_norm_eps) \
                 if "layer_norm" in cfg.norm_rel_ebd else None
 
-    @staticmethod
-    def layout(cu_seqlens: np.ndarray, device: torch.device) -> Layout:
-        return Layout(cu_seqlens, device)
+    def layout(self, cu_seqlens: np.ndarray, device: torch.device) -> Layout:
+        return Layout(cu_seqlens, self.cfg, device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 token_type_ids: torch.Tensor | None, layout: Layout,
@@ -273,14 +358,14 @@ class DebertaEncoder(nn.Module):
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         x = self.ln(x)
-        rel = rel_emb = None
+        rel_emb = None
         if self.cfg.relative_attention:
-            rel = relative_positions(layout.length, self.cfg, x.device)
-            rel_emb = self.rel_embeddings.weight
+            lo, hi = layout.rows_read
+            rel_emb = self.rel_embeddings.weight[lo:hi]
             if self.rel_ln is not None:
                 rel_emb = self.rel_ln(rel_emb)
         for layer in self.layers:
-            x = layer(x, layout, rel, rel_emb, hook)
+            x = layer(x, layout, rel_emb, hook)
         return x
 
     @classmethod
