@@ -170,15 +170,18 @@ class Layout:
     """A batch's sequences in groups for attention (packed tokens in, packed tokens out).
 
     The relative-position terms are L x L per head, so attention runs per group of sequences
-    padded to the group's longest: sequences sorted by length, a group closed when padding
-    would add more than GROUP_WASTE to its area. Every linear layer runs on the packed
+    padded to the group's longest. On CPU, where attention on padding costs what it costs on
+    tokens, sequences sorted by length form groups closed when padding would add more than
+    GROUP_WASTE to their area; on an accelerator, where each group's kernel launches cost more
+    than its padding, all sequences form one group. Every linear layer runs on the packed
     (tokens, hidden) matrix. Each length's `Relative` is built once per batch."""
 
     def __init__(self, cu_seqlens: np.ndarray, cfg: DebertaConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         lengths = np.diff(cu_seqlens)
-        self.groups = [self._group(cu_seqlens, lengths, seqs, device)
-                       for seqs in _grouped(lengths)]
+        groups = _grouped(lengths) if device.type == "cpu" else \
+            [np.flatnonzero(lengths).tolist()] if lengths.any() else []
+        self.groups = [self._group(cu_seqlens, lengths, seqs, device) for seqs in groups]
         self._relative: dict[int, Relative] = {}
 
     @staticmethod
