@@ -27,7 +27,10 @@ Long texts are read as SIE reads them (its issues #446-#451): in windows of at m
 `max_len` words (and of a subword budget), each sharing 64 words with the one before, each a
 row of its own; the spans found are moved to the text and merged (`merge_windows`). The
 rows go through the engine's token-budget batches like any other family's; steps 3-5 run
-after the encoder, on the rows' hidden states.
+after the encoder, on the rows' hidden states, for a request's rows together: the span
+MLP's first linear is applied per word and its last folded into the label vectors
+(`_candidates`), so no span ever holds a 4h-wide vector times an h x 4h matrix, and only the
+spans above the threshold reach the (numpy) greedy decoding.
 
 LoRA (`options.lora_id`): adapters made with peft on the GLiNER model (or its backbone alone)
 adapt the backbone's linears per row of the shared batches, and gliner's own linears (the

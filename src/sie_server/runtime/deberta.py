@@ -4,8 +4,11 @@ DeBERTa's disentangled attention adds two relative-position terms to the content
 every query/key pair: content-to-position (the query against the embedding of the key's
 relative position) and position-to-content (the key against the embedding of the query's),
 with relative positions in log buckets (v3: 256 buckets over 512 positions). Those terms are
-L x L per head, so attention runs on sequences padded to the batch's longest one (`Layout`),
-while every linear layer runs on the packed (tokens, hidden) matrix. Post-LN blocks as in BERT.
+L x L per head, so attention runs per group of sequences padded to the group's longest
+(`Layout`: on CPU, groups of similar lengths), while every linear layer runs on the packed
+(tokens, hidden) matrix. A group's position terms are its queries (keys) times only the rows
+of the position table its length reads, picked per pair and added to the content scores as
+the bias of `scaled_dot_product_attention`. Post-LN blocks as in BERT.
 
 LoRA (`DebertaConfig.lora_layout`): the query, key and value projections (separate linears
 here, as in the checkpoints), the attention output and the feed-forward linears. With shared
