@@ -27,10 +27,9 @@ Long texts are read as SIE reads them (its issues #446-#451): in windows of at m
 `max_len` words (and of a subword budget), each sharing 64 words with the one before, each a
 row of its own; the spans found are moved to the text and merged (`merge_windows`). The
 rows go through the engine's token-budget batches like any other family's; steps 3-5 run
-after the encoder, on the rows' hidden states, for a request's rows together: the span
-MLP's first linear is applied per word and its last folded into the label vectors
-(`_candidates`), so no span ever holds a 4h-wide vector times an h x 4h matrix, and only the
-spans above the threshold reach the (numpy) greedy decoding.
+after the encoder, on the rows' hidden states: the span MLP's first linear is applied per
+word and its last folded into the label vectors (`_candidates`), so a span never meets an
+h x 4h matrix, and only the spans above the threshold reach the (numpy) greedy decoding.
 
 LoRA (`options.lora_id`): adapters made with peft on the GLiNER model (or its backbone alone)
 adapt the backbone's linears per row of the shared batches, and gliner's own linears (the
@@ -69,7 +68,6 @@ SUBWORDS_PER_WORD = 8  # a window's subword budget per word of max_len (SIE)
 MAX_SUBWORDS = {"deberta": 4096, "other": 8192}  # SIE's caps on a window's subwords
 DEFAULT_THRESHOLD = 0.5  # SIE's GLiNER adapter defaults
 MAX_PROMPT_TOKENS = 1024  # SIE's DEFAULT_MAX_PROMPT_TOKENS: the labels' tokens in a row
-CHUNK_WORDS = 2048  # words of a request's rows whose span heads run together (bounds memory)
 TOO_MANY_WINDOWS = (f"GLiNER reads a document in at most {MAX_WINDOWS} windows of words; split "
                     "this document into shorter items")  # SIE's item error (INPUT_TOO_LONG)
 _ENCODER_PREFIX = "token_rep_layer.bert_layer.model."
@@ -481,61 +479,58 @@ class GLiNER(EncoderModel):
                firsts: list[np.ndarray], rows: list[_Row], labels: list[str], threshold: float,
                flat: bool, multi_label: bool, heads: dict[str, dict[str, torch.Tensor]]
                ) -> list[list[dict]]:
-        """Steps 3-5 on a request's rows (each row's hidden states, `<<ENT>>` positions and
-        words' first subwords), in chunks of about CHUNK_WORDS words; `heads`: its adapter's
-        LoRA pairs of gliner's linears."""
+        """Steps 3-5 on each of a request's rows (its hidden states, `<<ENT>>` positions and
+        words' first subwords); `heads`: the request's adapter's LoRA pairs of gliner's
+        linears. Row by row, so a text's entities do not depend on what else a request
+        holds (matrix products of other shapes may round differently)."""
         out: list[list[dict]] = []
-        for chunk in _chunks([len(f) for f in firsts], CHUNK_WORDS):
-            label_vecs, words = self._vectors([states[i] for i in chunk],
-                                              [marks[i] for i in chunk],
-                                              [firsts[i] for i in chunk], heads)
+        weights = self._out_weights(heads) if self.span_mode != "token_level" else ()
+        for hidden, mark, first, row in zip(states, marks, firsts, rows):
+            label_vecs, words = self._vectors(hidden, mark, first, heads)
             if self.span_mode == "token_level":
-                out += [greedy([{"start": rows[i].words[st][1], "end": rows[i].words[ed][2],
-                                 "label": labels[c], "score": score}
-                                for st, ed, c, score in token_spans(self.scorer(w, lab),
-                                                                    threshold)],
-                               flat, multi_label)
-                        for i, w, lab in zip(chunk, words, label_vecs)]
+                out.append(greedy([{"start": row.words[st][1], "end": row.words[ed][2],
+                                    "label": labels[c], "score": score}
+                                   for st, ed, c, score in token_spans(
+                                       self.scorer(words, label_vecs), threshold)],
+                                  flat, multi_label))
                 continue
-            for i, (first, last, label, score) in zip(
-                    chunk, self._candidates(label_vecs, words, threshold, heads)):
-                keep = greedy_order(first, last + 1, score, flat, multi_label).tolist()
-                out.append([{"start": rows[i].words[first[k]][1],
-                             "end": rows[i].words[last[k]][2],
-                             "label": labels[label[k]], "score": float(score[k])}
-                            for k in keep])
+            st, ed, label, score = self._candidates(label_vecs, words, threshold, heads, weights)
+            out.append([{"start": row.words[st[k]][1], "end": row.words[ed[k]][2],
+                         "label": labels[label[k]], "score": float(score[k])}
+                        for k in greedy_order(st, ed + 1, score, flat, multi_label).tolist()])
         return out
 
-    def _vectors(self, states: list[torch.Tensor], marks: list[np.ndarray],
-                 firsts: list[np.ndarray], heads: dict[str, dict[str, torch.Tensor]]
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each row's label vectors (the `<<ENT>>` states, (C, h)) and word vectors (first
+    def _vectors(self, hidden: torch.Tensor, marks: np.ndarray, first: np.ndarray,
+                 heads: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's label vectors (the `<<ENT>>` states, (C, h)) and word vectors (first
         subwords, through the LSTM; a word cut off reads zeros), (n, h). Only those states go
         through the projection."""
-        offset = 0 if self.embed_ent_token else 1
-        picked = torch.cat([h[torch.from_numpy(np.concatenate([m + offset, f[f >= 0]]))]
-                            for h, m, f in zip(states, marks, firsts)])
+        seen = np.flatnonzero(first >= 0)
+        picked = hidden[torch.from_numpy(np.concatenate(
+            [marks + (0 if self.embed_ent_token else 1), first[seen]]))]
         if self.projection is not None:
             picked = head_linear(picked, *self.projection, heads.get(_PROJECTION))
-        label_vecs, words = [], []
-        at = 0
-        for m, f in zip(marks, firsts):
-            label_vecs.append(picked[at:at + len(m)])
-            at += len(m)
-            seen = np.flatnonzero(f >= 0)
-            w = picked.new_zeros(len(f), picked.shape[1])
-            w[torch.from_numpy(seen)] = picked[at:at + len(seen)]
-            words.append(w)
-            at += len(seen)
+        words = picked.new_zeros(len(first), picked.shape[1])
+        words[torch.from_numpy(seen)] = picked[len(marks):]
         if self.lstm is not None:
-            packed = self.lstm(nn.utils.rnn.pack_sequence(words, enforce_sorted=False))[0]
-            padded = nn.utils.rnn.pad_packed_sequence(packed, batch_first=True)[0]
-            words = [padded[i, :len(w)] for i, w in enumerate(words)]
-        return label_vecs, words
+            words = self.lstm(words[None])[0][0]
+        return picked[:len(marks)], words
 
-    def _candidates(self, label_vecs: list[torch.Tensor], words: list[torch.Tensor],
-                    threshold: float, heads: dict[str, dict[str, torch.Tensor]]):
-        """Per row, the spans scoring above `threshold`: (first word, last word, label, score)
+    def _out_weights(self, heads: dict[str, dict[str, torch.Tensor]]) -> tuple:
+        """The span output layer's weights, an adapter's pairs merged in, its first linear
+        split by the halves of its input: (start half, end half, bias), then markerV0's last
+        linear (weight, bias)."""
+        if self.span_mode == "markerV0":
+            (w0, b0), last = self.out_mlp.weights(heads)
+        else:
+            (w0, b0), last = self.out_mlp.weights(heads), ()
+        h = w0.shape[1] // 2
+        return (w0[:, :h], w0[:, h:], b0, *last)
+
+    def _candidates(self, label_vecs: torch.Tensor, words: torch.Tensor, threshold: float,
+                    heads: dict[str, dict[str, torch.Tensor]], weights: tuple
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A row's spans scoring above `threshold`: (first word, last word, label, score)
         arrays in gliner's order (by first word, width, label).
 
         gliner scores span (s, e) for label vector c as sigmoid(out(relu([start(s); end(e)])) . c),
@@ -543,31 +538,23 @@ class GLiNER(EncoderModel):
         halves of its input, W [a; b] = Wa a + Wb b, so each word's halves are projected once,
         not once per span; its last linear folds into the label vectors, (W x + b) . c =
         x . (W^T c) + b . c, so each span meets C folded labels, not the h x 4h weights."""
-        flat_words = torch.cat(words)
-        start = F.relu(self.start_mlp(flat_words, heads))
-        end = F.relu(self.end_mlp(flat_words, heads))
-        h = start.shape[1]
+        start = F.relu(self.start_mlp(words, heads))
+        end = F.relu(self.end_mlp(words, heads))
+        lab = self.prompt_mlp(label_vecs, heads)
+        st, ed = self._span_index(len(words))
         if self.span_mode == "markerV0":
-            (w0, b0), (w3, b3) = self.out_mlp.weights(heads)
-            start, end = start @ w0[:, :h].T, torch.addmm(b0, end, w0[:, h:].T)  # (N, 4h)
-        else:
-            w, b = self.out_mlp.weights(heads)
-        at = 0
-        for vecs, n in zip(label_vecs, (len(w) for w in words)):
-            lab = self.prompt_mlp(vecs, heads)
-            st, ed = self._span_index(n)
-            if self.span_mode == "markerV0":
-                fold = lab @ w3  # (C, 4h)
-                logits = torch.addmm(lab @ b3, F.relu(start[at + st] + end[at + ed]), fold.T)
-            else:
-                a = start[at:at + n] @ (lab @ w[:, :h]).T  # (n, C)
-                z = torch.addmm(lab @ b, end[at:at + n], (lab @ w[:, h:]).T)
-                logits = a[st] + z[ed]
-            at += n
-            probs = torch.sigmoid(logits)
-            which, label = torch.where(probs > threshold)
-            which_np = which.numpy()
-            yield st[which_np], ed[which_np], label.numpy(), probs[which, label].numpy()
+            w_start, w_end, b0, w3, b3 = weights
+            first, last = start @ w_start.T, torch.addmm(b0, end, w_end.T)  # (n, 4h)
+            logits = torch.addmm(lab @ b3, F.relu(first[st] + last[ed]), (lab @ w3).T)
+        else:  # marker: one linear, both halves fold into the labels
+            w_start, w_end, b0 = weights
+            first = start @ (lab @ w_start).T  # (n, C)
+            last = torch.addmm(lab @ b0, end, (lab @ w_end).T)
+            logits = first[st] + last[ed]
+        probs = torch.sigmoid(logits)
+        which, label = torch.where(probs > threshold)
+        at = which.numpy()
+        return st[at], ed[at], label.numpy(), probs[which, label].numpy()
 
     def _span_index(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """First and last word of every span of 1..max_width words in n words, by first word
@@ -577,17 +564,3 @@ class GLiNER(EncoderModel):
         keep = ed < n
         return st[keep], ed[keep]
 
-
-def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive indices grouped so that each group's sizes add up to at most `limit`
-    (a larger one alone)."""
-    out: list[list[int]] = []
-    total = 0
-    for i, n in enumerate(sizes):
-        if out and total + n <= limit:
-            out[-1].append(i)
-            total += n
-        else:
-            out.append([i])
-            total = n
-    return out
