@@ -4,8 +4,8 @@
 
 Model: a GLiNER uni-encoder span checkpoint with random weights (speed does not depend on
 weight values) built by scripts/make_gliner_test_models.py into the cache folder: `--size
-small` (hidden 256, 4 layers; for CPUs) or `base` (hidden 768, 12 layers: gliner_multi-v2.1's
-mDeBERTa-v3-base shape). Corpus: the multilingual passages of the bge-m3-lite data package
+small` (hidden 256, 4 layers; for CPUs), `base` (hidden 768, 12 layers: gliner_multi-v2.1's
+mDeBERTa-v3-base shape) or `tiny` (the tests' 64 wide, 2 layers; `--quick`). Corpus: the multilingual passages of the bge-m3-lite data package
 (each under the model's 384-word window, so both paths read the same words), five labels.
 - `engine_inprocess`: `Engine.submit_extract` from `--clients` closed-loop threads,
   `--request-size` texts per request (rows of concurrent requests share token-budget batches);
@@ -40,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["person", "organization", "location", "date", "event"]
-SIZES = {"small": (256, 4), "base": (768, 12)}
+SIZES = {"tiny": (64, 2), "small": (256, 4), "base": (768, 12)}
 TOLERANCE = 1e-4
 
 
@@ -191,10 +191,10 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="time each path's phases")
     parser.add_argument("--profile", action="store_true", help="torch.profiler op totals")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
-    parser.add_argument("--quick", action="store_true", help="16 texts, the small model")
+    parser.add_argument("--quick", action="store_true", help="16 texts, the tiny model, 1 round")
     args = parser.parse_args()
     if args.quick:
-        args.texts, args.size, args.rounds = 16, "small", 1
+        args.texts, args.size, args.rounds = 16, "tiny", 1
     import torch
     from gliner import GLiNER
 
