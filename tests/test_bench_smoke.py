@@ -93,3 +93,22 @@ def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
             assert agree[path] >= 0.999, agree
         assert ratios[f"engine_http_vs_{path}"] > 0, ratios
     assert doc["versions"]["torch"]
+
+
+def test_extract_quick_run_compares_then_times(tmp_path: Path) -> None:
+    """bench/extract.py on the tiny GLiNER: the two paths' entities are compared before the
+    rounds (no difference beyond float ties), then timed; phases and profile are reported."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.extract", "--quick", "--phases", "--profile",
+         "--cache", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=540)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    same, total = map(int, doc["entities_agreeing"].split("/"))
+    assert total > 50 and same + doc["differing_by_float_ties"] >= total
+    assert doc["unexplained"] == [] and doc["max_score_diff"] <= 1e-4
+    assert doc["ratio"] > 0 and len(doc["round_seconds"]["engine"]) == doc["rounds"] == 1
+    assert doc["phases"]["engine"]["encoder_s"] > 0 and doc["phases"]["gliner"]["encoder_s"] > 0
+    for side in ("engine", "gliner"):
+        assert doc["profile"][side]["gflop"] > 0 and doc["profile"][side]["top_ops"]

@@ -27,7 +27,9 @@ Long texts are read as SIE reads them (its issues #446-#451): in windows of at m
 `max_len` words (and of a subword budget), each sharing 64 words with the one before, each a
 row of its own; the spans found are moved to the text and merged (`merge_windows`). The
 rows go through the engine's token-budget batches like any other family's; steps 3-5 run
-after the encoder, on the rows' hidden states.
+after the encoder, on the rows' hidden states: the span MLP's first linear is applied per
+word and its last folded into the label vectors (`_candidates`), so a span never meets an
+h x 4h matrix, and only the spans above the threshold reach the (numpy) greedy decoding.
 
 LoRA (`options.lora_id`): adapters made with peft on the GLiNER model (or its backbone alone)
 adapt the backbone's linears per row of the shared batches, and gliner's own linears (the
@@ -53,7 +55,7 @@ from ..runtime.batch import PackedBatch
 from ..runtime.deberta import DebertaConfig, DebertaEncoder
 from ..runtime.device import Placement
 from ..runtime.encoder import Encoder, EncoderConfig
-from ..runtime.lora import ModelLora, head_linear
+from ..runtime.lora import ModelLora, head_linear, head_weights
 from ..runtime.weights import load_state_dict, reading
 from .base import BatchOutputs, EncoderModel, ExtractPlan, ModelInfo, ModelSpec, family
 from .gliner_token import TokenScorer, token_spans
@@ -111,27 +113,46 @@ def windows_of(counts: list[int], max_words: int, max_subwords: int) -> list[Win
         start = end - overlap
 
 
-def _overlaps(a: dict, b: dict, flat: bool, multi_label: bool) -> bool:
-    """gliner's greedy-search conflict of two spans (inclusive word or exclusive char ends
-    alike: only their order matters)."""
-    if (a["start"], a["end"]) == (b["start"], b["end"]):
-        return not multi_label
-    if a["start"] >= b["end"] or b["start"] >= a["end"]:
-        return False
-    if flat:
-        return True
-    nested = (a["start"] <= b["start"] and b["end"] <= a["end"]) or \
-        (b["start"] <= a["start"] and a["end"] <= b["end"])
-    return not nested
+def greedy_order(start: np.ndarray, end: np.ndarray, score: np.ndarray, flat: bool,
+                 multi_label: bool) -> np.ndarray:
+    """gliner's greedy search: candidates best first (ties in their given order), each kept
+    unless it conflicts with one kept before; the kept ones' positions, in text order (by
+    start; same start, best first). Ends are exclusive (word or character offsets alike).
+    Conflicts: the same span again (unless `multi_label`); overlapping spans, unless
+    (`flat` false) one holds the other."""
+    order = np.argsort(-score, kind="stable")
+    start, end = start[order], end[order]
+    alive = np.ones(len(order), dtype=bool)
+    kept = []
+    at = 0
+    while at < len(order):
+        if not alive[at]:
+            rest = np.flatnonzero(alive[at:])
+            if not len(rest):
+                break
+            at += int(rest[0])
+        kept.append(at)
+        s0, e0 = start[at], end[at]
+        s, e = start[at + 1:], end[at + 1:]
+        clash = (s < e0) & (s0 < e)
+        if not flat:
+            clash &= ~(((s0 <= s) & (e <= e0)) | ((s <= s0) & (e0 <= e)))
+        same = (s == s0) & (e == e0)
+        clash = np.where(same, not multi_label, clash)
+        alive[at + 1:] &= ~clash
+        at += 1
+    kept_at = np.asarray(kept, dtype=np.int64)
+    return order[kept_at[np.argsort(start[kept_at], kind="stable")]]
 
 
 def greedy(spans: list[dict], flat: bool, multi_label: bool) -> list[dict]:
-    """Best first, keeping a span that conflicts with none kept; in text order."""
-    kept: list[dict] = []
-    for span in sorted(spans, key=lambda s: -s["score"]):
-        if not any(_overlaps(span, k, flat, multi_label) for k in kept):
-            kept.append(span)
-    return sorted(kept, key=lambda s: s["start"])
+    """`greedy_order` on span dicts (`start`, `end`, `score`)."""
+    if not spans:
+        return []
+    field = lambda k, t: np.fromiter((x[k] for x in spans), dtype=t, count=len(spans))  # noqa: E731
+    keep = greedy_order(field("start", np.int64), field("end", np.int64),
+                        field("score", np.float64), flat, multi_label)
+    return [spans[i] for i in keep]
 
 
 def merge_windows(found: list[list[dict]], edges: list[tuple[int, int]], flat: bool,
@@ -189,6 +210,11 @@ class Mlp(nn.Module):
         x = F.relu(head_linear(x, self.w0, self.b0, heads.get(f"{self.prefix}.0")))
         return head_linear(x, self.w3, self.b3, heads.get(f"{self.prefix}.3"))
 
+    def weights(self, heads: dict[str, dict[str, torch.Tensor]]) -> tuple[tuple, tuple]:
+        """(weight, bias) of its two linears, an adapter's pairs merged in."""
+        return (head_weights(self.w0, self.b0, heads.get(f"{self.prefix}.0")),
+                head_weights(self.w3, self.b3, heads.get(f"{self.prefix}.3")))
+
     def lora_heads(self) -> dict[str, tuple[int, int]]:
         """Its linears' (fan-in, fan-out) by module name (runtime/lora.py's layout heads)."""
         return {f"{self.prefix}.{i}": (w.shape[1], w.shape[0]) for i, w in ((0, self.w0), (3, self.w3))}
@@ -206,6 +232,10 @@ class HeadLinear(nn.Module):
     def forward(self, x: torch.Tensor,
                 heads: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         return head_linear(x, self.w, self.b, (heads or {}).get(self.prefix))
+
+    def weights(self, heads: dict[str, dict[str, torch.Tensor]]) -> tuple:
+        """(weight, bias), an adapter's pair merged in."""
+        return head_weights(self.w, self.b, heads.get(self.prefix))
 
     def lora_heads(self) -> dict[str, tuple[int, int]]:
         return {self.prefix: (self.w.shape[1], self.w.shape[0])}
@@ -387,10 +417,10 @@ class GLiNER(EncoderModel):
         def finish(results: list) -> tuple[list[dict], int]:
             found: list[list[list[dict]]] = [[] for _ in texts]
             edges: list[list[tuple[int, int]]] = [[] for _ in texts]
-            for row, enc, first, result in zip(rows, encodings, starts, results):
-                spans = self._spans(torch.from_numpy(result.multivector).float(),
-                                    np.asarray(enc.ids), first, row.words, labels, threshold,
-                                    flat, multi, heads)
+            states = [torch.from_numpy(result.multivector).float() for result in results]
+            marks = [np.flatnonzero(np.asarray(e.ids) == self.class_token) for e in encodings]
+            for row, spans in zip(rows, self._spans(states, marks, starts, rows, labels,
+                                                    threshold, flat, multi, heads)):
                 for s in spans:
                     s["text"] = texts[row.item][s["start"]:s["end"]]
                 found[row.item].append(spans)
@@ -445,39 +475,92 @@ class GLiNER(EncoderModel):
         return BatchOutputs(multivector=(hidden, torch.from_numpy(batch.lengths), 0))
 
     @torch.inference_mode()
-    def _spans(self, hidden: torch.Tensor, ids: np.ndarray, first: np.ndarray,
-               words: list[Word], labels: list[str], threshold: float, flat: bool,
-               multi_label: bool, heads: dict[str, dict[str, torch.Tensor]] | None = None
-               ) -> list[dict]:
-        """Step 3-5 on one row; `heads`: the request's adapter's LoRA pairs of gliner's linears."""
-        heads = heads or {}
+    def _spans(self, states: list[torch.Tensor], marks: list[np.ndarray],
+               firsts: list[np.ndarray], rows: list[_Row], labels: list[str], threshold: float,
+               flat: bool, multi_label: bool, heads: dict[str, dict[str, torch.Tensor]]
+               ) -> list[list[dict]]:
+        """Steps 3-5 on each of a request's rows (its hidden states, `<<ENT>>` positions and
+        words' first subwords); `heads`: the request's adapter's LoRA pairs of gliner's
+        linears. Row by row, so a text's entities do not depend on what else a request
+        holds (matrix products of other shapes may round differently)."""
+        out: list[list[dict]] = []
+        weights = self._out_weights(heads) if self.span_mode != "token_level" else ()
+        for hidden, mark, first, row in zip(states, marks, firsts, rows):
+            label_vecs, words = self._vectors(hidden, mark, first, heads)
+            if self.span_mode == "token_level":
+                out.append(greedy([{"start": row.words[st][1], "end": row.words[ed][2],
+                                    "label": labels[c], "score": score}
+                                   for st, ed, c, score in token_spans(
+                                       self.scorer(words, label_vecs), threshold)],
+                                  flat, multi_label))
+                continue
+            st, ed, label, score = self._candidates(label_vecs, words, threshold, heads, weights)
+            out.append([{"start": row.words[st[k]][1], "end": row.words[ed[k]][2],
+                         "label": labels[label[k]], "score": float(score[k])}
+                        for k in greedy_order(st, ed + 1, score, flat, multi_label).tolist()])
+        return out
+
+    def _vectors(self, hidden: torch.Tensor, marks: np.ndarray, first: np.ndarray,
+                 heads: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's label vectors (the `<<ENT>>` states, (C, h)) and word vectors (first
+        subwords, through the LSTM; a word cut off reads zeros), (n, h). Only those states go
+        through the projection."""
+        seen = np.flatnonzero(first >= 0)
+        picked = hidden[torch.from_numpy(np.concatenate(
+            [marks + (0 if self.embed_ent_token else 1), first[seen]]))]
         if self.projection is not None:
-            hidden = head_linear(hidden, *self.projection, heads.get(_PROJECTION))
-        marks = np.flatnonzero(ids == self.class_token) + (0 if self.embed_ent_token else 1)
-        label_vecs = hidden[torch.from_numpy(marks)]  # (C, h)
-        n = len(words)
-        word_vecs = torch.zeros(n, hidden.shape[1])
-        seen = first >= 0
-        word_vecs[torch.from_numpy(np.flatnonzero(seen))] = hidden[torch.from_numpy(first[seen])]
+            picked = head_linear(picked, *self.projection, heads.get(_PROJECTION))
+        words = picked.new_zeros(len(first), picked.shape[1])
+        words[torch.from_numpy(seen)] = picked[len(marks):]
         if self.lstm is not None:
-            word_vecs = self.lstm(word_vecs[None])[0][0]
-        if self.span_mode == "token_level":
-            return greedy([{"start": words[st][1], "end": words[ed][2], "label": labels[c],
-                            "score": score}
-                           for st, ed, c, score in token_spans(self.scorer(word_vecs, label_vecs),
-                                                               threshold)], flat, multi_label)
-        label_vecs = self.prompt_mlp(label_vecs, heads)
-        width = self.max_width
-        starts = torch.arange(n).repeat_interleave(width)
-        ends = starts + torch.arange(width).repeat(n)
-        valid = ends < n
-        starts, ends = starts * valid, ends * valid  # masked spans read word 0, as gliner's
-        span = torch.cat([self.start_mlp(word_vecs, heads)[starts],
-                          self.end_mlp(word_vecs, heads)[ends]], -1)
-        scores = torch.sigmoid(self.out_mlp(F.relu(span), heads) @ label_vecs.T)  # (n * width, C)
-        scores[~valid] = 0
-        rows, cols = torch.where(scores > threshold)
-        spans = [{"start": words[int(starts[r])][1], "end": words[int(ends[r])][2],
-                  "label": labels[int(c)], "score": float(scores[r, c])}
-                 for r, c in zip(rows.tolist(), cols.tolist())]
-        return greedy(spans, flat, multi_label)
+            words = self.lstm(words[None])[0][0]
+        return picked[:len(marks)], words
+
+    def _out_weights(self, heads: dict[str, dict[str, torch.Tensor]]) -> tuple:
+        """The span output layer's weights, an adapter's pairs merged in, its first linear
+        split by the halves of its input: (start half, end half, bias), then markerV0's last
+        linear (weight, bias)."""
+        if self.span_mode == "markerV0":
+            (w0, b0), last = self.out_mlp.weights(heads)
+        else:
+            (w0, b0), last = self.out_mlp.weights(heads), ()
+        h = w0.shape[1] // 2
+        return (w0[:, :h], w0[:, h:], b0, *last)
+
+    def _candidates(self, label_vecs: torch.Tensor, words: torch.Tensor, threshold: float,
+                    heads: dict[str, dict[str, torch.Tensor]], weights: tuple
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A row's spans scoring above `threshold`: (first word, last word, label, score)
+        arrays in gliner's order (by first word, width, label).
+
+        gliner scores span (s, e) for label vector c as sigmoid(out(relu([start(s); end(e)])) . c),
+        `out` an MLP (markerV0) or one linear (marker). Its first linear splits over the
+        halves of its input, W [a; b] = Wa a + Wb b, so each word's halves are projected once,
+        not once per span; its last linear folds into the label vectors, (W x + b) . c =
+        x . (W^T c) + b . c, so each span meets C folded labels, not the h x 4h weights."""
+        start = F.relu(self.start_mlp(words, heads))
+        end = F.relu(self.end_mlp(words, heads))
+        lab = self.prompt_mlp(label_vecs, heads)
+        st, ed = self._span_index(len(words))
+        if self.span_mode == "markerV0":
+            w_start, w_end, b0, w3, b3 = weights
+            first, last = start @ w_start.T, torch.addmm(b0, end, w_end.T)  # (n, 4h)
+            logits = torch.addmm(lab @ b3, F.relu(first[st] + last[ed]), (lab @ w3).T)
+        else:  # marker: one linear, both halves fold into the labels
+            w_start, w_end, b0 = weights
+            first = start @ (lab @ w_start).T  # (n, C)
+            last = torch.addmm(lab @ b0, end, (lab @ w_end).T)
+            logits = first[st] + last[ed]
+        probs = torch.sigmoid(logits)
+        which, label = torch.where(probs > threshold)
+        at = which.numpy()
+        return st[at], ed[at], label.numpy(), probs[which, label].numpy()
+
+    def _span_index(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """First and last word of every span of 1..max_width words in n words, by first word
+        then width."""
+        st = np.repeat(np.arange(n), self.max_width)
+        ed = st + np.tile(np.arange(self.max_width), n)
+        keep = ed < n
+        return st[keep], ed[keep]
+

@@ -452,6 +452,18 @@ def head_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return torch.nn.functional.linear(x, w, b) + (x @ a.T) @ b_.T
 
 
+def head_weights(w: torch.Tensor, b: torch.Tensor | None,
+                 head: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of a model's head linear as an adapter's `heads` entry changes
+    them (a LoRA pair merged), for a family that splits or folds that linear."""
+    if head is None:
+        return w, b
+    if "weight" in head:
+        return head["weight"], head["bias"]
+    return w + head["lora_b"].to(w.device) @ head["lora_a"].to(w.device), b
+
+
 # ------------------------------------------------------------------------- applying per row
 
 
