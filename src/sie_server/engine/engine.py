@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong
-from ..runtime.device import Placement, keep_freed_memory
+from ..runtime.device import Placement
 from ..runtime.images import ImageInput
 from ..runtime.tokenizer import Tokenized, UnsettledWord
 from ..models import FAMILIES
@@ -55,8 +55,6 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.placement = Placement.resolve(self.settings.device, self.settings.dtype)
-        if self.placement.device.type == "cpu":
-            keep_freed_memory()
         self.metrics = Metrics()
         self.registry = ModelRegistry(self.settings, self.placement, self.metrics)
         self._adapter_lock = threading.Lock()  # creating a model's AdapterManager

@@ -6,13 +6,10 @@ emulated and slower than fp32. The CPU check reads what the CPU reports (torch's
 /proc/cpuinfo); it never times anything.
 `--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
 int8 (runtime/int8.py) and everything else in float32.
-On a CPU, `keep_freed_memory` stops glibc from handing each batch's freed activations back
-to the kernel, which the next batch then faults in again page by page.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import platform
@@ -27,21 +24,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # CPU feature flags (Linux /proc/cpuinfo names) that give native bf16 matmuls
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse (process-wide): buffers up to 32 MB (its most)
-    come from the heap rather than their own mmap, and up to 1 GB of free heap is not trimmed.
-    Without this every CPU batch faults its activations in afresh; an int8 forward of
-    all-MiniLM-L6-v2 on a 2,048-token batch took ~25% more CPU time (README "Precision").
-    Memory then stays at the high-water mark of the batches. False where libc is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
