@@ -167,13 +167,20 @@ def run_public(sie_python: str, check: str, url: str, tmp: Path) -> tuple[dict, 
 
 
 @pytest.fixture(scope="module")
-def engine(folders: dict[str, Path]):
-    """An fp32 CPU engine serving the requesting module's `folders` (name -> model folder);
-    a module with an `engine` of its own overrides this one."""
+def adapter_roots() -> list[Path]:
+    """Where `engine` looks for LoRA adapters: none, unless a module overrides this."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def engine(folders: dict[str, Path], adapter_roots: list[Path]):
+    """An fp32 CPU engine serving the requesting module's `folders` (name -> model folder)
+    and its `adapter_roots`; a module with an `engine` of its own overrides this one."""
     from sie_server.config import Settings
     from sie_server.engine import Engine
 
     eng = Engine(Settings(dtype="float32", device="cpu", default_models=[],
+                          adapter_roots=adapter_roots,
                           models={k: str(v) for k, v in folders.items()}))
     yield eng
     eng.close()

@@ -31,8 +31,6 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Deb
                           DebertaV2Model, pipeline)
 
 from sie_sdk import SIEClient
-from sie_server.config import Settings
-from sie_server.engine import Engine
 
 LABELS = ["person", "organization", "location", "date"]
 TEXTS = ["Apple Inc. was founded by Steve Jobs in Cupertino, California in 1976.",
@@ -111,11 +109,9 @@ def _nli_pipeline(folder: Path, model):
 
 
 @pytest.fixture(scope="module")
-def engine(folders, root, refs):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], adapter_roots=[root],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
+def adapter_roots(root, refs) -> list[Path]:
+    """The adapters' folder, once `refs` has saved them (conftest's `engine` reads it)."""
+    return [root]
 
 
 def gliner_expected(refs, model: str, lora: str | None, threshold: float, flat: bool):

@@ -25,8 +25,6 @@ from make_gliclass_test_models import build
 from test_gliclass import CONFIGS, LABELS, TEXTS, check, probabilities
 
 from sie_sdk import SIEClient
-from sie_server.config import Settings
-from sie_server.engine import Engine
 
 HEADS = ["linear_1", "linear_2"]  # both projectors' linears
 # adapter id -> (model, make_adapter keyword arguments)
@@ -92,11 +90,9 @@ def expected(refs, lora: str | None, model: str, texts: list[str], kind: str) ->
 
 
 @pytest.fixture(scope="module")
-def engine(folders, root, refs):
-    eng = Engine(Settings(dtype="float32", device="cpu", default_models=[], adapter_roots=[root],
-                          models={k: str(v) for k, v in folders.items()}))
-    yield eng
-    eng.close()
+def adapter_roots(root, refs) -> list[Path]:
+    """The adapters' folder, once `refs` has saved them (conftest's `engine` reads it)."""
+    return [root]
 
 
 @pytest.mark.parametrize("model", MODELS)
