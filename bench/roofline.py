@@ -29,6 +29,18 @@ def cpu_flags() -> list[str]:
     return [f for f in FLAGS if f in have]
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> dict:
+    """The environment's caps on the instruction sets torch's kernels may use (ATen's vector
+    code, oneDNN, MKL), as set: how a run on a wider CPU stands in for a narrower class. They
+    bind torch's paths only; onnxruntime and OpenVINO pick their kernels from the CPU itself."""
+    import os
+
+    return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+
+
 def cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,6 +93,7 @@ def roofline(folder: Path, dtypes: list[str], threads: int, tokens: int = 2048,
     import torch
 
     torch.set_num_threads(threads)
-    return {"cpu_model": cpu_model(), "flags": cpu_flags(), "threads": threads,
+    return {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
+            "aten_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
             "gemm_tokens": tokens,
             "gemm": {d: gemm_gflops(folder, d, tokens, rounds) for d in dict.fromkeys(dtypes)}}

@@ -11,6 +11,15 @@ import sys
 from pathlib import Path
 
 
+def caps_note(roof: dict) -> str:
+    """' (torch capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2, ...)' when the run set ISA caps."""
+    caps = roof.get("isa_caps") or {}
+    if not caps:
+        return ""
+    return (f" (torch's kernels capped to {roof.get('aten_capability')} by "
+            + ", ".join(f"{k}={v}" for k, v in caps.items()) + ")")
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -28,7 +37,8 @@ def summarize(doc: dict, name: str = "") -> list[str]:
     lines.append(f"   {doc.get('command')}")
     roof = doc.get("cpu_roofline")
     if roof:
-        lines.append(f"   CPU {roof.get('cpu_model')}, flags {','.join(roof.get('flags', []))}, "
+        lines.append(f"   CPU {roof.get('cpu_model')}, flags {','.join(roof.get('flags', []))}"
+                     f"{caps_note(roof)}, "
                      f"{roof.get('threads')} threads; GEMM roofline " + ", ".join(
                          f"{d} {g['gflops']} GFLOP/s" for d, g in roof.get("gemm", {}).items()))
     for key, run in doc.get("runs", {}).items():
@@ -100,7 +110,8 @@ def markdown(doc: dict) -> list[str]:
     roof = doc.get("cpu_roofline") or {}
     kinds = [k for k in ("passages:dense", "queries:dense") if k in doc.get("runs", {})]
     gemm = ", ".join(f"{d} {g['gflops']:,.0f}" for d, g in roof.get("gemm", {}).items())
-    lines = [f"CPU: {roof.get('cpu_model')}, flags {', '.join(roof.get('flags', []))}; "
+    lines = [f"CPU: {roof.get('cpu_model')}, flags {', '.join(roof.get('flags', []))}"
+             f"{caps_note(roof)}; "
              f"{roof.get('threads')} threads; engine dtype "
              f"{doc.get('model', {}).get('engine_dtype_resolved')}; GEMM roofline (GFLOP/s): "
              f"{gemm}; git {doc.get('versions', {}).get('git')}", ""]

@@ -11,6 +11,7 @@ integer work, so other CPUs give the same figures up to float rounding) and set 
   one side only) and the sparse vectors' cosine >= 0.95 (measured min 0.972, median 0.9999).
 - cross-encoders (BERT and XLM-R heads): |logit - fp32 logit| <= 0.05 x the spread of fp32's
   logits over the documents.
+- CPUs without VNNI: see FULL below.
 - LoRA on int8: cosine to the fp32 engine with the same adapter >= 0.99; a base row's vectors
   are those of the int8 engine without adapters (LoRA touches only its rows).
 - ModernBERT, decoder (Qwen3-style) and CLIP / SigLIP text towers: dense cosine >= 0.99.
@@ -23,6 +24,9 @@ integer work, so other CPUs give the same figures up to float rounding) and set 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +39,22 @@ from sie_server.config import Settings
 from sie_server.engine import Engine
 from sie_server.runtime.device import Placement
 from sie_server.runtime.images import ImageInput
-from sie_server.runtime.int8 import Int8Linear
+from sie_server.runtime.int8 import Int8Linear, weight_levels
 from test_score import DOCS, QUERIES, ce_bert_dir, ce_xlmr_dir  # noqa: F401 - fixtures
 
 ALL = ["dense", "sparse", "multivector"]
 LEGAL_LORA = "org/bge-m3-legal-lora"
 IMAGE_COS = 0.999  # CLIP / SigLIP image vectors, int8 vs fp32 (module docstring)
+# Where the CPU's int8 kernel saturates on 8-bit weights (no VNNI) they take 7 bits
+# (runtime/int8.py), and three bounds widen; measured with oneDNN held to AVX2
+# (test_int8_without_vnni): MiniLM min dense cosine 0.9883 (on "?"; the next text 0.9905),
+# BGE-M3 sparse weight error max 0.091, cross-encoder error max 0.052 x the spread. The rest
+# hold as stated above (measured: BGE-M3 dense 0.9990, multivector 0.9987, sparse cosine
+# 0.970, LoRA 0.993, ModernBERT 0.9919, images 0.9997).
+FULL = weight_levels() == 127
+MINILM_COS = 0.99 if FULL else 0.985
+SPARSE_ABS = 0.075 if FULL else 0.12
+CE_SPREAD = 0.05 if FULL else 0.08
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,6 +90,26 @@ def test_int8_linear_is_close_and_per_token() -> None:
     assert float((Int8Linear(nobias)(x[:, :128]) - want).norm() / want.norm()) < 0.03
 
 
+CAP_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def test_int8_without_vnni() -> None:
+    """This module again in a process whose torch is held to AVX2, as on a CPU without VNNI:
+    the int8 kernel saturates on 8-bit weights there (the probe must see it, or MiniLM's
+    cosine falls to 0.958), weights take 7 bits, and every test passes at the bounds above."""
+    env = {**os.environ, **CAP_AVX2}
+    probe = subprocess.run([sys.executable, "-c", "from sie_server.runtime import int8; "
+                            "print(int8._exact(127), int8.weight_levels())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["False", "64"], probe.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                          "-k", "not without_vnni"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
 def test_int8_is_asked_for_never_auto() -> None:
     p = Placement.resolve("cpu", "int8")
     assert (p.dtype, p.quantize, p.dtype_name) == (torch.float32, "int8", "int8")
@@ -97,7 +131,7 @@ def test_minilm_int8_dense_on_every_text(minilm) -> None:
     assert info.info.dtype == "int8"
     assert sum(isinstance(m, Int8Linear) for m in info.encoder.modules()) == 6 * 4
     cos = cosines(dense(minilm["int8"], "m", TEXTS), dense(minilm["float32"], "m", TEXTS))
-    assert cos.min() >= 0.99, (float(cos.min()), TEXTS[int(cos.argmin())][:40])
+    assert cos.min() >= MINILM_COS, (float(cos.min()), TEXTS[int(cos.argmin())][:40])
 
 
 def lee_corpus() -> tuple[list[str], np.ndarray]:
@@ -144,7 +178,7 @@ def test_bge_m3_int8_outputs(m3) -> None:
         assert cosines(g.multivector, w.multivector).min() >= 0.998, label
         gs, ws = (dict(zip(*map(np.ndarray.tolist, r.sparse))) for r in (g, w))
         for tok in set(gs) | set(ws):
-            assert abs(gs.get(tok, 0.0) - ws.get(tok, 0.0)) <= 0.075, (label, tok)
+            assert abs(gs.get(tok, 0.0) - ws.get(tok, 0.0)) <= SPARSE_ABS, (label, tok)
         if len(ws) > 0 and len(gs) > 0:
             keys = sorted(set(gs) | set(ws))
             a, b = (np.array([d.get(k, 0.0) for k in keys]) for d in (gs, ws))
@@ -175,7 +209,7 @@ def test_cross_encoder_int8_scores(name, ce_bert_dir, ce_xlmr_dir) -> None:
                  for d, e in engs.items()}
             spread = float(s["float32"].max() - s["float32"].min())
             assert spread > 0
-            assert np.abs(s["int8"] - s["float32"]).max() <= 0.05 * spread, (query, s)
+            assert np.abs(s["int8"] - s["float32"]).max() <= CE_SPREAD * spread, (query, s)
     finally:
         for e in engs.values():
             e.close()

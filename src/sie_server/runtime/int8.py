@@ -3,7 +3,7 @@ quantized per token (row) on the fly, the int8 x int8 -> int32 product from `tor
 
     x ~ sx * q + ox,  q = round((x - lo) / sx) - 128,  ox = lo + 128 sx,  sx = width / 255
     lo, hi = min x_row, max x_row,  width = max(hi - lo, max(|lo|, |hi|) / 4096)
-    W ~ sw * Wq,      Wq = round(W / sw),  sw = max|W_row| / 127
+    W ~ sw * Wq,      Wq = round(W / sw),  sw = max|W_row| / L  (L = 127; 64 without VNNI)
     y = (q @ Wq^T) * sx * sw + ox * sum_k(sw * Wq) + b
 
 Weights symmetric, activations asymmetric (each token's own min and max, which map exactly to
@@ -28,23 +28,60 @@ it), and with uint8 input and float output it was no faster than this path in al
 int8 dynamic config calls the same kernel with symmetric scales, as fast and less accurate.
 With oneDNN held to AVX2 (no VNNI; `ONEDNN_MAX_CPU_ISA=AVX2`) `_int_mm` still did ~195 GOP/s
 on the model's shapes against fp32's ~85 (one core, CPU time, busy machine).
+
+Without VNNI that kernel is not exact over the whole int8 range: it shifts activations to u8
+and adds pairs of u8 x s8 products in int16 (`vpmaddubsw`), which saturates; with oneDNN held
+to AVX2, all-MiniLM-L6-v2's dense cosine to fp32 fell to 0.958. `weight_levels` probes the
+kernel once per process; where full-range weights are not exact it takes L = 64, since
+2 x 255 x 64 fits in int16. Measured the same way (MiniLM, every test text, oneDNN held to
+AVX2): min cosine 0.988 with L = 64, 0.987 with 181 activation steps and L = 90, 0.978 with
+7-bit activations and L = 127; so weights lose the bit.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from torch import nn
 
 from .encoder import HookedBlock
 
+log = logging.getLogger(__name__)
+
+
+def _exact(levels: int) -> bool:
+    """Whether `_int_mm` is exact for activations over all of int8 and weights in
+    [-levels, levels]: on extremes (where int16 pair sums overflow) and random values."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+    a[:16], a[16:32] = 127, -128
+    w = torch.randint(-levels, levels + 1, (256, 64), dtype=torch.int8, generator=g)
+    w[:, :16], w[:, 16:32] = levels, -levels
+    return torch.equal(torch._int_mm(a, w).double(), a.double() @ w.double())
+
+
+@functools.cache
+def weight_levels() -> int:
+    """127, or 64 where this CPU's int8 kernel saturates on full-range weights (module
+    docstring); raises if neither is exact."""
+    for levels in (127, 64):
+        if _exact(levels):
+            if levels != 127:
+                log.info("int8: this CPU's int8 matmul saturates on full-range weights (no "
+                         "VNNI); weights quantized to [-%d, %d]", levels, levels)
+            return levels
+    raise RuntimeError("torch._int_mm is not exact on this CPU; --dtype int8 cannot run here")
+
 
 class Int8Linear(nn.Module):
     """A drop-in for an nn.Linear of a HookedBlock (module docstring)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, levels: int | None = None) -> None:
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / (levels or weight_levels())
         wq = torch.round(w / scale[:, None])
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # (in, out): _int_mm's second operand, contiguous as oneDNN wants it
