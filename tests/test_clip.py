@@ -214,16 +214,17 @@ def test_causal_bucketed_attention_equals_per_sequence_sdpa() -> None:
     import torch
     import torch.nn.functional as F
 
-    from sie_server.runtime.attention import make_attention
+    from sie_server.runtime.attention import BucketedAttention
 
     lengths = np.array([1, 5, 7, 7, 20, 3])
     cu = np.r_[0, np.cumsum(lengths)]
     q, k, v = torch.randn(3, int(cu[-1]), 4, 8, generator=torch.Generator().manual_seed(0))
-    got = make_attention(cu, torch.device("cpu"), torch.float32, causal=True)(q, k, v)
-    for a, b in zip(cu[:-1], cu[1:]):
-        part = [t[a:b].transpose(0, 1) for t in (q, k, v)]
-        want = F.scaled_dot_product_attention(*part, is_causal=True).transpose(0, 1)
-        torch.testing.assert_close(got[a:b], want, atol=1e-5, rtol=1e-5)
+    for slack in (None, 1.25, 4.0):  # CPU's one-length groups, and groups with padding
+        got = BucketedAttention(cu, torch.device("cpu"), causal=True, slack=slack)(q, k, v)
+        for a, b in zip(cu[:-1], cu[1:]):
+            part = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+            want = F.scaled_dot_product_attention(*part, is_causal=True).transpose(0, 1)
+            torch.testing.assert_close(got[a:b], want, atol=1e-5, rtol=1e-5)
 
 
 def test_image_items_limits_and_aliases() -> None:

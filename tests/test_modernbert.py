@@ -158,22 +158,26 @@ def test_windowed_attention_equals_a_banded_mask_per_sequence() -> None:
     sequence alone with the mask |i - j| <= w, as transformers builds it."""
     import torch.nn.functional as F
 
-    from sie_server.runtime.attention import make_attention
+    from sie_server.runtime.attention import BucketedAttention
 
     lengths = [1, 5, 9, 10, 30, 33, 64, 70]
     cu = np.r_[0, np.cumsum(lengths)]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(int(cu[-1]), 2, 8, generator=g) for _ in range(3))
-    got = make_attention(cu, torch.device("cpu"), torch.float32, window=8)(q, k, v)
-    full = make_attention(cu, torch.device("cpu"), torch.float32)(q, k, v)
-    for s, e in zip(cu[:-1], cu[1:]):
-        pos = torch.arange(e - s)
-        band = (pos[:, None] - pos[None, :]).abs() <= 8
-        ref = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
-                                             attn_mask=band).transpose(0, 1)
-        torch.testing.assert_close(got[s:e], ref, atol=1e-6, rtol=0)
-        if e - s > 9:  # longer than the window: the band changes the result
-            assert not torch.allclose(got[s:e], full[s:e], atol=1e-3)
+    cpu = torch.device("cpu")
+    for slack in (None, 1.25, 3.0):  # CPU's one-length groups, and groups with padding
+        att = BucketedAttention(cu, cpu, window=8, slack=slack)
+        assert (len(att.groups) == len(lengths)) == (slack is None), slack
+        got = att(q, k, v)
+        full = BucketedAttention(cu, cpu, slack=slack)(q, k, v)
+        for s, e in zip(cu[:-1], cu[1:]):
+            pos = torch.arange(e - s)
+            band = (pos[:, None] - pos[None, :]).abs() <= 8
+            ref = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                                 attn_mask=band).transpose(0, 1)
+            torch.testing.assert_close(got[s:e], ref, atol=1e-6, rtol=0)
+            if e - s > 9:  # longer than the window: the band changes the result
+                assert not torch.allclose(got[s:e], full[s:e], atol=1e-3)
 
 
 def test_http_encode_score_and_openai_dimensions(start_server, folders) -> None:

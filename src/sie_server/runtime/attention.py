@@ -2,7 +2,12 @@
 
 `VarlenAttention` (CUDA) runs torch's varlen kernel on the packed tokens directly.
 `BucketedAttention` (anywhere) scatters sequences of similar length into small padded groups
-and runs SDPA per group, so padding stays small without changing the packed layout.
+and runs SDPA per group, so padding stays small without changing the packed layout. On CPU a
+group holds sequences of one length only: no padding and no mask. Measured on this project's
+2-core CPU (MiniLM's shapes, one 2k-token batch, medians of 25): passages 10.4 against 16.2 ms
+per layer in float32 and 9.5 against 11.8 ms in bfloat16; short queries (138 texts, 26
+lengths) 9.5 against 12.2 and 7.8 against 9.4 ms; torch's CPU flash kernel is slower with a
+mask, and a 2k-token batch holds at most ~63 distinct lengths.
 Both are built once per batch and reused by every layer. With `causal=True` (decoders) each
 token attends to itself and the tokens before it in its own sequence; keys and values may have
 fewer heads than queries (grouped-query attention). With `window=w` a token attends only to
@@ -29,7 +34,7 @@ _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn els
 _VARLEN_CAUSAL = bool(_VARLEN_ARGS & {"window_size", "is_causal"})
 
 # A group grows while its padded size stays within this factor of its real tokens.
-_PAD_SLACK = 1.25
+_PAD_SLACK = {"cpu": 1.0, "cuda": 1.25}
 
 
 class VarlenAttention:
@@ -62,17 +67,21 @@ class BucketedAttention:
     Causal groups need no padding mask: a real token's keys (itself and before) are all real."""
 
     def __init__(self, cu_seqlens: np.ndarray, device: torch.device, *, causal: bool = False,
-                 window: int | None = None, keys: np.ndarray | None = None) -> None:
+                 window: int | None = None, keys: np.ndarray | None = None,
+                 slack: float | None = None) -> None:
+        """`slack`: a group's padded size stays within this factor of its real tokens (None:
+        the device's, `_PAD_SLACK`)."""
         self.causal = causal
         self.window = window
         lengths = np.diff(cu_seqlens)
         self.keys = lengths if keys is None else keys
         order = np.argsort(lengths, kind="stable")
+        slack = slack or _PAD_SLACK.get(device.type, 1.25)
         self.groups = []
         start, real = 0, 0
         for end, seq in enumerate(order):
             # sorted ascending, so lengths[seq] is the width of the group [start, end]
-            if end > start and (end + 1 - start) * lengths[seq] > _PAD_SLACK * (real + lengths[seq]):
+            if end > start and (end + 1 - start) * lengths[seq] > slack * (real + lengths[seq]):
                 self.groups.append(self._group(cu_seqlens, lengths, order[start:end], device))
                 start, real = end, 0
             real += lengths[seq]
