@@ -94,7 +94,7 @@ CAP_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def test_int8_without_vnni() -> None:
+def test_int8_without_vnni(tmp_path: Path) -> None:
     """This module again in a process whose torch is held to AVX2, as on a CPU without VNNI:
     the int8 kernel saturates on 8-bit weights there (the probe must see it, or MiniLM's
     cosine falls to 0.958), weights take 7 bits, and every test passes at the bounds above."""
@@ -103,9 +103,10 @@ def test_int8_without_vnni() -> None:
                             "print(int8._exact(127), int8.weight_levels())"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["False", "64"], probe.stderr[-2000:]
+    # its own --basetemp: no cleanup of numbered temp folders, this run's among them
     run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                          "-k", "not without_vnni"], env=env, capture_output=True, text=True,
-                         timeout=900)
+                          "--basetemp", str(tmp_path / "inner"), "-k", "not without_vnni"],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 

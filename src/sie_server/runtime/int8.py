@@ -78,10 +78,10 @@ def weight_levels() -> int:
 class Int8Linear(nn.Module):
     """A drop-in for an nn.Linear of a HookedBlock (module docstring)."""
 
-    def __init__(self, linear: nn.Linear, levels: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / (levels or weight_levels())
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / weight_levels()
         wq = torch.round(w / scale[:, None])
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # (in, out): _int_mm's second operand, contiguous as oneDNN wants it
