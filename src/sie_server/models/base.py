@@ -180,8 +180,9 @@ class EncoderModel(abc.ABC):
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the model's tensors (encoder and heads)."""
-        tensors = [*self.encoder.parameters(),
+        """Bytes held by the model's tensors (encoder and heads; int8 and packed linears keep
+        their weights as buffers)."""
+        tensors = [*self.encoder.parameters(), *self.encoder.buffers(),
                    *(v for v in vars(self).values() if isinstance(v, torch.Tensor))]
         return sum(t.numel() * t.element_size() for t in tensors)
 

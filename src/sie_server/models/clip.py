@@ -123,7 +123,8 @@ class ImageTextModel(EncoderModel):
     @property
     def memory_bytes(self) -> int:
         values = vars(self).values()
-        tensors = [*(p for m in values if isinstance(m, torch.nn.Module) for p in m.parameters()),
+        modules = [m for m in values if isinstance(m, torch.nn.Module)]
+        tensors = [*(p for m in modules for p in (*m.parameters(), *m.buffers())),
                    *(v for v in values if isinstance(v, torch.Tensor))]
         return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -5,7 +5,8 @@ or AVX512-BF16, Arm BF16, through oneDNN); fp32 on any other CPU, where bf16 mat
 emulated and slower than fp32. The CPU check reads what the CPU reports (torch's cpuinfo and
 /proc/cpuinfo); it never times anything.
 `--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
-int8 (runtime/int8.py) and everything else in float32.
+int8 (runtime/int8.py) and everything else in float32. On CPUs whose oneDNN runs AVX-512 the
+blocks' float32 / bfloat16 linears run through oneDNN with packed weights (runtime/packed.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .encoder import replace_block_linears
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +72,42 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None,
     return False, "the CPU has no native bf16 matmul (no AMX-BF16 / AVX512-BF16 / Arm BF16)"
 
 
+def onednn_avx512(flags: set[str] | None = None) -> bool:
+    """Whether oneDNN runs its AVX-512 kernels here: an x86 CPU with AVX-512 (F, BW, VL, DQ)
+    and no ONEDNN_MAX_CPU_ISA below them. There float linears go through oneDNN with packed
+    weights (runtime/packed.py)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL")
+    if not any(k in isa.upper() for k in ("ALL", "AVX512", "AMX", "AVX10")):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
     dtype: torch.dtype
     reason: str = ""  # why this dtype (logged at start)
     quantize: str | None = None  # "int8": the blocks' linears in int8, the rest in `dtype`
+    packed: bool = False  # the blocks' float linears through oneDNN, weights packed once
 
     @property
     def dtype_name(self) -> str:
         return self.quantize or str(self.dtype).removeprefix("torch.")
 
     def place(self, module: nn.Module) -> nn.Module:
-        """`module` on this device in this dtype, its blocks' linears quantized if asked."""
+        """`module` on this device in this dtype, its blocks' linears quantized or packed."""
         module = module.to(self.device, self.dtype)
         if self.quantize == "int8":
-            from .int8 import quantize_linears
+            from .int8 import Int8Linear
 
-            quantize_linears(module)
+            replace_block_linears(module, Int8Linear)
+        elif self.packed:
+            from .packed import PackedLinear
+
+            replace_block_linears(module, PackedLinear)
         return module
 
     @classmethod
@@ -116,7 +137,11 @@ class Placement:
         else:
             raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}, "
                              "int8")
-        placement = cls(dev, dt, why, "int8" if dtype == "int8" else None)
+        packed = (dev.type == "cpu" and dtype != "int8" and dt in (torch.float32, torch.bfloat16)
+                  and onednn_avx512())
+        if packed:
+            why += "; linears through oneDNN's AVX-512 kernels, weights packed"
+        placement = cls(dev, dt, why, "int8" if dtype == "int8" else None, packed)
         log.info("computing in %s on %s (%s)", placement.dtype_name, dev, why)
         return placement
 

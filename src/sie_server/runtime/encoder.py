@@ -53,6 +53,18 @@ class HookedBlock(nn.Module):
         return hook(self.index, f"{self.stack}.{name}" if self.stack else name, x, y)
 
 
+def replace_block_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every nn.Linear attribute of every HookedBlock inside `module` by make(linear)
+    (int8 or oneDNN-packed linears); returns how many were replaced."""
+    n = 0
+    for block in [m for m in module.modules() if isinstance(m, HookedBlock)]:
+        for name, child in list(block.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(block, name, make(child))
+                n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     vocab_size: int

@@ -46,7 +46,6 @@ import logging
 import torch
 from torch import nn
 
-from .encoder import HookedBlock
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +108,3 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
-
-def quantize_linears(module: nn.Module) -> int:
-    """Replace every nn.Linear attribute of every HookedBlock inside `module` by an Int8Linear;
-    returns how many were replaced."""
-    n = 0
-    for block in [m for m in module.modules() if isinstance(m, HookedBlock)]:
-        for name, child in list(block.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(block, name, Int8Linear(child))
-                n += 1
-    return n

@@ -1,0 +1,73 @@
+"""oneDNN-packed float linears (runtime/packed.py) against nn.Linear, and when the engine uses
+them. Tolerances: float32 within 1e-5 of the output's scale (measured 2e-6: another summation
+order), bfloat16 within 2e-2 (one bf16 rounding of outputs up to ~8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sie_server.config import Settings
+from sie_server.engine import Engine
+from sie_server.runtime.device import Placement, onednn_avx512
+from sie_server.runtime.encoder import Encoder
+from sie_server.runtime.packed import PackedLinear
+
+AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear(dtype, tol, bias) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(384, 1536, bias=bias).to(dtype).requires_grad_(False)
+    packed = PackedLinear(lin)
+    for x in (torch.randn(700, 384), torch.randn(3, 5, 384), torch.randn(384, 64).t(),
+              torch.randn(1, 384)):
+        x = x.to(dtype)
+        want = lin(x).float()
+        got = packed(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert float((got.float() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+def test_when_linears_are_packed(monkeypatch) -> None:
+    assert onednn_avx512(AVX512)
+    assert not onednn_avx512({"avx2", "fma"})
+    assert not onednn_avx512(AVX512 - {"avx512bw"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not onednn_avx512(AVX512)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert onednn_avx512(AVX512)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    here = onednn_avx512()
+    assert Placement.resolve("cpu", "float32").packed == here
+    assert Placement.resolve("cpu", "bfloat16").packed == here
+    assert not Placement.resolve("cpu", "int8").packed
+
+
+def test_engine_packs_its_blocks_linears(minilm_dir: Path) -> None:
+    """On a CPU whose oneDNN runs AVX-512 every block linear of all-MiniLM-L6-v2 is packed (and
+    none elsewhere), counted in its memory; the vectors equal those of the same engine with its
+    encoder rebuilt on nn.Linear (cosine >= 0.99999)."""
+    texts = ["the cat sat on the mat", "Où se trouve la bibliothèque ?", "?"]
+    eng = Engine(Settings(models={"m": str(minilm_dir)}, default_models=[], device="cpu",
+                          dtype="float32"))
+    try:
+        model = eng.registry.get("m").model
+        packed = [m for m in model.encoder.modules() if isinstance(m, PackedLinear)]
+        assert len(packed) == (6 * 4 if onednn_avx512() else 0)
+        got = torch.tensor(np.stack([r.dense for r in eng.encode("m", texts, ["dense"])]))
+        plain, _ = Encoder.from_folder(minilm_dir)
+        plain = Placement(torch.device("cpu"), torch.float32).place(plain)
+        assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+        assert model.memory_bytes >= sum(p.numel() * 4 for p in plain.parameters())
+        model.encoder = plain
+        want = torch.tensor(np.stack([r.dense for r in eng.encode("m", texts, ["dense"])]))
+    finally:
+        eng.close()
+    cos = torch.nn.functional.cosine_similarity(got, want)
+    assert float(cos.min()) >= 0.99999, cos
