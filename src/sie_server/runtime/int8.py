@@ -46,7 +46,6 @@ import logging
 import torch
 from torch import nn
 
-
 log = logging.getLogger(__name__)
 
 
@@ -107,4 +106,3 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
-

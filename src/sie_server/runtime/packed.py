@@ -1,10 +1,11 @@
 """Float linears through oneDNN with their weights packed once, for CPUs whose oneDNN runs
 AVX-512 (float32 and bfloat16; `Placement.packed`).
 
-`nn.Linear` on CPU calls MKL's GEMM, which reorders the weight on every call and, on this
-project's AMD EPYC (Zen 4), runs slower than oneDNN's AVX-512 kernels. `PackedLinear` keeps the
-weight in oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
-CPU freezing uses) and calls `torch.ops.mkldnn._linear_pointwise`. Measured on that CPU (2
+`nn.Linear` on CPU calls MKL's GEMM, which on this project's AMD EPYC runs slower than
+oneDNN's AVX-512 kernels (MKL's own packed GEMM, `torch.ops.mkl._mkl_linear`, was no faster
+than `F.linear` there). `PackedLinear` keeps the weight in oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses) and calls
+`torch.ops.mkldnn._linear_pointwise`. Measured on that CPU (2
 threads, all-MiniLM-L6-v2's four shapes, medians of 21): 12% less time than `F.linear` at 1,982
 and 700 tokens, 32% at 64; the whole forward 17% / 10% less in float32 and 9% / 10% in
 bfloat16 (passages / short queries). With oneDNN and MKL held to AVX2 the two were within 3%
