@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
                     **(env or {})}
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"sie-server-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")  # output() reads it; nothing is left in /tmp
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sie_server.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--device", "cpu", "--dtype", "float32", *args],

@@ -35,6 +35,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ def runnable(command: str) -> bool:
 def serve_briefly(args: list[str], env: dict[str, str], where: str) -> None:
     """`sie-server serve ARGS` on a free loopback port: ready, then SIGTERM, exit 0."""
     port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"docs-server-{port}.log", "w+")
+    log = tempfile.TemporaryFile("w+")  # read on failure, gone after (no files left in /tmp)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sie_server.cli", "serve", *args, "--host", "127.0.0.1",
          "--port", str(port), "--device", "cpu"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
