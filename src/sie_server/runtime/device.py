@@ -42,6 +42,13 @@ def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def _onednn_allows(*isas: str) -> tuple[bool, str | None]:
+    """(whether oneDNN's ISA cap, ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA, admits any of
+    `isas` (or is ALL), the cap as set or None)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap is None or any(k in cap.upper() for k in ("ALL", *isas)), cap
+
+
 def _torch_cpu_check(name: str) -> bool:
     check = getattr(torch.cpu, name, None)  # private helpers of torch.cpu (cpuinfo library)
     try:
@@ -56,9 +63,9 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None,
     its /proc/cpuinfo flags (or `flags`) and, on x86, torch's own cpuinfo probes."""
     if not torch.backends.mkldnn.is_available():
         return False, "torch is built without oneDNN, so bf16 matmuls are not native"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    if isa and not any(k in isa.upper() for k in ("ALL", "BF16", "AMX", "FP16", "AVX10")):
-        return False, f"ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN from its bf16 instructions"
+    allowed, cap = _onednn_allows("BF16", "AMX", "FP16", "AVX10")
+    if not allowed:
+        return False, f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from its bf16 instructions"
     flags = cpu_flags() if flags is None else flags
     x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
     found = [f for f in _BF16_FLAGS if f in flags and not (x86 and f == "bf16")]  # Arm's flag
@@ -78,8 +85,7 @@ def onednn_avx512(flags: set[str] | None = None) -> bool:
     weights (runtime/packed.py)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL")
-    if not any(k in isa.upper() for k in ("ALL", "AVX512", "AMX", "AVX10")):
+    if not _onednn_allows("AVX512", "AMX", "AVX10")[0]:
         return False
     flags = cpu_flags() if flags is None else flags
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
