@@ -113,13 +113,14 @@ class OrtPeer(OnnxPeer):
     quantize_dynamic (int8 weights per channel, activations per tensor at run time)."""
 
     def __init__(self, model_folder: Path, max_length: int, threads: int,
-                 batch_size: int = 32, int8_dir: Path | None = None) -> None:
+                 batch_size: int = 32, int8_dir: Path | None = None,
+                 reduce_range: bool = False) -> None:
         import onnxruntime as ort
 
         super().__init__(model_folder, max_length, batch_size)
         path = onnx_folder() / "model.onnx"
         if int8_dir is not None:
-            path, self.precision = ort_int8_model(int8_dir), "int8"
+            path, self.precision = ort_int8_model(int8_dir, reduce_range), "int8"
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = so.inter_op_num_threads = threads  # as fastembed's `threads`
@@ -132,18 +133,29 @@ class OrtPeer(OnnxPeer):
         return self.session.run(None, feed)[0]
 
 
-def ort_int8_model(cache_dir: Path) -> Path:
-    """onnxruntime's dynamic int8 of the export (per-channel QInt8 weights), built once."""
-    out = cache_dir / "minilm-onnx-int8" / "model.onnx"
+def ort_int8_model(cache_dir: Path, reduce_range: bool = False) -> Path:
+    """onnxruntime's dynamic int8 of the export (per-channel QInt8 weights), built once;
+    `reduce_range`: 7-bit weights, onnxruntime's advice for CPUs without VNNI, where its
+    u8 x s8 kernel's int16 pair sums saturate."""
+    out = cache_dir / f"minilm-onnx-int8{'-7bit' if reduce_range else ''}" / "model.onnx"
     if not out.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name("model.tmp.onnx")
         quantize_dynamic(onnx_folder() / "model.onnx", tmp, per_channel=True,
-                         weight_type=QuantType.QInt8)
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8)
         tmp.rename(out)
     return out
+
+
+def calibration_texts(tokenizer, n: int, seed: int) -> list[str]:
+    """NNCF's calibration set: `n` passages and `n` queries of bench.corpus, made with a seed
+    the timed corpora do not use."""
+    from .corpus import make_corpus
+
+    return [t for kind in ("passages", "queries") for t in make_corpus(kind, n, tokenizer,
+                                                                       seed).texts]
 
 
 class OpenVinoPeer(OnnxPeer):

