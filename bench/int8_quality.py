@@ -6,9 +6,10 @@ Each path's dense vectors against its own float32 on every text of tests/texts.p
 13+ languages, one-token and awkward inputs): min and mean cosine, how many texts fall under
 0.99 (#25's bar), the worst text; and the Pearson correlation with human similarity on gensim's
 Lee corpus (1,225 pairs; all-MiniLM-L6-v2's float32: 0.656) beside its float32's.
-- `engine_int8`: `--dtype int8` against the engine in float32. Its weights take 8 bits where
-  this CPU's int8 kernel is exact and 7 where it saturates (no VNNI; runtime/int8.py), so run
-  it again under `ONEDNN_MAX_CPU_ISA=AVX2` to see a CPU without VNNI.
+- `engine_int8`: `--dtype int8` against the engine in float32. Its weights take the full 8
+  bits where this CPU's int8 kernel is exact, and pair-bounded ones where it saturates (no
+  VNNI; runtime/int8.py `weight_rule`), so run it again under `ONEDNN_MAX_CPU_ISA=AVX2` to see
+  a CPU without VNNI.
 - `ort_int8`, `ort_int8_7bit`: onnxruntime's dynamic int8 of the ONNX export (bench.cpu_peers),
   as `bench.run` times it and with `reduce_range` (7-bit weights, onnxruntime's advice for
   CPUs without VNNI), against onnxruntime float32 on the same export. onnxruntime reads the
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from texts import TEXTS
 
-    from sie_server.runtime.int8 import weight_levels
+    from sie_server.runtime.int8 import weight_rule
 
     folder = minilm_folder()
     lee = lee_corpus()
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     lee_r = {name: pearson(encode(name, lee[0]), lee[1]) for name in encoders} if lee else {}
     out = {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
            "versions": versions(), "threads": threads,
-           "engine_int8_weight_levels": weight_levels(), "texts": len(TEXTS), "paths": {}}
+           "engine_int8_weight_rule": weight_rule(), "texts": len(TEXTS), "paths": {}}
     for name, ref in refs.items():
         row = {"against": ref, **compare(vecs[name], vecs[ref], TEXTS)}
         if lee_r:

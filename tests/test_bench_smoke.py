@@ -126,11 +126,11 @@ def test_int8_quality_reports_each_path(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)
-    assert doc["texts"] == 91 and doc["engine_int8_weight_levels"] in (127, 64)
+    assert doc["texts"] == 91 and doc["engine_int8_weight_rule"] in ("int8", "pairs")
     paths = doc["paths"]
     assert set(paths) == {"engine_int8", "ort_int8", "ort_int8_7bit", "openvino_int8"}
     for name, row in paths.items():
         assert 0.5 < row["min_cosine"] <= row["mean_cosine"] < 1.0, (name, row)
         assert 0 <= row["texts_under_0.99"] <= doc["texts"] and row["worst_text"], (name, row)
         assert row["lee_pearson_ref"] > 0.6, (name, row)  # float32: 0.656
-    assert paths["engine_int8"]["min_cosine"] >= 0.985
+    assert paths["engine_int8"]["min_cosine"] >= 0.99

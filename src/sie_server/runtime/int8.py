@@ -3,7 +3,7 @@ quantized per token (row) on the fly, the int8 x int8 -> int32 product from `tor
 
     x ~ sx * q + ox,  q = round((x - lo) / sx) - 128,  ox = lo + 128 sx,  sx = width / 255
     lo, hi = min x_row, max x_row,  width = max(hi - lo, max(|lo|, |hi|) / 4096)
-    W ~ sw * Wq,      Wq = round(W / sw),  sw = max|W_row| / L  (L = 127; 64 without VNNI)
+    W ~ sw * Wq,      Wq = round(W / sw),  sw = (a bound on the row, by `weight_rule`) / 127
     y = (q @ Wq^T) * sx * sw + ox * sum_k(sw * Wq) + b
 
 Weights symmetric, activations asymmetric (each token's own min and max, which map exactly to
@@ -30,12 +30,17 @@ With oneDNN held to AVX2 (no VNNI; `ONEDNN_MAX_CPU_ISA=AVX2`) `_int_mm` still di
 on the model's shapes against fp32's ~85 (one core, CPU time, busy machine).
 
 Without VNNI that kernel is not exact over the whole int8 range: it shifts activations to u8
-and adds pairs of u8 x s8 products in int16 (`vpmaddubsw`), which saturates; with oneDNN held
-to AVX2, all-MiniLM-L6-v2's dense cosine to fp32 fell to 0.958. `weight_levels` probes the
-kernel once per process; where full-range weights are not exact it takes L = 64, since
-2 x 255 x 64 fits in int16. Measured the same way (MiniLM, every test text, oneDNN held to
-AVX2): min cosine 0.988 with L = 64, 0.987 with 181 activation steps and L = 90, 0.978 with
-7-bit activations and L = 127; so weights lose the bit.
+and adds each pair of u8 x s8 products (input channels 2j and 2j+1) in int16 (`vpmaddubsw`),
+which saturates; with oneDNN held to AVX2, all-MiniLM-L6-v2's dense cosine to fp32 fell to
+0.958 with 8-bit weights. `weight_rule` probes the kernel once per process and picks the
+scale per output channel (row):
+- "int8": max |w| / 127, where 8-bit weights are exact (VNNI);
+- "pairs": the row's largest same-sign sum over a pair (2j, 2j+1), / 127, so every pair's
+  positive part and negative part each round to at most 128 and 255 x 128 fits in int16: a
+  row whose large weights are not paired keeps nearly 8 bits (MiniLM: 102 levels for the
+  row's largest weight on average). MiniLM held to AVX2, min cosine to fp32 on the test texts:
+  0.9908 (0.9883 with "int7", 0.9934 with "int8" on a VNNI CPU);
+- "int7": max |w| / 64, where pairs are not exact either (another kernel); raises if neither.
 """
 
 from __future__ import annotations
@@ -49,27 +54,46 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _exact(levels: int) -> bool:
-    """Whether `_int_mm` is exact for activations over all of int8 and weights in
-    [-levels, levels]: on extremes (where int16 pair sums overflow) and random values."""
+def _pair_bound(w: torch.Tensor) -> torch.Tensor:
+    """Per row of w: the largest of the pairs' (input channels 2j, 2j+1) positive-part sums
+    and negative-part magnitudes; never below max |w|."""
+    w = nn.functional.pad(w, (0, w.shape[1] % 2)).view(w.shape[0], -1, 2)
+    return torch.maximum(w.clamp_min(0).sum(-1), w.clamp_max(0).sum(-1).neg()).amax(dim=1)
+
+
+def quantize_weight(w: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (out, in) -> (int8 (out, in), float scale (out,)) under `rule` (module docstring)."""
+    bound = _pair_bound(w) if rule == "pairs" else w.abs().amax(dim=1)
+    scale = bound.clamp_min(1e-12) / (64 if rule == "int7" else 127)
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
+def _exact(rule: str) -> bool:
+    """Whether `_int_mm` is exact on weights quantized by `rule`: rows all +1, all -1, (1, 0)
+    alternating and random (the extremes of every rule's bound), against activations at
+    int8's ends (where int16 pair sums overflow) and random, on two shapes."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
-    a[:16], a[16:32] = 127, -128
-    w = torch.randint(-levels, levels + 1, (256, 64), dtype=torch.int8, generator=g)
-    w[:, :16], w[:, 16:32] = levels, -levels
-    return torch.equal(torch._int_mm(a, w).double(), a.double() @ w.double())
+    for m, k, n in ((64, 256, 64), (5, 384, 48)):
+        w = torch.randn(n, k, generator=g)
+        w[0], w[1], w[2] = 1.0, -1.0, torch.arange(k) % 2 == 0
+        wq = quantize_weight(w, rule)[0].t().contiguous()
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        a[: m // 4], a[m // 4: m // 2] = 127, -128
+        if not torch.equal(torch._int_mm(a, wq).double(), a.double() @ wq.double()):
+            return False
+    return True
 
 
 @functools.cache
-def weight_levels() -> int:
-    """127, or 64 where this CPU's int8 kernel saturates on full-range weights (module
-    docstring); raises if neither is exact."""
-    for levels in (127, 64):
-        if _exact(levels):
-            if levels != 127:
-                log.info("int8: this CPU's int8 matmul saturates on full-range weights (no "
-                         "VNNI); weights quantized to [-%d, %d]", levels, levels)
-            return levels
+def weight_rule() -> str:
+    """"int8", "pairs" or "int7": the first whose weights this CPU's int8 kernel multiplies
+    exactly (module docstring); raises if none."""
+    for rule in ("int8", "pairs", "int7"):
+        if _exact(rule):
+            if rule != "int8":
+                log.info("int8: this CPU's int8 matmul saturates on full-range weights (no VNNI); "
+                         "weights scaled by the %s rule", rule)
+            return rule
     raise RuntimeError("torch._int_mm is not exact on this CPU; --dtype int8 cannot run here")
 
 
@@ -78,17 +102,16 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / weight_levels()
-        wq = torch.round(w / scale[:, None])
+        wq, scale = quantize_weight(linear.weight.detach().float(), weight_rule())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # (in, out): _int_mm's second operand, contiguous as oneDNN wants it
-        self.register_buffer("weight_t", wq.to(torch.int8).t().contiguous())
+        self.register_buffer("weight_t", wq.t().contiguous())
         self.register_buffer("scale", scale)
         # rows [sum_k sw * Wq[n, k], bias[n]]: the rank-2 update that adds each token's offset
         # ox and the bias in one pass
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
-        self.register_buffer("offset_bias", torch.stack([wq.sum(dim=1) * scale, bias]))
+        self.register_buffer("offset_bias", torch.stack([wq.sum(dim=1, dtype=torch.float32) * scale,
+                                                         bias]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
