@@ -136,13 +136,15 @@ CAP_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
 def test_int8_without_vnni(tmp_path: Path) -> None:
     """This module again in a process whose torch is held to AVX2, as on a CPU without VNNI:
     the int8 kernel saturates on 8-bit weights there (the probe must see it, or MiniLM's
-    cosine falls to 0.958), pair-bounded weights are exact, and every test passes at the
-    bounds above."""
+    cosine falls to 0.958), pair-bounded weights are exact (also on oneDNN's AVX-512 kernel
+    without VNNI), and every test passes at the bounds above."""
     env = {**os.environ, **CAP_AVX2}
-    probe = subprocess.run([sys.executable, "-c", "from sie_server.runtime import int8; "
-                            "print(*map(int8._exact, ('int8', 'pairs', 'int7')), int8.weight_rule())"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert probe.stdout.split() == ["False", "True", "True", "pairs"], probe.stderr[-2000:]
+    code = ("from sie_server.runtime import int8; "
+            "print(*map(int8._exact, ('int8', 'pairs', 'int7')), int8.weight_rule())")
+    for cap in (env, {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}):  # AVX-512, no VNNI
+        probe = subprocess.run([sys.executable, "-c", code], env=cap, capture_output=True,
+                               text=True, timeout=120)
+        assert probe.stdout.split() == ["False", "True", "True", "pairs"], probe.stderr[-2000:]
     # its own --basetemp: no cleanup of numbered temp folders, this run's among them
     run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                           "--basetemp", str(tmp_path / "inner"), "-k", "not without_vnni"],

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 def _pair_bound(w: torch.Tensor) -> torch.Tensor:
     """Per row of w: the largest of the pairs' (input channels 2j, 2j+1) positive-part sums
     and negative-part magnitudes; never below max |w|."""
-    w = nn.functional.pad(w, (0, w.shape[1] % 2)).view(w.shape[0], -1, 2)
+    w = nn.functional.pad(w, (0, w.shape[1] % 2)).reshape(w.shape[0], -1, 2)
     return torch.maximum(w.clamp_min(0).sum(-1), w.clamp_max(0).sum(-1).neg()).amax(dim=1)
 
 
