@@ -7,13 +7,15 @@ CPU batch (2,048 tokens). float32 / bfloat16 time `torch.nn.functional.linear`; 
 bare `torch._int_mm` (int8 x int8 -> int32, what runtime/int8.py calls; its quantization
 passes are not counted, so they show as a lower fraction). The rate is the layer's FLOPs over
 the best of several timed rounds of the four shapes (best, not median: on a shared machine the
-best round is the one least disturbed). A path's fraction of the roofline is its useful FLOP/s
+best round is the one least disturbed), taken at the start and again after each of the
+benchmark's rounds, so a slow moment at the start does not set it. A path's fraction of the roofline is its useful FLOP/s
 (model parameters and attention on the corpus's real token counts, bench/models.py) over this.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -95,5 +97,18 @@ def roofline(folder: Path, dtypes: list[str], threads: int, tokens: int = 2048,
     torch.set_num_threads(threads)
     return {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
             "aten_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
-            "gemm_tokens": tokens,
+            "gemm_tokens": tokens, "gemm_measurements": 1,
             "gemm": {d: gemm_gflops(folder, d, tokens, rounds) for d in dict.fromkeys(dtypes)}}
+
+
+def remeasure(roof: dict, folder: Path, rounds: int = 2) -> None:
+    """Measure the GEMMs again and keep each shape's best rate so far (the benchmark does this
+    between its rounds: a roofline taken only at the start is as slow as that moment was)."""
+    roof["gemm_measurements"] += 1
+    for dtype, old in roof["gemm"].items():
+        new = gemm_gflops(folder, dtype, roof["gemm_tokens"], rounds)["shapes"]
+        best = {shape: max(rate, new[shape]) for shape, rate in old["shapes"].items()}
+        # the layer's rate: its FLOPs over the sum of the shapes' best times
+        flop = {shape: math.prod(int(d) for d in shape.split("x")) for shape in best}
+        old["shapes"] = best
+        old["gflops"] = round(sum(flop.values()) / sum(flop[s] / best[s] for s in best), 1)

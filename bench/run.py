@@ -43,6 +43,7 @@ from . import stats
 from .load import chunk, closed_loop_threads, default_procs, engine_call, http_closed_loop, \
     http_sequential
 from .models import DENSE_ONLY, MODELS, REPO, corpus_flops, flops_per_token, model_folder
+from .roofline import remeasure, roofline
 
 ENGINE_PATHS = ("inprocess", "http", "fp32", "int8", "http_int8")
 REF_PATHS = ("naive", "flag", "st", "ort", "fastembed", "ort_int8", "openvino", "openvino_int8")
@@ -213,6 +214,7 @@ class Bench:
         self.peers: dict = {}  # ort_int8 / openvino / openvino_int8 -> cpu_peers.OnnxPeer
         self.fastembed_tokens: dict[str, int] = {}  # per corpus, counted by its tokenizer
         self.flag_bs: dict = {}
+        self.roof: dict | None = None  # CPU: the GEMM roofline, measured again between rounds
         for kind in args.corpus:
             n = args.n or (QUICK_N[kind] if args.quick else DEFAULT_N[(args.devtype, kind)])
             c = corpus_mod.make_corpus(kind, n, self.tok, args.seed)
@@ -616,6 +618,8 @@ class Bench:
                     free_device_memory()
                 results[name].append(s)
                 self.log_summary(kind, outputs, name, s, r)
+            if self.roof is not None:
+                remeasure(self.roof, self.folder)
         for name, runs in results.items():
             self.record(kind, outputs, name, median_run(runs))
 
@@ -900,17 +904,19 @@ def main(argv: list[str] | None = None) -> dict:
         peak = round(matmul_peak_tflops(), 1)
         log(f"bf16 8192^3 matmul: {peak} TFLOP/s")
     else:
-        from .roofline import roofline
-
         dtypes = [bench.engine_dtype()[0], "float32"]
         if any(p in INT8_PATHS for p in a.paths):
             dtypes.append("int8")
-        roof = roofline(a.folder, dtypes, torch_threads(), rounds=2 if a.quick else 7)
+        roof = bench.roof = roofline(a.folder, dtypes, torch_threads(),
+                                     rounds=2 if a.quick else 7)
         log(f"CPU {roof['cpu_model']} flags {','.join(roof['flags'])}; GEMM roofline at "
             f"{roof['threads']} threads: " + ", ".join(
                 f"{d} {g['gflops']} GFLOP/s" for d, g in roof["gemm"].items()))
     try:
         bench.run()
+        if roof is not None:
+            log(f"GEMM roofline, best of {roof['gemm_measurements']} measurements: " + ", ".join(
+                f"{d} {g['gflops']} GFLOP/s" for d, g in roof["gemm"].items()))
     finally:
         if a.own_adapter_root:
             shutil.rmtree(a.adapter_root, ignore_errors=True)

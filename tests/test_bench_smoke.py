@@ -66,6 +66,7 @@ def test_bench_quick_run_reports_every_path(tmp_path: Path) -> None:
     # issue 25: the CPU's GEMM roofline, and every path's fraction of its dtype's
     roof = doc["cpu_roofline"]
     assert roof["threads"] > 0 and isinstance(roof["flags"], list)
+    assert roof["gemm_measurements"] == 2  # at the start, then after the one round
     assert {"float32", "int8"} <= set(roof["gemm"]) and all(
         g["gflops"] > 0 and len(g["shapes"]) == 4 for g in roof["gemm"].values())
     int8 = ["engine_inprocess_int8"] + (
