@@ -8,8 +8,9 @@ bare `torch._int_mm` (int8 x int8 -> int32, what runtime/int8.py calls; its quan
 passes are not counted, so they show as a lower fraction). The rate is the layer's FLOPs over
 the best of several timed rounds of the four shapes (best, not median: on a shared machine the
 best round is the one least disturbed), taken at the start and again after each of the
-benchmark's rounds, so a slow moment at the start does not set it. A path's fraction of the roofline is its useful FLOP/s
-(model parameters and attention on the corpus's real token counts, bench/models.py) over this.
+benchmark's rounds, so a slow moment at the start does not set it. A path's fraction of the
+roofline is its useful FLOP/s (model parameters and attention on the corpus's real token
+counts, bench/models.py) over this.
 """
 
 from __future__ import annotations
