@@ -22,7 +22,6 @@ Lee corpus (1,225 pairs; all-MiniLM-L6-v2's float32: 0.656) beside its float32's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -37,22 +36,6 @@ from .run import torch_threads, versions
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's sentence-transformers limit, as bench.run cuts
-
-
-def lee_corpus() -> tuple[list[str], np.ndarray] | None:
-    """gensim's Lee corpus: 50 documents and their 50 x 50 human similarity matrix."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None:
-        return None
-    data = Path(spec.origin).parent / "test" / "test_data"
-    docs = (data / "lee.cor").read_text(encoding="latin-1").splitlines()
-    return docs, np.loadtxt(data / "similarities0-1.txt")
-
-
-def pearson(vecs: np.ndarray, human: np.ndarray) -> float:
-    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
-    upper = np.triu_indices(len(vecs), 1)
-    return float(np.corrcoef((unit @ unit.T)[upper], human[upper])[0, 1])
 
 
 def compare(vecs: np.ndarray, ref: np.ndarray, texts: list[str]) -> dict:
@@ -77,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
+    from reference import lee_corpus, lee_pearson
     from texts import TEXTS
 
     from sie_server.runtime.int8 import weight_rule
@@ -104,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         return enc(texts) if callable(enc) else enc.run(texts)[1]
 
     vecs = {name: encode(name, TEXTS) for name in encoders}
-    lee_r = {name: pearson(encode(name, lee[0]), lee[1]) for name in encoders} if lee else {}
+    lee_r = {name: lee_pearson(encode(name, lee[0]), lee[1]) for name in encoders} if lee else {}
     out = {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
            "versions": versions(), "threads": threads,
            "engine_int8_weight_rule": weight_rule(), "texts": len(TEXTS), "paths": {}}

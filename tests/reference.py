@@ -108,6 +108,25 @@ def miracl_passages() -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+
+def lee_corpus() -> tuple[list[str], np.ndarray] | None:
+    """gensim 4.4.0's Lee corpus: 50 news documents and the 50 x 50 human similarity matrix;
+    None without gensim (test extra)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None:
+        return None
+    data = Path(spec.origin).parent / "test" / "test_data"
+    docs = (data / "lee.cor").read_text(encoding="latin-1").splitlines()
+    return docs, np.loadtxt(data / "similarities0-1.txt")
+
+
+def lee_pearson(vecs: np.ndarray, human: np.ndarray) -> float:
+    """Pearson of the documents' cosines against human similarity over the 1,225 pairs (upper
+    triangle)."""
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    upper = np.triu_indices(len(vecs), 1)
+    return float(np.corrcoef((unit @ unit.T)[upper], human[upper])[0, 1])
+
 # ---------------------------------------------------------------- FlagEmbedding (BGE-M3)
 
 def _check_max_length(max_length: int) -> None:

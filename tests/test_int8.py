@@ -23,7 +23,6 @@ integer work, so other CPUs give the same figures up to float rounding) and set 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
 from clip_reference import make_images
 from texts import SHORT_TEXTS, TEXTS
@@ -177,26 +177,15 @@ def test_minilm_int8_dense_on_every_text(minilm) -> None:
     assert cos.min() >= 0.99, (float(cos.min()), TEXTS[int(cos.argmin())][:40])
 
 
-def lee_corpus() -> tuple[list[str], np.ndarray]:
-    """gensim 4.4.0's Lee corpus: 50 news documents and the 50 x 50 human similarity matrix."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None:
-        pytest.skip("gensim (test extra) is not installed")
-    data = Path(spec.origin).parent / "test" / "test_data"
-    docs = (data / "lee.cor").read_text(encoding="latin-1").splitlines()
-    return docs, np.loadtxt(data / "similarities0-1.txt")
-
-
 def test_minilm_int8_lee_correlation(minilm) -> None:
     """Pearson of cosine vs human similarity over the 1,225 document pairs (upper triangle)."""
-    docs, human = lee_corpus()
+    lee = reference.lee_corpus()
+    if lee is None:
+        pytest.skip("gensim (test extra) is not installed")
+    docs, human = lee
     assert len(docs) == 50 and human.shape == (50, 50)
-    upper = np.triu_indices(50, 1)
-    pearson = {}
-    for dtype, eng in minilm.items():
-        v = dense(eng, "m", docs)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        pearson[dtype] = float(np.corrcoef((v @ v.T)[upper], human[upper])[0, 1])
+    pearson = {dtype: reference.lee_pearson(dense(eng, "m", docs), human)
+               for dtype, eng in minilm.items()}
     assert abs(pearson["float32"] - 0.656) < 0.005, pearson  # FIELD_NOTES section 1
     assert abs(pearson["int8"] - pearson["float32"]) <= 0.01, pearson
 
