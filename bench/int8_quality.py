@@ -31,7 +31,7 @@ import numpy as np
 from . import cpu_peers
 from .corpus import load_tokenizer
 from .models import minilm_folder
-from .roofline import cpu_flags, cpu_model, isa_caps
+from .roofline import cpu_flags, cpu_model, cpuid_masked, isa_caps
 from .run import torch_threads, versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
     vecs = {name: encode(name, TEXTS) for name in encoders}
     lee_r = {name: lee_pearson(encode(name, lee[0]), lee[1]) for name in encoders} if lee else {}
-    out = {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
+    out = {"cpu_model": cpu_model(), "flags": cpu_flags(), "cpuid_masked": cpuid_masked(),
+           "isa_caps": isa_caps(),
            "versions": versions(), "threads": threads,
            "engine_int8_weight_rule": weight_rule(), "texts": len(TEXTS), "paths": {}}
     for name, ref in refs.items():

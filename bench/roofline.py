@@ -4,8 +4,9 @@ linear shapes, at the engine's thread count, in the engine's dtype (and in int8)
 For a BERT-style layer the shapes are (tokens x hidden) times hidden -> 3 hidden (fused QKV),
 hidden -> hidden, hidden -> intermediate and intermediate -> hidden, with `tokens` the engine's
 CPU batch (2,048 tokens). float32 / bfloat16 time `torch.nn.functional.linear`; int8 times the
-bare `torch._int_mm` (int8 x int8 -> int32, what runtime/int8.py calls; its quantization
-passes are not counted, so they show as a lower fraction). The rate is the layer's FLOPs over
+bare u8 x s8 product of runtime/int8.py (`matmul`: oneDNN, weights packed, weight scales
+applied; its per-token quantization passes are not counted, so they show as a lower
+fraction). The rate is the layer's FLOPs over
 the best of several timed rounds of the four shapes (best, not median: on a shared machine the
 best round is the one least disturbed), taken at the start and again after each of the
 benchmark's rounds, so a slow moment at the start does not set it. A path's fraction of the
@@ -25,7 +26,8 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "am
 
 
 def cpu_flags() -> list[str]:
-    """The matmul-relevant flags this CPU reports (/proc/cpuinfo), in FLAGS order."""
+    """The matmul-relevant flags this process sees (CPUID on x86, runtime/device.py), in FLAGS
+    order."""
     from sie_server.runtime.device import cpu_flags as all_flags
 
     have = all_flags()
@@ -42,6 +44,14 @@ def isa_caps() -> dict:
     import os
 
     return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+
+
+def cpuid_masked() -> bool:
+    """Whether this process runs under scripts/avx2-only (CPUID shows an AVX2-only CPU to it
+    and its children: torch, onnxruntime and OpenVINO alike)."""
+    import os
+
+    return "libcpuid_mask" in os.environ.get("LD_PRELOAD", "")
 
 
 def cpu_model() -> str | None:
@@ -65,12 +75,15 @@ def gemm_gflops(folder: Path, dtype: str, tokens: int = 2048, rounds: int = 7) -
     """{"gflops": the layer's rate, "shapes": per shape} in `dtype` (float32 | bfloat16 | int8)."""
     import torch
 
+    from sie_server.runtime import int8
+
     ops = []
     for k, n in shapes(folder):
         if dtype == "int8":
-            a = torch.randint(-128, 128, (tokens, k), dtype=torch.int8)
-            b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t().contiguous()
-            ops.append(((k, n), lambda a=a, b=b: torch._int_mm(a, b)))
+            u = torch.randint(0, 256, (tokens, k), dtype=torch.uint8)
+            w = int8.pack(torch.randint(-64, 64, (n, k), dtype=torch.int8))
+            scale, zero = torch.ones(n), torch.zeros(n, dtype=torch.long)
+            ops.append(((k, n), lambda u=u, w=w, s=scale, z=zero: int8.matmul(u, w, s, z)))
         else:
             dt = getattr(torch, dtype)
             x, w = torch.randn(tokens, k, dtype=dt), torch.randn(n, k, dtype=dt)
@@ -96,7 +109,8 @@ def roofline(folder: Path, dtypes: list[str], threads: int, tokens: int = 2048,
     import torch
 
     torch.set_num_threads(threads)
-    return {"cpu_model": cpu_model(), "flags": cpu_flags(), "isa_caps": isa_caps(),
+    return {"cpu_model": cpu_model(), "flags": cpu_flags(), "cpuid_masked": cpuid_masked(),
+            "isa_caps": isa_caps(),
             "aten_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
             "gemm_tokens": tokens, "gemm_measurements": 1,
             "gemm": {d: gemm_gflops(folder, d, tokens, rounds) for d in dict.fromkeys(dtypes)}}

@@ -12,12 +12,15 @@ from pathlib import Path
 
 
 def caps_note(roof: dict) -> str:
-    """' (torch capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2, ...)' when the run set ISA caps."""
+    """' (CPUID masked to AVX2-only by scripts/avx2-only)' or ' (torch's kernels capped to AVX2
+    by ONEDNN_MAX_CPU_ISA=AVX2, ...)' when the run narrowed the CPU."""
     caps = roof.get("isa_caps") or {}
-    if not caps:
-        return ""
-    return (f" (torch's kernels capped to {roof.get('aten_capability')} by "
-            + ", ".join(f"{k}={v}" for k, v in caps.items()) + ")")
+    notes = ["CPUID masked to AVX2-only by scripts/avx2-only, for every path"] \
+        if roof.get("cpuid_masked") else []
+    if caps:
+        notes.append(f"torch's kernels capped to {roof.get('aten_capability')} by "
+                     + ", ".join(f"{k}={v}" for k, v in caps.items()))
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _fmt(v) -> str:

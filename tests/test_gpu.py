@@ -95,7 +95,7 @@ def test_auto_dtype_on_cpu_follows_the_cpus_own_flags() -> None:
 
 def test_cpu_bf16_detection_reads_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     def native(flags: set[str], machine: str = "x86_64") -> bool:
-        return cpu_bf16_native(flags, machine, ask_torch=False)[0]
+        return cpu_bf16_native(flags, machine)[0]
 
     assert not native({"avx2", "avx512f", "avx512_vnni", "avx512bw"})  # AVX-512 alone: emulated
     assert native({"avx512f", "avx512_bf16"}) and native({"amx_tile", "amx_bf16"})

@@ -129,25 +129,42 @@ def test_weight_rule_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rule() == RULE
 
 
+AVX2_ONLY = Path(__file__).resolve().parents[1] / "scripts" / "avx2-only"
 CAP_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
+def avx2_only_prefix() -> list[str] | None:
+    """The command prefix that runs a process as on an AVX2-only CPU (CPUID masked), or None
+    where this machine cannot (no CPUID faulting or no C compiler)."""
+    ok = subprocess.run([str(AVX2_ONLY), "--check"], capture_output=True).returncode == 0
+    return [str(AVX2_ONLY)] if ok else None
+
+
 def test_int8_without_vnni(tmp_path: Path) -> None:
-    """This module again in a process whose torch is held to AVX2, as on a CPU without VNNI:
-    the int8 kernel saturates on 8-bit weights there (the probe must see it, or MiniLM's
-    cosine falls to 0.958), pair-bounded weights are exact (also on oneDNN's AVX-512 kernel
-    without VNNI), and every test passes at the bounds above."""
-    env = {**os.environ, **CAP_AVX2}
-    code = ("from sie_server.runtime import int8; "
-            "print(*map(int8._exact, ('int8', 'pairs', 'int7')), int8.weight_rule())")
-    for cap in (env, {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}):  # AVX-512, no VNNI
-        probe = subprocess.run([sys.executable, "-c", code], env=cap, capture_output=True,
+    """This module again in a process that sees an AVX2-only CPU (CPUID masked by
+    scripts/avx2-only; where that cannot run, torch's kernels held to AVX2 by environment caps):
+    the int8 kernel saturates on 8-bit weights there (the probe must see it, or MiniLM's cosine
+    falls to 0.958), pair-bounded weights are exact (also on oneDNN's AVX-512 kernel without
+    VNNI), and every test passes at the bounds above."""
+    prefix = avx2_only_prefix()
+    env = dict(os.environ) if prefix else {**os.environ, **CAP_AVX2}
+    prefix = prefix or []
+    code = ("import torch; from sie_server.runtime import int8; "
+            "print(torch.backends.cpu.get_cpu_capability(), "
+            "*map(int8._exact, ('int8', 'pairs', 'int7')), int8.weight_rule())")
+    for cmd, cap in ((prefix, env),  # and oneDNN's AVX-512 kernel without VNNI:
+                     ([], {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})):
+        probe = subprocess.run([*cmd, sys.executable, "-c", code], env=cap, capture_output=True,
                                text=True, timeout=120)
-        assert probe.stdout.split() == ["False", "True", "True", "pairs"], probe.stderr[-2000:]
+        assert probe.stdout.split()[1:] == ["False", "True", "True", "pairs"], \
+            probe.stdout + probe.stderr[-2000:]
+        if cap is env:  # the process saw AVX2 (ATen's vector code included)
+            assert probe.stdout.split()[0] == "AVX2", probe.stdout
     # its own --basetemp: no cleanup of numbered temp folders, this run's among them
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                          "--basetemp", str(tmp_path / "inner"), "-k", "not without_vnni"],
+    run = subprocess.run([*prefix, sys.executable, "-m", "pytest", __file__, "-q",
+                          "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
+                          "-k", "not without_vnni"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]

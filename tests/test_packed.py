@@ -4,6 +4,8 @@ order), bfloat16 within 2e-2 (one bf16 rounding of outputs up to ~8)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
-from sie_server.runtime.device import Placement, onednn_avx512
+from sie_server.runtime.device import Placement, cpu_flags, onednn_avx512
 from sie_server.runtime.encoder import Encoder
 from sie_server.runtime.packed import PackedLinear
 
@@ -47,6 +49,24 @@ def test_when_linears_are_packed(monkeypatch) -> None:
     assert Placement.resolve("cpu", "float32").packed == here
     assert Placement.resolve("cpu", "bfloat16").packed == here
     assert not Placement.resolve("cpu", "int8").packed
+
+
+def test_cpu_choices_follow_cpuid() -> None:
+    """The flags that decide auto's dtype and packing are those CPUID reports to the process:
+    under scripts/avx2-only (CPUID without AVX-512 / VNNI / BF16 / AMX) a CPU whose
+    /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, nn.Linear)."""
+    avx2_only = Path(__file__).resolve().parents[1] / "scripts" / "avx2-only"
+    if subprocess.run([str(avx2_only), "--check"], capture_output=True).returncode != 0:
+        pytest.skip("no CPUID faulting or no C compiler here (scripts/avx2-only --check)")
+    code = ("from sie_server.runtime.device import Placement, cpu_flags; "
+            "p = Placement.resolve('cpu', 'auto'); "
+            "print(p.dtype, p.packed, sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx'))))")
+    out = subprocess.run([str(avx2_only), sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split(maxsplit=2)[:2] == ["torch.float32", "False"], out.stderr[-2000:]
+    assert "'avx2'" in out.stdout and "avx512" not in out.stdout and "amx" not in out.stdout
+    here = cpu_flags()
+    assert ("avx512f" in here) == torch.cpu._is_avx512_supported()
 
 
 def test_engine_packs_its_blocks_linears(minilm_dir: Path) -> None:

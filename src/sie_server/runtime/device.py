@@ -2,8 +2,9 @@
 
 `--dtype auto` is bf16 on CUDA, and on a CPU whose matmuls run natively in bf16 (x86 AMX-BF16
 or AVX512-BF16, Arm BF16, through oneDNN); fp32 on any other CPU, where bf16 matmuls are
-emulated and slower than fp32. The CPU check reads what the CPU reports (torch's cpuinfo and
-/proc/cpuinfo); it never times anything.
+emulated and slower than fp32. The CPU check reads what the CPU reports to this process (on
+x86 its vector extensions as CPUID gives them, through torch's cpuinfo, which is what oneDNN,
+MKL and ATen dispatch on; the rest from /proc/cpuinfo); it never times anything.
 `--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
 int8 (runtime/int8.py) and everything else in float32. On CPUs whose oneDNN runs AVX-512 the
 blocks' float32 / bfloat16 linears run through oneDNN with packed weights (runtime/packed.py).
@@ -29,17 +30,39 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 
-def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags as the kernel reports them (x86 `flags`, Arm `Features`)."""
+# torch's cpuinfo probes (CPUID) -> the /proc/cpuinfo names they stand for on x86
+_CPUID_PROBES = {"_is_avx2_supported": ("avx2",),
+                 "_is_avx512_supported": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+                 "_is_vnni_supported": ("avx512_vnni",),
+                 "_is_avx512_bf16_supported": ("avx512_bf16",),
+                 "_is_amx_tile_supported": ("amx_tile", "amx_bf16", "amx_int8")}
+_PROC_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(path: Path = _PROC_CPUINFO) -> set[str]:
+    """The CPU's feature flags: those /proc/cpuinfo lists (x86 `flags`, Arm `Features`), with
+    x86's AVX2 / AVX-512 / VNNI / BF16 / AMX as CPUID reports them to this process (torch's
+    cpuinfo). The two differ only where CPUID is masked (scripts/avx2-only); the kernels
+    follow CPUID."""
     try:
         text = path.read_text()
     except OSError:
-        return set()
+        text = ""
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+            flags = set(value.split())
+            break
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and path == _PROC_CPUINFO and all(hasattr(torch.cpu, p) for p in _CPUID_PROBES):
+        for probe, names in _CPUID_PROBES.items():
+            if _torch_cpu_check(probe):
+                flags |= set(names)
+            else:  # without AVX-512 F/BW/VL/DQ none of its extensions counts
+                flags -= {f for f in flags if f in names or
+                          (probe == "_is_avx512_supported" and f.startswith("avx512"))}
+    return flags
 
 
 def _onednn_allows(*isas: str) -> tuple[bool, str | None]:
@@ -57,10 +80,10 @@ def _torch_cpu_check(name: str) -> bool:
         return False
 
 
-def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None,
-                    ask_torch: bool = True) -> tuple[bool, str]:
-    """(whether this CPU computes bf16 matmuls natively, why), from what the CPU reports:
-    its /proc/cpuinfo flags (or `flags`) and, on x86, torch's own cpuinfo probes."""
+def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None
+                    ) -> tuple[bool, str]:
+    """(whether this CPU computes bf16 matmuls natively, why), from its flags (`cpu_flags`, or
+    `flags`)."""
     if not torch.backends.mkldnn.is_available():
         return False, "torch is built without oneDNN, so bf16 matmuls are not native"
     allowed, cap = _onednn_allows("BF16", "AMX", "FP16", "AVX10")
@@ -69,11 +92,6 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None,
     flags = cpu_flags() if flags is None else flags
     x86 = (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "x86")
     found = [f for f in _BF16_FLAGS if f in flags and not (x86 and f == "bf16")]  # Arm's flag
-    if x86 and ask_torch:
-        if _torch_cpu_check("_is_avx512_bf16_supported") and "avx512_bf16" not in found:
-            found.append("avx512_bf16 (torch)")
-        if _torch_cpu_check("_is_amx_tile_supported") and "amx_bf16" not in found:
-            found.append("amx (torch)")
     if found:
         return True, f"the CPU computes bf16 natively ({', '.join(found)})"
     return False, "the CPU has no native bf16 matmul (no AMX-BF16 / AVX512-BF16 / Arm BF16)"
