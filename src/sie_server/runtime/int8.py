@@ -38,8 +38,8 @@ once per process and picks the scale per output channel (row):
 - "pairs": the row's largest same-sign sum over a pair (2j, 2j+1), / 127, so every pair's
   positive part and negative part each round to at most 128 and 255 x 128 fits in int16: a
   row whose large weights are not paired keeps nearly 8 bits (MiniLM: 102 levels for the
-  row's largest weight on average). MiniLM on AVX2, min cosine to fp32 on the test texts:
-  0.9908 (0.9883 with "int7", 0.9934 with "int8" on a VNNI CPU);
+  row's largest weight on average). MiniLM with CPUID masked to AVX2, min cosine to fp32 on
+  the test texts: 0.9931 (0.9924 with "int8" on a VNNI CPU; "int7" gave 0.9883);
 - "int7": max |w| / 64, where pairs are not exact either (another kernel); raises if neither.
 """
 
