@@ -115,7 +115,8 @@ def test_weight_rules_bound_what_the_kernel_adds_in_int16() -> None:
 
 
 def test_weight_rule_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first rule whose weights the kernel multiplies exactly; none: an error."""
+    """The first rule whose weights the kernel multiplies exactly; none, or no kernel: an
+    error saying so."""
     rule = int8_mod.weight_rule
     for exact, want in (({"int8"}, "int8"), ({"pairs", "int7"}, "pairs"), ({"int7"}, "int7")):
         monkeypatch.setattr(int8_mod, "_exact", lambda r, ok=exact: r in ok)
@@ -124,6 +125,15 @@ def test_weight_rule_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int8_mod, "_exact", lambda r: False)
     rule.cache_clear()
     with pytest.raises(RuntimeError, match="not exact"):
+        rule()
+    monkeypatch.undo()
+
+    def missing(*args):  # a torch build whose oneDNN has no int8 matmul
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(int8_mod, "matmul", missing)
+    rule.cache_clear()
+    with pytest.raises(RuntimeError, match="needs oneDNN's int8 matmul.*no such kernel"):
         rule()
     monkeypatch.undo()
     rule.cache_clear()

@@ -103,7 +103,13 @@ def weight_rule() -> str:
     """"int8", "pairs" or "int7": the first whose weights this CPU's int8 kernel multiplies
     exactly (module docstring); raises if none."""
     for rule in ("int8", "pairs", "int7"):
-        if _exact(rule):
+        try:
+            exact = _exact(rule)
+        except (AttributeError, NotImplementedError, RuntimeError) as exc:
+            raise RuntimeError("--dtype int8 needs oneDNN's int8 matmul "
+                               "(torch.ops.onednn.qlinear_pointwise), which failed in this torch "
+                               f"build: {exc}") from exc
+        if exact:
             if rule != "int8":
                 log.info("int8: this CPU's int8 matmul saturates on full-range weights (no VNNI); "
                          "weights scaled by the %s rule", rule)
