@@ -22,7 +22,7 @@ Each pass is one plain vectorised op (amin and amax beat aminmax; mul + add_ bea
 
 Why oneDNN's `qlinear_pointwise` and not `torch._int_mm`: torch 2.13 sends `_int_mm` to oneDNN
 only when its cpuinfo reports AVX512-VNNI; on any other CPU it runs a plain loop. With CPUID
-masked to AVX2 (bench/cpuid_mask.c, this project's AMD EPYC, 2 threads, MiniLM's four shapes at
+masked to AVX2 (scripts/avx2-only, this project's AMD EPYC, 2 threads, MiniLM's four shapes at
 2,048 tokens) `_int_mm` took 370-519 ms per linear where `qlinear_pointwise` took 2.5-8.8 ms
 and float32 ~3-12 ms. With VNNI the two are within 10% of each other either way (18.1 against
 18.5 ms for the four); this one also applies the weight scales in its epilogue, one pass fewer
