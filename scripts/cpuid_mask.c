@@ -9,6 +9,8 @@
  * by new threads and cleared by exec (LD_PRELOAD sets it again in the new program).
  * A SIGSEGV that is not a CPUID goes to the handler the program installed (sigaction is
  * wrapped so that Python's faulthandler and others chain behind this one), else kills it.
+ * glibc's signal() does not go through the wrapper: a program installing a SIGSEGV handler
+ * with it would replace this one (Python, torch, onnxruntime and OpenVINO do not).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
