@@ -35,8 +35,8 @@ class Server:
                     "--log-level", "warning", *(extra_args or [])]
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="sie-bench-server-", suffix=".log",
-                                               delete=False)
+        # removed when closed: every error raised here carries its tail
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="sie-bench-server-", suffix=".log")
         self.startup_s: float | None = None
 
     def log_tail(self, n: int = 40) -> str:
