@@ -42,7 +42,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._timer: asyncio.TimerHandle | None = None
         self._head_bytes, self._header_bytes, self._header_count, self._refusal = 0, 0, 0, ""
-        self._in_head, self._in_body = True, False
+        self._in_head, self._in_body, self._responded = True, False, False
         if len(self.connections) > self.limits.max_connections:
             log.warning("more than %d connections open: closing a new one",
                         self.limits.max_connections)
@@ -77,8 +77,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_body:
             self._arm(self.limits.body_idle_timeout_s)
+        awaiting_head = self._in_head  # (a chunk that ends a body is not counted as a head)
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():  # a head still incomplete
+        if awaiting_head and self._in_head and not self.transport.is_closing():  # incomplete
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refusal = f"request head over {self.limits.max_header_bytes} bytes"
@@ -87,6 +88,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_bytes, self._header_count = True, 0, 0, 0
+        self._responded = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -108,9 +110,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_body = False
         self._disarm()
         super().on_message_complete()
+        if self._responded:  # answered before its body had all arrived (a 413 on its length)
+            self._await_head()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._responded = True
+        if not self._in_body:  # else the rest of the body comes first, then the next head
+            self._await_head()
+
+    def _await_head(self) -> None:
         if not self.transport.is_closing():
             self._in_head, self._head_bytes = True, 0
             self._arm(self.limits.header_timeout_s)  # the next head (idle: keep-alive first)
