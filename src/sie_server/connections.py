@@ -2,8 +2,9 @@
 client may hold without sending a request.
 
 - a request head (request line + headers) must arrive within `header_timeout_s` of the
-  connection opening or the previous response ending (slowloris, half-open sockets), and
-  hold at most `max_header_bytes` bytes and `max_headers` headers (431, then closed);
+  connection opening or the previous exchange ending (its response sent and its body read:
+  a 413 may go out before the body arrives), and hold at most `max_header_bytes` bytes and
+  `max_headers` headers (431, then closed);
 - an idle keep-alive connection is closed after `keep_alive_timeout_s` (uvicorn's own);
 - a request body that stops arriving for `body_idle_timeout_s` closes the connection;
 - past `max_connections` open connections, new ones are closed at once.
