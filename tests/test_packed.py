@@ -17,6 +17,7 @@ from sie_server.engine import Engine
 from sie_server.runtime.device import Placement, cpu_flags, onednn_avx512
 from sie_server.runtime.encoder import Encoder
 from sie_server.runtime.packed import PackedLinear
+from test_int8 import avx2_only_prefix
 
 AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
@@ -55,13 +56,13 @@ def test_cpu_choices_follow_cpuid() -> None:
     """The flags that decide auto's dtype and packing are those CPUID reports to the process:
     under scripts/avx2-only (CPUID without AVX-512 / VNNI / BF16 / AMX) a CPU whose
     /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, nn.Linear)."""
-    avx2_only = Path(__file__).resolve().parents[1] / "scripts" / "avx2-only"
-    if subprocess.run([str(avx2_only), "--check"], capture_output=True).returncode != 0:
+    prefix = avx2_only_prefix()
+    if prefix is None:
         pytest.skip("no CPUID faulting or no C compiler here (scripts/avx2-only --check)")
     code = ("from sie_server.runtime.device import Placement, cpu_flags; "
             "p = Placement.resolve('cpu', 'auto'); "
             "print(p.dtype, p.packed, sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx'))))")
-    out = subprocess.run([str(avx2_only), sys.executable, "-c", code], capture_output=True,
+    out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.split(maxsplit=2)[:2] == ["torch.float32", "False"], out.stderr[-2000:]
     assert "'avx2'" in out.stdout and "avx512" not in out.stdout and "amx" not in out.stdout
