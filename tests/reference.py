@@ -136,20 +136,22 @@ def _check_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must be in 1..{MAX_LENGTH}, got {max_length}")
 
 
-def flag_model(model_dir: str | Path, device: str = "cpu") -> Any:
-    """A cached ``BGEM3FlagModel`` in float32 on ``device``."""
-    return _flag_model(str(Path(model_dir).resolve()), device)
+def flag_model(model_dir: str | Path, device: str = "cpu", normalize: bool = True) -> Any:
+    """A cached ``BGEM3FlagModel`` in float32 on ``device`` (``normalize``: its
+    ``normalize_embeddings``, which covers the dense and the colbert vectors)."""
+    return _flag_model(str(Path(model_dir).resolve()), device, normalize)
 
 
 @lru_cache(maxsize=4)
-def _flag_model(model_dir: str, device: str) -> Any:
+def _flag_model(model_dir: str, device: str, normalize: bool = True) -> Any:
     from FlagEmbedding import BGEM3FlagModel
 
     path = Path(model_dir)
     if not (path / "colbert_linear.pt").is_file() or not (path / "sparse_linear.pt").is_file():
         raise FileNotFoundError(f"{path}: colbert_linear.pt/sparse_linear.pt missing "
                                 "(FlagEmbedding would silently use random heads)")
-    return BGEM3FlagModel(str(path), use_fp16=False, devices=device)
+    return BGEM3FlagModel(str(path), use_fp16=False, devices=device,
+                          normalize_embeddings=normalize)
 
 
 def flag_encode(
@@ -158,6 +160,7 @@ def flag_encode(
     max_length: int = MAX_LENGTH,
     batch_size: int = 1,
     device: str = "cpu",
+    normalize: bool = True,
 ) -> list[dict[str, Any]]:
     """FlagEmbedding's BGE-M3 outputs per text:
     ``{"dense": (H,) f32, "sparse": {token_id: weight}, "multivector": (n_tokens-1, H) f32}``.
@@ -168,7 +171,7 @@ def flag_encode(
     _check_max_length(max_length)
     if not texts:
         return []
-    out = flag_model(model_dir, device).encode(
+    out = flag_model(model_dir, device, normalize).encode(
         list(texts), batch_size=batch_size, max_length=max_length,
         return_dense=True, return_sparse=True, return_colbert_vecs=True,
     )
@@ -223,11 +226,20 @@ def _st_model(model_dir: str, device: str) -> Any:
     return SentenceTransformer(model_dir, device=device)
 
 
-def st_encode(model_dir: str | Path, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
+def st_encode(model_dir: str | Path, texts: Sequence[str], device: str = "cpu",
+              normalize: bool = True) -> np.ndarray:
     """sentence-transformers embeddings (N, dim) float32, as the model's modules define
     (all-MiniLM-L6-v2: mean pooling + Normalize, truncation at max_seq_length 256 from
     sentence_bert_config.json; its tokenizer.json says truncate at 128 and pad to a fixed
-    128, which sentence-transformers overrides)."""
-    emb = st_model(model_dir, device).encode(list(texts), batch_size=32, convert_to_numpy=True,
-                                             show_progress_bar=False)
+    128, which sentence-transformers overrides). `normalize=False`: the same pipeline
+    without its Normalize module."""
+    model = st_model(model_dir, device)
+    if not normalize:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.models import Normalize
+
+        model = SentenceTransformer(modules=[m for m in model if not isinstance(m, Normalize)],
+                                    device=device)
+    emb = model.encode(list(texts), batch_size=32, convert_to_numpy=True,
+                       show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)

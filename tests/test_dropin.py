@@ -20,6 +20,7 @@ from urllib.parse import urljoin
 import httpx
 import numpy as np
 import pytest
+import reference
 from hypothesis import HealthCheck, Phase, given, reject, settings
 
 from conftest import ROOT
@@ -186,15 +187,20 @@ def test_v1_rerank_equals_v1_score(server, options):
         assert r["model"] == model and r["usage"]["input_tokens"] > 0
 
 
-def test_tei_sparse_all_and_errors(server):
-    """/embed_sparse and /embed_all equal /v1/encode's sparse and multivector; TEI's error
-    statuses and bodies; never a 500."""
+def test_tei_sparse_all_and_errors(server, minilm_dir):
+    """/embed_sparse and /embed_all equal /v1/encode's sparse and multivector; /embed with
+    `normalize: false` equals sentence-transformers without its Normalize module (1e-4
+    relative); TEI's error statuses and bodies; never a 500."""
     u = server.url
     sp = httpx.post(f"{u}/embed_sparse", json={"inputs": TEXTS[:2], "model": M3}, timeout=60)
     ref = encode(u, M3, TEXTS[:2], output_types=["sparse", "multivector"])
     for got, item in zip(sp.json(), ref):
         assert [g["index"] for g in got] == item["sparse"]["indices"]
         np.testing.assert_allclose([g["value"] for g in got], item["sparse"]["values"], atol=1e-6)
+    raw = httpx.post(f"{u}/embed", json={"inputs": TEXTS, "normalize": False}, timeout=60)
+    unnormalised = reference.st_encode(minilm_dir, TEXTS, normalize=False)  # no Normalize
+    np.testing.assert_allclose(raw.json(), unnormalised, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.linalg.norm(unnormalised, axis=1) - 1).min() > 0.01
     al = httpx.post(f"{u}/embed_all", json={"inputs": TEXTS[:2], "model": M3}, timeout=60)
     for got, item in zip(al.json(), ref):
         np.testing.assert_allclose(got, item["multivector"]["values"], atol=1e-6)

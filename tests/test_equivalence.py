@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import reference
 import torch
+from conftest import held_worker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from texts import (BERT_SPECIAL_TOKEN_TEXTS, OVER_LIMIT_TEXTS, SHORT_TEXTS, SPECIAL_TOKEN_TEXTS,
@@ -104,6 +105,37 @@ def test_output_subsets_come_from_one_forward(engine: Engine, flag_outputs) -> N
         assert set(r.sparse[0].tolist()) == set(ref["sparse"])
 
 
+def test_normalize_false_equals_flagembedding_unnormalised(engine: Engine, bge_m3_dir: Path,
+                                                           flag_outputs) -> None:
+    """SIE's `normalize: false` = FlagEmbedding's normalize_embeddings=False (dense and colbert
+    vectors as computed), in the same batches as normalised requests, which keep theirs.
+    Tolerances: dense cosine >= 0.99999 and norm within 1e-4 relative; multivector max abs
+    diff <= 1e-4 x the largest value."""
+    texts = TEXTS[:16]
+    ref = reference.flag_encode(bge_m3_dir, texts, max_length=8192, normalize=False)
+    with held_worker(engine, "BAAI/bge-m3") as (_, release, batches):
+        futures = [(engine.submit("BAAI/bge-m3", [t], ALL, {"normalize": False} if i % 2 else {}),
+                    i) for i, t in enumerate(texts)]
+        release()
+    assert any(len({e[0].raw for e in b}) == 2 for b in batches[1:]), "no mixed batch"
+    norms = []
+    for fut, i in futures:
+        r = fut.result(timeout=120)[0]
+        if i % 2 == 0:
+            assert_matches_flag(r, flag_outputs[i], f"text {i} beside unnormalised rows")
+            continue
+        want = ref[i]
+        norms.append(float(np.linalg.norm(r.dense)))
+        assert abs(norms[-1] / np.linalg.norm(want["dense"]) - 1) <= 1e-4, f"text {i}"
+        cos = float(r.dense @ want["dense"]) / (norms[-1] * float(np.linalg.norm(want["dense"])))
+        assert cos >= 0.99999, f"text {i}: dense cosine {cos}"
+        assert r.multivector.shape == want["multivector"].shape
+        scale = float(np.abs(want["multivector"]).max())
+        assert float(np.abs(r.multivector - want["multivector"]).max()) <= 1e-4 * scale
+        assert set(r.sparse[0].tolist()) == set(want["sparse"]), f"text {i}: sparse ids"
+    assert min(abs(n - 1) for n in norms) > 0.01  # the reference's vectors are not unit length
+
+
 def assert_st_close(ours: np.ndarray, ref: np.ndarray, texts: list[str]) -> None:
     cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
     i = int(cos.argmin())
@@ -118,6 +150,23 @@ def test_minilm_equals_sentence_transformers(minilm_dir: Path) -> None:
     finally:
         eng.close()
     assert_st_close(ours, reference.st_encode(minilm_dir, texts), texts)
+
+
+def test_minilm_normalize_false_equals_its_pipeline_without_normalize(minilm_dir: Path) -> None:
+    """`normalize: false` on a sentence-transformers model whose last module is Normalize:
+    the mean-pooled vectors, as sentence-transformers gives them without that module (and
+    TEI's `normalize: false`); cosine >= 0.9999 and norms within 1e-4 relative."""
+    texts = TEXTS[:20]
+    eng = Engine(Settings(default_models=[], device="cpu", dtype="float32"))
+    try:
+        ours = np.stack([r.dense for r in eng.encode(MINILM, texts, options={"normalize": False})])
+    finally:
+        eng.close()
+    ref = reference.st_encode(minilm_dir, texts, normalize=False)
+    assert_st_close(ours, ref, texts)
+    ratio = np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.abs(ratio - 1).max() <= 1e-4
+    assert np.abs(np.linalg.norm(ref, axis=1) - 1).min() > 0.01
 
 
 # ---------------------------------------------------------------- positions (issue 12)

@@ -66,11 +66,17 @@ def test_sie_options_are_honoured_or_refused_by_name(bge_m3_server) -> None:
     for opts in ({"profile": "default"}, {"normalize": True}, {"overflow_policy": "truncate_text"}):
         got = post(bge_m3_server, url, {**base, "params": {"options": opts}}).json()["items"][0]["dense"]["values"]
         np.testing.assert_allclose(got, plain, atol=1e-6)
+    # normalize: false: the CLS vector before the L2 step (tests/test_equivalence.py checks
+    # it against FlagEmbedding); the same direction as the default
+    raw = post(bge_m3_server, url, {**base, "params": {"options": {"normalize": False}}}).json()
+    raw = np.array(raw["items"][0]["dense"]["values"])
+    assert abs(np.linalg.norm(raw) - 1) > 0.01
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), plain, atol=1e-6)
     long = {"items": [{"text": "word " * 9000}], "params": {"options": {"overflow_policy": "error"}}}
     r = post(bge_m3_server, url, long)
     assert r.status_code == 400 and error(r)["code"] == "INPUT_TOO_LONG"
     for opts, field in (({"muvera": {"k_sim": 4}}, "params.options.muvera"), ({"profile": "fast"}, "Profile 'fast' not found. Available: ['default', 'dense', "),
-                        ({"normalize": False}, "params.options.normalize"), ({"shout": 1}, "params.options.shout"),
+                        ({"normalize": "no"}, "params.options.normalize"), ({"shout": 1}, "params.options.shout"),
                         ({"overflow_policy": "drop"}, "params.options.overflow_policy")):
         r = post(bge_m3_server, url, {**base, "params": {"options": opts}})
         assert r.status_code == 400 and error(r)["code"] == "INVALID_INPUT" and field in error(r)["message"], r.text

@@ -28,7 +28,7 @@ class EncodeOptions(TypedDict, total=False):
     timeout_s: float
     output_dtype: str  # as `output_dtype=`: float32 | float16 | int8 | uint8 | binary | ubinary
     profile: str  # SIE's profile name; this server has "default" only
-    normalize: bool  # true only: vectors are L2-normalised
+    normalize: bool  # false: vectors before the model's own L2 step (BGE-M3, ST models)
     overflow_policy: str  # SIE's: "default" | "truncate_text" | "error" (= truncate false)
 
 

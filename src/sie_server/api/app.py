@@ -23,7 +23,6 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..engine import Engine
-from ..engine.engine import normalized
 from ..errors import ModelNotFound, NotServed, SIEError
 from ..logs import request_id
 from . import infinity as infinity_api
@@ -160,8 +159,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         arrived = time.monotonic()
         model, call = await read_call(request, parse_encode)
         results = await calls.encode(request, model, call.texts, call.output_types, call.options)
-        if call.normalize:
-            results = normalized(results)
         binary = wants_msgpack(request.headers.get("accept", ""))
         sparse_dims = None
         if any(r.sparse is not None for r in results):

@@ -9,8 +9,9 @@ sentence-similarity body (`inputs.source_sentence`), which is what huggingface_h
 InferenceClient sends there. Errors are TEI's `{error, error_type}` with TEI's statuses;
 answers that compute carry TEI's timing headers (`Timer`).
 
-Not served (422 naming the field): token-id inputs, `truncation_direction: left`, and
-`normalize: false` on a model whose own last module normalises (the vectors are its output).
+Not served (422 naming the field): token-id inputs and `truncation_direction: left`.
+`normalize: false` gives the pooled vectors before the model's own L2 step (CLIP and SigLIP
+vectors are normalised regardless).
 """
 
 from __future__ import annotations
@@ -289,8 +290,10 @@ class TEI:
         texts = _texts(req.inputs)
         model = self.calls.model_or_default(req.model, "embed")
         self._has(model, "dense", "embed")
-        results = await self.calls.encode(request, model, texts, ["dense"],
-                                          _options(req, req.prompt_name))
+        options = _options(req, req.prompt_name)
+        if not req.normalize:  # the pooled vectors, before the model's own L2 step
+            options["normalize"] = False
+        results = await self.calls.encode(request, model, texts, ["dense"], options)
         vectors = np.stack([r.dense for r in results]).astype(np.float32)
         if req.dimensions is not None:
             vectors = shorten(vectors, req.dimensions, model, self.calls.engine)

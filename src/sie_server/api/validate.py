@@ -3,10 +3,10 @@ integer, `5` no string) and are what /openapi.json shows; `validated` turns the 
 into a 400 INVALID_INPUT naming the field. After them, code settles only what a schema cannot
 say: an item holds text or an image, lone surrogates in its text and id, the per-request
 item limit (a setting), an image's base64 and size (api/images.py), and SIE's request
-options the engine has no use for: `output_dtype` and `normalize` shape the response (wire
-layer), `overflow_policy` maps to `truncate` (extract: it goes on as it is); `profile` goes on to the engine
-(engine/profiles.py); `smve` is refused as not supported. The rest of `options` is the
-engine's, which checks it (engine/options.py).
+options the engine has no use for: `output_dtype` shapes the response (wire layer),
+`overflow_policy` maps to `truncate` (extract: it goes on as it is), `smve` is refused as not
+supported. `profile` goes on to the engine (engine/profiles.py), as does the rest of
+`options`, which the engine checks (engine/options.py).
 """
 
 from __future__ import annotations
@@ -158,7 +158,6 @@ class EncodeCall:
     output_types: list[str] | None  # None: the profile's, else dense
     options: dict[str, Any]  # engine options (engine.EncodeOptions) and `profile`
     output_dtype: str = "float32"
-    normalize: bool = False  # L2-normalise dense vectors again (SIE's `normalize: true`)
 
 
 @dataclass(frozen=True)
@@ -244,7 +243,7 @@ def parse_options(value: dict[str, Any] | None, field: str,
 
 def parse_encode(body: Any, max_items: int) -> EncodeCall:
     """An EncodeRequest -> EncodeCall; `params.options.output_dtype` stands in for
-    `params.output_dtype`, and `normalize: true` asks for normalised vectors."""
+    `params.output_dtype`."""
     req = validated_items(EncodeRequest, body, max_items)
     texts, ids = item_inputs(req.items, "items")
     params = req.params or EncodeParams()
@@ -253,15 +252,9 @@ def parse_encode(body: Any, max_items: int) -> EncodeCall:
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(f"params.output_dtype must be one of {', '.join(OUTPUT_DTYPES)}")
     options.pop("output_dtype", None)
-    normalize = options.pop("normalize", None)
-    if normalize not in (None, True, False):
-        raise InvalidRequest("params.options.normalize must be a boolean")
-    if normalize is False:
-        raise InvalidRequest("params.options.normalize: false is not supported; this server "
-                             "returns normalised vectors")
     types = params.output_types or None
     return EncodeCall(texts, ids, types and list(dict.fromkeys(types)), options,
-                      dtype or "float32", bool(normalize))
+                      dtype or "float32")
 
 
 def parse_score(body: Any, max_items: int) -> ScoreCall:

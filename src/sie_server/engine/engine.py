@@ -36,6 +36,11 @@ class EncodeOptions:
     instruction: str | None = None
     lora_id: str | None = None
     timeout_s: float | None = None  # deadline, counted from submission
+    # SIE's normalize: True L2-normalises dense vectors of a model that does not; False
+    # skips the model's own L2 step where its family can (EncoderModel.raw_vectors: BGE-M3's
+    # dense and multivector, sentence-transformers' Normalize; ColBERT, CLIP and SigLIP
+    # normalise regardless, as in SIE); None: the profile's, else the model's own output.
+    normalize: bool | None = None
     # MUVERA: the dense output is the encoding of the multivector; these settings override
     # the model's (muvera.py). None: off.
     muvera: dict[str, Any] | None = None
@@ -44,7 +49,7 @@ class EncodeOptions:
     def parse(cls, options: dict[str, Any] | None) -> "EncodeOptions":
         """Validate a request's options dict; errors name the offending field."""
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
-                 "timeout_s": (int, float), "muvera": dict}
+                 "timeout_s": (int, float), "muvera": dict, "normalize": bool}
         options = check_options(options, kinds, "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
@@ -83,6 +88,7 @@ class Engine:
         defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera")
                     if k in runtime}
         opts = EncodeOptions.parse({**defaults, **options})
+        normalize = opts.normalize if opts.normalize is not None else runtime.get("normalize")
         # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
         types = list(runtime.get("output_types") or output_types or ["dense"])
         with self.registry.use(model) as handle:
@@ -92,7 +98,8 @@ class Engine:
                 fde = self._muvera(m, opts.muvera, opts.is_query, types)
                 types = list(dict.fromkeys("multivector" if t == "dense" else t for t in types))
             m.check_output_types(types)
-            renormalize = _check_pooling(m, profile, runtime)
+            _check_pooling(m, profile, runtime)
+            normalizes = getattr(m, "normalize", True)
             if not texts:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
@@ -103,10 +110,13 @@ class Engine:
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
-                                  tenant=tenant, future=TimedFuture(timing))
+                                  tenant=tenant, raw=normalize is False and m.raw_vectors,
+                                  future=TimedFuture(timing))
                 self._enqueue(handle, request)
             post = fde
-            if renormalize:  # a profile's normalize: true on a model that does not normalise
+            # the request's normalize: true (also a MUVERA encoding), a profile's on a model
+            # whose pipeline does not normalise
+            if opts.normalize or (normalize and not normalizes):
                 post = normalized if fde is None else (lambda results: normalized(fde(results)))
             return request.future if post is None else self._then(request.future, post)
 
@@ -425,20 +435,13 @@ _POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "m
              "last": "last_token", "last_token": "last_token", "lasttoken": "last_token"}
 
 
-def _check_pooling(m, profile: str, runtime: dict[str, Any]) -> bool:
-    """Refuse a profile whose pooling or normalize the model does not compute; True when
-    the dense vectors must be L2-normalised after the model (normalize: true on a model
-    whose pipeline does not normalise)."""
+def _check_pooling(m, profile: str, runtime: dict[str, Any]) -> None:
+    """Refuse a profile whose pooling the model does not compute."""
     pooling = runtime.get("pooling")
     own = _POOLINGS.get(getattr(m, "pooling", None) or "")
     if pooling is not None and _POOLINGS.get(pooling, pooling) != own:
         raise InvalidRequest(f"profile {profile!r} sets pooling {pooling!r}; {m.spec.name} "
                              f"pools by {own or 'its own rule'}, which a profile cannot change")
-    normalizes = getattr(m, "normalize", True)
-    if runtime.get("normalize") is False and normalizes:
-        raise InvalidRequest(f"profile {profile!r} sets normalize: false; {m.spec.name} "
-                             "returns normalised vectors")
-    return runtime.get("normalize") is True and not normalizes
 
 
 def normalized(results: list[ItemResult]) -> list[ItemResult]:

@@ -210,7 +210,9 @@ class Scheduler:
         if any(req.token_types is not None for req, _ in batch):
             token_types = [req.token_types[i] if req.token_types is not None
                            else np.zeros(len(req.tokens[i]), dtype=np.int64) for req, i in batch]
-        return pack([req.tokens[i] for req, i in batch], types, slots, token_types)
+        raw = np.flatnonzero([req.raw for req, _ in batch]) if any(
+            req.raw for req, _ in batch) else None
+        return pack([req.tokens[i] for req, i in batch], types, slots, token_types, raw)
 
     @staticmethod
     def _deliver(batch: list[Entry], out: BatchOutputs) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidRequest
 from ..runtime.attention import make_attention
@@ -147,6 +148,9 @@ class EncoderModel(abc.ABC):
     extracts: str | None = None
     # True: items may be images (ImageInput); the family implements `prepare_images`.
     embeds_images: bool = False
+    # True: the heads leave a batch's `raw_rows` unnormalised (a request's normalize: false)
+    # where they would L2-normalise vectors; False: they ignore it.
+    raw_vectors: bool = False
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
     # `decoder.Decoder` (causal) or another architecture's; each loads with
     # from_folder(folder) -> (stack, unused weights).
@@ -284,6 +288,19 @@ class EncoderModel(abc.ABC):
 
     def first_tokens(self, batch: PackedBatch) -> torch.Tensor:
         return torch.from_numpy(batch.cu_seqlens[:-1]).to(self.placement.device)
+
+    def l2(self, batch: PackedBatch, vecs: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """`vecs` (one row per sequence, or per token with `per_token`) L2-normalised, except
+        the rows of the batch's `raw_rows` sequences, which stay as they are."""
+        out = F.normalize(vecs, dim=-1)
+        if batch.raw_rows is None:
+            return out
+        rows = batch.raw_rows
+        if per_token:
+            cu = batch.cu_seqlens
+            rows = np.concatenate([np.arange(cu[r], cu[r + 1]) for r in rows])
+        keep = torch.from_numpy(rows).to(vecs.device)
+        return out.index_copy_(0, keep, vecs.index_select(0, keep))
 
 
 FAMILIES: dict[str, type[EncoderModel]] = {}

@@ -1,7 +1,8 @@
 """BGE-M3: XLM-RoBERTa + a sparse head and a ColBERT head; all three outputs from one forward.
 
 Semantics follow FlagEmbedding's BGEM3FlagModel:
-- dense: the `<s>` (CLS) hidden state, L2-normalised;
+- dense: the `<s>` (CLS) hidden state, L2-normalised (`normalize_embeddings`: a request's
+  `normalize: false` leaves its dense and multivector rows as computed);
 - sparse: relu(sparse_linear(h)) per token, max over repeated ids, `<s> </s> <pad> <unk>`
   and weights <= 0 dropped;
 - multivector: colbert_linear(h) on every token but `<s>` (`</s>` kept), each L2-normalised.
@@ -55,6 +56,7 @@ def linear_rows(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
 class BgeM3(EncoderModel):
     output_types = ("dense", "sparse", "multivector")
     pooling = "cls"  # dense: the <s> token, L2-normalised
+    raw_vectors = True
     score_types = ("dense", "sparse", "colbert", "hybrid")  # SIE's score modes, engine/scoring.py
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
@@ -77,7 +79,7 @@ class BgeM3(EncoderModel):
         want = batch.output_types
         first = self.first_tokens(batch)
         if "dense" in want:
-            out.dense = F.normalize(hidden[first].float(), dim=-1)
+            out.dense = self.l2(batch, hidden[first].float())
         if "sparse" in want:
             out.sparse = self.sparse(batch, hidden, ids, self.sparse_w, self.sparse_b,
                                      self.adapter_heads(batch, "sparse_linear"))
@@ -119,5 +121,5 @@ class BgeM3(EncoderModel):
                     w: torch.Tensor, b: torch.Tensor, overrides=()):
         """ColBERT vectors of every token, L2-normalised; the host drops each sequence's first
         row (`<s>`) when splitting, which keeps the device free of boolean indexing."""
-        vecs = F.normalize(linear_rows(hidden, w, b, overrides).float(), dim=-1)
+        vecs = self.l2(batch, linear_rows(hidden, w, b, overrides).float(), per_token=True)
         return vecs, batch.lengths, 1

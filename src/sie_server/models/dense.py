@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..runtime.batch import PackedBatch
 from ..runtime.device import Placement
@@ -44,6 +43,7 @@ def read_pipeline(folder: Path) -> tuple[str, bool, int | None]:
 @family("sentence-transformers")
 class SentenceTransformer(EncoderModel):
     output_types = ("dense",)
+    raw_vectors = True
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.pooling, self.normalize, max_len = read_pipeline(folder)
@@ -70,6 +70,4 @@ class SentenceTransformer(EncoderModel):
             else:
                 pooled = torch.full(shape, float("-inf"), device=hidden.device).index_reduce_(
                     0, seq, hidden, "amax")
-        if self.normalize:
-            pooled = F.normalize(pooled, dim=-1)
-        return BatchOutputs(dense=pooled)
+        return BatchOutputs(dense=self.l2(batch, pooled) if self.normalize else pooled)

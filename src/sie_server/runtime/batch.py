@@ -23,6 +23,9 @@ class PackedBatch:
     pixels: np.ndarray | None = None
     image_rows: np.ndarray | None = None
     bucketed_from: "PackedBatch | None" = None  # the batch this one pads (with_bucketed_tokens)
+    # Sequences whose vectors stay as the model computes them, not L2-normalised (a
+    # request's `normalize: false`); None: none.
+    raw_rows: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -42,6 +45,7 @@ def pack(
     output_types: frozenset[str],
     adapter_slots: np.ndarray | None = None,
     token_types: list[np.ndarray] | None = None,
+    raw_rows: np.ndarray | None = None,
 ) -> PackedBatch:
     """Concatenate token id arrays into one PackedBatch (no per-token Python work). 2-D
     entries are images (patches x patch_dim, from `images.to_patches`) and go to `pixels`."""
@@ -62,6 +66,7 @@ def pack(
         output_types=output_types,
         pixels=pixels,
         image_rows=image_rows,
+        raw_rows=raw_rows if raw_rows is not None and len(raw_rows) else None,
     )
 
 
