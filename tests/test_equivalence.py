@@ -27,6 +27,7 @@ from texts import (BERT_SPECIAL_TOKEN_TEXTS, OVER_LIMIT_TEXTS, SHORT_TEXTS, SPEC
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
+from sie_server.errors import InvalidRequest
 from sie_server.runtime.batch import pack, positions
 
 ALL = ["dense", "sparse", "multivector"]
@@ -150,6 +151,35 @@ def test_minilm_equals_sentence_transformers(minilm_dir: Path) -> None:
     finally:
         eng.close()
     assert_st_close(ours, reference.st_encode(minilm_dir, texts), texts)
+
+
+def test_sie_templates_on_minilm_equal_sentence_transformers_on_the_formatted_texts(
+        minilm_dir: Path, engine: Engine) -> None:
+    """SIE's per-request `doc_template` / `query_template` (SIE's sentence-transformers and
+    flash adapters: `template.format(text=..., instruction=...)`, replacing prompts) against
+    sentence-transformers on the texts so formatted (cosine >= 0.9999); BGE-M3 ignores them,
+    as SIE's BGE-M3 adapters do; a placeholder other than {text} / {instruction} is a 400
+    naming the option."""
+    texts = TEXTS[:10]
+    eng = Engine(Settings(default_models=[], device="cpu", dtype="float32"))
+    try:
+        docs = eng.encode(MINILM, texts, options={"doc_template": "passage: {text}",
+                                                  "query_template": "unused {text}"})
+        queries = eng.encode(MINILM, texts, options={
+            "is_query": True, "instruction": "Find it", "query_template": "{instruction}: {text}"})
+        with pytest.raises(InvalidRequest, match=r"params\.options\.doc_template .*nope"):
+            eng.encode(MINILM, texts[:1], options={"doc_template": "{nope} {text}"})
+    finally:
+        eng.close()
+    for ours, formatted in ((docs, [f"passage: {t}" for t in texts]),
+                            (queries, [f"Find it: {t}" for t in texts])):
+        assert_st_close(np.stack([r.dense for r in ours]),
+                        reference.st_encode(minilm_dir, formatted), formatted)
+    plain = engine.encode("BAAI/bge-m3", texts[:3], ["dense"])
+    templated = engine.encode("BAAI/bge-m3", texts[:3], ["dense"],
+                              {"doc_template": "passage: {text}"})
+    for a, b in zip(plain, templated):
+        assert a.token_count == b.token_count and np.array_equal(a.dense, b.dense)
 
 
 def test_minilm_normalize_false_equals_its_pipeline_without_normalize(minilm_dir: Path) -> None:

@@ -30,7 +30,7 @@ PROFILES = {
     "default": {"pooling": "cls", "normalize": True},
     "sparse": {"extends": "default", "output_types": ["sparse"]},
     "legal": {"extends": "default", "lora_id": LEGAL_LORA, "instruction": "Find the clause"},
-    "queries": {"is_query": True, "output_types": ["dense", "multivector"]},
+    "queries": {"is_query": True, "normalize": False, "output_types": ["dense", "multivector"]},
     "fde": {"extends": "default", "muvera": {}, "output_types": ["dense"]},  # SIE's muvera profiles
 }
 
@@ -69,6 +69,8 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
     assert parse_profiles("x", {"a": {"is_query": True}, "b": {"extends": "a"}})["b"] == {
         "is_query": True}  # no runtime of its own: the parent's
     assert parse_profiles("x", {"a": {"muvera": None, "lora_id": None}})["a"] == {}  # SIE's "off"
+    templates = {"query_template": "q: {text}", "doc_template": "{instruction} {text}"}
+    assert parse_profiles("x", {"a": templates})["a"] == templates
     builtin, _ = load_catalog([])
     assert list(builtin["BAAI/bge-m3"].profiles) == [  # SIE's models/BAAI__bge-m3.yaml
         "default", "dense", "sparse", "multivector", "candle", "banking", "medical-vn",
@@ -84,7 +86,8 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
                               ({"a": {"is_query": "yes"}}, "is_query must be a bool"),
                               ({"a:b": {}}, "without ':'"),
                               ({"a": {"extends": ["b"]}}, "extends unknown profile"),
-                              ({"a": {"muvera": 4}}, "muvera must be a dict")):
+                              ({"a": {"muvera": 4}}, "muvera must be a dict"),
+                              ({"a": {"doc_template": 3}}, "doc_template must be a str")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"models": {"x": {"family": "bge-m3", "source": "x",
                                                         "profiles": profiles}}}))
@@ -114,6 +117,10 @@ def test_profiles_by_option_and_by_suffix(server) -> None:
     assert override["items"] == other["items"] != legal["items"]
     queries = encode(server, f"{M3}:queries", {"items": items()}).json()
     assert {"dense", "multivector"} <= set(queries["items"][0])
+    raw = encode(server, M3, {"items": items(), "params": {"output_types": ["dense", "multivector"],
+                 "options": {"is_query": True, "normalize": False}}}).json()
+    assert queries["items"] == raw["items"]  # the profile's normalize: false, as the option
+    assert abs(np.linalg.norm(raw["items"][0]["dense"]["values"]) - 1) > 0.01
     # score: the profile's LoRA and instruction apply there too
     body = {"query": {"text": "what sleeps?"}, "items": items()}
     s_profile = httpx.post(f"{server.url}/v1/score/{M3}:legal", json=body).json()

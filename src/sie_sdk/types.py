@@ -29,6 +29,8 @@ class EncodeOptions(TypedDict, total=False):
     output_dtype: str  # as `output_dtype=`: float32 | float16 | int8 | uint8 | binary | ubinary
     profile: str  # SIE's profile name; this server has "default" only
     normalize: bool  # false: vectors before the model's own L2 step (BGE-M3, ST models)
+    query_template: str  # SIE's: "{instruction}: {text}"-style, replaces the model's prefix
+    doc_template: str
     overflow_policy: str  # SIE's: "default" | "truncate_text" | "error" (= truncate false)
 
 

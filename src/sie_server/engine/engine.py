@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import string
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..config import Settings
-from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong
+from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong, shown
 from ..runtime.device import Placement
 from ..runtime.images import ImageInput
 from ..runtime.tokenizer import Tokenized, UnsettledWord
@@ -41,6 +42,11 @@ class EncodeOptions:
     # dense and multivector, sentence-transformers' Normalize; ColBERT, CLIP and SigLIP
     # normalise regardless, as in SIE); None: the profile's, else the model's own output.
     normalize: bool | None = None
+    # SIE's per-request templates (`{text}`, `{instruction}`), which replace the model's
+    # prefix and instruction template; used by the families SIE's adapters use them in
+    # (EncoderModel.templates: sentence-transformers, SPLADE), ignored by the others, as SIE.
+    query_template: str | None = None
+    doc_template: str | None = None
     # MUVERA: the dense output is the encoding of the multivector; these settings override
     # the model's (muvera.py). None: off.
     muvera: dict[str, Any] | None = None
@@ -49,7 +55,8 @@ class EncodeOptions:
     def parse(cls, options: dict[str, Any] | None) -> "EncodeOptions":
         """Validate a request's options dict; errors name the offending field."""
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
-                 "timeout_s": (int, float), "muvera": dict, "normalize": bool}
+                 "timeout_s": (int, float), "muvera": dict, "normalize": bool,
+                 "query_template": str, "doc_template": str}
         options = check_options(options, kinds, "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
@@ -85,8 +92,8 @@ class Engine:
         `timing`. `tenant` (e.g. the caller's API key id) groups requests for fair scheduling."""
         timing = Timing()
         model, profile, runtime, options = self._profile(model, options)
-        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera")
-                    if k in runtime}
+        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera",
+                                            "query_template", "doc_template") if k in runtime}
         opts = EncodeOptions.parse({**defaults, **options})
         normalize = opts.normalize if opts.normalize is not None else runtime.get("normalize")
         # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
@@ -104,7 +111,8 @@ class Engine:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
-                tok = self._prepare(m, list(texts), opts.is_query, opts.instruction)
+                tok = self._prepare(m, list(texts), opts.is_query, opts.instruction,
+                                    template=_template(m, opts))
                 timing.tokenization_s = time.perf_counter() - started
                 self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
                 self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
@@ -299,19 +307,19 @@ class Engine:
         return pics
 
     def _prepare(self, m, items: list, is_query: bool, instruction: str | None,
-                 field: str = "items[{i}]") -> Tokenized:
+                 field: str = "items[{i}]", template: str | None = None) -> Tokenized:
         """Tokenize the texts and preprocess the images of `items` (image rows become patch
         arrays, their length the number of patches), in item order."""
         pics = self._check_images(m, items, field)
         if not pics:
             with _whole_words(field):
-                return m.prepare(items, is_query, instruction)
+                return m.prepare(items, is_query, instruction, template)
         rows: list = [None] * len(items)
         lengths = [0] * len(items)
         texts = [i for i, x in enumerate(items) if not isinstance(x, ImageInput)]
         if texts:
             with _whole_words(field, texts):
-                tok = m.prepare([items[i] for i in texts], is_query, instruction)
+                tok = m.prepare([items[i] for i in texts], is_query, instruction, template)
             for i, ids, n in zip(texts, tok.ids, tok.original_lengths):
                 rows[i], lengths[i] = ids, n
         patches = m.prepare_images([items[i] for i in pics],
@@ -428,6 +436,25 @@ class Engine:
         handle = next((h for h in self.registry.handles() if h.spec.name == model), None)
         mgr = getattr(handle.model, "adapter_manager", None) if handle is not None else None
         return [] if mgr is None else mgr.list()
+
+
+def _template(m, opts: EncodeOptions) -> str | None:
+    """The request's template for these texts where the model's family takes one; a 400
+    naming the option unless its only placeholders are {text} and {instruction}."""
+    key = "query_template" if opts.is_query else "doc_template"
+    template = getattr(opts, key)
+    if template is None or not m.templates:
+        return None
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        template.format(text="", instruction="")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        fields = {f"{type(exc).__name__}: {exc}"}
+    bad = sorted(shown(f) for f in fields - {"text", "instruction"})
+    if bad:
+        raise InvalidRequest(f"params.options.{key} may hold the placeholders {{text}} and "
+                             f"{{instruction}} only (found {', '.join(bad)})")
+    return template
 
 
 # a profile's `pooling` (SIE's names) against what a model computes (its `pooling`)

@@ -16,7 +16,7 @@ from ..errors import InvalidRequest, ModelNotFound
 # runtime key -> the type its value must have in a catalog file
 RUNTIME_KEYS: dict[str, type] = {
     "output_types": list, "lora_id": str, "instruction": str, "is_query": bool,
-    "pooling": str, "normalize": bool,
+    "pooling": str, "normalize": bool, "query_template": str, "doc_template": str,
     # SIE's MUVERA (multivector -> one fixed-dimension vector): a mapping turns it on ({} =
     # the model's muvera_config), null or absent leaves it off
     "muvera": dict,

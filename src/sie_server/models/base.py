@@ -151,6 +151,9 @@ class EncoderModel(abc.ABC):
     # True: the heads leave a batch's `raw_rows` unnormalised (a request's normalize: false)
     # where they would L2-normalise vectors; False: they ignore it.
     raw_vectors: bool = False
+    # True: `prepare` takes SIE's per-request `query_template` / `doc_template` (as SIE's
+    # dense and SPLADE adapters do); False: they are ignored, as SIE's other adapters do.
+    templates: bool = False
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
     # `decoder.Decoder` (causal) or another architecture's; each loads with
     # from_folder(folder) -> (stack, unused weights).
@@ -220,12 +223,17 @@ class EncoderModel(abc.ABC):
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
         """Turn the packed last hidden state into the outputs the batch asked for."""
 
-    def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
+    def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
+                template: str | None = None) -> Tokenized:
         """Apply the model's prefixes/instruction, then tokenize."""
-        return self.tokenizer.encode(self.prefixed(texts, is_query, instruction))
+        return self.tokenizer.encode(self.prefixed(texts, is_query, instruction, template))
 
-    def prefixed(self, texts: list[str], is_query: bool, instruction: str | None) -> list[str]:
-        """The texts with the instruction (through the template) and the catalog's prefix."""
+    def prefixed(self, texts: list[str], is_query: bool, instruction: str | None,
+                 template: str | None = None) -> list[str]:
+        """The texts with the instruction (through the template) and the catalog's prefix;
+        a request's `template` (`{text}`, `{instruction}`) replaces both."""
+        if template is not None:
+            return [template.format(text=t, instruction=instruction or "") for t in texts]
         if instruction is not None:
             texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
                      for t in texts]

@@ -167,11 +167,12 @@ class ColBERT(EncoderModel):
     def dims(self) -> dict[str, int]:
         return {"multivector": self.projection[-1][0].shape[0]}
 
-    def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
+    def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
+                template: str | None = None) -> Tokenized:
         """Instruction and catalog prefixes as every family; then the marker after the first
         token, and for queries the expansion up to the query length."""
         tokenizer = self.query_tokenizer if is_query else self.document_tokenizer
-        tok = tokenizer.encode(self.prefixed(texts, is_query, instruction))
+        tok = tokenizer.encode(self.prefixed(texts, is_query, instruction, template))
         marker = self.query_marker if is_query else self.document_marker
         ids = []
         for a in tok.ids:

@@ -105,8 +105,11 @@ class DecoderEmbedder(SentenceTransformer):
             raise ValueError(f"{folder}: pooling that excludes the prompt tokens "
                              "(include_prompt: false) is not supported")
 
-    def prepare(self, texts: list[str], is_query: bool, instruction: str | None) -> Tokenized:
-        if instruction is not None:
+    def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
+                template: str | None = None) -> Tokenized:
+        if template is not None:
+            texts = self.prefixed(texts, is_query, instruction, template)
+        elif instruction is not None:
             texts = [self.spec.instruction_template.format(instruction=instruction, text=t)
                      for t in texts]
         else:

@@ -44,6 +44,7 @@ def read_pipeline(folder: Path) -> tuple[str, bool, int | None]:
 class SentenceTransformer(EncoderModel):
     output_types = ("dense",)
     raw_vectors = True
+    templates = True
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.pooling, self.normalize, max_len = read_pipeline(folder)

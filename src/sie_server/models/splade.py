@@ -17,6 +17,7 @@ _CHUNK_TOKENS = 2048  # logits are (tokens, vocab): computed a chunk of tokens a
 @family("splade")
 class Splade(EncoderModel):
     output_types = ("sparse",)
+    templates = True
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         super().__init__(spec, folder, placement)
