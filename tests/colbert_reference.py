@@ -3,7 +3,8 @@ with the packages of scripts/setup-colbert-ref.sh on PYTHONPATH).
 
     python colbert_reference.py pylate|colbert-ai IN.json OUT.npz
 
-IN.json: {"folders": [...], "queries": [...], "documents": [...]}. OUT.npz, for the j-th
+IN.json: {"folders": [...], "queries": [...], "documents": [...]}, and optionally
+"lengths": PyLate's query_length / document_length. OUT.npz, for the j-th
 folder: `{j}/q{i}` / `{j}/d{i}` the multivector of each text (tokens x dim, float32) and
 `{j}/scores` (queries x documents) MaxSim, each as the library computes it.
 """
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 
 
-def pylate(folder: str, queries: list[str], documents: list[str]):
+def pylate(folder: str, queries: list[str], documents: list[str], **lengths):
     from pylate import models, scores
 
-    model = models.ColBERT(folder, device="cpu")
+    model = models.ColBERT(folder, device="cpu", **lengths)
     q = model.encode(queries, is_query=True, batch_size=len(queries), convert_to_numpy=True)
     d = model.encode(documents, is_query=False, batch_size=len(documents), convert_to_numpy=True)
     # one pair at a time (no padding); PyLate sums over query tokens, ColBERT's MaxSim as
@@ -31,7 +32,8 @@ def pylate(folder: str, queries: list[str], documents: list[str]):
     return list(q), list(d), s
 
 
-def colbert_ai(folder: str, queries: list[str], documents: list[str]):
+def colbert_ai(folder: str, queries: list[str], documents: list[str], **lengths):
+    assert not lengths, "colbert-ai runs at its checkpoint's lengths here"
     from colbert.infra import ColBERTConfig
     from colbert.modeling.checkpoint import Checkpoint
 
@@ -50,7 +52,7 @@ def main() -> None:
     run = {"pylate": pylate, "colbert-ai": colbert_ai}[kind]
     arrays = {}
     for j, folder in enumerate(spec["folders"]):
-        q, d, s = run(folder, spec["queries"], spec["documents"])
+        q, d, s = run(folder, spec["queries"], spec["documents"], **spec.get("lengths", {}))
         arrays[f"{j}/scores"] = np.asarray(s, np.float32)
         arrays.update({f"{j}/q{i}": np.asarray(x, np.float32) for i, x in enumerate(q)})
         arrays.update({f"{j}/d{i}": np.asarray(x, np.float32) for i, x in enumerate(d)})

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5
 KINDS = make_colbert_test_models.KINDS  # stanford, pylate, modernbert
 LORA = "org/colbert-lora"
+SHORT = {"query_length": 10, "document_length": 14}  # below the test models' 24 / 96
 QUERIES = ["what is late interaction?", "Who wrote ColBERT, and when? [MASK]",
            "a query long enough to be cut at the query length of the test models, which is "
            "twenty four tokens for BERT and XLM-R and sixteen for ModernBERT",
@@ -65,21 +66,24 @@ def lora(tmp_path_factory: pytest.TempPathFactory, folders) -> dict:
     return {"root": root, "merged": merged}
 
 
-def reference(library: str, folder_list: list[Path], tmp: Path) -> list[dict]:
-    """The library's outputs per folder: {"q": [...], "d": [...], "scores": (nq, nd)}."""
+def reference(library: str, folder_list: list[Path], tmp: Path, name: str | None = None,
+              **lengths) -> list[dict]:
+    """The library's outputs per folder: {"q": [...], "d": [...], "scores": (nq, nd)};
+    `lengths`: PyLate's query_length / document_length."""
+    name = name or library
     target = subprocess.run([str(ROOT / "scripts" / "setup-colbert-ref.sh")], capture_output=True,
                             text=True, timeout=900)
     assert target.returncode == 0, target.stderr[-3000:]
-    spec = tmp / f"{library}.json"
+    spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"folders": [str(f) for f in folder_list], "queries": QUERIES,
-                                "documents": DOCUMENTS}))
+                                "documents": DOCUMENTS, "lengths": lengths}))
     env = {**os.environ, "PYTHONPATH": target.stdout.strip().splitlines()[-1],
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "colbert_reference.py"), library,
-                           str(spec), str(tmp / f"{library}.npz")], capture_output=True, text=True,
+                           str(spec), str(tmp / f"{name}.npz")], capture_output=True, text=True,
                           timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    with np.load(tmp / f"{library}.npz") as z:
+    with np.load(tmp / f"{name}.npz") as z:
         return [{"q": [z[f"{j}/q{i}"] for i in range(len(QUERIES))],
                  "d": [z[f"{j}/d{i}"] for i in range(len(DOCUMENTS))],
                  "scores": z[f"{j}/scores"]} for j in range(len(folder_list))]
@@ -93,6 +97,8 @@ def references(folders, lora, tmp_path_factory) -> dict[str, dict]:
     out = {f"pylate/{k}": r for k, r in zip(KINDS, pylate)}
     out["pylate/lora"] = pylate[-1]
     out["colbert-ai/stanford"] = colbert_ai[0]
+    out["pylate/short"] = reference("pylate", [folders["pylate"]], tmp, "pylate-short",
+                                    **SHORT)[0]
     return out
 
 
@@ -104,9 +110,9 @@ def server(start_module_server, folders, lora):
     return start_module_server([*args, "--adapter-root", str(lora["root"])])
 
 
-def ours(url: str, model: str, lora_id: str | None = None) -> dict:
+def ours(url: str, model: str, lora_id: str | None = None, **options) -> dict:
     """Our multivectors and MaxSim scores over HTTP (queries and documents as the reference)."""
-    options = {"lora_id": lora_id} if lora_id else None
+    options = ({"lora_id": lora_id} if lora_id else {}) | options or None
     with SIEClient(url) as c:
         q = [r["multivector"] for r in c.encode(model, QUERIES, ["multivector"], options,
                                                  is_query=True)]
@@ -146,6 +152,17 @@ def test_lora_adapter_matches_pylate_on_the_merged_model(server, references):
     assert_equal(got, references["pylate/lora"])
     base = references["pylate/pylate"]
     assert np.abs(got["d"][0] - base["d"][0]).max() > 1e-2  # the adapter changes the vectors
+
+
+def test_sie_length_options_match_pylate_at_those_lengths(server, references):
+    """SIE's per-request query_max_length / max_seq_length (its ColBERT adapter: below the
+    model's, queries expanded to exactly that length) = PyLate's query_length /
+    document_length, in encode and in score (1e-5)."""
+    got = ours(server.url, "colbert-pylate", query_max_length=SHORT["query_length"],
+               max_seq_length=SHORT["document_length"])
+    assert_equal(got, references["pylate/short"])
+    assert all(len(q) == SHORT["query_length"] for q in got["q"])
+    assert len(got["d"][3]) < len(references["pylate/pylate"]["d"][3])  # cut
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -189,6 +189,26 @@ def test_cross_encoder_logits_match_transformers(engine, monkeypatch, name, ce_b
     assert len(batches) >= 2 * len(QUERIES) and all(b.num_tokens <= 256 for b in batches)
 
 
+def test_cross_encoder_max_seq_length_matches_transformers_at_that_length(engine, ce_bert_dir):
+    """SIE's per-request `max_seq_length` on a cross-encoder (SIE's: the pair's max_length):
+    transformers' logits with truncation only_second at that length (1e-4); a query that
+    leaves no room under it is a 400 naming query.text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ce_bert_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(ce_bert_dir)).eval()
+    q, short = QUERIES[0], 24
+    enc = tok([q] * len(DOCS), DOCS, truncation="only_second", max_length=short, padding=True,
+              return_tensors="pt")
+    with torch.inference_mode():
+        ref = model(**enc).logits[:, 0].numpy()
+    res = engine.score("ce-bert", q, DOCS, {"activation": "none", "max_seq_length": short})
+    np.testing.assert_allclose(res.scores, ref, atol=1e-4, rtol=0)
+    assert np.abs(res.scores - hf_logits(str(ce_bert_dir), q, tuple(DOCS))).max() > 1e-3
+    with pytest.raises(InputTooLong, match="query.text"):
+        engine.score("ce-bert", "word " * 40, DOCS[:1], {"max_seq_length": 8})
+
+
 @pytest.mark.parametrize("name", ["ce-bert", "ce-xlmr"])
 def test_cross_encoder_special_token_texts_match_transformers(engine, name, ce_bert_dir,
                                                               ce_xlmr_dir):

@@ -15,6 +15,7 @@ from texts import BERT_SPECIAL_TOKEN_TEXTS, SHORT_TEXTS
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
+from sie_server.errors import InvalidRequest
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,37 @@ def test_splade_equals_masked_lm_reference(splade_dir: Path) -> None:
     assert seen == typed  # every special id was typed inside some text
     expansion = dict(zip(ours[0].sparse[0].tolist(), ours[0].sparse[1].tolist()))
     assert len(expansion) > 3  # real expansion terms, not an empty vector
+
+
+def test_splade_max_seq_length_equals_the_reference_cut_there(splade_dir: Path) -> None:
+    """SIE's per-request `max_seq_length` (its SPLADE adapter's tokenizer max_length): each
+    text as the masked-LM reference computes it cut at 8 tokens (weights within 1e-4), marked
+    truncated; a limit above the model's is the model's; 0 is a 400 naming the option."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    texts = [t for t in SHORT_TEXTS[:30] if len(t.split()) > 8][:8]
+    engine = Engine(Settings(models={"naver/splade-tiny": str(splade_dir)}, default_models=[],
+                             device="cpu", dtype="float32"))
+    try:
+        cut = engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 8})
+        whole = engine.encode("naver/splade-tiny", texts, ["sparse"])
+        high = engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 10**6})
+        with pytest.raises(InvalidRequest, match="params.options.max_seq_length"):
+            engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 0})
+    finally:
+        engine.close()
+    tok = AutoTokenizer.from_pretrained(splade_dir)
+    model = AutoModelForMaskedLM.from_pretrained(splade_dir).eval()
+    assert len(texts) >= 4
+    for text, r, w, h in zip(texts, cut, whole, high):
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=8)
+        with torch.no_grad():
+            weights = torch.log1p(torch.relu(model(**enc).logits[0])).max(0).values
+        idx, val = r.sparse
+        assert set(idx.tolist()) == set(weights.nonzero().squeeze(1).tolist()), text
+        assert np.abs(val - weights[idx].numpy()).max() <= 1e-4, text
+        assert r.token_count == 8 and r.truncated and not w.truncated
+        assert np.array_equal(h.sparse[0], w.sparse[0]) and np.array_equal(h.sparse[1], w.sparse[1])
 
 
 def test_splade_bfloat16_within_stated_tolerances(splade_dir: Path) -> None:

@@ -31,6 +31,8 @@ class EncodeOptions(TypedDict, total=False):
     normalize: bool  # false: vectors before the model's own L2 step (BGE-M3, ST models)
     query_template: str  # SIE's: "{instruction}: {text}"-style, replaces the model's prefix
     doc_template: str
+    max_seq_length: int  # SIE's: a lower token limit (ColBERT documents, SPLADE)
+    query_max_length: int  # SIE's: ColBERT queries' length
     overflow_policy: str  # SIE's: "default" | "truncate_text" | "error" (= truncate false)
 
 

@@ -23,7 +23,7 @@ from .adapters import AdapterManager
 from .extract import ExtractOptions
 from ..metrics import Metrics
 from .. import muvera
-from .options import check_options
+from .options import check_lengths, check_options
 from .profiles import select
 from .registry import ModelRegistry
 from .request import ItemResult, Request, TimedFuture, Timing
@@ -47,6 +47,11 @@ class EncodeOptions:
     # (EncoderModel.templates: sentence-transformers, SPLADE), ignored by the others, as SIE.
     query_template: str | None = None
     doc_template: str | None = None
+    # SIE's per-request token limits, below the model's (EncoderModel.length_options: SPLADE
+    # and ColBERT documents max_seq_length, ColBERT queries query_max_length); ignored by
+    # the other families, as SIE's adapters ignore them.
+    max_seq_length: int | None = None
+    query_max_length: int | None = None
     # MUVERA: the dense output is the encoding of the multivector; these settings override
     # the model's (muvera.py). None: off.
     muvera: dict[str, Any] | None = None
@@ -56,8 +61,10 @@ class EncodeOptions:
         """Validate a request's options dict; errors name the offending field."""
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
                  "timeout_s": (int, float), "muvera": dict, "normalize": bool,
-                 "query_template": str, "doc_template": str}
+                 "query_template": str, "doc_template": str, "max_seq_length": int,
+                 "query_max_length": int}
         options = check_options(options, kinds, "params.options")
+        check_lengths(options, "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -111,11 +118,13 @@ class Engine:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
+                limit = _limit(m, opts, opts.is_query)
                 tok = self._prepare(m, list(texts), opts.is_query, opts.instruction,
-                                    template=_template(m, opts))
+                                    template=_template(m, opts), limit=limit)
                 timing.tokenization_s = time.perf_counter() - started
                 self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
-                self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+                self._check_lengths(model, min(limit or m.max_tokens, m.max_tokens),
+                                    tok.original_lengths, opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
                                   tenant=tenant, raw=normalize is False and m.raw_vectors,
@@ -211,24 +220,28 @@ class Engine:
         if m.pair_scoring:
             self._check_images(m, [query], "query")
             self._check_images(m, list(texts))
+            limit = _limit(m, opts, False)
+            most = min(limit or m.max_tokens, m.max_tokens)
             with _whole_words("items[{i}]"):
-                fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction)
-            if fixed >= m.max_tokens:
+                fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction, limit)
+            if fixed >= most:
                 raise InputTooLong(f"query.text takes {fixed}+ tokens with the pair's special "
-                                   f"tokens; {model} takes at most {m.max_tokens} per pair, "
+                                   f"tokens; {model} takes at most {most} per pair, "
                                    "which leaves no room for the item")
-            self._check_lengths(model, m.max_tokens, tok.original_lengths, opts.truncate)
+            self._check_lengths(model, most, tok.original_lengths, opts.truncate)
             request = Request(tok.ids, tok.original_lengths, frozenset({"score"}), slot,
                               deadline, token_types=tok.type_ids)
             activation = opts.activation or m.default_activation
             finish = lambda results: pair_scores(results, activation, top_k)  # noqa: E731
         else:
             outputs = opts.outputs(mode)  # SIE: an output weighted 0 is not computed
-            q = self._prepare(m, [query], True, opts.instruction, "query")
-            d = self._prepare(m, list(texts), False, None)
-            self._check_lengths(model, m.max_tokens, q.original_lengths, opts.truncate,
-                                "query.text")
-            self._check_lengths(model, m.max_tokens, d.original_lengths, opts.truncate)
+            q_limit, d_limit = _limit(m, opts, True), _limit(m, opts, False)
+            q = self._prepare(m, [query], True, opts.instruction, "query", limit=q_limit)
+            d = self._prepare(m, list(texts), False, None, limit=d_limit)
+            self._check_lengths(model, min(q_limit or m.max_tokens, m.max_tokens),
+                                q.original_lengths, opts.truncate, "query.text")
+            self._check_lengths(model, min(d_limit or m.max_tokens, m.max_tokens),
+                                d.original_lengths, opts.truncate)
             request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
                               frozenset(outputs), slot, deadline)
             finish = lambda results: embedding_scores(  # noqa: E731
@@ -307,19 +320,21 @@ class Engine:
         return pics
 
     def _prepare(self, m, items: list, is_query: bool, instruction: str | None,
-                 field: str = "items[{i}]", template: str | None = None) -> Tokenized:
+                 field: str = "items[{i}]", template: str | None = None,
+                 limit: int | None = None) -> Tokenized:
         """Tokenize the texts and preprocess the images of `items` (image rows become patch
         arrays, their length the number of patches), in item order."""
         pics = self._check_images(m, items, field)
         if not pics:
             with _whole_words(field):
-                return m.prepare(items, is_query, instruction, template)
+                return m.prepare(items, is_query, instruction, template, limit)
         rows: list = [None] * len(items)
         lengths = [0] * len(items)
         texts = [i for i, x in enumerate(items) if not isinstance(x, ImageInput)]
         if texts:
             with _whole_words(field, texts):
-                tok = m.prepare([items[i] for i in texts], is_query, instruction, template)
+                tok = m.prepare([items[i] for i in texts], is_query, instruction, template,
+                                limit)
             for i, ids, n in zip(texts, tok.ids, tok.original_lengths):
                 rows[i], lengths[i] = ids, n
         patches = m.prepare_images([items[i] for i in pics],
@@ -436,6 +451,14 @@ class Engine:
         handle = next((h for h in self.registry.handles() if h.spec.name == model), None)
         mgr = getattr(handle.model, "adapter_manager", None) if handle is not None else None
         return [] if mgr is None else mgr.list()
+
+
+def _limit(m, opts: EncodeOptions | ScoreOptions, is_query: bool) -> int | None:
+    """The request's token limit for queries or documents where the model's family takes
+    one (EncoderModel.length_options)."""
+    key = "query_max_length" if is_query and "query_max_length" in m.length_options \
+        else "max_seq_length"
+    return getattr(opts, key) if key in m.length_options else None
 
 
 def _template(m, opts: EncodeOptions) -> str | None:

@@ -33,3 +33,11 @@ def _positive_seconds(value: int | float) -> bool:
         return math.isfinite(float(value)) and value > 0
     except OverflowError:  # an int too large for a float
         return False
+
+
+def check_lengths(options: dict, field: str) -> None:
+    """SIE's per-request token limits (`max_seq_length`, `query_max_length`), if given, are
+    positive."""
+    for key in ("max_seq_length", "query_max_length"):
+        if options.get(key) is not None and options[key] < 1:
+            raise InvalidRequest(f"{field}.{key} must be a positive number of tokens")

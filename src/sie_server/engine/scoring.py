@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequest
-from .options import check_options
+from .options import check_lengths, check_options
 from .request import ItemResult
 
 SCORE_MODES = ("dense", "sparse", "colbert", "hybrid")
@@ -48,14 +48,18 @@ class ScoreOptions:
     instruction: str | None = None  # LLM rerankers: the task; embedders: for the query
     lora_id: str | None = None
     timeout_s: float | None = None
+    max_seq_length: int | None = None  # as in encode (engine.EncodeOptions): ColBERT, SPLADE
+    query_max_length: int | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ScoreOptions":
         """Validate a score request's options; errors are SIE's words for SIE's options."""
         kinds = {"truncate": bool, "score_mode": object, "score_weights": object,
                  "score_type": str, "weights": object, "activation": str,
-                 "instruction": str, "lora_id": str, "timeout_s": (int, float)}
+                 "instruction": str, "lora_id": str, "timeout_s": (int, float),
+                 "max_seq_length": int, "query_max_length": int}
         options = dict(check_options(options, kinds, "options"))
+        check_lengths(options, "options")
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
         if options.pop("weights", None) is not None:

@@ -154,6 +154,10 @@ class EncoderModel(abc.ABC):
     # True: `prepare` takes SIE's per-request `query_template` / `doc_template` (as SIE's
     # dense and SPLADE adapters do); False: they are ignored, as SIE's other adapters do.
     templates: bool = False
+    # SIE's per-request length options this family's `prepare` takes (`limit`), as SIE's
+    # adapters for it do: max_seq_length (documents; SPLADE: every text), query_max_length
+    # (ColBERT queries); others are ignored, as SIE's adapters ignore them.
+    length_options: frozenset[str] = frozenset()
     # The transformer stack (runtime) of this family's checkpoints: `Encoder` (BERT / XLM-R),
     # `decoder.Decoder` (causal) or another architecture's; each loads with
     # from_folder(folder) -> (stack, unused weights).
@@ -224,9 +228,11 @@ class EncoderModel(abc.ABC):
         """Turn the packed last hidden state into the outputs the batch asked for."""
 
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
-                template: str | None = None) -> Tokenized:
-        """Apply the model's prefixes/instruction, then tokenize."""
-        return self.tokenizer.encode(self.prefixed(texts, is_query, instruction, template))
+                template: str | None = None, limit: int | None = None) -> Tokenized:
+        """Apply the model's prefixes/instruction, then tokenize (cut at `limit` tokens where
+        that is below the model's own limit)."""
+        return self.tokenizer.limited(limit).encode(
+            self.prefixed(texts, is_query, instruction, template))
 
     def prefixed(self, texts: list[str], is_query: bool, instruction: str | None,
                  template: str | None = None) -> list[str]:

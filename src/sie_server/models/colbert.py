@@ -90,6 +90,7 @@ def _projection(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
 class ColBERT(EncoderModel):
     output_types = ("multivector",)
     score_types = ("colbert",)  # MaxSim (SIE's score mode name), engine/scoring.py
+    length_options = frozenset({"max_seq_length", "query_max_length"})
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         s = read_settings(folder)
@@ -168,17 +169,22 @@ class ColBERT(EncoderModel):
         return {"multivector": self.projection[-1][0].shape[0]}
 
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
-                template: str | None = None) -> Tokenized:
+                template: str | None = None, limit: int | None = None) -> Tokenized:
         """Instruction and catalog prefixes as every family; then the marker after the first
-        token, and for queries the expansion up to the query length."""
+        token, and for queries the expansion up to the query length (`limit`, where lower:
+        the request's query_max_length / max_seq_length, as SIE's ColBERT adapter)."""
         tokenizer = self.query_tokenizer if is_query else self.document_tokenizer
+        length = self.query_length if is_query else self.max_tokens
+        if limit is not None and limit < length:
+            length = max(limit, 3)  # [CLS] marker [SEP] at the least
+            tokenizer = tokenizer.limited(length - 1)
         tok = tokenizer.encode(self.prefixed(texts, is_query, instruction, template))
         marker = self.query_marker if is_query else self.document_marker
         ids = []
         for a in tok.ids:
             a = np.insert(a, 1, marker)
-            if is_query and self.mask_id is not None and len(a) < self.query_length:
-                a = np.concatenate([a, np.full(self.query_length - len(a), self.mask_id, a.dtype)])
+            if is_query and self.mask_id is not None and len(a) < length:
+                a = np.concatenate([a, np.full(length - len(a), self.mask_id, a.dtype)])
             ids.append(a)
         return Tokenized(ids, [n + 1 for n in tok.original_lengths])
 

@@ -40,6 +40,7 @@ def config_activation(config: dict) -> str:
 
 @family("cross-encoder")
 class CrossEncoder(EncoderModel):
+    length_options = frozenset({"max_seq_length"})  # per pair, as SIE's cross-encoders
     output_types = ()  # does not encode
     score_types = ("relevance",)
     pair_scoring = True
@@ -74,13 +75,14 @@ class CrossEncoder(EncoderModel):
     def dims(self) -> dict[str, int]:
         return {}
 
-    def prepare_pairs(self, query: str, texts: list[str],
-                      instruction: str | None = None) -> tuple[int, Tokenized]:
-        """(tokens the query takes with the pair's special tokens, the tokenized pairs)."""
+    def prepare_pairs(self, query: str, texts: list[str], instruction: str | None = None,
+                      limit: int | None = None) -> tuple[int, Tokenized]:
+        """(tokens the query takes with the pair's special tokens, the tokenized pairs, cut
+        at `limit` tokens where that is below the model's limit)."""
         if instruction is not None:
             raise InvalidRequest(f"options.instruction: {self.spec.name} (cross-encoder) takes "
                                  "no instruction")
-        fixed, tok = self.tokenizer.encode_pairs(query, texts)
+        fixed, tok = self.tokenizer.limited(limit).encode_pairs(query, texts)
         if not self.use_token_types:
             tok = Tokenized(tok.ids, tok.original_lengths)
         return fixed, tok

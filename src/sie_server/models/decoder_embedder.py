@@ -106,7 +106,7 @@ class DecoderEmbedder(SentenceTransformer):
                              "(include_prompt: false) is not supported")
 
     def prepare(self, texts: list[str], is_query: bool, instruction: str | None,
-                template: str | None = None) -> Tokenized:
+                template: str | None = None, limit: int | None = None) -> Tokenized:
         if template is not None:
             texts = self.prefixed(texts, is_query, instruction, template)
         elif instruction is not None:

@@ -77,8 +77,8 @@ class LlmReranker(EncoderModel):
     def dims(self) -> dict[str, int]:
         return {}
 
-    def prepare_pairs(self, query: str, texts: list[str],
-                      instruction: str | None = None) -> tuple[int, Tokenized]:
+    def prepare_pairs(self, query: str, texts: list[str], instruction: str | None = None,
+                      limit: int | None = None) -> tuple[int, Tokenized]:
         """(tokens of everything but the item, the pairs' prompts tokenized)."""
         instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
         bodies = [BODY.format(instruction=instruction, query=query, item=t) for t in ["", *texts]]

@@ -18,6 +18,7 @@ _CHUNK_TOKENS = 2048  # logits are (tokens, vocab): computed a chunk of tokens a
 class Splade(EncoderModel):
     output_types = ("sparse",)
     templates = True
+    length_options = frozenset({"max_seq_length"})
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         super().__init__(spec, folder, placement)

@@ -60,6 +60,7 @@ which is all `truncated` and `truncate: false` need.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -299,6 +300,14 @@ class TextTokenizer:
             if x >= 1 and (settled := _common_prefix(model, word, x, longest, unknown, want)):
                 return settled
         return []
+
+    def limited(self, max_tokens: int | None) -> "TextTokenizer":
+        """This tokenizer, cutting at `max_tokens` where that is lower (a request's limit)."""
+        if max_tokens is None or max_tokens >= self.max_tokens:
+            return self
+        cut = copy.copy(self)
+        cut.max_tokens = max_tokens
+        return cut
 
     def encode(self, texts: list[str]) -> Tokenized:
         keep = self.max_tokens - 1 - len(self._prefix)  # content tokens a truncated text keeps
