@@ -165,12 +165,15 @@ def test_sie_templates_on_minilm_equal_sentence_transformers_on_the_formatted_te
     try:
         docs = eng.encode(MINILM, texts, options={"doc_template": "passage: {text}",
                                                   "query_template": "unused {text}"})
+        empty = eng.encode(MINILM, texts[:2], options={"doc_template": ""})  # SIE: no template
+        plain = eng.encode(MINILM, texts[:2])
         queries = eng.encode(MINILM, texts, options={
             "is_query": True, "instruction": "Find it", "query_template": "{instruction}: {text}"})
         with pytest.raises(InvalidRequest, match=r"params\.options\.doc_template .*nope"):
             eng.encode(MINILM, texts[:1], options={"doc_template": "{nope} {text}"})
     finally:
         eng.close()
+    assert all(np.array_equal(a.dense, b.dense) for a, b in zip(empty, plain))
     for ours, formatted in ((docs, [f"passage: {t}" for t in texts]),
                             (queries, [f"Find it: {t}" for t in texts])):
         assert_st_close(np.stack([r.dense for r in ours]),

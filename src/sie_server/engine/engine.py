@@ -466,7 +466,7 @@ def _template(m, opts: EncodeOptions) -> str | None:
     naming the option unless its only placeholders are {text} and {instruction}."""
     key = "query_template" if opts.is_query else "doc_template"
     template = getattr(opts, key)
-    if template is None or not m.templates:
+    if not template or not m.templates:  # "" is no template, as SIE's `if template:`
         return None
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
