@@ -87,6 +87,20 @@ def test_every_output_dtype_equals_our_quantization(sie_python, bge_m3_server, o
     assert arrays["binary_dense0"].shape == (8,)  # 64 dims, bit-packed
 
 
+def test_normalize_false_through_the_public_sdk(sie_python, bge_m3_server, docs, ours,
+                                                 tmp_path) -> None:
+    """SIE's `normalize: false` sent by the public SDK: BGE-M3's dense and ColBERT vectors
+    before their L2 step (tests/test_equivalence.py checks them against FlagEmbedding), in
+    the directions of the default's."""
+    arrays, _ = run(sie_python, "raw_vectors", bge_m3_server.url, tmp_path)
+    for i, mine in enumerate(ours["all"]):
+        dense, mv = arrays[f"dense{i}"], arrays[f"mv{i}"]
+        assert abs(float(np.linalg.norm(dense)) - 1) > 0.01
+        np.testing.assert_allclose(dense / np.linalg.norm(dense), mine["dense"], atol=1e-5)
+        np.testing.assert_allclose(mv / np.linalg.norm(mv, axis=1, keepdims=True),
+                                   mine["multivector"], atol=1e-5)
+
+
 def test_score_models_and_typed_errors(sie_python, bge_m3_server, docs, tmp_path) -> None:
     _, info = run(sie_python, "score_and_models", bge_m3_server.url, tmp_path)
     with SIEClient(bge_m3_server.url) as c:

@@ -50,6 +50,15 @@ def dtypes(url: str, arrays: dict, info: dict) -> None:
             arrays[f"{dtype}_sparse_val{i}"] = r["sparse"]["values"]
 
 
+def raw_vectors(url: str, arrays: dict, info: dict) -> None:
+    """SIE's `normalize: false`, as the public SDK sends it."""
+    client = SIEClient(url)
+    results = client.encode(M3, [Item(text=d) for d in DOCS], output_types=["dense", "multivector"],
+                            options={"normalize": False})
+    for i, r in enumerate(results):
+        arrays[f"dense{i}"], arrays[f"mv{i}"] = r["dense"], r["multivector"]
+
+
 def score_and_models(url: str, arrays: dict, info: dict) -> None:
     from sie_sdk.client.errors import InputTooLongError
 
@@ -278,9 +287,9 @@ def gliclass(url: str, arrays: dict, info: dict) -> None:
                         for r in got]
 
 
-CHECKS = {f.__name__: f for f in (snippet, dtypes, score_and_models, score_modes, loading,
-                                  langchain, llamaindex, qdrant, lancedb, extract, extract_more,
-                                  gliclass)}
+CHECKS = {f.__name__: f for f in (snippet, dtypes, raw_vectors, score_and_models, score_modes,
+                                  loading, langchain, llamaindex, qdrant, lancedb, extract,
+                                  extract_more, gliclass)}
 
 
 def main() -> None:
