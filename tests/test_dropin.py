@@ -353,6 +353,36 @@ def test_openapi_fuzzed(server):
     assert ("POST", "/v1/rerank", "application/json") in seen and len(seen) >= 30
 
 
+def test_every_route_answers_errors_in_the_envelope_its_openapi_documents():
+    """api/envelopes.py picks an error envelope by path for every route (and for the errors
+    raised outside routes: API keys, the Ray gateway); the OpenAPI document names one per
+    route. They agree on every route, the infinity prefix's included."""
+    import threading
+
+    from sie_server.api import envelopes, rerank, tei, validate
+    from sie_server.api.app import operations
+    from sie_server.api.calls import Calls
+    from sie_server.api.openai import OpenAIError
+    from sie_server.config import Settings
+    from sie_server.engine import Engine
+
+    kinds = {validate.SIEErrorResponse: envelopes.sie_error, OpenAIError: envelopes.openai_error,
+             rerank.RerankError: envelopes.rerank_error, rerank.CohereError: envelopes.rerank_error,
+             tei.TEIError: envelopes.tei_error}
+    engine = Engine(Settings(default_models=[], device="cpu", infinity_prefix="/infinity"))
+    try:
+        ops = operations(Calls(engine), threading.Event(), [])
+    finally:
+        engine.close()
+    checked = 0
+    for op in ops:
+        documented = {kinds[t] for status, t in op.responses.items() if status >= 400 and t in kinds}
+        got = envelopes.renderer(op.path, "/infinity")
+        assert documented <= {got}, (op.method, op.path, documented, got)
+        checked += bool(documented)
+    assert checked >= 25
+
+
 def test_tei_error_statuses_for_engine_errors():
     """The engine's errors that a loopback test cannot provoke cheaply (a full queue, a model
     still loading, a dead worker) in TEI's statuses and kinds."""
@@ -372,10 +402,26 @@ def test_tei_error_statuses_for_engine_errors():
 
 def test_tei_root_needs_the_api_key(start_server, minilm_dir):
     """`GET /` (the web page) is open; `POST /` (TEI's embed) needs the key like every
-    inference route."""
+    inference route. A refused key is answered in the route's own protocol's envelope, with
+    WWW-Authenticate and X-SIE-Error-Code."""
     server = start_server(["--model", f"{EMBED}={minilm_dir}", "--default-model", EMBED,
-                           "--api-key", "k1"])
-    assert httpx.post(f"{server.url}/", json={"inputs": "x"}).status_code == 401
+                           "--api-key", "k1", "--infinity-prefix", "/infinity"])
+    bodies = {"/": {"error_type": "Validation", "error": "missing or invalid API key"},
+              "/v1/embeddings": {"error": {"message": "missing or invalid API key",
+                                           "type": "invalid_request_error",
+                                           "code": "UNAUTHORIZED", "param": None}},
+              "/infinity/embeddings": {"error": {"message": "missing or invalid API key",
+                                                 "type": "invalid_request_error",
+                                                 "code": "UNAUTHORIZED", "param": None}},
+              "/v2/rerank": {"message": "missing or invalid API key"}}
+    for path, want in bodies.items():
+        r = httpx.post(f"{server.url}{path}", json={"inputs": "x"})
+        assert r.status_code == 401 and r.json() == want, (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.headers["x-sie-error-code"] == "UNAUTHORIZED"
+    r = httpx.post(f"{server.url}/v1/encode/{EMBED}", json={})
+    assert r.status_code == 401 and r.json()["detail"]["code"] == "UNAUTHORIZED"
+    assert r.json()["detail"]["request_id"] == r.headers["x-request-id"]
     r = httpx.post(f"{server.url}/", json={"inputs": "x"}, headers={"Authorization": "Bearer k1"},
                    timeout=60)
     assert r.status_code == 200 and len(r.json()[0]) == 384

@@ -443,6 +443,14 @@ def test_sie_server_ray_command_joins_the_cluster(cli_command, engine) -> None:
         assert refused and {r.status_code for r in burst} == {200, 503}
         assert refused[0].json()["detail"]["code"] == "QUEUE_FULL"
         assert refused[0].headers["retry-after"] == "1"
+        # the same refusal on OpenAI's route comes in OpenAI's envelope (api/envelopes.py)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            burst = list(pool.map(lambda i: httpx.post(f"{url}/v1/embeddings", json={
+                "model": MINILM, "input": SHORT_TEXTS[:16]}, timeout=60), range(12)))
+        refused = [r for r in burst if r.status_code == 503]
+        assert refused and {r.status_code for r in burst} == {200, 503}
+        assert refused[0].json()["error"]["code"] == "QUEUE_FULL"
+        assert refused[0].headers["x-sie-error-code"] == "QUEUE_FULL"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)

@@ -24,7 +24,6 @@ from starlette.routing import Route
 from .. import __version__
 from ..engine import Engine
 from ..errors import ModelNotFound, NotServed, SIEError
-from ..logs import request_id
 from . import infinity as infinity_api
 from . import models as model_info
 from . import openai, page, status
@@ -34,11 +33,12 @@ from . import tei as tei_api
 from . import tokens as tokens_api
 from . import validate
 from .calls import Calls, ClientDisconnected
+from .envelopes import renderer
 from .middleware import ServerMiddleware
 from .openapi import BOTH, Operation
 from .validate import parse_encode, parse_extract, parse_score
 from .wire import (JSON, MSGPACK, SIE_PROTOCOL_VERSION, encode_body, encode_response,
-                   error_body, extract_to_wire, score_to_wire, timing_headers,
+                   extract_to_wire, score_to_wire, timing_headers,
                    wants_msgpack)
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,6 @@ def respond(request: Request, payload: Any, status: int = 200,
 
 
 _MAX_MESSAGE_CHARS = 2000  # an error never echoes more of the client's input than this
-
-
-def error_response(request: Request, err: SIEError) -> Response:
-    """SIE's error envelope (always JSON, as SIE sends it), its code in X-SIE-Error-Code."""
-    headers = {"X-SIE-Error-Code": err.code}
-    if err.retry_after:
-        headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return Response(encode_body(error_body(err, request_id.get()), False), err.status,
-                    media_type=JSON, headers=headers)
-
-
-def openai_error(request: Request, err: SIEError) -> Response:
-    """OpenAI's envelope, which its clients parse (same status and headers as SIE's)."""
-    response = error_response(request, err)
-    response.body = encode_body(openai.error_body(err), False)
-    response.headers["content-length"] = str(len(response.body))
-    return response
 
 
 def split_adapter_path(path: str, models: set[str]) -> tuple[str, str]:
@@ -124,7 +107,8 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
     ops = operations(Calls(engine), ready, load_errors)
     first = (engine.registry.defaults or [None])[0]
     docs = openapi.routes(ops, {"model": first, "path": first} if first else None)
-    routes = [Route(op.path, handled(op.handler, op.render or error_response),
+    prefix = engine.settings.infinity_prefix
+    routes = [Route(op.path, handled(op.handler, renderer(op.path, prefix)),
                     methods=[op.method]) for op in ops]
     routes += [Route("/openapi.json", docs["openapi"], methods=["GET"]),
                Route("/docs", docs["docs"], methods=["GET"]),
@@ -136,13 +120,12 @@ def create_app(engine: Engine, *, load_defaults: bool = True) -> Starlette:
         err = SIEError(str(exc.detail))
         err.status, err.code = exc.status_code, codes.get(exc.status_code, "HTTP_ERROR")
         request.state.error = err.message
-        render = openai_error if request.url.path.startswith(openai.PATH) else error_response
-        return render(request, err)
+        return renderer(request.url.path, prefix)(request, err)
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: on_http_error})
     app.add_middleware(ServerMiddleware, api_keys=engine.settings.api_keys,
-                       metrics=engine.metrics)
+                       metrics=engine.metrics, infinity_prefix=prefix)
     return app
 
 
@@ -288,10 +271,6 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
             return await inf.rerank(request, body)
         return await tei.rerank(request, body)
 
-    def rerank_error(request: Request, err: SIEError) -> Response:
-        return (rerank_api.error_v2 if request.url.path.startswith("/v2/")
-                else rerank_api.error_v1)(err)
-
     sie_errors = {400: validate.SIEErrorResponse, 404: validate.SIEErrorResponse,
                   408: validate.SIEErrorResponse, 413: validate.SIEErrorResponse,
                   503: validate.SIEErrorResponse}
@@ -322,22 +301,19 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
         Operation("DELETE", "/v1/models/{path:path}", model_route, "Unload a LoRA adapter",
                   sie, None, {200: dict[str, Any], **sie_errors}, BOTH, path_params=("path",)),
         Operation("POST", openai.PATH, embeddings, "Embeddings (OpenAI)", oai,
-                  openai.EmbeddingsRequest, {200: openai.EmbeddingsResponse, **oai_errors},
-                  render=openai_error),
+                  openai.EmbeddingsRequest, {200: openai.EmbeddingsResponse, **oai_errors}),
         Operation("POST", "/v1/rerank", cohere.v1, "Rerank (SIE, Cohere v1, Jina)", co,
-                  rerank_api.RerankRequest, {200: rerank_api.RerankResponse, **co_errors},
-                  render=rerank_error),
+                  rerank_api.RerankRequest, {200: rerank_api.RerankResponse, **co_errors}),
         Operation("POST", "/v2/rerank", cohere.v2, "Rerank (Cohere v2)", co,
-                  rerank_api.RerankV2Request, {200: rerank_api.RerankResponse, **co2_errors},
-                  render=rerank_error),
+                  rerank_api.RerankV2Request, {200: rerank_api.RerankResponse, **co2_errors}),
         Operation("POST", "/rerank", rerank_root, "Rerank (TEI: texts; infinity: documents)",
                   t, tei_api.TEIRerankRequest | infinity_api.InfinityRerankRequest,
                   {200: tei_api.TEIRerankResponse | infinity_api.InfinityRerankResponse,
-                   **tei_api.ERRORS}, render=tei_api.error_response),
+                   **tei_api.ERRORS}),
         *tei.operations(),
         Operation("POST", "/embeddings", inf.embeddings, "Embeddings (infinity / OpenAI)",
                   inf_tag, infinity_api.InfinityEmbeddingsRequest,
-                  {200: openai.EmbeddingsResponse, **oai_errors}, render=openai_error),
+                  {200: openai.EmbeddingsResponse, **oai_errors}),
         Operation("GET", "/models", inf.models, "Models (infinity)", inf_tag, None,
                   {200: infinity_api.InfinityModels}),
         Operation("POST", "/v1/tokens/{model:path}", tokens,
@@ -367,8 +343,7 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
                 if op.tag == inf_tag] + [
             Operation("POST", prefix + "/rerank", inf.rerank, "Rerank (infinity)", inf_tag,
                       infinity_api.InfinityRerankRequest,
-                      {200: infinity_api.InfinityRerankResponse, **oai_errors},
-                      render=openai_error)]
+                      {200: infinity_api.InfinityRerankResponse, **oai_errors})]
     return ops
 
 

@@ -4,16 +4,19 @@ errors, around every route."""
 from __future__ import annotations
 
 import hmac
-import json
-import logging
-import time
 import itertools
+import logging
 import os
+import time
+
+from starlette.requests import Request
 
 from ..config import check_api_keys
+from ..errors import InternalError, SIEError, Unauthorized
 from ..logs import request_id
 from ..metrics import Metrics
-from .wire import JSON, SIE_PROTOCOL_VERSION, encode_body
+from .envelopes import renderer
+from .wire import SIE_PROTOCOL_VERSION
 
 log = logging.getLogger("sie_server.access")
 
@@ -60,11 +63,13 @@ class ServerMiddleware:
     handled is logged here, once, with the request id, and answered 500; it does not reach
     the ASGI server (which would log it a second time)."""
 
-    def __init__(self, app, *, api_keys: list[str], metrics: Metrics) -> None:
+    def __init__(self, app, *, api_keys: list[str], metrics: Metrics,
+                 infinity_prefix: str = "") -> None:
         check_api_keys(api_keys)
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.metrics = metrics
+        self.infinity_prefix = infinity_prefix
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -93,7 +98,8 @@ class ServerMiddleware:
             tenant = self._tenant(headers) if self.keys else None
             if self.keys and tenant is None and not is_open(scope["method"], scope["path"]):
                 scope.setdefault("state", {})["error"] = UNAUTHORIZED_MESSAGE
-                await self._unauthorized(send_with_id)
+                await self._refuse(scope, receive, send_with_id, Unauthorized(UNAUTHORIZED_MESSAGE),
+                                   {"WWW-Authenticate": "Bearer"})
             else:
                 scope.setdefault("state", {})["tenant"] = tenant
                 await self.app(scope, receive, send_with_id)
@@ -103,7 +109,7 @@ class ServerMiddleware:
             if not started_response:
                 message = scope.setdefault("state", {})["error"] = \
                     f"internal error: {type(exc).__name__}"
-                await self._internal_error(send_with_id, message)
+                await self._refuse(scope, receive, send_with_id, InternalError(message))
         finally:
             state = scope.get("state", {})
             model = state.get("model", "")
@@ -128,20 +134,10 @@ class ServerMiddleware:
         matches = [hmac.compare_digest(given, key) for key in self.keys]
         return str(matches.index(True)) if any(matches) else None
 
-    @staticmethod
-    async def _internal_error(send, message: str) -> None:
-        """SIE's envelope, always JSON (as every error)."""
-        body = encode_body({"detail": {"code": "INTERNAL_ERROR", "message": message,
-                                       "request_id": request_id.get()}}, False)
-        await send({"type": "http.response.start", "status": 500, "headers": [
-            (b"content-type", JSON.encode()), (b"x-sie-error-code", b"INTERNAL_ERROR")]})
-        await send({"type": "http.response.body", "body": body})
-
-    @staticmethod
-    async def _unauthorized(send) -> None:
-        body = json.dumps({"detail": {"code": "UNAUTHORIZED",
-                                      "message": UNAUTHORIZED_MESSAGE}}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-            (b"x-sie-error-code", b"UNAUTHORIZED")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope, receive, send, err: SIEError,
+                      headers: dict[str, str] | None = None) -> None:
+        """`err` in the envelope of the protocol the path belongs to (api/envelopes.py)."""
+        response = renderer(scope["path"], self.infinity_prefix)(Request(scope), err)
+        response.headers.update(headers or {})
+        response.headers.setdefault("X-SIE-Error-Code", err.code)
+        await response(scope, receive, send)

@@ -40,7 +40,6 @@ class Operation:
     request: Any = None  # a pydantic model or type; None: no body
     responses: dict[int, Any] = field(default_factory=dict)  # status -> type (None: no body)
     content: tuple[str, ...] = JSON_ONLY  # request and response encodings
-    render: Callable | None = None  # SIEError -> Response; None: SIE's envelope
     path_params: tuple[str, ...] = ()
     response_media: str | None = None  # a non-JSON body (text/plain)
 

@@ -134,13 +134,14 @@ def response(model: str, results: list[dict], tokens: int, version: str) -> dict
             "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}}}
 
 
-def error_v1(err: SIEError) -> Response:
-    body = openai.error_body(err)
-    return JSONResponse({"message": err.message, **body}, err.status)
+def error_v1(err: SIEError) -> dict[str, Any]:
+    """Cohere v1's error body (`message`), with OpenAI's `error` that Jina's clients read."""
+    return {"message": err.message, **openai.error_body(err)}
 
 
-def error_v2(err: SIEError) -> Response:
-    return JSONResponse({"message": err.message}, err.status)
+def error_v2(err: SIEError) -> dict[str, Any]:
+    """Cohere v2's error body."""
+    return {"message": err.message}
 
 
 class Rerank:

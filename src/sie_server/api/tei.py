@@ -180,6 +180,10 @@ class TEIError(BaseModel):
 
 
 ERRORS = {s: TEIError for s in (400, 413, 422, 424, 429, 503)}
+# TEI's routes here; their errors are TEI's (api/envelopes.py). /rerank takes infinity's body
+# too, and answers in TEI's envelope.
+PATHS = frozenset({"/", "/embed", "/embed_sparse", "/embed_all", "/predict", "/similarity",
+                   "/tokenize", "/decode", "/info", "/rerank"})
 
 
 class Empty(InvalidRequest):
@@ -466,10 +470,10 @@ class TEI:
                   EmbedRequest | SimilarityRequest, EmbedResponse | SimilarityResponse
                   | EmbedSparseResponse)]
         return [Operation("POST", path, handler, f"{summary} (TEI)", "TEI", request,
-                          {200: response, **ERRORS}, render=error_response)
+                          {200: response, **ERRORS})
                 for path, handler, summary, request, response in table] + [
             Operation("GET", "/info", self.info, "Model info (TEI)", "TEI", None,
-                      {200: Info, **ERRORS}, render=error_response)]
+                      {200: Info, **ERRORS})]
 
     async def root(self, request: Request) -> Response:
         """POST /: TEI's default route for the embedding model (also a similarity body)."""

@@ -7,7 +7,8 @@ along; each response names its replica (`X-SIE-Replica`, and a `sie_replica` gau
 is a thin forwarder: it routes each request by the model it is for (`routed_model`: in the path
 for SIE's routes, in the JSON body's `model` or the --embed-model / --rerank-model default for
 the other protocols) through Serve's model multiplexing, sends a request whose replica died to
-another one, and answers Serve's queue limit (`max_queued_requests`) with SIE's 503 QUEUE_FULL.
+another one, and answers Serve's queue limit (`max_queued_requests`) with a 503 QUEUE_FULL in
+the envelope of the route's protocol (api/envelopes.py).
 See docs/RAY.md for why there are two.
 """
 
@@ -28,11 +29,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
 
 from ..api import create_app
 from ..api.infinity import DEFAULT as INFINITY_DEFAULT
 from ..api.openapi import PREFIX_HEADER as _PREFIX
-from ..api.wire import JSON, encode_body, error_body
+from ..api.envelopes import renderer
 from ..config import Settings
 from ..engine import Engine
 from ..engine.profiles import split_ref
@@ -307,22 +309,13 @@ class GatewayApp:
         handle = sie.options(multiplexed_model_id=model) if model else sie
         try:
             response = await self.gateway.relay(handle, request)
-        except SIEError as err:
-            response = error_response(err)
+        except SIEError as err:  # in the envelope of the route's protocol, as a replica's
+            render = renderer(path, self.gateway.settings.infinity_prefix)
+            refusal = render(Request({**scope, "path": path, "root_path": ""}), err)
+            return await refusal(scope, receive, send)
         await send({"type": "http.response.start", "status": response["status"],
                     "headers": response["headers"]})
         await send({"type": "http.response.body", "body": response["body"]})
-
-
-
-def error_response(err: SIEError) -> dict[str, Any]:
-    """SIE's error envelope (JSON), X-SIE-Error-Code and Retry-After, as api.app answers."""
-    body = encode_body(error_body(err), False)
-    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()),
-               (b"x-sie-error-code", err.code.encode())]
-    if err.retry_after:
-        headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
-    return {"status": err.status, "headers": headers, "body": body}
 
 
 def _value(raw: Any) -> Any:
