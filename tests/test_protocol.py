@@ -131,6 +131,11 @@ def test_extreme_score_weights_never_give_nan_or_500(bge_m3_server, weights) -> 
     (f"/v1/score/{M3}", b'{"query": {"text": "\\ud800"}, "items": [{"text": "a"}]}'),
     (f"/v1/score/{M3}", b'{"query": {"text": "q"}, "items": [{"text": "a"}, {"text": "\\ud800"}]}'),
     ("/v1/embeddings", b'{"model": "' + MINILM.encode() + b'", "input": ["ok", "\\ud800"]}'),
+    # in an option's value (the tokenizer would fail on it: was a 500) or name
+    (f"/v1/encode/{MINILM}", b'{"items": [{"text": "a"}], "params": {"options": '
+                             b'{"doc_template": "\\ud800 {text}"}}}'),
+    (f"/v1/encode/{M3}", b'{"items": [{"text": "a"}], "params": {"options": {"instruction": "\\udfff"}}}'),
+    (f"/v1/score/{M3}", b'{"query": {"text": "q"}, "items": [{"text": "a"}], "options": {"\\ud800": 1}}'),
 ])
 def test_lone_surrogates_are_400_naming_the_field(bge_m3_server, route, body) -> None:
     r = post(bge_m3_server, route, body)

@@ -222,6 +222,10 @@ def parse_options(value: dict[str, Any] | None, field: str,
     the request) wins over `options.instruction`. `policy_key`: `overflow_policy` goes on to
     the engine as it is (extract: a model's own overflow rules), not as `truncate`."""
     options = dict(value or {})
+    for key, option in options.items():  # strings the tokenizer and logs can carry
+        check_text(key, f"{field}: an option's name")
+        if isinstance(option, str):
+            check_text(option, f"{field}.{shown(key)}")
     for key in UNSUPPORTED_OPTIONS:
         if options.get(key) is not None:
             raise InvalidRequest(f"{field}.{key} is not supported by this server")
