@@ -422,6 +422,13 @@ def test_tei_root_needs_the_api_key(start_server, minilm_dir):
     r = httpx.post(f"{server.url}/v1/encode/{EMBED}", json={})
     assert r.status_code == 401 and r.json()["detail"]["code"] == "UNAUTHORIZED"
     assert r.json()["detail"]["request_id"] == r.headers["x-request-id"]
+    # a wrong method keeps its 405 on every protocol's route (TEI's envelope maps its own
+    # errors' statuses, not the router's)
+    key = {"Authorization": "Bearer k1"}
+    for path, field in (("/embed", "error_type"), ("/v1/embeddings", "error"),
+                        ("/v2/rerank", "message"), ("/v1/models/x/y/adapters", "detail")):
+        r = httpx.put(f"{server.url}{path}", json={}, headers=key)
+        assert r.status_code == 405 and field in r.json(), (path, r.status_code, r.text)
     r = httpx.post(f"{server.url}/", json={"inputs": "x"}, headers={"Authorization": "Bearer k1"},
                    timeout=60)
     assert r.status_code == 200 and len(r.json()[0]) == 384

@@ -207,8 +207,8 @@ def error_response(request: Request, err: SIEError) -> Response:
         status, kind = 429, "Overloaded"
     elif err.status == 503:
         status, kind = 503, "Unhealthy"
-    elif err.status == 401:
-        status, kind = 401, "Validation"
+    elif err.status == 401 or err.code in ("NOT_FOUND", "METHOD_NOT_ALLOWED"):  # the route's
+        status, kind = err.status, "Validation"  # key or method, not the model's (404 -> 422)
     elif err.status < 500 and err.status != 424:
         status, kind = 422, "Validation"
     else:
