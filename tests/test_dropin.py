@@ -429,6 +429,8 @@ def test_tei_root_needs_the_api_key(start_server, minilm_dir):
                         ("/v2/rerank", "message"), ("/v1/models/x/y/adapters", "detail")):
         r = httpx.put(f"{server.url}{path}", json={}, headers=key)
         assert r.status_code == 405 and field in r.json(), (path, r.status_code, r.text)
+    r = httpx.post(f"{server.url}/v1/embeddings/x", json={}, headers=key)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
     r = httpx.post(f"{server.url}/", json={"inputs": "x"}, headers={"Authorization": "Bearer k1"},
                    timeout=60)
     assert r.status_code == 200 and len(r.json()[0]) == 384

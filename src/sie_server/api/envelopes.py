@@ -53,7 +53,7 @@ def tei_error(request: Request, err: SIEError) -> Response:
 def renderer(path: str, infinity_prefix: str = "") -> Render:
     """The envelope of the route at `path` (a request's path, after any route prefix)."""
     prefix = infinity_prefix.rstrip("/")
-    if path in (openai.PATH, "/embeddings") or (
+    if path in (openai.PATH, "/embeddings") or path.startswith(openai.PATH + "/") or (
             prefix and path in (prefix + "/embeddings", prefix + "/rerank")):
         return openai_error
     if path in RERANK_PATHS:
