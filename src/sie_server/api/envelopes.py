@@ -1,10 +1,10 @@
 """Error envelopes: each protocol's own on its routes (SIE's `{detail}`, OpenAI's `{error}`,
 TEI's `{error, error_type}`, Cohere's and Jina's rerank bodies), each with X-SIE-Error-Code
-and Retry-After, and SIE's status (TEI's routes: TEI's, api/tei.py). `renderer(path)` picks one by the request's path: for every
-route's errors (api/app.py) and for those raised outside a route: the API-key check and an
-unexpected error (api/middleware.py), an unknown route or method, and the Ray gateway's own
-(ray/serve.py). tests/test_dropin.py holds it to the envelope each route's OpenAPI entry
-documents."""
+and Retry-After, and SIE's status (TEI's routes: TEI's, api/tei.py). `renderer(path)` picks
+one by the request's path: for every route's errors (api/app.py) and for those raised outside
+a route: the API-key check and an unexpected error (api/middleware.py), an unknown route or
+method, and the Ray gateway's own (ray/serve.py). tests/test_dropin.py holds it to the
+envelope each route's OpenAPI entry documents."""
 
 from __future__ import annotations
 

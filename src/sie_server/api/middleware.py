@@ -138,6 +138,5 @@ class ServerMiddleware:
                       headers: dict[str, str] | None = None) -> None:
         """`err` in the envelope of the protocol the path belongs to (api/envelopes.py)."""
         response = renderer(scope["path"], self.infinity_prefix)(Request(scope), err)
-        response.headers.update(headers or {})
-        response.headers.setdefault("X-SIE-Error-Code", err.code)
+        response.headers.update(headers or {})  # every envelope carries X-SIE-Error-Code
         await response(scope, receive, send)
