@@ -381,6 +381,15 @@ def test_every_route_answers_errors_in_the_envelope_its_openapi_documents():
         assert documented <= {got}, (op.method, op.path, documented, got)
         checked += bool(documented)
     assert checked >= 25
+    # every envelope names the error's code in X-SIE-Error-Code (routes add none of their own)
+    from starlette.requests import Request
+
+    from sie_server.errors import Overloaded
+    for path in ("/v1/encode/m", "/v1/embeddings", "/v1/rerank", "/v2/rerank", "/embed"):
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [],
+                 "query_string": b""}
+        r = envelopes.renderer(path)(Request(scope), Overloaded("full", retry_after=2))
+        assert r.headers["x-sie-error-code"] == "QUEUE_FULL", path
 
 
 def test_tei_error_statuses_for_engine_errors():

@@ -192,7 +192,8 @@ def test_cross_encoder_logits_match_transformers(engine, monkeypatch, name, ce_b
 def test_cross_encoder_max_seq_length_matches_transformers_at_that_length(engine, ce_bert_dir):
     """SIE's per-request `max_seq_length` on a cross-encoder (SIE's: the pair's max_length):
     transformers' logits with truncation only_second at that length (1e-4); a query that
-    leaves no room under it is a 400 naming query.text."""
+    leaves no room under it is a 400 naming query.text; "24" is 24 (SIE's `int(value)`) and
+    "24.5" a 400 naming options.max_seq_length."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(ce_bert_dir))
@@ -205,6 +206,10 @@ def test_cross_encoder_max_seq_length_matches_transformers_at_that_length(engine
     res = engine.score("ce-bert", q, DOCS, {"activation": "none", "max_seq_length": short})
     np.testing.assert_allclose(res.scores, ref, atol=1e-4, rtol=0)
     assert np.abs(res.scores - hf_logits(str(ce_bert_dir), q, tuple(DOCS))).max() > 1e-3
+    as_text = engine.score("ce-bert", q, DOCS, {"activation": "none", "max_seq_length": "24"})
+    np.testing.assert_allclose(as_text.scores, ref, atol=1e-4, rtol=0)
+    with pytest.raises(InvalidRequest, match="options.max_seq_length must be a positive"):
+        engine.score("ce-bert", q, DOCS, {"max_seq_length": "24.5"})
     with pytest.raises(InputTooLong, match="query.text"):
         engine.score("ce-bert", "word " * 40, DOCS[:1], {"max_seq_length": 8})
 

@@ -57,7 +57,8 @@ def test_splade_equals_masked_lm_reference(splade_dir: Path) -> None:
 def test_splade_max_seq_length_equals_the_reference_cut_there(splade_dir: Path) -> None:
     """SIE's per-request `max_seq_length` (its SPLADE adapter's tokenizer max_length): each
     text as the masked-LM reference computes it cut at 8 tokens (weights within 1e-4), marked
-    truncated; a limit above the model's is the model's; 0 is a 400 naming the option."""
+    truncated; a limit above the model's is the model's; "8" and 8.0 are 8 (SIE's adapters take
+    `int(value)`); 0, 8.5, "8.0", "eight" and true are a 400 naming the option."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     texts = [t for t in SHORT_TEXTS[:30] if len(t.split()) > 8][:8]
@@ -67,8 +68,12 @@ def test_splade_max_seq_length_equals_the_reference_cut_there(splade_dir: Path) 
         cut = engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 8})
         whole = engine.encode("naver/splade-tiny", texts, ["sparse"])
         high = engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 10**6})
-        with pytest.raises(InvalidRequest, match="params.options.max_seq_length"):
-            engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": 0})
+        as_sie = [engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": v})
+                  for v in ("8", 8.0, " 8 ")]
+        for bad in (0, -1, 8.5, "8.0", "eight", True, [8]):
+            with pytest.raises(InvalidRequest, match="params.options.max_seq_length must be a "
+                                                     "positive whole number"):
+                engine.encode("naver/splade-tiny", texts, ["sparse"], {"max_seq_length": bad})
     finally:
         engine.close()
     tok = AutoTokenizer.from_pretrained(splade_dir)
@@ -83,6 +88,9 @@ def test_splade_max_seq_length_equals_the_reference_cut_there(splade_dir: Path) 
         assert np.abs(val - weights[idx].numpy()).max() <= 1e-4, text
         assert r.token_count == 8 and r.truncated and not w.truncated
         assert np.array_equal(h.sparse[0], w.sparse[0]) and np.array_equal(h.sparse[1], w.sparse[1])
+    for other in as_sie:
+        for r, o in zip(cut, other):
+            assert np.array_equal(r.sparse[0], o.sparse[0]) and o.token_count == 8
 
 
 def test_splade_bfloat16_within_stated_tolerances(splade_dir: Path) -> None:

@@ -350,9 +350,9 @@ def operations(calls: Calls, ready: threading.Event, load_errors: list[str]) -> 
 def handled(route: Callable[[Request], Any],
             render: Callable[[Request, SIEError], Response]) -> Callable[[Request], Any]:
     """A route's expected outcomes become responses here: SIE errors get their status and
-    their protocol's envelope (`render`), a client gone away 499. Anything else is a bug, left
-    to ServerMiddleware, the one place that logs it (once, with the request id) and answers
-    500; none of these closes the keep-alive connection."""
+    their protocol's envelope (`render`, api/envelopes.py), a client gone away 499. Anything
+    else is a bug, left to ServerMiddleware, the one place that logs it (once, with the
+    request id) and answers 500; none of these closes the keep-alive connection."""
 
     async def run(request: Request) -> Response:
         try:
@@ -361,9 +361,7 @@ def handled(route: Callable[[Request], Any],
             if len(err.message) > _MAX_MESSAGE_CHARS:
                 err.message = err.message[:_MAX_MESSAGE_CHARS] + " ..."
             request.state.error = err.message  # ServerMiddleware counts errors by code
-            response = render(request, err)
-            response.headers.setdefault("X-SIE-Error-Code", err.code)
-            return response
+            return render(request, err)  # every envelope carries X-SIE-Error-Code
         except ClientDisconnected:
             return Response(status_code=499)  # nobody reads it; for logs and metrics
 

@@ -63,8 +63,8 @@ class EncodeOptions:
                  "timeout_s": (int, float), "muvera": dict, "normalize": bool,
                  "query_template": str, "doc_template": str, "max_seq_length": int,
                  "query_max_length": int}
-        options = check_options(options, kinds, "params.options")
-        check_lengths(options, "params.options")
+        options = check_options(check_lengths(options, "params.options"), kinds,
+                                "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -123,8 +123,8 @@ class Engine:
                                     template=_template(m, opts), limit=limit)
                 timing.tokenization_s = time.perf_counter() - started
                 self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
-                self._check_lengths(model, min(limit or m.max_tokens, m.max_tokens),
-                                    tok.original_lengths, opts.truncate)
+                self._check_lengths(model, _most(m, limit), tok.original_lengths,
+                                    opts.truncate)
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
                                   tenant=tenant, raw=normalize is False and m.raw_vectors,
@@ -221,7 +221,7 @@ class Engine:
             self._check_images(m, [query], "query")
             self._check_images(m, list(texts))
             limit = _limit(m, opts, False)
-            most = min(limit or m.max_tokens, m.max_tokens)
+            most = _most(m, limit)
             with _whole_words("items[{i}]"):
                 fixed, tok = m.prepare_pairs(query, list(texts), opts.instruction, limit)
             if fixed >= most:
@@ -238,10 +238,9 @@ class Engine:
             q_limit, d_limit = _limit(m, opts, True), _limit(m, opts, False)
             q = self._prepare(m, [query], True, opts.instruction, "query", limit=q_limit)
             d = self._prepare(m, list(texts), False, None, limit=d_limit)
-            self._check_lengths(model, min(q_limit or m.max_tokens, m.max_tokens),
-                                q.original_lengths, opts.truncate, "query.text")
-            self._check_lengths(model, min(d_limit or m.max_tokens, m.max_tokens),
-                                d.original_lengths, opts.truncate)
+            self._check_lengths(model, _most(m, q_limit), q.original_lengths, opts.truncate,
+                                "query.text")
+            self._check_lengths(model, _most(m, d_limit), d.original_lengths, opts.truncate)
             request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
                               frozenset(outputs), slot, deadline)
             finish = lambda results: embedding_scores(  # noqa: E731
@@ -459,6 +458,12 @@ def _limit(m, opts: EncodeOptions | ScoreOptions, is_query: bool) -> int | None:
     key = "query_max_length" if is_query and "query_max_length" in m.length_options \
         else "max_seq_length"
     return getattr(opts, key) if key in m.length_options else None
+
+
+def _most(m, limit: int | None) -> int:
+    """The most tokens a text may take: the request's limit (None: none), at most the
+    model's."""
+    return min(limit or m.max_tokens, m.max_tokens)
 
 
 def _template(m, opts: EncodeOptions) -> str | None:

@@ -35,9 +35,26 @@ def _positive_seconds(value: int | float) -> bool:
         return False
 
 
-def check_lengths(options: dict, field: str) -> None:
-    """SIE's per-request token limits (`max_seq_length`, `query_max_length`), if given, are
-    positive."""
+def check_lengths(options: Any, field: str) -> Any:
+    """`options` with SIE's per-request token limits (`max_seq_length`, `query_max_length`)
+    as ints: SIE's adapters take `int(value)`, so "128" and 128.0 are 128 there and here. A
+    value that is not a positive whole number is a 400 naming it (SIE falls back to the
+    model's limit silently). Anything but a dict is returned for check_options to refuse."""
+    if not isinstance(options, dict):
+        return options
+    options = dict(options)
     for key in ("max_seq_length", "query_max_length"):
-        if options.get(key) is not None and options[key] < 1:
-            raise InvalidRequest(f"{field}.{key} must be a positive number of tokens")
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequest(f"{field}.{key} must be a positive whole number of tokens")
+        options[key] = value
+    return options

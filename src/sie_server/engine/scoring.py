@@ -58,8 +58,7 @@ class ScoreOptions:
                  "score_type": str, "weights": object, "activation": str,
                  "instruction": str, "lora_id": str, "timeout_s": (int, float),
                  "max_seq_length": int, "query_max_length": int}
-        options = dict(check_options(options, kinds, "options"))
-        check_lengths(options, "options")
+        options = dict(check_options(check_lengths(options, "options"), kinds, "options"))
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
         if options.pop("weights", None) is not None:
