@@ -227,19 +227,23 @@ def _st_model(model_dir: str, device: str) -> Any:
 
 
 def st_encode(model_dir: str | Path, texts: Sequence[str], device: str = "cpu",
-              normalize: bool = True) -> np.ndarray:
+              normalize: bool = True, pooling: str | None = None) -> np.ndarray:
     """sentence-transformers embeddings (N, dim) float32, as the model's modules define
     (all-MiniLM-L6-v2: mean pooling + Normalize, truncation at max_seq_length 256 from
     sentence_bert_config.json; its tokenizer.json says truncate at 128 and pad to a fixed
     128, which sentence-transformers overrides). `normalize=False`: the same pipeline
-    without its Normalize module."""
+    without its Normalize module; `pooling` (its PoolingMode: cls, mean, lasttoken...): a
+    Pooling module of that mode in place of the model's."""
     model = st_model(model_dir, device)
-    if not normalize:
+    if not normalize or pooling is not None:
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Normalize
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 
-        model = SentenceTransformer(modules=[m for m in model if not isinstance(m, Normalize)],
-                                    device=device)
+        modules = [m for m in model if normalize or not isinstance(m, Normalize)]
+        if pooling is not None:
+            modules = [Pooling(m.get_embedding_dimension(), pooling)
+                       if isinstance(m, Pooling) else m for m in modules]
+        model = SentenceTransformer(modules=modules, device=device)
     emb = model.encode(list(texts), batch_size=32, convert_to_numpy=True,
                        show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)

@@ -202,6 +202,85 @@ def test_minilm_normalize_false_equals_its_pipeline_without_normalize(minilm_dir
     assert np.abs(np.linalg.norm(ref, axis=1) - 1).min() > 0.01
 
 
+def test_minilm_request_pooling_equals_sentence_transformers_pooling_so(minilm_dir: Path
+                                                                         ) -> None:
+    """SIE's per-request `pooling` on a sentence-transformers model: `cls` and `last` rows
+    as sentence-transformers computes them with a Pooling module of that mode (cosine >=
+    0.9999), in the same batches as rows pooled the model's way (mean), which keep theirs.
+    `default_instruction` gives a query the instruction it names (and a document none)."""
+    texts = TEXTS[:18]
+    modes = [None, "cls", "last"]
+    eng = Engine(Settings(default_models=[], device="cpu", dtype="float32"))
+    try:
+        with held_worker(eng, MINILM) as (_, release, batches):
+            futures = [eng.submit(MINILM, [t], options={"pooling": modes[i % 3]} if i % 3
+                                  else None) for i, t in enumerate(texts)]
+            release()
+        got = [f.result(timeout=120)[0].dense for f in futures]
+        told = {kind: eng.encode(MINILM, ["what is a packed batch"], options={
+            "is_query": kind == "query", **extra})[0].dense
+            for kind, extra in (("query", {"default_instruction": "Represent the question"}),
+                                ("query_asked", {"instruction": "Represent the question"}),
+                                ("doc", {"default_instruction": "Represent the question"}),
+                                ("plain", {}))}
+    finally:
+        eng.close()
+    assert any(len({e[0].pooling for e in b}) == 3 for b in batches[1:]), "no mixed batch"
+    for i, mode in enumerate(modes):
+        rows = list(range(i, len(texts), 3))
+        want = reference.st_encode(minilm_dir, [texts[r] for r in rows],
+                                   pooling={"cls": "cls", "last": "lasttoken"}.get(mode, "mean"))
+        assert_st_close(np.stack([got[r] for r in rows]), want, [texts[r] for r in rows])
+    assert np.abs(told["query"] - told["query_asked"]).max() <= 1e-6
+    assert np.abs(told["doc"] - told["plain"]).max() <= 1e-6
+    assert np.abs(told["query"] - told["plain"]).max() > 1e-2
+
+
+def test_minilm_profiles_pool_and_instruct_as_the_options_do(minilm_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A catalog profile's `pooling` and `default_instruction` (SIE's runtime options) give
+    what the request options give; the request's own win."""
+    import yaml
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": {"st/minilm": {
+        "family": "sentence-transformers", "source": str(minilm_dir), "profiles": {
+            "cls": {"pooling": "cls"},
+            "asks": {"is_query": True, "default_instruction": "Represent the question"}}}}}))
+    eng = Engine(Settings(catalog_files=[catalog], default_models=[], device="cpu",
+                          dtype="float32"))
+    texts = TEXTS[:4]
+    try:
+        def dense(model: str, options: dict | None = None) -> np.ndarray:
+            return np.stack([r.dense for r in eng.encode(model, texts, options=options)])
+
+        by_profile, by_option = dense("st/minilm:cls"), dense("st/minilm", {"pooling": "cls"})
+        overridden = dense("st/minilm:cls", {"pooling": "mean"})
+        plain = dense("st/minilm")
+        asked = dense("st/minilm:asks")
+        by_hand = dense("st/minilm", {"is_query": True, "instruction": "Represent the question"})
+        own = dense("st/minilm:asks", {"instruction": ""})
+        bare_query = dense("st/minilm", {"is_query": True})
+    finally:
+        eng.close()
+    assert np.abs(by_profile - by_option).max() <= 1e-6
+    assert np.abs(overridden - plain).max() <= 1e-6 and np.abs(by_profile - plain).max() > 1e-2
+    assert np.abs(asked - by_hand).max() <= 1e-6 and np.abs(asked - plain).max() > 1e-2
+    assert np.abs(own - bare_query).max() <= 1e-6  # the request's "" instruction wins
+
+
+def test_pooling_a_model_cannot_change_is_400(engine: Engine) -> None:
+    """BGE-M3 pools by its CLS token only: `pooling: cls` is served, `mean` and a name SIE
+    does not use are 400s naming the option (SIE's BGE-M3 adapter ignores the option)."""
+    assert engine.encode("BAAI/bge-m3", ["a"], options={"pooling": "cls"})[0].dense is not None
+    with pytest.raises(InvalidRequest, match="params.options.pooling 'mean': BAAI/bge-m3 pools "
+                                             "by cls"):
+        engine.encode("BAAI/bge-m3", ["a"], options={"pooling": "mean"})
+    with pytest.raises(InvalidRequest, match="params.options.pooling must be one of cls, mean, "
+                                             "last"):
+        engine.encode("BAAI/bge-m3", ["a"], options={"pooling": "max"})
+
+
 # ---------------------------------------------------------------- positions (issue 12)
 
 def test_special_token_texts_put_special_ids_everywhere(bge_m3_dir: Path) -> None:

@@ -91,8 +91,18 @@ def test_normalize_false_through_the_public_sdk(sie_python, bge_m3_server, docs,
                                                  tmp_path) -> None:
     """SIE's `normalize: false` sent by the public SDK: BGE-M3's dense and ColBERT vectors
     before their L2 step (tests/test_equivalence.py checks them against FlagEmbedding), in
-    the directions of the default's."""
+    the directions of the default's. Its `pooling` and `default_instruction` on MiniLM give
+    what our SDK gets with `pooling` and `instruction` (test_equivalence.py checks those
+    against sentence-transformers)."""
     arrays, _ = run(sie_python, "raw_vectors", bge_m3_server.url, tmp_path)
+    with SIEClient(bge_m3_server.url) as c:
+        mine = c.encode("sentence-transformers/all-MiniLM-L6-v2", [Item(text=d) for d in docs],
+                        options={"pooling": "cls", "is_query": True,
+                                 "instruction": "Represent the question"})
+        plain = c.encode("sentence-transformers/all-MiniLM-L6-v2", [Item(text=d) for d in docs])
+    for i, (m, p) in enumerate(zip(mine, plain)):
+        np.testing.assert_allclose(arrays[f"pooled{i}"], m["dense"], atol=1e-6)
+        assert np.abs(arrays[f"pooled{i}"] - p["dense"]).max() > 1e-2
     for i, mine in enumerate(ours["all"]):
         dense, mv = arrays[f"dense{i}"], arrays[f"mv{i}"]
         assert abs(float(np.linalg.norm(dense)) - 1) > 0.01

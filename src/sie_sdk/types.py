@@ -27,12 +27,14 @@ class EncodeOptions(TypedDict, total=False):
     lora_id: str | None
     timeout_s: float
     output_dtype: str  # as `output_dtype=`: float32 | float16 | int8 | uint8 | binary | ubinary
-    profile: str  # SIE's profile name; this server has "default" only
+    profile: str  # one of the model's profiles (docs/CATALOG.md), as `model:profile`
     normalize: bool  # false: vectors before the model's own L2 step (BGE-M3, ST models)
     query_template: str  # SIE's: "{instruction}: {text}"-style, replaces the model's prefix
     doc_template: str
     max_seq_length: int  # SIE's: a lower token limit (ColBERT documents, SPLADE)
     query_max_length: int  # SIE's: ColBERT queries' length
+    pooling: str  # SIE's: "cls" | "mean" | "last" (sentence-transformers models)
+    default_instruction: str  # SIE's: the instruction of queries sent without one
     overflow_policy: str  # SIE's: "default" | "truncate_text" | "error" (= truncate false)
 
 

@@ -51,12 +51,18 @@ def dtypes(url: str, arrays: dict, info: dict) -> None:
 
 
 def raw_vectors(url: str, arrays: dict, info: dict) -> None:
-    """SIE's `normalize: false`, as the public SDK sends it."""
+    """SIE's `normalize: false`, as the public SDK sends it; and its `pooling` and
+    `default_instruction` on a sentence-transformers model."""
     client = SIEClient(url)
     results = client.encode(M3, [Item(text=d) for d in DOCS], output_types=["dense", "multivector"],
                             options={"normalize": False})
     for i, r in enumerate(results):
         arrays[f"dense{i}"], arrays[f"mv{i}"] = r["dense"], r["multivector"]
+    pooled = client.encode("sentence-transformers/all-MiniLM-L6-v2", [Item(text=d) for d in DOCS],
+                           options={"pooling": "cls", "is_query": True,
+                                    "default_instruction": "Represent the question"})
+    for i, r in enumerate(pooled):
+        arrays[f"pooled{i}"] = r["dense"]
 
 
 def score_and_models(url: str, arrays: dict, info: dict) -> None:

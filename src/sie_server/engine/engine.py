@@ -52,6 +52,13 @@ class EncodeOptions:
     # the other families, as SIE's adapters ignore them.
     max_seq_length: int | None = None
     query_max_length: int | None = None
+    # SIE's per-request pooling (cls, mean, last; also sentence-transformers' names): the
+    # sentence-transformers families pool these rows so (EncoderModel.poolings); the others
+    # refuse any but their own (SIE's adapters for them ignore it).
+    pooling: str | None = None
+    # SIE's default_instruction: the instruction of a query sent without one (a request's
+    # instruction, even "", wins), in the families that take templates; never for documents.
+    default_instruction: str | None = None
     # MUVERA: the dense output is the encoding of the multivector; these settings override
     # the model's (muvera.py). None: off.
     muvera: dict[str, Any] | None = None
@@ -62,7 +69,7 @@ class EncodeOptions:
         kinds = {"truncate": bool, "is_query": bool, "instruction": str, "lora_id": str,
                  "timeout_s": (int, float), "muvera": dict, "normalize": bool,
                  "query_template": str, "doc_template": str, "max_seq_length": int,
-                 "query_max_length": int}
+                 "query_max_length": int, "pooling": str, "default_instruction": str}
         options = check_options(check_lengths(options, "params.options"), kinds,
                                 "params.options")
         return cls(**{k: v for k, v in options.items() if v is not None})
@@ -100,7 +107,8 @@ class Engine:
         timing = Timing()
         model, profile, runtime, options = self._profile(model, options)
         defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera",
-                                            "query_template", "doc_template") if k in runtime}
+                                            "query_template", "doc_template", "pooling",
+                                            "default_instruction") if k in runtime}
         opts = EncodeOptions.parse({**defaults, **options})
         normalize = opts.normalize if opts.normalize is not None else runtime.get("normalize")
         # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
@@ -112,14 +120,15 @@ class Engine:
                 fde = self._muvera(m, opts.muvera, opts.is_query, types)
                 types = list(dict.fromkeys("multivector" if t == "dense" else t for t in types))
             m.check_output_types(types)
-            _check_pooling(m, profile, runtime)
+            pooling = _pooling(m, opts.pooling, "params.options.pooling" if "pooling" in options
+                               else f"profile {profile!r}: pooling")
             normalizes = getattr(m, "normalize", True)
             if not texts:
                 raise InvalidRequest("items must hold at least one item")
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
                 limit = _limit(m, opts, opts.is_query)
-                tok = self._prepare(m, list(texts), opts.is_query, opts.instruction,
+                tok = self._prepare(m, list(texts), opts.is_query, _instruction(m, opts),
                                     template=_template(m, opts), limit=limit)
                 timing.tokenization_s = time.perf_counter() - started
                 self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
@@ -128,7 +137,7 @@ class Engine:
                 deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
                 request = Request(tok.ids, tok.original_lengths, frozenset(types), slot, deadline,
                                   tenant=tenant, raw=normalize is False and m.raw_vectors,
-                                  future=TimedFuture(timing))
+                                  pooling=pooling, future=TimedFuture(timing))
                 self._enqueue(handle, request)
             post = fde
             # the request's normalize: true (also a MUVERA encoding), a profile's on a model
@@ -485,18 +494,38 @@ def _template(m, opts: EncodeOptions) -> str | None:
     return template
 
 
-# a profile's `pooling` (SIE's names) against what a model computes (its `pooling`)
+def _instruction(m, opts: EncodeOptions) -> str | None:
+    """The request's instruction; for a query sent without one, its `default_instruction`
+    where the family takes templates (SIE's resolve_query_instruction)."""
+    if opts.instruction is not None or not opts.is_query or not m.templates:
+        return opts.instruction
+    return opts.default_instruction
+
+
+# SIE's pooling names, and sentence-transformers', -> the pooling they mean
 _POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean",
              "last": "last_token", "last_token": "last_token", "lasttoken": "last_token"}
 
 
-def _check_pooling(m, profile: str, runtime: dict[str, Any]) -> None:
-    """Refuse a profile whose pooling the model does not compute."""
-    pooling = runtime.get("pooling")
+def _pooling(m, asked: str | None, field: str) -> str | None:
+    """The pooling these rows take where it is not the model's own (None: the model's): cls,
+    mean or last_token. A name SIE does not use, or another pooling on a model that cannot
+    change it (EncoderModel.poolings), is a 400 naming `field`."""
+    if asked is None:
+        return None
+    mode = _POOLINGS.get(asked)
+    if mode is None:
+        others = ", ".join(sorted(set(_POOLINGS) - {"cls", "mean", "last"}))
+        raise InvalidRequest(f"{field} must be one of cls, mean, last (SIE's names; also "
+                             f"{others}), not '{shown(asked)}'")
     own = _POOLINGS.get(getattr(m, "pooling", None) or "")
-    if pooling is not None and _POOLINGS.get(pooling, pooling) != own:
-        raise InvalidRequest(f"profile {profile!r} sets pooling {pooling!r}; {m.spec.name} "
-                             f"pools by {own or 'its own rule'}, which a profile cannot change")
+    if mode == own:
+        return None
+    if not m.poolings:
+        raise InvalidRequest(f"{field} '{shown(asked)}': {m.spec.name} pools by "
+                             f"{own or 'its own rule'}, which only sentence-transformers "
+                             "models change")
+    return mode
 
 
 def normalized(results: list[ItemResult]) -> list[ItemResult]:

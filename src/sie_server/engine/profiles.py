@@ -17,6 +17,7 @@ from ..errors import InvalidRequest, ModelNotFound
 RUNTIME_KEYS: dict[str, type] = {
     "output_types": list, "lora_id": str, "instruction": str, "is_query": bool,
     "pooling": str, "normalize": bool, "query_template": str, "doc_template": str,
+    "default_instruction": str,
     # SIE's MUVERA (multivector -> one fixed-dimension vector): a mapping turns it on ({} =
     # the model's muvera_config), null or absent leaves it off
     "muvera": dict,

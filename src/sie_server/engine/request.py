@@ -71,6 +71,7 @@ class Request:
     token_types: list[np.ndarray] | None = None  # per item, for sentence pairs
     tenant: str | None = None  # who sent it (an API key's identity): fair share per tenant
     raw: bool = False  # normalize: false: vectors as computed (PackedBatch.raw_rows)
+    pooling: str | None = None  # another pooling than the model's (PackedBatch.pooling_rows)
     enqueued_at: float = field(default_factory=time.monotonic)
     future: TimedFuture = field(default_factory=TimedFuture)
     results: list[ItemResult | None] = field(init=False)

@@ -212,7 +212,11 @@ class Scheduler:
                            else np.zeros(len(req.tokens[i]), dtype=np.int64) for req, i in batch]
         raw = np.flatnonzero([req.raw for req, _ in batch]) if any(
             req.raw for req, _ in batch) else None
-        return pack([req.tokens[i] for req, i in batch], types, slots, token_types, raw)
+        poolings = {req.pooling for req, _ in batch} - {None}
+        pooling_rows = {mode: np.flatnonzero([req.pooling == mode for req, _ in batch])
+                        for mode in poolings}
+        return pack([req.tokens[i] for req, i in batch], types, slots, token_types, raw,
+                    pooling_rows)
 
     @staticmethod
     def _deliver(batch: list[Entry], out: BatchOutputs) -> None:

@@ -154,6 +154,9 @@ class EncoderModel(abc.ABC):
     # True: `prepare` takes SIE's per-request `query_template` / `doc_template` (as SIE's
     # dense and SPLADE adapters do); False: they are ignored, as SIE's other adapters do.
     templates: bool = False
+    # True: the heads pool a batch's `pooling_rows` as asked (SIE's per-request pooling, as
+    # its dense adapters take it); False: the model pools by its own rule only.
+    poolings: bool = False
     # SIE's per-request length options this family's `prepare` takes (`limit`), as SIE's
     # adapters for it do: max_seq_length (documents; SPLADE: every text), query_max_length
     # (ColBERT queries); others are ignored, as SIE's adapters ignore them.

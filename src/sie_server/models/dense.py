@@ -16,6 +16,8 @@ from .base import BatchOutputs, EncoderModel, ModelSpec, family
 
 _KNOWN_MODULES = {"Transformer", "Pooling", "Normalize"}
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "lasttoken")
+# a request's pooling (PackedBatch.pooling_rows) -> sentence-transformers' name for it
+_MODES = {"cls": "cls_token", "mean": "mean_tokens", "last_token": "lasttoken"}
 
 
 def read_pipeline(folder: Path) -> tuple[str, bool, int | None]:
@@ -45,6 +47,7 @@ class SentenceTransformer(EncoderModel):
     output_types = ("dense",)
     raw_vectors = True
     templates = True
+    poolings = True
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         self.pooling, self.normalize, max_len = read_pipeline(folder)
@@ -56,19 +59,24 @@ class SentenceTransformer(EncoderModel):
         return {"dense": self.encoder.cfg.hidden_size}
 
     def heads(self, batch: PackedBatch, hidden: torch.Tensor, ids: torch.Tensor) -> BatchOutputs:
-        cu = torch.from_numpy(batch.cu_seqlens).to(hidden.device)
         hidden = hidden.float()
-        if self.pooling == "cls_token":
-            pooled = hidden[cu[:-1]]
-        elif self.pooling == "lasttoken":
-            pooled = hidden[cu[1:] - 1]
-        else:
-            seq = self.seq_index(batch)
-            shape = (batch.num_seqs, hidden.shape[1])
-            if self.pooling == "mean_tokens":
-                sums = torch.zeros(shape, device=hidden.device).index_add_(0, seq, hidden)
-                pooled = sums / (cu[1:] - cu[:-1]).unsqueeze(1)
-            else:
-                pooled = torch.full(shape, float("-inf"), device=hidden.device).index_reduce_(
-                    0, seq, hidden, "amax")
+        pooled = self._pool(self.pooling, batch, hidden)
+        for mode, rows in (batch.pooling_rows or {}).items():
+            at = torch.from_numpy(rows).to(hidden.device)
+            pooled[at] = self._pool(_MODES[mode], batch, hidden)[at]
         return BatchOutputs(dense=self.l2(batch, pooled) if self.normalize else pooled)
+
+    def _pool(self, mode: str, batch: PackedBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Every sequence's vector by `mode` (sentence-transformers' pooling names)."""
+        cu = torch.from_numpy(batch.cu_seqlens).to(hidden.device)
+        if mode == "cls_token":
+            return hidden[cu[:-1]]
+        if mode == "lasttoken":
+            return hidden[cu[1:] - 1]
+        seq = self.seq_index(batch)
+        shape = (batch.num_seqs, hidden.shape[1])
+        if mode == "mean_tokens":
+            sums = torch.zeros(shape, device=hidden.device).index_add_(0, seq, hidden)
+            return sums / (cu[1:] - cu[:-1]).unsqueeze(1)
+        return torch.full(shape, float("-inf"), device=hidden.device).index_reduce_(
+            0, seq, hidden, "amax")

@@ -26,6 +26,9 @@ class PackedBatch:
     # Sequences whose vectors stay as the model computes them, not L2-normalised (a
     # request's `normalize: false`); None: none.
     raw_rows: np.ndarray | None = None
+    # Sequences to pool otherwise than the model does, by pooling (cls, mean, last_token; a
+    # request's SIE `pooling`); None: none.
+    pooling_rows: dict[str, np.ndarray] | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -46,6 +49,7 @@ def pack(
     adapter_slots: np.ndarray | None = None,
     token_types: list[np.ndarray] | None = None,
     raw_rows: np.ndarray | None = None,
+    pooling_rows: dict[str, np.ndarray] | None = None,
 ) -> PackedBatch:
     """Concatenate token id arrays into one PackedBatch (no per-token Python work). 2-D
     entries are images (patches x patch_dim, from `images.to_patches`) and go to `pixels`."""
@@ -67,6 +71,7 @@ def pack(
         pixels=pixels,
         image_rows=image_rows,
         raw_rows=raw_rows if raw_rows is not None and len(raw_rows) else None,
+        pooling_rows=pooling_rows or None,
     )
 
 
