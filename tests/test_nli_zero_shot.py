@@ -9,7 +9,6 @@ SIE's `classifications`."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import httpx
