@@ -3,7 +3,9 @@ linear shapes, at the engine's thread count, in the engine's dtype (and in int8)
 
 For a BERT-style layer the shapes are (tokens x hidden) times hidden -> 3 hidden (fused QKV),
 hidden -> hidden, hidden -> intermediate and intermediate -> hidden, with `tokens` the engine's
-CPU batch (2,048 tokens). float32 / bfloat16 time `torch.nn.functional.linear`; int8 times the
+CPU batch (2,048 tokens). float32 / bfloat16 time both float GEMMs the engine may run,
+`torch.nn.functional.linear` (MKL) and oneDNN's packed linear (runtime/packed.py), and keep the
+faster per shape; int8 times the
 bare u8 x s8 product of runtime/int8.py (`matmul`: oneDNN, weights packed, weight scales
 applied; its per-token quantization passes are not counted, so they show as a lower
 fraction). The rate is the layer's FLOPs over
@@ -76,7 +78,9 @@ def gemm_gflops(folder: Path, dtype: str, tokens: int = 2048, rounds: int = 7) -
     import torch
 
     from sie_server.runtime import int8
+    from sie_server.runtime.device import cpu_flags as all_flags
 
+    onednn = torch.backends.mkldnn.is_available() and "avx2" in all_flags()  # x86 only
     ops = []
     for k, n in shapes(folder):
         if dtype == "int8":
@@ -88,6 +92,10 @@ def gemm_gflops(folder: Path, dtype: str, tokens: int = 2048, rounds: int = 7) -
             dt = getattr(torch, dtype)
             x, w = torch.randn(tokens, k, dtype=dt), torch.randn(n, k, dtype=dt)
             ops.append(((k, n), lambda x=x, w=w: torch.nn.functional.linear(x, w)))
+            if onednn:
+                p = torch.ops.mkldnn._reorder_linear_weight(w, tokens)
+                ops.append(((k, n), lambda x=x, p=p: torch.ops.mkldnn._linear_pointwise(
+                    x, p, None, "none", [], "")))
     best = {shape: float("inf") for shape, _ in ops}
     with torch.inference_mode():
         for shape, op in ops:

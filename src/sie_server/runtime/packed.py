@@ -5,13 +5,16 @@ AVX-512 (float32 and bfloat16; `Placement.packed`).
 oneDNN's AVX-512 kernels (MKL's own packed GEMM, `torch.ops.mkl._mkl_linear`, was no faster
 than `F.linear` there). `PackedLinear` keeps the weight in oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses) and calls
-`torch.ops.mkldnn._linear_pointwise`. Measured on that CPU (2
-threads, all-MiniLM-L6-v2's four shapes, medians of 21): 12% less time than `F.linear` at 1,982
-and 700 tokens, 32% at 64; the whole forward 17% / 10% less in float32 and 9% / 10% in
-bfloat16 (passages / short queries). With oneDNN and MKL held to AVX2 the two were within 3%
-(the packed one the slower), so other CPUs keep `nn.Linear`. Results equal `nn.Linear`'s to
-float rounding (token cosine 0.9999996). As with int8, only the blocks' linears change (those
-of every `HookedBlock`), and LoRA's hook still adds its update to their outputs.
+`torch.ops.mkldnn._linear_pointwise`. Measured on that CPU (2 threads, all-MiniLM-L6-v2's
+four shapes, medians of 21): 12% less time than `F.linear` at 1,982 and 700 tokens, 32% at
+64; the whole forward 17% / 10% less in float32 and 9% / 10% in bfloat16 (passages / short
+queries). AVX2-only CPUs keep `nn.Linear`: with oneDNN and MKL capped at AVX2 by environment
+the two were within 3%; with CPUID showing AVX2 only (scripts/avx2-only) the four shapes took
+2-8% less packed, but the float32 forward (in-process, alternating rounds) took 0.93-1.01x
+the time on passages in four runs and 0.82-1.16x on short queries in three: no difference
+above this machine's noise. Results equal `nn.Linear`'s to float rounding (token cosine
+0.9999996). As with int8, only the blocks' linears change (those of every `HookedBlock`),
+and LoRA's hook still adds its update to their outputs.
 """
 
 from __future__ import annotations
