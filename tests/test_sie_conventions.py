@@ -71,6 +71,9 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
     assert parse_profiles("x", {"a": {"muvera": None, "lora_id": None}})["a"] == {}  # SIE's "off"
     templates = {"query_template": "q: {text}", "doc_template": "{instruction} {text}"}
     assert parse_profiles("x", {"a": templates})["a"] == templates
+    sie_runtime = {"pooling": "splade", "max_seq_length": 128, "query_max_length": 32,
+                   "default_instruction": "Given a web search query"}  # as SIE's YAMLs set them
+    assert parse_profiles("x", {"a": sie_runtime})["a"] == sie_runtime
     builtin, _ = load_catalog([])
     assert list(builtin["BAAI/bge-m3"].profiles) == [  # SIE's models/BAAI__bge-m3.yaml
         "default", "dense", "sparse", "multivector", "candle", "banking", "medical-vn",
@@ -87,7 +90,10 @@ def test_catalog_profiles_resolve_and_refuse_by_name(tmp_path, catalog) -> None:
                               ({"a:b": {}}, "without ':'"),
                               ({"a": {"extends": ["b"]}}, "extends unknown profile"),
                               ({"a": {"muvera": 4}}, "muvera must be a dict"),
-                              ({"a": {"doc_template": 3}}, "doc_template must be a str")):
+                              ({"a": {"doc_template": 3}}, "doc_template must be a str"),
+                              ({"a": {"max_seq_length": "x"}}, "max_seq_length must be a int"),
+                              ({"a": {"query_max_length": 0}}, "query_max_length must be a "
+                                                               "positive number")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"models": {"x": {"family": "bge-m3", "source": "x",
                                                         "profiles": profiles}}}))

@@ -93,6 +93,34 @@ def test_splade_max_seq_length_equals_the_reference_cut_there(splade_dir: Path) 
             assert np.array_equal(r.sparse[0], o.sparse[0]) and o.token_count == 8
 
 
+def test_splade_profile_takes_sies_runtime_options(splade_dir: Path, tmp_path: Path) -> None:
+    """A profile as SIE's SPLADE configs write it (`max_seq_length: 128`-style, `pooling:
+    splade`, sparse output) gives what the request options give; a pooling not SPLADE's is a
+    400 naming the option."""
+    import yaml
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": {"sp": {
+        "family": "splade", "source": str(splade_dir), "profiles": {
+            "short": {"max_seq_length": 8, "pooling": "splade", "output_types": ["sparse"]}}}}}))
+    engine = Engine(Settings(catalog_files=[catalog], default_models=[], device="cpu",
+                             dtype="float32"))
+    texts = SHORT_TEXTS[:6]
+    try:
+        by_profile = engine.encode("sp:short", texts)
+        by_option = engine.encode("sp", texts, ["sparse"], {"max_seq_length": 8})
+        whole = engine.encode("sp", texts, ["sparse"], {"pooling": "splade"})
+        with pytest.raises(InvalidRequest, match="params.options.pooling 'mean': sp pools by "
+                                                 "splade"):
+            engine.encode("sp", texts, ["sparse"], {"pooling": "mean"})
+    finally:
+        engine.close()
+    for p, o, w in zip(by_profile, by_option, whole):
+        assert np.array_equal(p.sparse[0], o.sparse[0]) and np.array_equal(p.sparse[1], o.sparse[1])
+        assert p.token_count == min(8, w.token_count)
+    assert any(w.token_count > 8 for w in whole)
+
+
 def test_splade_bfloat16_within_stated_tolerances(splade_dir: Path) -> None:
     """bf16 (`--dtype auto` on CPUs with native bf16) against the fp32 engine, which equals the
     reference above: per text, cosine of the weight vectors (over the union of ids) >= 0.995

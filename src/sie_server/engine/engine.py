@@ -108,7 +108,8 @@ class Engine:
         model, profile, runtime, options = self._profile(model, options)
         defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera",
                                             "query_template", "doc_template", "pooling",
-                                            "default_instruction") if k in runtime}
+                                            "default_instruction", "max_seq_length",
+                                            "query_max_length") if k in runtime}
         opts = EncodeOptions.parse({**defaults, **options})
         normalize = opts.normalize if opts.normalize is not None else runtime.get("normalize")
         # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
@@ -184,7 +185,8 @@ class Engine:
         (token-budget batches, shared with other requests). The future carries `timing`."""
         timing = Timing()
         model, _, runtime, options = self._profile(model, options)
-        defaults = {k: runtime[k] for k in ("lora_id", "instruction") if k in runtime}
+        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "max_seq_length",
+                                            "query_max_length") if k in runtime}
         opts = ScoreOptions.parse({**defaults, **options})
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                                   or top_k < 1):
@@ -504,20 +506,22 @@ def _instruction(m, opts: EncodeOptions) -> str | None:
 
 # SIE's pooling names, and sentence-transformers', -> the pooling they mean
 _POOLINGS = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean",
-             "last": "last_token", "last_token": "last_token", "lasttoken": "last_token"}
+             "last": "last_token", "last_token": "last_token", "lasttoken": "last_token",
+             "splade": "splade"}
+_SIE_POOLINGS = ("cls", "mean", "last", "last_token", "splade")
 
 
 def _pooling(m, asked: str | None, field: str) -> str | None:
     """The pooling these rows take where it is not the model's own (None: the model's): cls,
-    mean or last_token. A name SIE does not use, or another pooling on a model that cannot
+    mean or last_token (SPLADE's own is splade). A name SIE does not use, or another pooling on a model that cannot
     change it (EncoderModel.poolings), is a 400 naming `field`."""
     if asked is None:
         return None
     mode = _POOLINGS.get(asked)
     if mode is None:
-        others = ", ".join(sorted(set(_POOLINGS) - {"cls", "mean", "last"}))
-        raise InvalidRequest(f"{field} must be one of cls, mean, last (SIE's names; also "
-                             f"{others}), not '{shown(asked)}'")
+        others = ", ".join(sorted(set(_POOLINGS) - set(_SIE_POOLINGS)))
+        raise InvalidRequest(f"{field} must be one of {', '.join(_SIE_POOLINGS)} (SIE's names; "
+                             f"also sentence-transformers' {others}), not '{shown(asked)}'")
     own = _POOLINGS.get(getattr(m, "pooling", None) or "")
     if mode == own:
         return None

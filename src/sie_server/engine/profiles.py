@@ -17,7 +17,7 @@ from ..errors import InvalidRequest, ModelNotFound
 RUNTIME_KEYS: dict[str, type] = {
     "output_types": list, "lora_id": str, "instruction": str, "is_query": bool,
     "pooling": str, "normalize": bool, "query_template": str, "doc_template": str,
-    "default_instruction": str,
+    "default_instruction": str, "max_seq_length": int, "query_max_length": int,
     # SIE's MUVERA (multivector -> one fixed-dimension vector): a mapping turns it on ({} =
     # the model's muvera_config), null or absent leaves it off
     "muvera": dict,
@@ -49,6 +49,8 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
                                  f"{', '.join(RUNTIME_KEYS)})")
             elif not _fits(value, RUNTIME_KEYS[key]):
                 raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
+            elif key in ("max_seq_length", "query_max_length") and value is not None and value < 1:
+                raise ValueError(f"{where}: {key} must be a positive number of tokens")
         if not all(isinstance(t, str) for t in entry.get("output_types") or ()):
             raise ValueError(f"{where}: output_types must be a list of strings")
     resolved: dict[str, dict[str, Any]] = {DEFAULT: {}}

@@ -17,6 +17,7 @@ _CHUNK_TOKENS = 2048  # logits are (tokens, vocab): computed a chunk of tokens a
 @family("splade")
 class Splade(EncoderModel):
     output_types = ("sparse",)
+    pooling = "splade"  # SIE's name: each vocabulary weight's max over the text's tokens
     templates = True
     length_options = frozenset({"max_seq_length"})
 
