@@ -513,8 +513,8 @@ _SIE_POOLINGS = ("cls", "mean", "last", "last_token", "splade")
 
 def _pooling(m, asked: str | None, field: str) -> str | None:
     """The pooling these rows take where it is not the model's own (None: the model's): cls,
-    mean or last_token (SPLADE's own is splade). A name SIE does not use, or another pooling on a model that cannot
-    change it (EncoderModel.poolings), is a 400 naming `field`."""
+    mean or last_token (SPLADE's own is splade). A name SIE does not use, or another pooling
+    on a model that cannot change it (EncoderModel.poolings), is a 400 naming `field`."""
     if asked is None:
         return None
     mode = _POOLINGS.get(asked)
