@@ -35,6 +35,9 @@ def _positive_seconds(value: int | float) -> bool:
         return False
 
 
+LENGTH_OPTIONS = ("max_seq_length", "query_max_length")  # SIE's per-request token limits
+
+
 def check_lengths(options: Any, field: str) -> Any:
     """`options` with SIE's per-request token limits (`max_seq_length`, `query_max_length`)
     as ints: SIE's adapters take `int(value)`, so "128" and 128.0 are 128 there and here. A
@@ -43,7 +46,7 @@ def check_lengths(options: Any, field: str) -> Any:
     if not isinstance(options, dict):
         return options
     options = dict(options)
-    for key in ("max_seq_length", "query_max_length"):
+    for key in LENGTH_OPTIONS:
         value = options.get(key)
         if value is None:
             continue

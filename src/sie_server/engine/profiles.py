@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import InvalidRequest, ModelNotFound
+from .options import LENGTH_OPTIONS
 
 # runtime key -> the type its value must have in a catalog file
 RUNTIME_KEYS: dict[str, type] = {
@@ -49,7 +50,7 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
                                  f"{', '.join(RUNTIME_KEYS)})")
             elif not _fits(value, RUNTIME_KEYS[key]):
                 raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
-            elif key in ("max_seq_length", "query_max_length") and value is not None and value < 1:
+            elif key in LENGTH_OPTIONS and value is not None and value < 1:
                 raise ValueError(f"{where}: {key} must be a positive number of tokens")
         if not all(isinstance(t, str) for t in entry.get("output_types") or ()):
             raise ValueError(f"{where}: output_types must be a list of strings")

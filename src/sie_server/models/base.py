@@ -234,8 +234,8 @@ class EncoderModel(abc.ABC):
                 template: str | None = None, limit: int | None = None) -> Tokenized:
         """Apply the model's prefixes/instruction, then tokenize (cut at `limit` tokens where
         that is below the model's own limit)."""
-        tokenizer = self.tokenizer if limit is None else self.tokenizer.limited(limit)
-        return tokenizer.encode(self.prefixed(texts, is_query, instruction, template))
+        return self.tokenizer.limited(limit).encode(
+            self.prefixed(texts, is_query, instruction, template))
 
     def prefixed(self, texts: list[str], is_query: bool, instruction: str | None,
                  template: str | None = None) -> list[str]:

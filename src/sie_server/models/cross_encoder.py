@@ -82,8 +82,7 @@ class CrossEncoder(EncoderModel):
         if instruction is not None:
             raise InvalidRequest(f"options.instruction: {self.spec.name} (cross-encoder) takes "
                                  "no instruction")
-        tokenizer = self.tokenizer if limit is None else self.tokenizer.limited(limit)
-        fixed, tok = tokenizer.encode_pairs(query, texts)
+        fixed, tok = self.tokenizer.limited(limit).encode_pairs(query, texts)
         if not self.use_token_types:
             tok = Tokenized(tok.ids, tok.original_lengths)
         return fixed, tok

@@ -54,6 +54,11 @@ class SiglipTextTokenizer:
         self.eos_id, self.pad_id = self._specials[eos], self._specials[pad]
         self.max_tokens = length
 
+    def limited(self, max_tokens: int | None) -> "SiglipTextTokenizer":
+        """This tokenizer: every SigLIP text is exactly `length` tokens, so a request's limit
+        does not apply (SIE's SigLIP adapter takes none; `EncoderModel.length_options`)."""
+        return self
+
     def tokens(self, text: str) -> list[str]:
         """The pieces of one text, special tokens included, before `</s>` is appended."""
         text = "▁" + text.replace("▁", " ")
