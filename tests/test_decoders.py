@@ -99,6 +99,42 @@ def test_score_by_dense_cosine_with_the_query_prompt(engine, folders) -> None:
     assert np.abs(got.scores - d @ q).max() <= 1e-5
 
 
+def test_score_encodes_as_encode_does_with_the_profile_and_options(folders, tmp_path) -> None:
+    """A profile's (or the request's) templates, default_instruction, pooling and normalize
+    shape an embedder's score as they shape its encode: the scores are the dot products of
+    sentence-transformers' vectors of the templated texts under that pooling; the request's
+    options win over the profile's."""
+    from reference import st_encode as st_vectors
+
+    folder, docs = folders["qwen3-embedding"], DOCS[:6]
+    task = {"pooling": "mean", "default_instruction": "find it", "doc_template": "Doc: {text}",
+            "query_template": "Task: {instruction} Query: {text}"}
+    catalog = tmp_path / "score_catalog.json"
+    catalog.write_text(json.dumps({"models": {"emb": {
+        "family": "decoder-embedder", "source": str(folder), "profiles": {"task": task}}}}))
+    eng = Engine(Settings(dtype="float32", catalog_files=[catalog], default_models=[],
+                          device="cpu"))
+    try:
+        by_profile = eng.score("emb:task", QUERIES[0], docs).scores
+        by_options = eng.score("emb", QUERIES[0], docs, task).scores
+        last = eng.score("emb:task", QUERIES[0], docs, {"pooling": "last_token"}).scores
+        raw = eng.score("emb", QUERIES[0], docs, {"normalize": False}).scores
+        with pytest.raises(InvalidRequest, match="options.pooling must be one of"):
+            eng.score("emb", QUERIES[0], docs, {"pooling": "max"})
+    finally:
+        eng.close()
+    q = st_vectors(folder, ["Task: find it Query: " + QUERIES[0]], pooling="mean")[0]
+    d = st_vectors(folder, ["Doc: " + t for t in docs], pooling="mean")
+    assert np.abs(by_profile - d @ q).max() <= 1e-5
+    assert np.abs(by_options - by_profile).max() <= 1e-6
+    q = st_vectors(folder, ["Task: find it Query: " + QUERIES[0]], pooling="lasttoken")[0]
+    d = st_vectors(folder, ["Doc: " + t for t in docs], pooling="lasttoken")
+    assert np.abs(last - d @ q).max() <= 1e-5
+    q = st_vectors(folder, [QWEN3_QUERY + QUERIES[0]], normalize=False)[0]
+    d = st_vectors(folder, docs, normalize=False)
+    assert np.abs(raw - d @ q).max() <= 1e-4 * np.abs(d @ q).max()
+
+
 def test_packed_mixed_lengths_equal_texts_alone(engine, folders) -> None:
     batch = engine.encode("qwen3-embedding", SHORT_TEXTS + LONG_TEXTS[:2])
     for i in range(0, len(SHORT_TEXTS) + 2, 5):

@@ -106,10 +106,8 @@ class Engine:
         `timing`. `tenant` (e.g. the caller's API key id) groups requests for fair scheduling."""
         timing = Timing()
         model, profile, runtime, options = self._profile(model, options)
-        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "is_query", "muvera",
-                                            "query_template", "doc_template", "pooling",
-                                            "default_instruction", "max_seq_length",
-                                            "query_max_length") if k in runtime}
+        defaults = {k: runtime[k] for k in ("is_query", "muvera", *_EMBEDDING_DEFAULTS)
+                    if k in runtime}
         opts = EncodeOptions.parse({**defaults, **options})
         normalize = opts.normalize if opts.normalize is not None else runtime.get("normalize")
         # SIE: a profile's output types replace the request's (core/encode_pipeline.py)
@@ -129,8 +127,9 @@ class Engine:
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
                 limit = _limit(m, opts, opts.is_query)
-                tok = self._prepare(m, list(texts), opts.is_query, _instruction(m, opts),
-                                    template=_template(m, opts), limit=limit)
+                tok = self._prepare(m, list(texts), opts.is_query,
+                                    _instruction(m, opts, opts.is_query),
+                                    template=_template(m, opts, opts.is_query), limit=limit)
                 timing.tokenization_s = time.perf_counter() - started
                 self.metrics.tokenize_seconds.labels(model).observe(timing.tokenization_s)
                 self._check_lengths(model, _most(m, limit), tok.original_lengths,
@@ -184,9 +183,8 @@ class Engine:
         every item, and compares them. Either way the sequences are scheduled like encode items
         (token-budget batches, shared with other requests). The future carries `timing`."""
         timing = Timing()
-        model, _, runtime, options = self._profile(model, options)
-        defaults = {k: runtime[k] for k in ("lora_id", "instruction", "max_seq_length",
-                                            "query_max_length") if k in runtime}
+        model, profile, runtime, options = self._profile(model, options)
+        defaults = {k: runtime[k] for k in ("normalize", *_EMBEDDING_DEFAULTS) if k in runtime}
         opts = ScoreOptions.parse({**defaults, **options})
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                                   or top_k < 1):
@@ -208,8 +206,10 @@ class Engine:
             deadline = time.monotonic() + opts.timeout_s if opts.timeout_s else None
             with self._adapter(handle, opts.lora_id) as slot:
                 started = time.perf_counter()
+                pooling = _pooling(m, opts.pooling, "options.pooling" if "pooling" in options
+                                   else f"profile {profile!r}: pooling")
                 request, finish = self._score_request(m, model, query, texts, opts, top_k,
-                                                      mode, slot, deadline)
+                                                      mode, slot, deadline, pooling)
                 timing.tokenization_s = time.perf_counter() - started
                 request.tenant, request.future = tenant, TimedFuture(timing)
                 self._enqueue(handle, request)
@@ -225,9 +225,10 @@ class Engine:
         return select(ref, self.registry.profiles(), options)
 
     def _score_request(self, m, model: str, query: str, texts: Sequence[str], opts: ScoreOptions,
-                       top_k: int | None, mode: str, slot: int, deadline: float | None):
-        """The Request of a score call and the function turning its results into scores."""
-        finish: Callable[[list[ItemResult]], ScoreResult]
+                       top_k: int | None, mode: str, slot: int, deadline: float | None,
+                       pooling: str | None):
+        """The Request of a score call and the function turning its results into scores. An
+        embedder encodes the query and the items as encode does with the same options."""
         if m.pair_scoring:
             self._check_images(m, [query], "query")
             self._check_images(m, list(texts))
@@ -247,15 +248,21 @@ class Engine:
         else:
             outputs = opts.outputs(mode)  # SIE: an output weighted 0 is not computed
             q_limit, d_limit = _limit(m, opts, True), _limit(m, opts, False)
-            q = self._prepare(m, [query], True, opts.instruction, "query", limit=q_limit)
-            d = self._prepare(m, list(texts), False, None, limit=d_limit)
+            q = self._prepare(m, [query], True, _instruction(m, opts, True), "query",
+                              template=_template(m, opts, True, "options"), limit=q_limit)
+            d = self._prepare(m, list(texts), False, None,
+                              template=_template(m, opts, False, "options"), limit=d_limit)
             self._check_lengths(model, _most(m, q_limit), q.original_lengths, opts.truncate,
                                 "query.text")
             self._check_lengths(model, _most(m, d_limit), d.original_lengths, opts.truncate)
             request = Request(q.ids + d.ids, q.original_lengths + d.original_lengths,
-                              frozenset(outputs), slot, deadline)
-            finish = lambda results: embedding_scores(  # noqa: E731
-                results[0], results[1:], mode, opts.weights, top_k)
+                              frozenset(outputs), slot, deadline, pooling=pooling,
+                              raw=opts.normalize is False and m.raw_vectors)
+            post = opts.normalize and not getattr(m, "normalize", True)
+
+            def finish(results: list[ItemResult]) -> ScoreResult:
+                results = normalized(results) if post else results
+                return embedding_scores(results[0], results[1:], mode, opts.weights, top_k)
         return request, finish
 
     def score(self, model: str, query: str, texts: Sequence[str],
@@ -477,10 +484,16 @@ def _most(m, limit: int | None) -> int:
     return min(limit or m.max_tokens, m.max_tokens)
 
 
-def _template(m, opts: EncodeOptions) -> str | None:
-    """The request's template for these texts where the model's family takes one; a 400
-    naming the option unless its only placeholders are {text} and {instruction}."""
-    key = "query_template" if opts.is_query else "doc_template"
+# the options a profile sets for encode, and for score on an embedder
+_EMBEDDING_DEFAULTS = ("lora_id", "instruction", "query_template", "doc_template", "pooling",
+                       "default_instruction", "max_seq_length", "query_max_length")
+
+
+def _template(m, opts: EncodeOptions | ScoreOptions, is_query: bool,
+              field: str = "params.options") -> str | None:
+    """The request's template for queries or documents where the model's family takes one; a
+    400 naming the option unless its only placeholders are {text} and {instruction}."""
+    key = "query_template" if is_query else "doc_template"
     template = getattr(opts, key)
     if not template or not m.templates:  # "" is no template, as SIE's `if template:`
         return None
@@ -491,15 +504,15 @@ def _template(m, opts: EncodeOptions) -> str | None:
         fields = {f"{type(exc).__name__}: {exc}"}
     bad = sorted(shown(f) for f in fields - {"text", "instruction"})
     if bad:
-        raise InvalidRequest(f"params.options.{key} may hold the placeholders {{text}} and "
+        raise InvalidRequest(f"{field}.{key} may hold the placeholders {{text}} and "
                              f"{{instruction}} only (found {', '.join(bad)})")
     return template
 
 
-def _instruction(m, opts: EncodeOptions) -> str | None:
+def _instruction(m, opts: EncodeOptions | ScoreOptions, is_query: bool) -> str | None:
     """The request's instruction; for a query sent without one, its `default_instruction`
     where the family takes templates (SIE's resolve_query_instruction)."""
-    if opts.instruction is not None or not opts.is_query or not m.templates:
+    if opts.instruction is not None or not is_query or not m.templates:
         return opts.instruction
     return opts.default_instruction
 

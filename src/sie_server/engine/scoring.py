@@ -50,6 +50,13 @@ class ScoreOptions:
     timeout_s: float | None = None
     max_seq_length: int | None = None  # as in encode (engine.EncodeOptions): ColBERT, SPLADE
     query_max_length: int | None = None
+    # embedders: encode's options for the query and the items (engine.EncodeOptions), as
+    # SIE's bi-encoder score passes its options to encode (adapters/bge_m3_score_mixin.py)
+    query_template: str | None = None
+    doc_template: str | None = None
+    pooling: str | None = None
+    default_instruction: str | None = None
+    normalize: bool | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "ScoreOptions":
@@ -57,7 +64,9 @@ class ScoreOptions:
         kinds = {"truncate": bool, "score_mode": object, "score_weights": object,
                  "score_type": str, "weights": object, "activation": str,
                  "instruction": str, "lora_id": str, "timeout_s": (int, float),
-                 "max_seq_length": int, "query_max_length": int}
+                 "max_seq_length": int, "query_max_length": int, "query_template": str,
+                 "doc_template": str, "pooling": str, "default_instruction": str,
+                 "normalize": bool}
         options = dict(check_options(check_lengths(options, "options"), kinds, "options"))
         if options.get("activation") is not None and options["activation"] not in ACTIVATIONS:
             raise InvalidRequest(f"options.activation must be one of {', '.join(ACTIVATIONS)}")
