@@ -33,6 +33,8 @@ def cpu_flags() -> list[str]:
     from sie_server.runtime.device import cpu_flags as all_flags
 
     have = all_flags()
+    if cpuid_masked():  # the mask hides AVX-VNNI too, which torch has no probe to see
+        have.discard("avx_vnni")
     return [f for f in FLAGS if f in have]
 
 

@@ -37,7 +37,7 @@ from texts import SHORT_TEXTS, TEXTS
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
-from sie_server.runtime.device import Placement
+from sie_server.runtime.device import Placement, amx_bf16, cpu_flags
 from sie_server.runtime.images import ImageInput
 from sie_server.runtime import int8 as int8_mod
 from sie_server.runtime.int8 import Int8Linear, quantize_weight, weight_rule
@@ -181,8 +181,14 @@ def test_int8_without_vnni(tmp_path: Path) -> None:
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
-def test_int8_is_asked_for_never_auto() -> None:
-    p = Placement.resolve("cpu", "int8")
+def test_int8_is_asked_for_never_auto(caplog: pytest.LogCaptureFixture) -> None:
+    """int8 only by name; on a CPU with AMX-BF16 (where bf16 ran ~2x int8's speed, README)
+    choosing it logs that it saves memory, not time."""
+    with caplog.at_level("WARNING", logger="sie_server.runtime.device"):
+        p = Placement.resolve("cpu", "int8")
+    assert ("AMX-BF16" in caplog.text) == ("amx_bf16" in cpu_flags())
+    assert amx_bf16({"amx_bf16", "amx_tile", "avx512_bf16"})
+    assert not amx_bf16({"avx512_bf16", "avx512_vnni", "avx512f"})
     assert (p.dtype, p.quantize, p.dtype_name) == (torch.float32, "int8", "int8")
     assert Placement.resolve("cpu", "auto").quantize is None
     with pytest.raises(ValueError, match="int8 is a CPU path"):
