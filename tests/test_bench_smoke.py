@@ -135,3 +135,16 @@ def test_int8_quality_reports_each_path(tmp_path: Path) -> None:
         assert 0 <= row["texts_under_0.99"] <= doc["texts"] and row["worst_text"], (name, row)
         assert row["lee_pearson_ref"] > 0.6, (name, row)  # float32: 0.656
     assert paths["engine_int8"]["min_cosine"] >= 0.99
+
+
+def test_profile_prints_the_forwards_ops() -> None:
+    """bench/profile.py records the scheduler's worker thread: the model's matmuls appear
+    (oneDNN's packed linear where oneDNN runs AVX-512, MKL's addmm elsewhere)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-m", "bench.profile", "--dtype", "float32", "--n",
+                           "8", "--rows", "40"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "8 passages, --dtype float32 (float32)" in proc.stdout
+    assert "Self CPU time total" in proc.stdout, proc.stdout[-2000:]
+    assert any(op in proc.stdout for op in ("linear", "addmm", "aten::mm")), proc.stdout[-2000:]
