@@ -343,3 +343,43 @@ def test_merge_adjacent_entities(engine) -> None:
                             {"threshold": 0.3, "merge_adjacent_entities": True})
     plain, _ = engine.extract("deberta", [TEXTS["deberta"][0]], LABELS, {"threshold": 0.3})
     assert one[0]["entities"] == merge_adjacent(plain[0]["entities"], TEXTS["deberta"][0])
+
+
+def test_profiles_set_extract_defaults_as_gliner_takes_them(folders, tmp_path) -> None:
+    """A profile's threshold / flat_ner (SIE's configs set `threshold` so) are extract's
+    defaults, by `model:profile` or `options.profile`; the request's own options win; the
+    entities equal gliner's with those settings. A bad profile value stops the catalog."""
+    import yaml
+
+    from sie_server.config import Settings
+    from sie_server.engine import Engine
+    from sie_server.errors import InvalidRequest
+
+    texts = [t for t in TEXTS["deberta"] if t.strip()]
+    entry = {"family": "gliner", "source": str(folders["deberta"]),
+             "profiles": {"loose": {"threshold": 0.3, "flat_ner": False}}}
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": {"gl": entry}}))
+    eng = Engine(Settings(catalog_files=[catalog], default_models=[], device="cpu",
+                          dtype="float32"))
+    try:
+        by_suffix = eng.extract("gl:loose", texts, LABELS)[0]
+        by_option = eng.extract("gl", texts, LABELS, {"profile": "loose"})[0]
+        stricter = eng.extract("gl:loose", texts, LABELS, {"threshold": 0.7})[0]
+        with pytest.raises(InvalidRequest, match="Profile 'tight' not found"):
+            eng.extract("gl", texts, LABELS, {"profile": "tight"})
+    finally:
+        eng.close()
+    ref = reference(folders["deberta"])
+    loose = ref.inference(texts, LABELS, threshold=0.3, flat_ner=False)
+    strict = ref.inference(texts, LABELS, threshold=0.7, flat_ner=False)
+    assert sum(map(len, loose)) > sum(map(len, strict)) > 0
+    for theirs, a, b in zip(loose, by_suffix, by_option, strict=True):
+        same(theirs, a["entities"])
+        same(theirs, b["entities"])
+    for theirs, ours in zip(strict, stricter, strict=True):
+        same(theirs, ours["entities"])
+    entry["profiles"]["loose"]["threshold"] = 1.5
+    catalog.write_text(yaml.safe_dump({"models": {"gl": entry}}))
+    with pytest.raises(ValueError, match="profile 'loose': threshold must be between 0 and 1"):
+        Engine(Settings(catalog_files=[catalog], default_models=[], device="cpu"))

@@ -276,9 +276,16 @@ class Engine:
                        tenant: str | None = None) -> Future:
         """Queue an extraction (entities or classifications of `labels` in each text); the
         future resolves to (one dict per text, {"entities": [...]} or {"classifications":
-        [...]}, the input tokens read). The model's rows (windows of a text, or text/hypothesis pairs) are scheduled
-        like encode items, in the shared token-budget batches."""
-        opts = options if isinstance(options, ExtractOptions) else ExtractOptions.parse(options)
+        [...]}, the input tokens read). The model's rows (windows of a text, or
+        text/hypothesis pairs) are scheduled like encode items, in the shared token-budget
+        batches. A profile's (`model:profile`, `options.profile`) extract settings are the
+        defaults, as in encode."""
+        if isinstance(options, ExtractOptions):
+            opts = options
+        else:
+            model, _, runtime, options = self._profile(model, options)
+            defaults = {k: runtime[k] for k in _EXTRACT_DEFAULTS if k in runtime}
+            opts = ExtractOptions.parse({**defaults, **options})
         handle = self.registry.handle(model)
         if handle is not None and not FAMILIES[handle.spec.family].extracts:
             raise InvalidRequest(f"Model '{model}' does not support extraction. Use an "
@@ -487,6 +494,11 @@ def _most(m, limit: int | None) -> int:
 # the options a profile sets for encode, and for score on an embedder
 _EMBEDDING_DEFAULTS = ("lora_id", "instruction", "query_template", "doc_template", "pooling",
                        "default_instruction", "max_seq_length", "query_max_length")
+
+
+# the options a profile sets for extract
+_EXTRACT_DEFAULTS = ("lora_id", "instruction", "threshold", "flat_ner", "multi_label",
+                     "hypothesis_template", "merge_adjacent_entities", "classification_type")
 
 
 def _template(m, opts: EncodeOptions | ScoreOptions, is_query: bool,

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from .options import check_options
+from .profiles import CLASSIFICATION_TYPES
 
 OVERFLOW_POLICIES = ("default", "truncate_text", "error")  # SIE's; None = "default"
 
@@ -56,7 +57,7 @@ class ExtractOptions:
             raise InvalidRequest("params.options.hypothesis_template must hold '{}' once, "
                                  "where the label goes")
         kind = options.get("classification_type")
-        if kind is not None and kind not in ("single-label", "multi-label"):
+        if kind is not None and kind not in CLASSIFICATION_TYPES:
             raise InvalidRequest("params.options.classification_type must be 'single-label' or "
                                  "'multi-label'")
         policy = options.get("overflow_policy")

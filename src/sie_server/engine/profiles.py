@@ -22,7 +22,11 @@ RUNTIME_KEYS: dict[str, type] = {
     # SIE's MUVERA (multivector -> one fixed-dimension vector): a mapping turns it on ({} =
     # the model's muvera_config), null or absent leaves it off
     "muvera": dict,
+    # extract's options (GLiNER, GLiClass, NLI), as SIE's configs set `threshold`
+    "threshold": float, "flat_ner": bool, "multi_label": bool, "hypothesis_template": str,
+    "merge_adjacent_entities": bool, "classification_type": str,
 }
+CLASSIFICATION_TYPES = ("single-label", "multi-label")
 DEFAULT = "default"
 
 
@@ -52,6 +56,13 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
             elif key in LENGTH_OPTIONS and value is not None and value < 1:
                 raise ValueError(f"{where}: {key} must be a positive number of tokens")
+            elif key == "threshold" and value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{where}: threshold must be between 0 and 1")
+            elif key == "classification_type" and value not in (None, *CLASSIFICATION_TYPES):
+                raise ValueError(f"{where}: classification_type must be one of "
+                                 f"{', '.join(CLASSIFICATION_TYPES)}")
+            elif key == "hypothesis_template" and value is not None and value.count("{}") != 1:
+                raise ValueError(f"{where}: hypothesis_template must hold '{{}}' once")
         if not all(isinstance(t, str) for t in entry.get("output_types") or ()):
             raise ValueError(f"{where}: output_types must be a list of strings")
     resolved: dict[str, dict[str, Any]] = {DEFAULT: {}}
@@ -64,8 +75,10 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
 
 
 def _fits(value: Any, kind: type) -> bool:
-    """None (unset), or a value of `kind` (a bool is not a number here)."""
-    return value is None or (isinstance(value, kind)
+    """None (unset), or a value of `kind` (a whole number is a float; a bool is not a number
+    here)."""
+    kinds = (int, float) if kind is float else kind
+    return value is None or (isinstance(value, kinds)
                              and (kind is bool or not isinstance(value, bool)))
 
 
