@@ -303,6 +303,22 @@ def test_openapi_lists_every_route_and_docs_are_served_offline(server):
     prefixed = httpx.get(f"{server.url}/openapi.json", headers={"x-forwarded-prefix": "/small/"})
     assert prefixed.json()["servers"] == [{"url": "/small"}]
     assert httpx.get(f"{server.url}/docs/..%2Fsecret").status_code == 404
+    # OpenAPI 3.0 has no null type: `X | None` is X marked nullable, an enum listing null
+    nodes = list(_schema_nodes(spec))
+    assert not [n for n in nodes if n.get("type") == "null" or
+                any("nullable" in o for k in ("anyOf", "oneOf") for o in n.get(k, []))]
+    assert not [n for n in nodes if n.get("nullable") and None not in n.get("enum", [None])]
+    assert [n for n in nodes if n.get("nullable") and "enum" in n]  # such enums are there
+
+
+def _schema_nodes(node):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _schema_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _schema_nodes(value)
 
 
 EXAMPLES = 20  # per operation and request content type: ~900 requests in all

@@ -50,19 +50,22 @@ def _openapi30(node: Any) -> Any:
         return [_openapi30(n) for n in node]
     if not isinstance(node, dict):
         return node
-    node = {k: _openapi30(v) for k, v in node.items()}
-    for key in ("anyOf", "oneOf"):
+    node = dict(node)
+    for key in ("anyOf", "oneOf"):  # `X | None` -> X, nullable (before X is converted)
         options = node.get(key)
-        if options and any(o == {"type": "null"} for o in options):
+        if options and {"type": "null"} in options:
             rest = [o for o in options if o != {"type": "null"}]
             node.pop(key)
             if len(rest) == 1 and "$ref" not in rest[0]:
-                node.update(rest[0])
+                node = {**rest[0], **node}
             else:
                 node[key] = rest
             node["nullable"] = True
+    node = {k: _openapi30(v) for k, v in node.items()}
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    if node.get("nullable") and "enum" in node and None not in node["enum"]:
+        node["enum"] = [*node["enum"], None]  # OpenAPI 3.0: an enum lists null to allow it
     if node.get("type") == "null":
         node = {"nullable": True, "enum": [None]}
     return node
