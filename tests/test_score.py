@@ -292,6 +292,23 @@ def test_bge_m3_scores_match_flagembedding(engine, bge_m3_dir, weights):
     assert (sparse > 0).sum() >= 2
 
 
+def test_bge_m3_score_instruction_goes_to_the_query_and_the_items(engine, bge_m3_dir):
+    """SIE's BGE-M3 score encodes the query and every item with the instruction (its
+    bge_m3_score_mixin), through the model's instruction template: FlagEmbedding's scores of
+    the instructed texts."""
+    template = engine.registry.get("m3").model.spec.instruction_template
+    task = "Find the clause"
+    ref = flag_scores(str(bge_m3_dir), template.format(instruction=task, text=QUERIES[0]),
+                      tuple(template.format(instruction=task, text=d) for d in DOCS),
+                      (0.4, 0.2, 0.4))
+    res = engine.score("m3", QUERIES[0], DOCS, {"score_mode": "hybrid", "instruction": task})
+    plain = engine.score("m3", QUERIES[0], DOCS, {"score_mode": "hybrid"})
+    for key in (*MODES, "hybrid"):
+        np.testing.assert_allclose(res.components[key], ref[key], atol=1e-4, rtol=0,
+                                   err_msg=key)
+    assert np.abs(res.components["dense"] - plain.components["dense"]).max() > 1e-3
+
+
 def test_bge_m3_scores_on_special_token_texts_match_flagembedding(engine, bge_m3_dir):
     weights = (0.4, 0.2, 0.4)
     docs = tuple(SPECIAL_TOKEN_TEXTS)

@@ -250,7 +250,8 @@ class Engine:
             q_limit, d_limit = _limit(m, opts, True), _limit(m, opts, False)
             q = self._prepare(m, [query], True, _instruction(m, opts, True), "query",
                               template=_template(m, opts, True, "options"), limit=q_limit)
-            d = self._prepare(m, list(texts), False, None,
+            d = self._prepare(m, list(texts), False,
+                              opts.instruction if m.instructs_score_items else None,
                               template=_template(m, opts, False, "options"), limit=d_limit)
             self._check_lengths(model, _most(m, q_limit), q.original_lengths, opts.truncate,
                                 "query.text")

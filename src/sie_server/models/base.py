@@ -143,6 +143,9 @@ class EncoderModel(abc.ABC):
     # True: query and item go through the model together as one pair (cross-encoder), and the
     # model's heads return BatchOutputs.scores; False: scores come from the encoded outputs.
     pair_scoring: bool = False
+    # True: a score request's instruction goes to the items too, not only to the query (SIE's
+    # BGE-M3 score encodes both with it; its ColBERT score, the query alone)
+    instructs_score_items: bool = False
     # What /v1/extract gives: "entities" (GLiNER) or "classifications" (NLI zero-shot);
     # None: the model does not extract. Such families implement `prepare_extract`.
     extracts: str | None = None

@@ -58,6 +58,7 @@ class BgeM3(EncoderModel):
     pooling = "cls"  # dense: the <s> token, L2-normalised
     raw_vectors = True
     score_types = ("dense", "sparse", "colbert", "hybrid")  # SIE's score modes, engine/scoring.py
+    instructs_score_items = True  # SIE's bge_m3_score_mixin encodes the items with it too
 
     def __init__(self, spec: ModelSpec, folder: Path, placement: Placement) -> None:
         heads = load_heads(folder)
