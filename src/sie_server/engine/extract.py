@@ -12,13 +12,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import InvalidRequest
 from .options import check_options
-from .profiles import CLASSIFICATION_TYPES
 
 OVERFLOW_POLICIES = ("default", "truncate_text", "error")  # SIE's; None = "default"
+CLASSIFICATION_TYPES = ("single-label", "multi-label")  # GLiClass's
+
+
+def check_values(options: Mapping[str, Any], prefix: str) -> None:
+    """The value checks of extract's options, a request's (`prefix` "params.options.") or a
+    profile's (engine/profiles.py); InvalidRequest names the option after `prefix`."""
+    threshold = options.get("threshold")
+    if threshold is not None and not (math.isfinite(float(threshold)) and 0 <= threshold <= 1):
+        raise InvalidRequest(f"{prefix}threshold must be a finite number between 0 and 1")
+    template = options.get("hypothesis_template")
+    if template is not None and template.count("{}") != 1:
+        raise InvalidRequest(f"{prefix}hypothesis_template must hold '{{}}' once, where the "
+                             "label goes")
+    kind = options.get("classification_type")
+    if kind is not None and kind not in CLASSIFICATION_TYPES:
+        raise InvalidRequest(f"{prefix}classification_type must be 'single-label' or "
+                             "'multi-label'")
 
 
 @dataclass(frozen=True)
@@ -48,18 +64,7 @@ class ExtractOptions:
         if options.get("relation_labels"):
             raise InvalidRequest("params.options.relation_labels: this model does not extract "
                                  "relations; relations need a joint entity-relation model")
-        threshold = options.get("threshold")
-        if threshold is not None and not (math.isfinite(float(threshold)) and 0 <= threshold <= 1):
-            raise InvalidRequest("params.options.threshold must be a finite number between 0 "
-                                 "and 1")
-        template = options.get("hypothesis_template")
-        if template is not None and template.count("{}") != 1:
-            raise InvalidRequest("params.options.hypothesis_template must hold '{}' once, "
-                                 "where the label goes")
-        kind = options.get("classification_type")
-        if kind is not None and kind not in CLASSIFICATION_TYPES:
-            raise InvalidRequest("params.options.classification_type must be 'single-label' or "
-                                 "'multi-label'")
+        check_values(options, "params.options.")
         policy = options.get("overflow_policy")
         if policy is not None and policy not in OVERFLOW_POLICIES:
             raise InvalidRequest("params.options.overflow_policy must be one of "

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import InvalidRequest, ModelNotFound
+from .extract import check_values as check_extract_values
 from .options import LENGTH_OPTIONS
 
 # runtime key -> the type its value must have in a catalog file
@@ -26,7 +27,6 @@ RUNTIME_KEYS: dict[str, type] = {
     "threshold": float, "flat_ner": bool, "multi_label": bool, "hypothesis_template": str,
     "merge_adjacent_entities": bool, "classification_type": str,
 }
-CLASSIFICATION_TYPES = ("single-label", "multi-label")
 DEFAULT = "default"
 
 
@@ -56,13 +56,10 @@ def parse_profiles(model: str, raw: Any) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{where}: {key} must be a {RUNTIME_KEYS[key].__name__}")
             elif key in LENGTH_OPTIONS and value is not None and value < 1:
                 raise ValueError(f"{where}: {key} must be a positive number of tokens")
-            elif key == "threshold" and value is not None and not 0 <= value <= 1:
-                raise ValueError(f"{where}: threshold must be between 0 and 1")
-            elif key == "classification_type" and value not in (None, *CLASSIFICATION_TYPES):
-                raise ValueError(f"{where}: classification_type must be one of "
-                                 f"{', '.join(CLASSIFICATION_TYPES)}")
-            elif key == "hypothesis_template" and value is not None and value.count("{}") != 1:
-                raise ValueError(f"{where}: hypothesis_template must hold '{{}}' once")
+        try:  # extract's options, checked as a request's are
+            check_extract_values(entry, f"{where}: ")
+        except InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
         if not all(isinstance(t, str) for t in entry.get("output_types") or ()):
             raise ValueError(f"{where}: output_types must be a list of strings")
     resolved: dict[str, dict[str, Any]] = {DEFAULT: {}}
