@@ -318,6 +318,30 @@ def test_packed_positions_equal_transformers(seqs: list[list[int]]) -> None:
     np.testing.assert_array_equal(positions(batch.cu_seqlens, 0, batch.input_ids), bert)
 
 
+def test_packed_attention_equals_sdpa_per_sequence() -> None:
+    """CPU attention on a packed batch, q, k, v strided views of one fused QKV as the encoder
+    passes them, equals SDPA on each sequence alone (atol 1e-6), whichever way a group is
+    formed: one run of the batch, read in place (one sequence; adjacent sequences of one
+    length), gathered (one length, apart), or padded (slack 1.25)."""
+    import torch.nn.functional as F
+
+    from sie_server.runtime.attention import BucketedAttention
+
+    lengths = [7, 7, 3, 7, 12, 12, 1, 5]
+    cu = np.r_[0, np.cumsum(lengths)]
+    qkv = torch.randn(int(cu[-1]), 3, 4, 16, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    for slack in (None, 1.25):
+        att = BucketedAttention(cu, torch.device("cpu"), slack=slack)
+        in_place = [g[2] for g in att.groups if isinstance(g[0], slice)]
+        if slack is None:
+            assert sorted(in_place) == [1, 1, 1, 2] and len(att.groups) == 5, att.groups
+        got = att(q, k, v)
+        for s, e in zip(cu[:-1], cu[1:]):
+            ref = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)))
+            torch.testing.assert_close(got[s:e], ref.transpose(0, 1), atol=1e-6, rtol=0)
+
+
 def test_sparse_drops_special_ids_typed_or_not(engine: Engine, flag_outputs: list[dict]) -> None:
     """FlagEmbedding drops <s> <pad> </s> <unk> (0 1 2 3) from lexical weights wherever they
     come from (added by the tokenizer or typed in the text) and keeps <mask> (250001)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import AdapterNotFound, InputTooLong, InvalidRequest, WordTooLong, shown
-from ..runtime.device import Placement
+from ..runtime.device import Placement, reuse_freed_memory
 from ..runtime.images import ImageInput
 from ..runtime.tokenizer import Tokenized, UnsettledWord
 from ..models import FAMILIES
@@ -81,6 +81,8 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.placement = Placement.resolve(self.settings.device, self.settings.dtype)
+        if self.placement.device.type == "cpu":
+            reuse_freed_memory()
         self.metrics = Metrics()
         self.registry = ModelRegistry(self.settings, self.placement, self.metrics)
         self._adapter_lock = threading.Lock()  # creating a model's AdapterManager
