@@ -148,3 +148,16 @@ def test_profile_prints_the_forwards_ops() -> None:
     assert "8 passages, --dtype float32 (float32)" in proc.stdout
     assert "Self CPU time total" in proc.stdout, proc.stdout[-2000:]
     assert any(op in proc.stdout for op in ("linear", "addmm", "aten::mm")), proc.stdout[-2000:]
+
+
+def test_malloc_compares_glibc_with_the_engine() -> None:
+    """bench/malloc.py runs both settings and reports their times, faults and ratio; with
+    glibc's defaults a pass faults in more pages than with the engine's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-m", "bench.malloc", "--dtype", "float32", "--n",
+                           "16", "--rounds", "1"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["glibc_over_engine"] > 0 and out["flags"], out
+    assert out["glibc"]["faults_per_pass"][0] > out["engine"]["faults_per_pass"][0], out
