@@ -8,6 +8,7 @@ MKL and ATen dispatch on; the rest from /proc/cpuinfo); it never times anything.
 `--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
 int8 (runtime/int8.py) and everything else in float32. On CPUs whose oneDNN runs AVX-512 the
 blocks' float32 / bfloat16 linears run through oneDNN with packed weights (runtime/packed.py).
+An Engine on CPU also keeps the memory a batch frees for the next (`reuse_freed_memory`).
 """
 
 from __future__ import annotations
