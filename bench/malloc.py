@@ -20,26 +20,19 @@ from .roofline import cpu_flags
 
 _CHILD = """
 import json, resource, statistics, sys, time
-from bench.corpus import make_corpus
-from bench.models import minilm_folder
-from sie_server.config import Settings
+from bench.profile import minilm_engine
 from sie_server.engine import engine as engine_module
-from sie_server.engine import Engine
 setting, dtype, corpus, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if setting == "glibc":
     engine_module.reuse_freed_memory = lambda: False
-folder = minilm_folder()
-texts = make_corpus(corpus, n, folder / "tokenizer.json").texts
-engine = Engine(Settings(models={"m": str(folder)}, default_models=[], device="cpu", dtype=dtype))
-requests = [texts[i:i + 16] for i in range(0, len(texts), 16)]
-def encode_all():
+engine, encode_all = minilm_engine(dtype, corpus, n)
+def timed():
     start = time.perf_counter()
-    for future in [engine.submit("m", r) for r in requests]:
-        future.result()
+    encode_all()
     return time.perf_counter() - start
 encode_all(); encode_all()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-times = [encode_all() for _ in range(5)]
+times = [timed() for _ in range(5)]
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 5
 engine.close()
 print(json.dumps({"s": statistics.median(times), "faults": faults}))

@@ -11,12 +11,32 @@ flags. Times are per op summed over threads; shares are of the profiled total.
 from __future__ import annotations
 
 import argparse
+from typing import Any, Callable
 
 import torch
 
 from .corpus import make_corpus
 from .models import minilm_folder
 from .roofline import cpu_flags
+
+
+def minilm_engine(dtype: str, corpus: str, n: int) -> tuple[Any, Callable[[], None]]:
+    """An in-process CPU Engine serving all-MiniLM-L6-v2 at `dtype`, and a function that
+    encodes the corpus through it (requests of 16 texts, all queued at once)."""
+    from sie_server.config import Settings
+    from sie_server.engine import Engine
+
+    folder = minilm_folder()
+    texts = make_corpus(corpus, n, folder / "tokenizer.json").texts
+    engine = Engine(Settings(models={"minilm": str(folder)}, default_models=[], device="cpu",
+                             dtype=dtype))
+    requests = [texts[i:i + 16] for i in range(0, len(texts), 16)]
+
+    def encode_all() -> None:
+        for future in [engine.submit("minilm", r) for r in requests]:
+            future.result()
+
+    return engine, encode_all
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,19 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=20, help="ops shown")
     a = ap.parse_args(argv)
 
-    from sie_server.config import Settings
-    from sie_server.engine import Engine
-
-    folder = minilm_folder()
-    texts = make_corpus(a.corpus, a.n, folder / "tokenizer.json").texts
-    engine = Engine(Settings(models={"minilm": str(folder)}, default_models=[], device="cpu",
-                             dtype=a.dtype))
-    requests = [texts[i:i + 16] for i in range(0, len(texts), 16)]
-
-    def encode_all() -> None:
-        for future in [engine.submit("minilm", r) for r in requests]:
-            future.result()
-
+    engine, encode_all = minilm_engine(a.dtype, a.corpus, a.n)
     try:
         encode_all()
         encode_all()

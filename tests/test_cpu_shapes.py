@@ -84,7 +84,7 @@ def test_memory_levels_off_under_changing_batch_shapes(minilm_dir):
 
 
 FAULTS = """
-import platform, resource, sys
+import resource, sys
 from sie_server.config import Settings
 from sie_server.engine import Engine
 eng = Engine(Settings(models={"m": sys.argv[1]}, default_models=["m"], device="cpu",
@@ -101,10 +101,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 
 def test_a_cpu_forward_reuses_freed_memory(minilm_dir):
     """A CPU forward allocates the same tensor sizes batch after batch; by default glibc gives
-    many of them back to the OS and faults their pages in again (bench/malloc.py: 6-20% of
+    many of them back to the OS and faults their pages in again (bench/malloc.py: up to 1.26x
     the time). A CPU Engine keeps them (runtime/device.py `reuse_freed_memory`): a warm pass
     of 48 texts of ~180 tokens (five 2,048-token batches) faults under 10,000 pages (measured
-    1.0k-1.8k here; 74k-135k with glibc's defaults), in a fresh process, as glibc's settings
+    0.5k-1.8k here; 74k-135k with glibc's defaults), in a fresh process, as glibc's settings
     are the process's."""
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the setting is glibc's (mallopt)")

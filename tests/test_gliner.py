@@ -381,5 +381,6 @@ def test_profiles_set_extract_defaults_as_gliner_takes_them(folders, tmp_path) -
         same(theirs, ours["entities"])
     entry["profiles"]["loose"]["threshold"] = 1.5
     catalog.write_text(yaml.safe_dump({"models": {"gl": entry}}))
-    with pytest.raises(ValueError, match="profile 'loose': threshold must be a finite number between 0 and 1"):
+    with pytest.raises(ValueError, match="profile 'loose': threshold must be a finite number "
+                       "between 0 and 1"):
         Engine(Settings(catalog_files=[catalog], default_models=[], device="cpu"))

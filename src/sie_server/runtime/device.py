@@ -129,7 +129,7 @@ def reuse_freed_memory() -> bool:
     same sizes again: tensors up to 32 MiB from the heap (not a fresh mapping each), freed heap
     memory kept up to 1 GiB (not trimmed), and a thread arena's emptied heaps kept (a top pad of
     a whole heap; the scheduler's worker allocates in a thread arena). With glibc's defaults
-    all-MiniLM-L6-v2 faulted in 0.1-1.2 million pages per pass of 256 passages (0.4-4.6 GB);
+    all-MiniLM-L6-v2 faulted in 0.1-1.2 million pages per pass of 256 passages (0.4-5 GB);
     with these, under 1,000 (`bench.malloc`, README). Returns whether glibc took all three;
     False elsewhere."""
     if platform.libc_ver()[0] != "glibc":
