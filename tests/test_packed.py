@@ -14,7 +14,7 @@ import torch
 
 from sie_server.config import Settings
 from sie_server.engine import Engine
-from sie_server.runtime.device import Placement, cpu_flags, onednn_avx512
+from sie_server.runtime.device import Placement, cpu_flags, onednn_packs
 from sie_server.runtime.encoder import Encoder
 from sie_server.runtime.packed import PackedLinear
 from test_int8 import avx2_only_prefix
@@ -38,41 +38,53 @@ def test_packed_linear_equals_linear(dtype, tol, bias) -> None:
 
 
 def test_when_linears_are_packed(monkeypatch) -> None:
-    assert onednn_avx512(AVX512)
-    assert not onednn_avx512({"avx2", "fma"})
-    assert not onednn_avx512(AVX512 - {"avx512bw"})
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert onednn_packs(f32, AVX512) and onednn_packs(bf16, AVX512)
+    assert onednn_packs(f32, {"avx2", "fma"}) and not onednn_packs(bf16, {"avx2", "fma"})
+    assert not onednn_packs(f32, {"avx2"}) and not onednn_packs(f32, {"asimd", "bf16"})
+    assert not onednn_packs(bf16, AVX512 - {"avx512bw"})
+    assert not onednn_packs(torch.float16, AVX512)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not onednn_avx512(AVX512)
+    assert onednn_packs(f32, AVX512) and not onednn_packs(bf16, AVX512)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    assert not onednn_packs(f32, AVX512)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
-    assert onednn_avx512(AVX512)
+    assert onednn_packs(bf16, AVX512)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    here = onednn_avx512()
-    assert Placement.resolve("cpu", "float32").packed == here
-    assert Placement.resolve("cpu", "bfloat16").packed == here
+    assert Placement.resolve("cpu", "float32").packed == onednn_packs(f32)
+    assert Placement.resolve("cpu", "bfloat16").packed == onednn_packs(bf16)
     assert not Placement.resolve("cpu", "int8").packed
 
 
 def test_cpu_choices_follow_cpuid() -> None:
     """The flags that decide auto's dtype and packing are those CPUID reports to the process:
     under scripts/avx2-only (CPUID without AVX-512 / VNNI / BF16 / AMX) a CPU whose
-    /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, nn.Linear)."""
+    /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, packed; bfloat16 not packed), and oneDNN's AVX2
+    kernel for the packed linear agrees with nn.Linear to 1e-5 of the output's scale."""
     prefix = avx2_only_prefix()
     if prefix is None:
         pytest.skip("no CPUID faulting or no C compiler here (scripts/avx2-only --check)")
-    code = ("from sie_server.runtime.device import Placement, cpu_flags; "
-            "p = Placement.resolve('cpu', 'auto'); "
-            "print(p.dtype, p.packed, sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx'))))")
+    code = ("import torch; from sie_server.runtime.packed import PackedLinear; "
+            "torch.manual_seed(0); lin = torch.nn.Linear(384, 1536).requires_grad_(False); "
+            "x = torch.randn(700, 384); want = lin(x); "
+            "err = float((PackedLinear(lin)(x) - want).abs().max() / want.abs().max()); "
+            "from sie_server.runtime.device import Placement, cpu_flags; "
+            "p, b = Placement.resolve('cpu', 'auto'), Placement.resolve('cpu', 'bfloat16'); "
+            "print(p.dtype, p.packed, b.packed, err, "
+            "sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx'))))")
     out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
                          text=True, timeout=120)
-    assert out.stdout.split(maxsplit=2)[:2] == ["torch.float32", "False"], out.stderr[-2000:]
+    words = out.stdout.split(maxsplit=4)
+    assert words[:3] == ["torch.float32", "True", "False"], out.stderr[-2000:]
+    assert float(words[3]) <= 1e-5  # oneDNN's AVX2 kernel as exact as nn.Linear's
     assert "'avx2'" in out.stdout and "avx512" not in out.stdout and "amx" not in out.stdout
     here = cpu_flags()
     assert ("avx512f" in here) == torch.cpu._is_avx512_supported()
 
 
 def test_engine_packs_its_blocks_linears(minilm_dir: Path) -> None:
-    """On a CPU whose oneDNN runs AVX-512 every block linear of all-MiniLM-L6-v2 is packed (and
-    none elsewhere), counted in its memory; the vectors equal those of the same engine with its
+    """On an x86 CPU with AVX2 every float32 block linear of all-MiniLM-L6-v2 is packed (and none
+    elsewhere), counted in its memory; the vectors equal those of the same engine with its
     encoder rebuilt on nn.Linear (cosine >= 0.99999)."""
     texts = ["the cat sat on the mat", "Où se trouve la bibliothèque ?", "?"]
     eng = Engine(Settings(models={"m": str(minilm_dir)}, default_models=[], device="cpu",
@@ -80,7 +92,7 @@ def test_engine_packs_its_blocks_linears(minilm_dir: Path) -> None:
     try:
         model = eng.registry.get("m").model
         packed = [m for m in model.encoder.modules() if isinstance(m, PackedLinear)]
-        assert len(packed) == (6 * 4 if onednn_avx512() else 0)
+        assert len(packed) == (6 * 4 if onednn_packs(torch.float32) else 0)
         got = torch.tensor(np.stack([r.dense for r in eng.encode("m", texts, ["dense"])]))
         plain, _ = Encoder.from_folder(minilm_dir)
         plain = Placement(torch.device("cpu"), torch.float32).place(plain)

@@ -6,8 +6,9 @@ emulated and slower than fp32. The CPU check reads what the CPU reports to this 
 x86 its vector extensions as CPUID gives them, through torch's cpuinfo, which is what oneDNN,
 MKL and ATen dispatch on; the rest from /proc/cpuinfo); it never times anything.
 `--dtype int8` (CPU only, never chosen by auto) computes the transformer blocks' linears in
-int8 (runtime/int8.py) and everything else in float32. On CPUs whose oneDNN runs AVX-512 the
-blocks' float32 / bfloat16 linears run through oneDNN with packed weights (runtime/packed.py).
+int8 (runtime/int8.py) and everything else in float32. The blocks' float32 linears run through
+oneDNN with packed weights on x86 CPUs with AVX2, bfloat16 ones where oneDNN runs AVX-512
+(`onednn_packs`, runtime/packed.py).
 An Engine on CPU also keeps the memory a batch frees for the next (`reuse_freed_memory`).
 """
 
@@ -99,16 +100,18 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None
     return False, "the CPU has no native bf16 matmul (no AMX-BF16 / AVX512-BF16 / Arm BF16)"
 
 
-def onednn_avx512(flags: set[str] | None = None) -> bool:
-    """Whether oneDNN runs its AVX-512 kernels here: an x86 CPU with AVX-512 (F, BW, VL, DQ)
-    and no ONEDNN_MAX_CPU_ISA below them. There float linears go through oneDNN with packed
-    weights (runtime/packed.py)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if not _onednn_allows("AVX512", "AMX", "AVX10")[0]:
+def onednn_packs(dtype: torch.dtype, flags: set[str] | None = None) -> bool:
+    """Whether the blocks' `dtype` linears run through oneDNN with packed weights here
+    (runtime/packed.py): float32 on an x86 CPU with AVX2 and FMA, bfloat16 with AVX-512 (F, BW,
+    VL, DQ), in both cases unless ONEDNN_MAX_CPU_ISA holds oneDNN below them."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
         return False
     flags = cpu_flags() if flags is None else flags
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    if dtype == torch.bfloat16:
+        needs, isas = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, ("AVX512", "AMX", "AVX10")
+    else:
+        needs, isas = {"avx2", "fma"}, ("AVX2", "AVX512", "AMX", "AVX10")
+    return needs <= flags and _onednn_allows(*isas)[0]
 
 
 def amx_bf16(flags: set[str] | None = None) -> bool:
@@ -197,10 +200,9 @@ class Placement:
         else:
             raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}, "
                              "int8")
-        packed = (dev.type == "cpu" and dtype != "int8" and dt in (torch.float32, torch.bfloat16)
-                  and onednn_avx512())
+        packed = dev.type == "cpu" and dtype != "int8" and onednn_packs(dt)
         if packed:
-            why += "; linears through oneDNN's AVX-512 kernels, weights packed"
+            why += "; linears through oneDNN, weights packed"
         placement = cls(dev, dt, why, "int8" if dtype == "int8" else None, packed)
         log.info("computing in %s on %s (%s)", placement.dtype_name, dev, why)
         return placement

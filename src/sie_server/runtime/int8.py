@@ -17,8 +17,11 @@ attention and every head stay in float32, and the LinearHook (LoRA) still adds i
 update to the dequantized output rows.
 
 No clamp pass: the floor on `width` (it only widens rows nearly constant far from 0) bounds
-|x / sx| by 255 * 4096, so float error stays < 0.25 of a step and u within [0, 255].
+|x / sx| by 255 * 4096, so float error stays < 0.25 of a step and u within [0, 255]; nor a
+round pass: (x - lo) / sx + 1/2 lies in [0.25, 255.75], and the cast to uint8 truncates it.
 Each pass is one plain vectorised op (amin and amax beat aminmax; mul + add_ beat addcmul).
+After the product: y *= sx, y += lo * offset (addcmul_, one pass; a rank-2 addmm_ adding the
+offset and the bias at once took 1.3-2.2x longer), y += b.
 
 Why oneDNN's `qlinear_pointwise` and not `torch._int_mm`: torch 2.13 sends `_int_mm` to oneDNN
 only when its cpuinfo reports AVX512-VNNI; on any other CPU it runs a plain loop. With CPUID
@@ -128,11 +131,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_packed", pack(wq))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_points", torch.zeros_like(scale, dtype=torch.long))
-        # rows [sum_k sw * Wq[n, k], bias[n]]: the rank-2 update that adds each token's offset
-        # lo and the bias in one pass
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
-        self.register_buffer("offset_bias", torch.stack([wq.sum(dim=1, dtype=torch.float32) * scale,
-                                                         bias]))
+        # sum_k sw * Wq[n, k]: times each token's offset lo, what the offset adds to output n
+        self.register_buffer("offset", wq.sum(dim=1, dtype=torch.float32) * scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -141,11 +142,13 @@ class Int8Linear(nn.Module):
         hi = x.amax(dim=1, keepdim=True)
         width = torch.maximum(hi - lo, torch.maximum(lo.abs(), hi.abs()).mul_(2.0**-12))
         inv = width.clamp_min_(1e-30).reciprocal_().mul_(255)  # 1 / sx
-        # u = round((x - lo) / sx) in [0, 255] (module docstring: no clamp needed)
-        u = x.mul(inv).add_(lo.mul(inv).neg_()).round_().to(torch.uint8)
+        # u = round((x - lo) / sx) in [0, 255]: + 1/2, and the cast truncates (module docstring)
+        u = x.mul(inv).add_(lo.mul(inv).neg_().add_(0.5)).to(torch.uint8)
         y = matmul(u, self.weight_packed, self.scale, self.zero_points).mul_(inv.reciprocal_())
-        u = torch.cat([lo, torch.ones_like(lo)], dim=1)  # [lo, 1] per token
-        return y.addmm_(u, self.offset_bias).view(*lead, self.out_features)
+        y.addcmul_(lo, self.offset)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -1,20 +1,22 @@
-"""Float linears through oneDNN with their weights packed once, for CPUs whose oneDNN runs
-AVX-512 (float32 and bfloat16; `Placement.packed`).
+"""Float linears through oneDNN with their weights packed once (`Placement.packed`): float32 on
+x86 CPUs with AVX2 and FMA, bfloat16 where oneDNN runs AVX-512 (`device.onednn_packs`).
 
-`nn.Linear` on CPU calls MKL's GEMM, which on this project's AMD EPYC runs slower than
-oneDNN's AVX-512 kernels (MKL's own packed GEMM, `torch.ops.mkl._mkl_linear`, was no faster
-than `F.linear` there). `PackedLinear` keeps the weight in oneDNN's blocked layout
+`nn.Linear` on CPU calls MKL's GEMM and copies the bias into its output first (a pass over
+every linear's output). `PackedLinear` keeps the weight in oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses) and calls
-`torch.ops.mkldnn._linear_pointwise`. Measured on that CPU (2 threads, all-MiniLM-L6-v2's
-four shapes, medians of 21): 12% less time than `F.linear` at 1,982 and 700 tokens, 32% at
-64; the whole forward 17% / 10% less in float32 and 9% / 10% in bfloat16 (passages / short
-queries). AVX2-only CPUs keep `nn.Linear`: with oneDNN and MKL capped at AVX2 by environment
-the two were within 3%; with CPUID showing AVX2 only (scripts/avx2-only) the four shapes took
-2-8% less packed, but the float32 forward (in-process, alternating rounds) took 0.93-1.01x
-the time on passages in four runs and 0.82-1.16x on short queries in three: no difference
-above this machine's noise. Results equal `nn.Linear`'s to float rounding (token cosine
-0.9999996). As with int8, only the blocks' linears change (those of every `HookedBlock`),
-and LoRA's hook still adds its update to their outputs.
+`torch.ops.mkldnn._linear_pointwise`, which adds the bias as it writes. Measured on 2 threads
+(MiniLM, in-process, alternating rounds, medians of 5):
+- AMD EPYC with AVX-512: the four shapes 12% less time than `F.linear` at 1,982 and 700
+  tokens, 32% at 64; the whole forward 17% / 10% less in float32 and 9% / 10% in bfloat16
+  (passages / short queries);
+- Intel Xeon with CPUID masked to AVX2 (scripts/avx2-only), after the engine kept freed
+  memory (device.reuse_freed_memory): the float32 forward 0.945 / 0.957x the time on 256
+  passages and 0.951x / 0.962x on 2,048 / 256 short queries (before that fix page faults
+  hid it: 0.93-1.16x). oneDNN's fused GELU or residual add after the GEMM ran slower than a
+  separate pass on AVX2 (16.5 against 11.5 ms for 1,936 x 384 -> 1,536), so none is fused.
+Results equal `nn.Linear`'s to float rounding (token cosine 0.9999996). As with int8, only the
+blocks' linears change (those of every `HookedBlock`), and LoRA's hook still adds its update
+to their outputs.
 """
 
 from __future__ import annotations
