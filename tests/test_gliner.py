@@ -73,6 +73,16 @@ def same(theirs: list[dict], ours: list[dict]) -> None:
         assert abs(a["score"] - b["score"]) <= 1e-4
 
 
+def on_the_wire(engine: list[dict], wire: list[dict]) -> None:
+    """The engine's entities as the SDK returns them: each with `bbox` None, the same spans,
+    labels and texts, scores within 1e-6 (the same text in another batch: on some CPUs, AVX2
+    ones, float GEMMs round a row differently with the batch's token count)."""
+    assert all(e.get("bbox", 0) is None for e in wire) and all(set(e) == {*x, "bbox"}
+                                                               for e, x in zip(wire, engine))
+    same(engine, wire)
+    assert all(abs(a["score"] - b["score"]) <= 1e-6 for a, b in zip(engine, wire))
+
+
 @pytest.mark.parametrize("backbone", ["deberta", "bert"])
 def test_matches_gliner(engine, folders, backbone) -> None:
     ref = reference(folders[backbone])
@@ -196,10 +206,11 @@ def test_http_sdk_msgpack_and_json(server, engine) -> None:
         many = client.extract(GLINER, [{"text": t, "id": f"d{i}"} for i, t in enumerate(texts)],
                               labels=LABELS, options={"threshold": 0.4})
         models = {m["name"]: m for m in client.list_models()}
-    assert one["entities"] == [{**e, "bbox": None} for e in expected[0]["entities"]]
+    # `one` ran in another batch than `expected`: same entities, scores to float rounding
+    on_the_wire(expected[0]["entities"], one["entities"])
     assert [r["id"] for r in many] == ["d0", "d1", "d2"]
     for r, e in zip(many, expected):
-        assert r["entities"] == [{**x, "bbox": None} for x in e["entities"]]
+        on_the_wire(e["entities"], r["entities"])
         assert r["relations"] == r["objects"] == [] and "data" not in r and r["model"] == GLINER
     assert "extract" in models[GLINER]["tasks"] and "json" in models[GLINER]["outputs"]
     assert models["sentence-transformers/all-MiniLM-L6-v2"]["tasks"] == ["encode"]

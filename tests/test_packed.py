@@ -25,6 +25,8 @@ AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_equals_linear(dtype, tol, bias) -> None:
+    if not onednn_packs(dtype):  # oneDNN refuses to pack bf16 weights without AVX-512
+        pytest.skip(f"{dtype} linears are not packed on this CPU")
     torch.manual_seed(0)
     lin = torch.nn.Linear(384, 1536, bias=bias).to(dtype).requires_grad_(False)
     packed = PackedLinear(lin)
