@@ -10,7 +10,8 @@
  * A SIGSEGV that is not a CPUID goes to the handler the program installed (sigaction is
  * wrapped so that Python's faulthandler and others chain behind this one), else kills it.
  * glibc's signal() does not go through the wrapper: a program installing a SIGSEGV handler
- * with it would replace this one (Python, torch, onnxruntime and OpenVINO do not).
+ * with it would replace this one (Python, torch, onnxruntime and OpenVINO do not; gcc's
+ * cc1plus does, and crashes under the mask).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
