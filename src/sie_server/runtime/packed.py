@@ -4,16 +4,17 @@ x86 CPUs with AVX2 and FMA, bfloat16 where oneDNN runs AVX-512 (`device.onednn_p
 `nn.Linear` on CPU calls MKL's GEMM and copies the bias into its output first (a pass over
 every linear's output). `PackedLinear` keeps the weight in oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing uses) and calls
-`torch.ops.mkldnn._linear_pointwise`, which adds the bias as it writes. Measured on 2 threads
-(MiniLM, in-process, alternating rounds, medians of 5):
-- AMD EPYC with AVX-512: the four shapes 12% less time than `F.linear` at 1,982 and 700
-  tokens, 32% at 64; the whole forward 17% / 10% less in float32 and 9% / 10% in bfloat16
-  (passages / short queries);
-- Intel Xeon with CPUID masked to AVX2 (scripts/avx2-only), after the engine kept freed
-  memory (device.reuse_freed_memory): the float32 forward 0.945 / 0.957x the time on 256
-  passages and 0.951x / 0.962x on 2,048 / 256 short queries (before that fix page faults
-  hid it: 0.93-1.16x). oneDNN's fused GELU or residual add after the GEMM ran slower than a
-  separate pass on AVX2 (16.5 against 11.5 ms for 1,936 x 384 -> 1,536), so none is fused.
+`torch.ops.mkldnn._linear_pointwise`, which adds the bias as it writes. Measured on 2 threads,
+all-MiniLM-L6-v2:
+- AMD EPYC with AVX-512 (medians of 21): the four shapes 12% less time than `F.linear` at
+  1,982 and 700 tokens, 32% at 64; the whole forward 17% / 10% less in float32 and 9% / 10%
+  in bfloat16 (passages / short queries);
+- Intel Xeon with CPUID masked to AVX2 (scripts/avx2-only; in-process, alternating rounds,
+  medians of 5), after the engine kept freed memory (device.reuse_freed_memory): the float32
+  forward 0.945 / 0.957x the time on 256 passages and 0.951x / 0.962x on 2,048 / 256 short
+  queries (before that fix page faults hid it: 0.93-1.16x). oneDNN's fused GELU or residual
+  add after the GEMM ran slower than a separate pass on AVX2 (16.5 against 11.5 ms for
+  1,936 x 384 -> 1,536), so none is fused.
 Results equal `nn.Linear`'s to float rounding (token cosine 0.9999996). As with int8, only the
 blocks' linears change (those of every `HookedBlock`), and LoRA's hook still adds its update
 to their outputs.
