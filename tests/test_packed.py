@@ -61,8 +61,9 @@ def test_when_linears_are_packed(monkeypatch) -> None:
 def test_cpu_choices_follow_cpuid() -> None:
     """The flags that decide auto's dtype and packing are those CPUID reports to the process:
     under scripts/avx2-only (CPUID without AVX-512 / VNNI / BF16 / AMX) a CPU whose
-    /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, packed; bfloat16 not packed), and oneDNN's AVX2
-    kernel for the packed linear agrees with nn.Linear to 1e-5 of the output's scale."""
+    /proc/cpuinfo lists AVX-512 computes as an AVX2-only one does (float32, packed; bfloat16
+    not packed), and oneDNN's AVX2 kernel for the packed linear agrees with nn.Linear to 1e-5
+    of the output's scale."""
     prefix = avx2_only_prefix()
     if prefix is None:
         pytest.skip("no CPUID faulting or no C compiler here (scripts/avx2-only --check)")
