@@ -24,8 +24,10 @@ integer work, so other CPUs give the same figures up to float rounding) and set 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,60 @@ def test_int8_linear_is_close_and_per_token() -> None:
     nobias = torch.nn.Linear(128, 7, bias=False).requires_grad_(False)
     want = nobias(x[:, :128])
     assert float((Int8Linear(nobias)(x[:, :128]) - want).norm() / want.norm()) < 0.03
+
+
+def test_int8_linear_from_threads_at_once() -> None:
+    """The quantize kernels on numba's pool (runtime/int8.py), entered by three threads at once
+    (as by two engines' workers): every output as when computed alone."""
+    torch.manual_seed(0)
+    q = Int8Linear(torch.nn.Linear(384, 1536))
+    xs = [torch.randn(n, 384) for n in (1, 7, 256, 300)]
+    want = [q(x) for x in xs]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(40):
+            wrong.extend(i for x, w in zip(xs, want) if not torch.equal(q(x), w))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+KERNEL_RUN = """
+import sys, torch
+from sie_server.runtime import int8
+torch.manual_seed(0)
+q = int8.Int8Linear(torch.nn.Linear(384, 1536))
+torch.save(q(torch.randn(300, 384)), sys.argv[1])
+print(int8.THREADS)
+"""
+
+
+def test_int8_kernels_without_a_thread_pool(tmp_path: Path) -> None:
+    """Where numba loads no thread-safe pool (here for real: the system's libgomp hidden by
+    an empty file in a mount namespace, no TBB) the kernels run on the calling thread, with a
+    warning, and give the pool's outputs bit for bit."""
+    libgomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+               if line.endswith("libgomp.so.1.0.0")}
+    if "(omp)" not in int8_mod.THREADS or len(libgomp) != 1 or not shutil.which("unshare"):
+        pytest.skip(f"numba's pool here: {int8_mod.THREADS}; needs its OpenMP one and unshare")
+    torch.manual_seed(0)
+    q = Int8Linear(torch.nn.Linear(384, 1536))
+    want = q(torch.randn(300, 384))
+    out = tmp_path / "y.pt"
+    hide = f"mount --bind /dev/null {libgomp.pop()} && exec \"$@\""
+    run = subprocess.run(["unshare", "-m", "sh", "-c", hide, "sh", sys.executable, "-c",
+                          KERNEL_RUN, str(out)], capture_output=True, text=True, timeout=120)
+    if run.returncode and "mount" in run.stderr and not out.exists():
+        pytest.skip(f"no mount namespace here: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-2] == "1 thread", run.stdout
+    assert "numba found no thread-safe pool" in run.stderr
+    assert torch.equal(torch.load(out), want)
 
 
 def test_weight_rules_bound_what_the_kernel_adds_in_int16() -> None:
@@ -175,7 +231,7 @@ def test_int8_without_vnni(tmp_path: Path) -> None:
     # its own --basetemp: no cleanup of numbered temp folders, this run's among them
     run = subprocess.run([*prefix, sys.executable, "-m", "pytest", __file__, "-q",
                           "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
-                          "-k", "not without_vnni"],
+                          "-k", "not without_vnni and not without_a_thread_pool"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
