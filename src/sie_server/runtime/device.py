@@ -196,7 +196,7 @@ class Placement:
             if amx_bf16():
                 log.warning("--dtype int8 on a CPU with AMX-BF16: its bf16 matmuls run as fast as "
                             "int8's, so int8 saves weight memory but runs slower than --dtype "
-                            "auto (bf16 here; about half bf16's speed in the README's run)")
+                            "auto (bf16 here; 0.5-0.8x bf16's speed in the README's runs)")
         else:
             raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}, "
                              "int8")
