@@ -32,8 +32,9 @@ dequantize 0.27 against 0.76 ms (CPUID masked to AVX2); a whole all-MiniLM-L6-v2
 0.89-0.92x under the AVX2 mask. They run on numba's OpenMP or TBB pool, as many threads as
 torch's; not on its fallback pool (workqueue), which aborts the process when two threads enter
 it at once and, beside torch's OpenMP threads, made the product itself 2.4x slower. Where
-numba loads neither (no libgomp.so.1 on the machine, no `tbb` package) they run on the
-calling thread, with a warning.
+numba loads neither (no system libgomp, package libgomp1; numba's TBB pool wants libtbb.so.12
+on the loader's path, which PyPI's `tbb` in a venv is not) they run on the calling thread,
+with a warning.
 
 Why oneDNN's `qlinear_pointwise` and not `torch._int_mm`: torch 2.13 sends `_int_mm` to oneDNN
 only when its cpuinfo reports AVX512-VNNI; on any other CPU it runs a plain loop. With CPUID
@@ -113,11 +114,12 @@ def _compile(parallel: bool) -> tuple[Callable[..., None], Callable[..., None]]:
 try:  # compiling a parallel kernel starts numba's pool
     _quantize, _dequantize = _compile(parallel=True)
     THREADS = f"{numba.get_num_threads()} threads ({numba.threading_layer()})"
-except ValueError as exc:  # numba loads neither TBB nor OpenMP (libgomp.so.1)
+except ValueError as exc:  # numba loads neither TBB nor OpenMP (module docstring)
     _quantize, _dequantize = _compile(parallel=False)
     THREADS = "1 thread"
     log.warning("int8: numba found no thread-safe pool (%s); its quantize kernels run on one "
-                "thread (install libgomp1, or tbb from PyPI)", str(exc).splitlines()[0])
+                "thread (its OpenMP pool needs the system's libgomp: package libgomp1)",
+                str(exc).splitlines()[0])
 
 
 def _pair_bound(w: torch.Tensor) -> torch.Tensor:
