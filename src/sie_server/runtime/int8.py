@@ -198,9 +198,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("zero_points", torch.zeros_like(scale, dtype=torch.long))
         # sum_k sw * Wq[n, k]: times each token's offset lo, what the offset adds to output n
         self.register_buffer("offset", wq.sum(dim=1, dtype=torch.float32) * scale)
-        bias = linear.bias
-        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None
-                             else bias.detach().float().clone())
+        self.register_buffer("bias", torch.zeros(self.out_features) if linear.bias is None
+                             else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
